@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (what CI runs).
+# Both create .venv on first use. torch is installed first, pinned, so CPU machines get the
+# local CPU build instead of a multi-GB CUDA download.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+OUT    ?= runs/demo
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test bench install clean
+
+demo: $(STAMP)
+	$(VENV)/bin/vlm demo --out $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v java >/dev/null || { echo "Java is needed by pycocoevalcap (tokenizer, METEOR); installing default-jre-headless"; \
+		(apt-get install -y -q default-jre-headless || sudo apt-get install -y -q default-jre-headless) >/dev/null; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "open-clip-torch==3.3.0"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,425 @@
+"""Typed configs for every runnable recipe, in one place.
+
+Each recipe is a dataclass tree (model, data, optim, run) that round-trips to YAML through
+OmegaConf structured configs. ``load_config`` merges, in order: the dataclass defaults, a YAML
+file, then dotted ``key=value`` overrides from the command line. Unknown keys, wrong types and bad
+values raise ``ConfigError`` before any work starts. ``save_config`` writes the resolved config
+beside a run's outputs.
+
+This module is at the bottom of the import graph: it imports nothing from the project.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+# Registry keys are checked here (not by importing the registries, which live higher up) so that a
+# typo fails before any model is built. The registries assert they match these tuples.
+OBJECTIVE_NAMES = ("clip", "siglip", "sparc", "flair")
+VISION_ARCHS = ("clip", "siglip")
+BRIDGE_NAMES = ("projector", "flamingo")
+PRECISIONS = ("fp32", "bf16")
+DISTRIBUTED = ("ddp", "fsdp")
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is invalid. The message names the key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {list(choices)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces: optimisation and run bookkeeping (used by every training recipe)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    max_steps: int = 500
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    batch_size: int = 64  # per process, per micro-step
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        _check(self.max_steps > 0, "optim.max_steps", f"must be > 0, got {self.max_steps}")
+        _check(0 <= self.warmup_steps <= self.max_steps, "optim.warmup_steps", "must be in [0, max_steps]")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        _check(self.batch_size > 0, "optim.batch_size", f"must be > 0, got {self.batch_size}")
+        _check(self.grad_accum > 0, "optim.grad_accum", "must be > 0")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, how often it logs and checkpoints, and on what device."""
+
+    out_dir: str = "runs/unnamed"
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 100  # steps between checkpoints (the final step is always saved)
+    keep_last: int = 2  # checkpoints kept on disk
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # bf16 autocast on CUDA; always fp32 on CPU
+    distributed: str = "ddp"  # ddp | fsdp, used when launched under torchrun
+    tensorboard: bool = True
+    wandb: bool = False
+    progress: bool = True  # tqdm bar
+
+    def __post_init__(self) -> None:
+        _check(bool(self.out_dir), "run.out_dir", "must not be empty")
+        _check(self.log_every > 0, "run.log_every", "must be > 0")
+        _check(self.ckpt_every > 0, "run.ckpt_every", "must be > 0")
+        _check(self.keep_last >= 1, "run.keep_last", "must be >= 1")
+        _one_of(self.device, "run.device", ("auto", "cpu", "cuda"))
+        _one_of(self.precision, "run.precision", PRECISIONS)
+        _one_of(self.distributed, "run.distributed", DISTRIBUTED)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorldConfig:
+    """The procedural synthetic world (see ``vlm.world``)."""
+
+    image_size: int = 64
+    min_objects: int = 1
+    max_objects: int = 4
+    texture_prob: float = 0.5  # chance of a textured background
+    n_train: int = 20000
+    n_eval: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(16 <= self.image_size <= 224, "world.image_size", "must be in [16, 224]")
+        _check(1 <= self.min_objects <= self.max_objects <= 8, "world.min_objects/max_objects",
+               "need 1 <= min_objects <= max_objects <= 8")
+        _check(0 <= self.texture_prob <= 1, "world.texture_prob", "must be in [0, 1]")
+        _check(self.n_train > 0 and self.n_eval >= 0, "world.n_train/n_eval", "n_train > 0, n_eval >= 0")
+
+
+@dataclass
+class ShardDataConfig:
+    """Image-text pairs from img2dataset-style webdataset shards (stage one, MaskEmbed)."""
+
+    shards: str = ""  # brace/glob pattern of .tar shards; "" = the embedded world's train shards
+    world_dir: str = "runs/world"  # where the embedded world lives (exported on first use)
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    max_text_len: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.max_text_len > 1, "data.max_text_len", "must be > 1")
+
+
+@dataclass
+class LlavaDataConfig:
+    """LLaVA-format conversation json plus an image folder (stage two)."""
+
+    json: str = ""  # path to a LLaVA json; "" = the embedded world's llava/train.json
+    image_root: str = ""  # folder the json's "image" paths are relative to
+    world_dir: str = "runs/world"
+    max_len: int = 160  # tokens, image tokens included
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.max_len > 8, "data.max_len", "must be > 8")
+
+
+@dataclass
+class TextDataConfig:
+    """Plain text for pretraining the world's tiny LLM."""
+
+    world_dir: str = "runs/world"
+    text_files: list[str] = field(default_factory=list)  # extra .txt files, one document per line
+    block_size: int = 96
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionTowerConfig:
+    """A ViT built from sizes, or loaded from a local HF checkpoint directory."""
+
+    arch: str = "clip"  # clip -> transformers.CLIPVisionModel, siglip -> SiglipVisionModel
+    pretrained: str = ""  # local path; when set, the sizes below are ignored
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    mlp_ratio: int = 4
+
+    def __post_init__(self) -> None:
+        _one_of(self.arch, "vision.arch", VISION_ARCHS)
+        if not self.pretrained:
+            _check(self.image_size % self.patch_size == 0, "vision.patch_size",
+                   f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+            _check(self.hidden_size % self.num_heads == 0, "vision.num_heads",
+                   "hidden_size must be divisible by num_heads")
+
+
+@dataclass
+class TextTowerConfig:
+    """A transformer text encoder and its tokenizer (a BPE trained on the world when not loaded)."""
+
+    pretrained: str = ""  # local path of a text tower + tokenizer
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    max_len: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.pretrained:
+            _check(self.hidden_size % self.num_heads == 0, "text.num_heads",
+                   "hidden_size must be divisible by num_heads")
+            _check(self.vocab_size >= 64, "text.vocab_size", "must be >= 64")
+
+
+@dataclass
+class EncoderConfig:
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    embed_dim: int = 128  # width of the global and local projections
+
+
+@dataclass
+class ObjectiveConfig:
+    """Stage-one objective. See ../shared/METHODS.md for every term."""
+
+    name: str = "sparc"  # clip | siglip | sparc | flair
+    init_temperature: float = 0.07  # CLIP/SPARC tau at init (logit scale = 1/tau)
+    max_logit_scale: float = 100.0
+    lambda_global: float = 0.5  # SPARC
+    lambda_fine: float = 1.0  # SPARC
+    sparsity_threshold: Optional[float] = None  # SPARC sigma; None = 1/P
+    siglip_init_log_scale: float = 2.302585092994046  # log(10)
+    siglip_init_bias: float = -10.0
+    flair_num_subcaptions: int = 8  # K
+    flair_max_merge: int = 3  # sentences merged per sub-caption
+    flair_num_heads: int = 8
+    flair_init_scale: float = 14.285714285714286  # 1/0.07
+    flair_init_bias: float = -10.0
+    gather_with_grad: bool = True  # distributed CLIP/SigLIP/FLAIR global terms
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, "objective.name", OBJECTIVE_NAMES)
+        _check(0 < self.init_temperature < 10, "objective.init_temperature", "must be in (0, 10)")
+        _check(self.lambda_global >= 0 and self.lambda_fine >= 0, "objective.lambda_*", "must be >= 0")
+        if self.sparsity_threshold is not None:
+            _check(0 <= self.sparsity_threshold <= 1, "objective.sparsity_threshold", "must be in [0, 1]")
+        _check(self.flair_num_subcaptions >= 1, "objective.flair_num_subcaptions", "must be >= 1")
+
+
+@dataclass
+class MaskEmbedConfig:
+    """Locality alignment (MaskEmbed) post-training of a vision tower."""
+
+    teacher: str = ""  # checkpoint dir of ours (stage one) or a local HF CLIP/SigLIP vision model
+    decoder_layers: int = 2
+    decoder_heads: int = 4
+    teacher_layer: int = -2  # penultimate block's output tokens are the targets
+
+    def __post_init__(self) -> None:
+        _check(self.decoder_layers >= 1, "maskembed.decoder_layers", "must be >= 1")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "lora.r", "must be > 0")
+
+
+@dataclass
+class BridgeConfig:
+    name: str = "projector"  # projector | flamingo
+    num_latents: int = 16  # flamingo: perceiver resampler latents M
+    resampler_layers: int = 2
+    xattn_every: int = 1  # flamingo: a gated cross-attention block before every k-th decoder layer
+    num_heads: int = 4
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, "bridge.name", BRIDGE_NAMES)
+        _check(self.num_latents > 0 and self.xattn_every > 0, "bridge", "num_latents, xattn_every > 0")
+
+
+@dataclass
+class VLMConfig:
+    """Stage two: vision tower + bridge + frozen causal LLM with LoRA."""
+
+    vision_tower: str = "runs/stage1/sparc/final"  # our stage-one/MaskEmbed ckpt or a local HF vision dir
+    llm: str = "runs/lm/final"  # any local AutoModelForCausalLM directory
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze_vision: bool = True
+    load_in_4bit: bool = False  # QLoRA via bitsandbytes; needs CUDA
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (gpu extra)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.vision_tower), "model.vision_tower", "must name a checkpoint directory")
+        _check(bool(self.llm), "model.llm", "must name a local LLM directory")
+        _one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
+
+
+@dataclass
+class LMModelConfig:
+    """The world's tiny Llama-architecture causal LM."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    max_position: int = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes: one per `vlm train ...` subcommand
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage1Config:
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: ShardDataConfig = field(default_factory=ShardDataConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/stage1/sparc"))
+
+
+@dataclass
+class MaskEmbedRunConfig:
+    maskembed: MaskEmbedConfig = field(default_factory=MaskEmbedConfig)
+    data: ShardDataConfig = field(default_factory=ShardDataConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/maskembed"))
+
+
+@dataclass
+class LMConfig:
+    model: LMModelConfig = field(default_factory=LMModelConfig)
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/lm"))
+
+
+@dataclass
+class Stage2Config:
+    model: VLMConfig = field(default_factory=VLMConfig)
+    data: LlavaDataConfig = field(default_factory=LlavaDataConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/stage2/projector"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and saving
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> T:
+    """Build a ``cls`` from its defaults, then a YAML file, then ``key.sub=value`` overrides.
+
+    Raises ``ConfigError`` naming the offending key for unknown keys, wrong types and values that
+    fail a dataclass's checks, and names the file for unreadable YAML.
+    """
+    base = OmegaConf.structured(cls)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # yaml.YAMLError and friends: say which file
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    if overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"bad override: {e}") from e
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        return OmegaConf.to_object(merged)  # runs every dataclass's __post_init__ checks
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        where = f" (from {path})" if path is not None else ""
+        raise ConfigError(f"{_omegaconf_message(e)}{where}") from e
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def to_yaml(cfg: Any) -> str:
+    """The YAML text of a config dataclass (every field, resolved)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write ``cfg`` as YAML to ``path`` (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+
+
+def config_from_yaml_text(cls: type[T], text: str) -> T:
+    """Parse a config saved by ``save_config`` (e.g. beside a checkpoint) back into ``cls``."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(text)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e)) from e
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` re-exported for recipes that derive one config from another."""
+    return dataclasses.replace(cfg, **changes)

@@ -90,6 +90,7 @@ class RunConfig:
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True  # tqdm bar
+    resume: bool = False  # continue from the latest checkpoint in out_dir/checkpoints
 
     def __post_init__(self) -> None:
         _check(bool(self.out_dir), "run.out_dir", "must not be empty")

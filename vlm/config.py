@@ -357,6 +357,84 @@ class Stage2Config:
 
 
 # ----------------------------------------------------------------------------------------------
+# Pipelines: the demo and the ablation grid (run by ``vlm demo`` / ``vlm ablate``)
+# ----------------------------------------------------------------------------------------------
+
+VLM_TASK_NAMES = ("caption", "chair", "pope", "refcoco", "vsr")
+
+
+@dataclass
+class PipelineConfig:
+    """Which recipes a pipeline runs and how they are shortened; shared by demo and ablation.
+
+    Each stage loads its recipe YAML (``{objective}``/``{bridge}`` are filled in), then the
+    pipeline's own overrides: the world, the output dir, the seed, and the ``*_overrides`` lists.
+    """
+
+    out_dir: str = "runs/demo"
+    world: WorldConfig = field(default_factory=lambda: WorldConfig(n_train=20000, n_eval=300))
+    lm_config: str = "configs/lm/tiny_world.yaml"
+    stage1_config: str = "configs/stage1/{objective}_tiny.yaml"
+    maskembed_config: str = "configs/posttrain/maskembed_tiny.yaml"
+    stage2_config: str = "configs/stage2/{bridge}_tiny.yaml"
+    lm_overrides: list[str] = field(default_factory=list)
+    stage1_overrides: list[str] = field(default_factory=list)
+    maskembed_overrides: list[str] = field(default_factory=list)
+    stage2_overrides: list[str] = field(default_factory=list)
+    eval_limit: Optional[int] = 200  # examples per VLM task and images per encoder eval; None = all
+    vlm_tasks: list[str] = field(default_factory=lambda: list(VLM_TASK_NAMES))
+    threads: int = 0  # torch threads; 0 = leave torch's default
+
+    def __post_init__(self) -> None:
+        for t in self.vlm_tasks:
+            _one_of(t, "vlm_tasks", VLM_TASK_NAMES)
+        _check(self.eval_limit is None or self.eval_limit > 0, "eval_limit", "must be > 0 or null")
+        _check(self.threads >= 0, "threads", "must be >= 0")
+
+
+@dataclass
+class DemoConfig(PipelineConfig):
+    """``vlm demo``: every objective through stage one, MaskEmbed on one tower, stage two on one."""
+
+    objectives: list[str] = field(default_factory=lambda: list(OBJECTIVE_NAMES))
+    maskembed_teacher: str = "sparc"  # which stage-one tower MaskEmbed post-trains
+    stage2_tower: str = "sparc"  # which stage-one tower stage two uses
+    bridges: list[str] = field(default_factory=lambda: ["projector"])
+    heatmap_objectives: list[str] = field(default_factory=lambda: ["clip", "sparc"])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for o in self.objectives:
+            _one_of(o, "objectives", OBJECTIVE_NAMES)
+        _one_of(self.maskembed_teacher, "maskembed_teacher", tuple(self.objectives))
+        _one_of(self.stage2_tower, "stage2_tower", tuple(self.objectives))
+        for b in self.bridges:
+            _one_of(b, "bridges", BRIDGE_NAMES)
+
+
+@dataclass
+class AblateConfig(PipelineConfig):
+    """``vlm ablate``: objectives x (with/without MaskEmbed) x bridges x seeds, each cell fully evaluated."""
+
+    out_dir: str = "runs/ablate"
+    objectives: list[str] = field(default_factory=lambda: list(OBJECTIVE_NAMES))
+    maskembed: list[bool] = field(default_factory=lambda: [False, True])
+    bridges: list[str] = field(default_factory=lambda: list(BRIDGE_NAMES))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    stage2: bool = True  # False = encoder-level grid only (no VLMs)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for o in self.objectives:
+            _one_of(o, "objectives", OBJECTIVE_NAMES)
+        for b in self.bridges:
+            _one_of(b, "bridges", BRIDGE_NAMES)
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds",
+               "must be a non-empty list of distinct seeds (>= 3 for confidence intervals)")
+        _check(bool(self.maskembed), "maskembed", "must list at least one of false/true")
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading and saving
 # ----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,202 @@
+"""``vlm ablate``: the backbone grid, objective x (with/without MaskEmbed) x bridge x seed.
+
+Each cell is trained and fully evaluated; the report gives mean +/- 95% CI (t-interval over seeds)
+per metric, and for each claim of the seed papers a plain statement computed from paired
+differences across seeds. Nothing here is tuned to make a claim hold: the statement says what the
+numbers say, including "does not hold" and "inconclusive" (the CI of the difference contains 0).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, mean_ci, run_stage, timed
+from vlm.cli.report import markdown_table
+from vlm.config import AblateConfig, load_config, save_config
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``metric`` of cell (a, level) vs cell (b, level_b or level), paired by seed. A tower is
+    "sparc", "sparc+maskembed", ...; a level is "encoder" or a bridge name. Higher is better unless
+    ``lower_is_better``."""
+
+    text: str
+    metric: str
+    a: str
+    b: str
+    level: str = "encoder"
+    lower_is_better: bool = False
+    level_b: str | None = None
+
+
+CLAIMS = [
+    Claim("SPARC patch segmentation (zero-shot) mIoU > CLIP", "segmentation/zero_shot_miou", "sparc", "clip"),
+    Claim("SPARC patch segmentation (linear probe) mIoU > CLIP", "segmentation/probe_miou", "sparc", "clip"),
+    Claim("SPARC keeps CLIP's zero-shot classification (>=)", "zero_shot/top1", "sparc", "clip"),
+    Claim("SPARC retrieval R@1 (image->text) >= CLIP", "retrieval/i2t_r1", "sparc", "clip"),
+    Claim("FLAIR retrieval R@1 (text->image) > CLIP", "retrieval/t2i_r1", "flair", "clip"),
+    Claim("FLAIR patch segmentation (zero-shot) mIoU > CLIP", "segmentation/zero_shot_miou", "flair", "clip"),
+    Claim("SigLIP zero-shot classification >= CLIP", "zero_shot/top1", "siglip", "clip"),
+    Claim("MaskEmbed improves CLIP's patch probe mIoU", "segmentation/probe_miou", "clip+maskembed", "clip"),
+    Claim("MaskEmbed improves SPARC's patch probe mIoU", "segmentation/probe_miou", "sparc+maskembed", "sparc"),
+    Claim("MaskEmbed improves CLIP's multi-label patch F1", "multilabel/f1", "clip+maskembed", "clip"),
+    Claim("SPARC tower -> better VLM grounding (RefCOCO Acc@0.5) than CLIP", "refcoco/acc", "sparc", "clip", "projector"),
+    Claim("SPARC tower -> fewer hallucinations (CHAIR_i) than CLIP", "chair/chair_i", "sparc", "clip", "projector", True),
+    Claim("SPARC tower -> better POPE F1 than CLIP", "pope/f1_avg", "sparc", "clip", "projector"),
+    Claim("MaskEmbed tower -> better VLM grounding than its CLIP teacher", "refcoco/acc", "clip+maskembed", "clip", "projector"),
+    Claim("Flamingo bridge beats the projector on VSR accuracy (SPARC tower)", "vsr/accuracy", "sparc", "sparc",
+          "flamingo", level_b="projector"),
+]
+
+
+def tower_name(objective: str, maskembed: bool) -> str:
+    return f"{objective}+maskembed" if maskembed else objective
+
+
+def plan(cfg: AblateConfig) -> tuple[dict[str, Stage], list[tuple[str, str, int, str]]]:
+    """All stages (configs resolved, ConfigError now) and the cells: (tower, level, seed, stage name)."""
+    out = Path(cfg.out_dir)
+    stages = {"lm": make_stage("lm", "lm", cfg.lm_config, out / "lm", cfg, [])}
+    cells = []
+    for seed in cfg.seeds:
+        for obj in cfg.objectives:
+            s1 = make_stage(f"stage1/{obj}/seed{seed}", "stage1", cfg.stage1_config.format(objective=obj),
+                            out / "stage1" / obj / f"seed{seed}", cfg, [f"run.seed={seed}"])
+            stages[s1.name] = s1
+            for me in cfg.maskembed:
+                tower_stage = s1
+                if me:
+                    tower_stage = make_stage(f"maskembed/{obj}/seed{seed}", "maskembed", cfg.maskembed_config,
+                                             out / "maskembed" / obj / f"seed{seed}", cfg,
+                                             [f"run.seed={seed}", f"maskembed.teacher={s1.final}"])
+                    stages[tower_stage.name] = tower_stage
+                tower = tower_name(obj, me)
+                cells.append((tower, "encoder", seed, tower_stage.name))
+                if not cfg.stage2:
+                    continue
+                for bridge in cfg.bridges:
+                    s2 = make_stage(f"stage2/{tower}/{bridge}/seed{seed}", "stage2",
+                                    cfg.stage2_config.format(bridge=bridge),
+                                    out / "stage2" / tower / bridge / f"seed{seed}", cfg,
+                                    [f"run.seed={seed}", f"model.vision_tower={tower_stage.final}",
+                                     f"model.llm={stages['lm'].final}"])
+                    stages[s2.name] = s2
+                    cells.append((tower, bridge, seed, s2.name))
+    return stages, cells
+
+
+def run_ablation(config_path: str, overrides: list[str] | None = None) -> Path:
+    """Train and evaluate every cell of the grid; write ``out_dir/report.md`` and ``results.json``."""
+    cfg = load_config(AblateConfig, config_path, list(overrides or []))
+    stages, cells = plan(cfg)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "ablate.yaml")
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    timings = Timings(out / "timings.json")
+
+    from eval.encoder import run as run_encoder_eval
+    from eval.harness import run_vlm_eval
+    from vlm.world.export import ensure_world
+
+    world_dir = out / "world"
+    timed("world", timings, ensure_world, world_dir, cfg.world)
+    run_stage(stages["lm"], timings)
+
+    results = []
+    for tower, level, seed, stage_name in cells:
+        stage = stages[stage_name]
+        run_stage(stage, timings)  # reuses the tower's stage-one/MaskEmbed run after the first cell
+        eval_dir = out / "eval" / stage_name.replace("/", "_")
+        summary_path = eval_dir / "cell_summary.json"
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+        elif level == "encoder":
+            text_from = None
+            if stage.recipe == "maskembed":
+                text_from = str(Path(stage.cfg.maskembed.teacher))
+            summary = timed(f"eval {stage_name}", timings, run_encoder_eval, str(stage.final), str(eval_dir),
+                            world=cfg.world, world_dir=str(world_dir), text_from=text_from, limit=cfg.eval_limit)
+        else:
+            summary = timed(f"eval {stage_name}", timings, run_vlm_eval, str(stage.final), list(cfg.vlm_tasks),
+                            str(eval_dir), world_dir=str(world_dir), limit=cfg.eval_limit)
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=2, default=str))
+        results.append({"tower": tower, "level": level, "seed": seed, "metrics": flatten_metrics(summary)})
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    return write_report(out, cfg, results, timings)
+
+
+def aggregate(results: list[dict]) -> dict[tuple[str, str], dict[str, tuple[float, float, float, int]]]:
+    """{(tower, level): {metric: (mean, ci_low, ci_high, n_seeds)}} over seeds."""
+    groups: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in results:
+        g = groups.setdefault((r["tower"], r["level"]), {})
+        for k, v in r["metrics"].items():
+            g.setdefault(k, []).append(v)
+    return {key: {m: (*mean_ci(vs), len(vs)) for m, vs in g.items()} for key, g in groups.items()}
+
+
+def judge(claim: Claim, results: list[dict]) -> str:
+    """A plain statement of whether ``claim`` holds, from paired (same-seed) differences a - b."""
+    level_b = claim.level_b or claim.level
+    by = {(r["tower"], r["level"], r["seed"]): r["metrics"] for r in results}
+    diffs = []
+    for (tower, level, seed), m in by.items():
+        if tower == claim.a and level == claim.level and claim.metric in m:
+            other = by.get((claim.b, level_b, seed))
+            if other is not None and claim.metric in other:
+                diffs.append(m[claim.metric] - other[claim.metric])
+    if not diffs:
+        return f"- {claim.text}: not measured in this grid."
+    mean, lo, hi = mean_ci(diffs)
+    sign = -1 if claim.lower_is_better else 1
+    if len(diffs) < 2:
+        verdict = "holds" if sign * mean > 0 else "does not hold"
+        verdict += " on a single seed (no CI)"
+    elif sign * lo > 0:
+        verdict = "holds"
+    elif sign * hi < 0:
+        verdict = "does not hold (the opposite is significant)"
+    else:
+        verdict = "inconclusive (the CI of the difference contains 0)"
+    return (f"- {claim.text}: {verdict} at this scale; difference {mean:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}] "
+            f"over {len(diffs)} seeds (`{claim.metric}`, {claim.a} vs {claim.b}"
+            + (f", {claim.level}" if claim.level != "encoder" else "")
+            + (f" vs {level_b}" if level_b != claim.level else "") + ").")
+
+
+def write_report(out: Path, cfg: AblateConfig, results: list[dict], timings: Timings) -> Path:
+    """``out/report.md``: one mean +/- CI table per level, then the claim statements."""
+    agg = aggregate(results)
+    lines = ["# Backbone ablation", "",
+             f"Seeds {list(cfg.seeds)}; objectives {list(cfg.objectives)}; MaskEmbed {list(cfg.maskembed)}; "
+             f"bridges {list(cfg.bridges) if cfg.stage2 else 'none'}. Cells: mean +/- half-width of the 95% t-interval "
+             "over seeds. Config: `ablate.yaml`; per-cell summaries: `eval/`; raw numbers: `results.json`.", ""]
+    for level in sorted({lvl for _, lvl in agg}):
+        rows = {t: m for (t, lvl), m in agg.items() if lvl == level}
+        metrics = sorted(set().union(*[set(m) for m in rows.values()]))
+        lines += [f"## {level}", ""]
+        table_rows = []
+        for tower, m in rows.items():
+            cells = []
+            for k in metrics:
+                if k not in m:
+                    cells.append(None)
+                    continue
+                mean, lo, hi, n = m[k]
+                cells.append(f"{mean:.3f}" + (f" ± {(hi - lo) / 2:.3f}" if n > 1 else ""))
+            table_rows.append([tower, *cells])
+        lines += [markdown_table(["tower", *metrics], table_rows), ""]
+    lines += ["## Claims of the seed papers, as measured here", ""]
+    lines += [judge(c, results) for c in CLAIMS]
+    lines += ["", "## Wall time", "", f"Total {sum(timings.seconds.values()) / 60:.1f} min over {len(timings.seconds)} stages "
+              "(`timings.json`)."]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

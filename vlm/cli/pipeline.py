@@ -1,0 +1,143 @@
+"""Running recipes back to back: the shared machinery of ``vlm demo`` and ``vlm ablate``.
+
+A ``Stage`` is one recipe run (its config fully resolved before anything starts). ``run_stage``
+reuses a stage whose ``final/`` exists, resumes one that has checkpoints, and times the rest, so a
+second pipeline run is fast and an interrupted one picks up where it stopped.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import vlm.config as config
+from vlm.config import PipelineConfig, WorldConfig
+
+RECIPES = {
+    "lm": ("LMConfig", "training.lm"),
+    "stage1": ("Stage1Config", "training.stage1"),
+    "maskembed": ("MaskEmbedRunConfig", "training.maskembed"),
+    "stage2": ("Stage2Config", "training.stage2"),
+}
+
+
+@dataclass
+class Stage:
+    """One recipe run: ``recipe`` in RECIPES, its resolved config and where it writes."""
+
+    name: str  # e.g. "stage1/sparc/seed0"
+    recipe: str
+    cfg: Any
+    out_dir: Path
+
+    @property
+    def final(self) -> Path:
+        return self.out_dir / "final"
+
+
+@dataclass
+class Timings:
+    """Wall seconds per stage name, written as JSON as they accrue (reused stages count 0)."""
+
+    path: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+
+    def add(self, name: str, seconds: float, reused: bool = False) -> None:
+        self.seconds[name] = round(seconds, 2)
+        if reused:
+            self.reused.append(name)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"seconds": self.seconds, "reused": self.reused}, indent=2))
+
+
+def world_overrides(world: WorldConfig) -> list[str]:
+    """Dotted overrides that set a recipe's ``world`` section to ``world``."""
+    return [f"world.{f.name}={getattr(world, f.name)}" for f in fields(WorldConfig)]
+
+
+def make_stage(name: str, recipe: str, yaml_path: str, out_dir: Path, pipe: PipelineConfig,
+               overrides: list[str]) -> Stage:
+    """Resolve a recipe's config (YAML <- world <- out_dir <- overrides); raises ConfigError now."""
+    cls_name, _ = RECIPES[recipe]
+    world_dir = Path(pipe.out_dir) / "world"
+    base = [*world_overrides(pipe.world), f"data.world_dir={world_dir}", f"run.out_dir={out_dir}"]
+    extra = {"lm": pipe.lm_overrides, "stage1": pipe.stage1_overrides,
+             "maskembed": pipe.maskembed_overrides, "stage2": pipe.stage2_overrides}[recipe]
+    cfg = config.load_config(getattr(config, cls_name), yaml_path, [*base, *extra, *overrides])
+    return Stage(name=name, recipe=recipe, cfg=cfg, out_dir=Path(out_dir))
+
+
+def has_checkpoint(out_dir: Path) -> bool:
+    """Whether a run dir holds at least one complete checkpoint (so it can be resumed)."""
+    ckpts = Path(out_dir) / "checkpoints"
+    return ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir())
+
+
+def run_stage(stage: Stage, timings: Timings) -> Path:
+    """Run (or reuse, or resume) one stage and return its final artifact dir."""
+    if stage.final.is_dir():
+        print(f"[pipeline] {stage.name}: reusing {stage.final}")
+        timings.add(stage.name, 0.0, reused=True)
+        return stage.final
+    stage.cfg.run.resume = has_checkpoint(stage.out_dir)
+    verb = "resuming" if stage.cfg.run.resume else "running"
+    print(f"[pipeline] {stage.name}: {verb} -> {stage.out_dir}", flush=True)
+    module = importlib.import_module(RECIPES[stage.recipe][1])
+    t0 = time.perf_counter()
+    final = Path(module.run(stage.cfg))
+    timings.add(stage.name, time.perf_counter() - t0)
+    return final
+
+
+def timed(name: str, timings: Timings, fn, *args, **kwargs):
+    """Call ``fn`` and record its wall time under ``name``."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    timings.add(name, time.perf_counter() - t0)
+    return out
+
+
+def flatten_metrics(summary: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested summary dict as {"a/b/c": value} (bools and NaNs dropped)."""
+    out: dict[str, float] = {}
+    if isinstance(summary, dict):
+        for k, v in summary.items():
+            out.update(flatten_metrics(v, f"{prefix}{k}/" if not isinstance(v, (int, float)) else f"{prefix}{k}"))
+    elif isinstance(summary, (int, float)) and not isinstance(summary, bool):
+        if math.isfinite(summary):
+            out[prefix.rstrip("/")] = float(summary)
+    return out
+
+
+# t_{0.975, df} for two-sided 95% confidence intervals (df = n - 1 seeds).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    """Student-t 0.975 quantile for ``df`` degrees of freedom (table; conservative between rows)."""
+    if df <= 0:
+        return math.nan
+    keys = sorted(_T975)
+    for k in keys:
+        if df <= k:
+            return _T975[k]
+    return 1.96
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t-interval of the mean of ``values``; NaN bounds when n < 2."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t975(n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half

@@ -16,7 +16,9 @@ def layer_of(module: str) -> int | None:
     top = module.split(".")[0]
     if top not in PACKAGES:
         return None
-    if module in ("vlm", "vlm.config", "vlm.prompts") or module.startswith(("vlm.world", "vlm.data")):
+    if module in ("vlm", "vlm.config", "vlm.prompts") or module.startswith(
+        ("vlm.config.", "vlm.prompts.", "vlm.world", "vlm.data")
+    ):
         return 0
     if top == "encoders":
         return 1

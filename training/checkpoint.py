@@ -1,0 +1,289 @@
+"""Atomic, resumable training checkpoints.
+
+Layout of one checkpoint, ``out_dir/checkpoints/step_XXXXXXXX/``::
+
+    model.safetensors      trainable parameters (+ persistent buffers of modules that own them)
+    optimizer.pt           optimiser and LR-scheduler state (tensors and plain containers only)
+    rng_rank{r}.pt         python / numpy / torch CPU / torch CUDA RNG states of rank r
+    meta.json              step, micro-batches consumed, world size, loss; written LAST
+
+Everything is written into ``checkpoints/.tmp-step_XXXXXXXX`` and fsynced; ``meta.json`` goes in
+last and the directory is then renamed (``os.replace``) to its final name. A checkpoint is
+complete exactly when ``step_XXXXXXXX/meta.json`` exists, so a crash at any point leaves either the
+previous checkpoints or a ``.tmp-*`` directory that every reader ignores.
+
+Nothing here unpickles arbitrary objects: ``.pt`` files are read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CKPT_RE = re.compile(r"^step_(\d{8})$")
+TMP_PREFIX = ".tmp-"
+META = "meta.json"
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or does not match the model being resumed."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete checkpoint on disk: its directory and its ``meta.json``."""
+
+    path: Path
+    step: int
+    meta: dict
+
+
+def ckpt_name(step: int) -> str:
+    """Directory name of the checkpoint after ``step`` optimiser steps: ``step_00000042``."""
+    return f"step_{step:08d}"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file (or a directory entry) to disk; ignored where the OS does not support it."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# What gets saved
+# ----------------------------------------------------------------------------------------------
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of parameters with ``requires_grad`` plus persistent buffers of the modules
+    that own such parameters (e.g. BatchNorm running stats). Tensors are detached CPU clones, so
+    shared storage cannot trip safetensors."""
+    out: dict[str, torch.Tensor] = {}
+    for mod_name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        for n, p in own:
+            out[prefix + n] = p.detach().to("cpu", copy=True).contiguous()
+        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+        for n, b in module.named_buffers(recurse=False):
+            if b is not None and n not in non_persistent:
+                out[prefix + n] = b.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def load_trainable_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` (from ``trainable_state_dict``) into ``model``; every key must exist and
+    every trainable parameter must be present, else ``CheckpointError`` listing the mismatch."""
+    expected = set(trainable_state_dict_names(model))
+    got = set(tensors)
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} (was the model built "
+            "with the same config and the same frozen/trainable split?)")
+    state = dict(model.named_parameters())
+    state.update(dict(model.named_buffers()))
+    with torch.no_grad():
+        for name, value in tensors.items():
+            target = state[name]
+            if target.shape != value.shape:
+                raise CheckpointError(f"{name}: checkpoint shape {tuple(value.shape)} != model {tuple(target.shape)}")
+            target.copy_(value.to(target.device, target.dtype))
+
+
+def trainable_state_dict_names(model: nn.Module) -> list[str]:
+    """The keys ``trainable_state_dict`` would produce, without copying any tensor."""
+    names = []
+    for mod_name, module in model.named_modules():
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        names += [prefix + n for n in own]
+        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+        names += [prefix + n for n, b in module.named_buffers(recurse=False) if b is not None and n not in non_persistent]
+    return names
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU, every CUDA device) as tensors and lists."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_kind, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), int(np_pos),
+                  int(np_has_gauss), float(np_cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_kind, np_keys, np_pos, np_has_gauss, np_cached = state["numpy"]
+    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def tmp_dir_for(ckpt_root: Path, step: int) -> Path:
+    """The temporary directory a checkpoint of ``step`` is written into before the rename."""
+    return Path(ckpt_root) / f"{TMP_PREFIX}{ckpt_name(step)}"
+
+
+def write_rank_files(tmp: Path, rank: int, rng: dict[str, Any]) -> None:
+    """Write the per-rank part of a checkpoint (the RNG states) into ``tmp``; called on every rank."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / f"rng_rank{rank}.pt"
+    torch.save(rng, path)
+    fsync_path(path)
+
+
+def write_main_files(tmp: Path, model_tensors: dict[str, torch.Tensor], optim_state: dict[str, Any]) -> None:
+    """Write the rank-0 part (trainable tensors and optimiser/scheduler state) into ``tmp``."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    torch.save(optim_state, tmp / OPTIM_FILE)
+    for name in (MODEL_FILE, OPTIM_FILE):
+        fsync_path(tmp / name)
+
+
+def commit(tmp: Path, meta: dict) -> Path:
+    """Write ``meta.json`` last, fsync, and rename ``tmp`` to its final name. Returns the final dir.
+
+    An existing directory with the final name (only possible when re-saving a step) is replaced.
+    """
+    if not tmp.name.startswith(TMP_PREFIX):
+        raise ValueError(f"{tmp} is not a temporary checkpoint directory")
+    meta_path = tmp / META
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_path(tmp)
+    final = tmp.parent / tmp.name[len(TMP_PREFIX):]
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    return final
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model_tensors: dict[str, torch.Tensor],
+                    optim_state: dict[str, Any], meta: dict, rng: Optional[dict[str, Any]] = None,
+                    rank: int = 0) -> Path:
+    """Single-process convenience: write a complete checkpoint for ``step`` atomically.
+
+    ``model_tensors`` from ``trainable_state_dict``; ``optim_state`` any dict of tensors/containers;
+    ``meta`` gains ``step``. Returns the final directory ``ckpt_root/step_XXXXXXXX``.
+    """
+    tmp = tmp_dir_for(ckpt_root, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write_rank_files(tmp, rank, rng if rng is not None else rng_state())
+    write_main_files(tmp, model_tensors, optim_state)
+    return commit(tmp, {**meta, "step": step})
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding, reading, pruning
+# ----------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(ckpt_root: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints under ``ckpt_root``, oldest first. ``.tmp-*`` dirs and dirs without a
+    readable ``meta.json`` are skipped."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = CKPT_RE.match(d.name)
+        if not (m and d.is_dir() and (d / META).is_file()):
+            continue
+        try:
+            meta = json.loads((d / META).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        found.append(CheckpointInfo(path=d, step=int(m.group(1)), meta=meta))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Optional[CheckpointInfo]:
+    """The complete checkpoint with the highest step, or None."""
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
+    """Read a complete checkpoint dir: ``{"model": tensors, "optim": state, "rng": state | None, "meta": dict}``.
+
+    ``rng`` is this ``rank``'s RNG file (None if the checkpoint has none for it).
+    """
+    path = Path(path)
+    if not (path / META).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META})")
+    meta = json.loads((path / META).read_text())
+    model = load_file(str(path / MODEL_FILE))
+    optim = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
+    rng_path = path / f"rng_rank{rank}.pt"
+    rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None
+    return {"model": model, "optim": optim, "rng": rng, "meta": meta}
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; returns what was removed."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    found = list_checkpoints(ckpt_root)
+    removed = []
+    for c in found[:-keep_last]:
+        shutil.rmtree(c.path, ignore_errors=True)
+        removed.append(c.path)
+    return removed
+
+
+def remove_stale_tmp(ckpt_root: Path) -> list[Path]:
+    """Delete ``.tmp-*`` directories left by a crash mid-write; returns what was removed."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    stale = [d for d in root.iterdir() if d.name.startswith(TMP_PREFIX)]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale

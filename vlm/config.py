@@ -164,6 +164,13 @@ class TextDataConfig:
     world_dir: str = "runs/world"
     text_files: list[str] = field(default_factory=list)  # extra .txt files, one document per line
     block_size: int = 96
+    # Use the texts of only the first N train images (0 = all): the world's text is templated, so a
+    # few thousand images give more tokens than a short LM run sees, at a fraction of the cost.
+    max_world_samples: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.block_size >= 2, "data.block_size", "must be >= 2")
+        _check(self.max_world_samples >= 0, "data.max_world_samples", "must be >= 0 (0 = all)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,6 +223,18 @@ class EncoderConfig:
     vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 128  # width of the global and local projections
+    # Global embeddings. "cls": the vision tower's pooled output (CLIP: post-LayerNorm CLS; SigLIP:
+    # its attention-pooling head) and the text's last real token (CLIP's EOS pooling); "mean":
+    # average of the patch tokens / of the non-padding text tokens (SPARC: no CLS).
+    pool: str = "cls"
+    global_mlp: bool = False  # one non-linear layer (Linear+GELU) before the image global projection (SPARC)
+    # Separate per-patch / per-token linear adapters (SPARC's local projections). False: the global
+    # heads are applied per token, so patch_emb / token_emb still live in the shared space.
+    local_heads: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of(self.pool, "model.pool", ("cls", "mean"))
+        _check(self.embed_dim > 0, "model.embed_dim", "must be > 0")
 
 
 @dataclass
@@ -295,11 +314,13 @@ class VLMConfig:
     freeze_vision: bool = True
     load_in_4bit: bool = False  # QLoRA via bitsandbytes; needs CUDA
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (gpu extra)
+    llm_dtype: str = "fp32"  # storage dtype of the frozen LLM weights: fp32 | bf16 (LoRA and bridge stay fp32)
 
     def __post_init__(self) -> None:
         _check(bool(self.vision_tower), "model.vision_tower", "must name a checkpoint directory")
         _check(bool(self.llm), "model.llm", "must name a local LLM directory")
         _one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
+        _one_of(self.llm_dtype, "model.llm_dtype", ("fp32", "bf16"))
 
 
 @dataclass

@@ -1,1 +1,71 @@
+"""Bridges from a vision tower's patch tokens to a causal LLM (``vlm.bridges.registry.BRIDGES``).
 
+Every bridge is an ``nn.Module`` with the same small contract, so ``vlm.model`` never branches on
+the kind of bridge:
+
+- ``forward(patch_tokens [B,P,w]) -> features`` (projector: [B,P,d] LLM-width tokens; flamingo:
+  [B,M,d] resampled latents).
+- ``num_image_tokens(P)``: how many ``<image>`` ids the processor writes for one image (projector:
+  P, one per patch; flamingo: 0, the placeholder is removed from the text).
+- ``attach(llm, image_token_id)`` / ``detach(llm)``: install / remove the bridge's hooks in the LLM
+  (an embedding forward hook for the projector, wrapped decoder layers for flamingo). Nothing in
+  ``transformers`` is patched; only module instances are hooked or wrapped.
+- ``conditioned(features)``: a context manager that makes every LLM forward inside it (training,
+  scoring, ``generate`` with or without KV cache) see ``features`` as the current images.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+
+class Bridge(nn.Module):
+    """Base class: holds the current image features while an LLM forward runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._features: Optional[torch.Tensor] = None
+        self._image_token_id = -1
+
+    def num_image_tokens(self, num_patches: int) -> int:
+        """Number of ``<image>`` ids in the token sequence for one image of ``num_patches`` patches."""
+        raise NotImplementedError
+
+    def attach(self, llm: nn.Module, image_token_id: int) -> None:
+        """Install the bridge into ``llm`` (a transformers causal LM, possibly peft-wrapped)."""
+        raise NotImplementedError
+
+    def detach(self, llm: nn.Module) -> None:
+        """Undo ``attach``: ``llm`` is left exactly as it was before."""
+        raise NotImplementedError
+
+    def log_terms(self) -> dict[str, torch.Tensor]:
+        """Scalars worth logging during training (none by default)."""
+        return {}
+
+    @property
+    def current_features(self) -> Optional[torch.Tensor]:
+        """The features set by ``conditioned`` (None outside it)."""
+        return self._features
+
+    @contextlib.contextmanager
+    def conditioned(self, features: Optional[torch.Tensor]) -> Iterator[None]:
+        """Within the block, LLM forwards are conditioned on ``features`` ([B,N,d], one row per sequence)."""
+        previous = self._features
+        self._features = features
+        try:
+            yield
+        finally:
+            self._features = previous
+
+    @contextlib.contextmanager
+    def detached(self, llm: nn.Module) -> Iterator[None]:
+        """Temporarily remove the bridge from ``llm`` (to save or merge a clean LLM)."""
+        self.detach(llm)
+        try:
+            yield
+        finally:
+            self.attach(llm, self._image_token_id)

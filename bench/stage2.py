@@ -1,0 +1,162 @@
+"""Stage-two benchmark: training tokens/s per bridge, and generation tokens/s with vs without KV cache.
+
+The models are the tiny recipes (``configs/stage2/{projector,flamingo}_tiny.yaml``): the tower and
+LLM they name when those checkpoints exist (``runs/stage1/sparc/final``, ``runs/lm/final``), else
+random stand-ins of the same sizes (the stage-one tiny tower of ``configs/stage1/sparc_tiny.yaml``,
+the LM of ``configs/lm/tiny_world.yaml`` with a BPE trained on the world's text); cost does not
+depend on the weights. Batches are real world samples and LLaVA conversations.
+
+1. Training tokens/s (forward + backward + AdamW step on the trainable parameters, median of
+   ``iters`` after ``warmup``; tokens = real tokens, image tokens included) for each bridge, and
+   the implied wall time of the tiny recipe (``optim.max_steps`` steps).
+2. Generation tokens/s (greedy, ``new_tokens`` new tokens for each of ``gen_batch`` prompts, every
+   sequence forced to full length) with the KV cache and without it, and their ratio.
+
+``python -m bench.stage2 [--device cpu|cuda]`` prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from bench.common import Row, format_table
+from vlm.config import LMConfig, Stage1Config, Stage2Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
+    """Median wall seconds of ``fn`` over ``iters`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def stand_ins(directory: Path, world_cfg) -> tuple[Path, Path]:
+    """Random tower and LLM of the tiny recipes' sizes, saved under ``directory``: (tower, llm)."""
+    from encoders.towers import build_vision_tower, default_transform
+    from training.lm import IMAGE_TOKEN, build_lm
+    from vlm.data.tokenizer import train_bpe_tokenizer
+    from vlm.world.text import world_corpus
+
+    s1 = load_config(Stage1Config, ROOT / "configs/stage1/sparc_tiny.yaml")
+    lm_cfg = load_config(LMConfig, ROOT / "configs/lm/tiny_world.yaml")
+    torch.manual_seed(0)
+    tower = build_vision_tower(s1.model.vision)
+    tower.save_pretrained(str(directory / "tower"))
+    default_transform(tower).save_pretrained(directory / "tower")
+    tok = train_bpe_tokenizer(world_corpus(world_cfg, range(300)), vocab_size=lm_cfg.model.vocab_size,
+                              model_max_length=lm_cfg.model.max_position, extra_special_tokens=(IMAGE_TOKEN,),
+                              add_bos=True, add_eos=True)
+    build_lm(lm_cfg.model, tok).save_pretrained(str(directory / "llm"))
+    tok.save_pretrained(str(directory / "llm"))
+    return directory / "tower", directory / "llm"
+
+
+def world_batch(model, world_cfg, n: int) -> tuple[list, list[list[tuple[str, str]]]]:
+    """n world images and one LLaVA conversation each."""
+    from vlm.world.generator import generate_sample
+    from vlm.world.text import llava_conversations
+
+    images, convs = [], []
+    for i in range(n):
+        sample = generate_sample(i, world_cfg.seed, world_cfg)
+        images.append(sample.image)
+        convs.append(llava_conversations(sample, world_cfg.seed, world_cfg.image_size)[0])
+    return images, convs
+
+
+def run(device: str = "auto", warmup: int = 2, iters: int = 5, gen_batch: int = 8, new_tokens: int = 32,
+        tower: str = "", llm: str = "") -> list[Row]:
+    """Measure both bridges; returns the rows."""
+    from vlm.model import VisionLanguageModel
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfgs = {b: load_config(Stage2Config, ROOT / f"configs/stage2/{b}_tiny.yaml") for b in ("projector", "flamingo")}
+        world_cfg = cfgs["projector"].world
+        tower_path = Path(tower or cfgs["projector"].model.vision_tower)
+        llm_path = Path(llm or cfgs["projector"].model.llm)
+        source = "trained checkpoints"
+        if not (tower_path.is_dir() and llm_path.is_dir()):
+            tower_path, llm_path = stand_ins(Path(tmp), world_cfg)
+            source = "random stand-ins of the same sizes"
+        print(f"stage-two bench on {dev}: tower {tower_path}, llm {llm_path} ({source})")
+        for bridge, cfg in cfgs.items():
+            cfg.model.vision_tower, cfg.model.llm = str(tower_path), str(llm_path)
+            torch.manual_seed(0)
+            model = VisionLanguageModel.build(cfg.model, max_len=cfg.data.max_len).to(dev)
+            images, convs = world_batch(model, world_cfg, cfg.optim.batch_size)
+            batch = {k: v.to(dev) for k, v in model.processor.conversations(images, convs).items()}
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4)
+            autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
+                        else torch.autocast("cpu", enabled=False))
+
+            def step() -> None:
+                with autocast:
+                    loss = model(batch)["loss"]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            model.train()
+            seconds = median_time(step, dev, warmup, iters)
+            tokens = int(batch["attention_mask"].sum())
+            rows.append(Row(f"stage2 {bridge}: train tokens/s (batch {cfg.optim.batch_size})", tokens / seconds,
+                            "tok/s"))
+            rows.append(Row(f"stage2 {bridge}: tiny recipe ({cfg.optim.max_steps} steps), implied wall time",
+                            seconds * cfg.optim.max_steps, "s", "<= 240 s on 2 CPU cores"))
+
+            model.eval()
+            prompts = [c[0][1] for c in convs[:gen_batch]]
+            pixels = model.processor.pixel_values(images[:gen_batch])
+            speeds = {}
+            for use_cache in (True, False):
+                def gen() -> None:
+                    model.generate_ids(pixels, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       use_cache=use_cache)
+                speeds[use_cache] = gen_batch * new_tokens / median_time(gen, dev, 1, max(2, iters // 2))
+            rows.append(Row(f"stage2 {bridge}: generate tokens/s with KV cache", speeds[True], "tok/s"))
+            rows.append(Row(f"stage2 {bridge}: generate tokens/s without KV cache", speeds[False], "tok/s"))
+            rows.append(Row(f"stage2 {bridge}: KV-cache speed-up ({new_tokens} new tokens)",
+                            speeds[True] / speeds[False], "x", "> 1"))
+            del model, opt
+    return rows
+
+
+def main() -> None:
+    """Command line: print the stage-two table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--tower", default="", help="vision tower dir (default: the tiny recipe's)")
+    parser.add_argument("--llm", default="", help="LLM dir (default: the tiny recipe's)")
+    args = parser.parse_args()
+    rows = run(args.device, iters=args.iters, new_tokens=args.new_tokens, tower=args.tower, llm=args.llm)
+    print(format_table(rows, "stage two"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Vision towers: build one from sizes, load one from a local directory, read its patch tokens.
+
+Towers are stock ``transformers`` models (``CLIPVisionModel`` or ``SiglipVisionModel``), so a
+tower saved here loads with stock code and any local HF CLIP / SigLIP checkpoint loads here.
+
+Patch tokens (``patch_tokens``) are the last layer's per-patch hidden states after the tower's
+final LayerNorm, without CLS:
+- CLIP: ``last_hidden_state`` is [B, 1+P, w] *before* ``post_layernorm`` (stock CLIP applies that
+  norm to the pooled CLS only), so the CLS row is dropped and ``post_layernorm`` is applied to
+  the patch rows here.
+- SigLIP: there is no CLS token and ``last_hidden_state`` [B, P, w] is already post-LayerNorm.
+
+``ImageTransform`` reproduces ``CLIPImageProcessor`` (shortest-edge bicubic resize, centre crop,
+rescale to [0, 1], normalise) without torchvision and saves itself as a ``CLIPImageProcessor``
+config, so stock code preprocesses our towers' inputs identically.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+from vlm.config import VisionTowerConfig
+
+VisionTower = Union[CLIPVisionModel, SiglipVisionModel]
+
+# OpenAI CLIP's statistics; SigLIP towers use 0.5 / 0.5 (what their checkpoints ship with).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+class ImageTransform:
+    """PIL image or uint8 array [H,W,3] -> float tensor [3, image_size, image_size].
+
+    Equal to ``CLIPImageProcessor(size={"shortest_edge": s}, crop_size=s, resample=...)``: resize
+    the shorter side to ``image_size``, centre-crop a square, scale to [0, 1], normalise with
+    ``mean`` / ``std``. With ``square_resize`` (SigLIP's processors: ``size={"height": s, "width": s}``,
+    no crop) the image is resized to s x s directly. ``resample`` is a PIL filter code (3 = bicubic,
+    CLIP's; 2 = bilinear, SigLIP's). Greyscale / RGBA inputs are converted to RGB.
+    """
+
+    def __init__(self, image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                 resample: int = 3, square_resize: bool = False):
+        if image_size <= 0:
+            raise ValueError(f"image_size must be > 0, got {image_size}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values each (std > 0), got {mean}, {std}")
+        self.image_size = int(image_size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.resample = int(resample)
+        self.square_resize = bool(square_resize)
+        self._mean = torch.tensor(self.mean).view(3, 1, 1)
+        self._std = torch.tensor(self.std).view(3, 1, 1)
+
+    def __repr__(self) -> str:
+        return (f"ImageTransform(image_size={self.image_size}, mean={self.mean}, std={self.std}, "
+                f"resample={self.resample}, square_resize={self.square_resize})")
+
+    def _resize_crop(self, image: Image.Image) -> Image.Image:
+        s = self.image_size
+        w, h = image.size
+        if self.square_resize:
+            return image if (w, h) == (s, s) else image.resize((s, s), resample=self.resample)
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(s * long / short)  # as transformers' shortest-edge rule
+        new_w, new_h = (s, new_long) if w <= h else (new_long, s)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), resample=self.resample)
+        top, left = (new_h - s) // 2, (new_w - s) // 2
+        if (new_w, new_h) != (s, s):
+            image = image.crop((left, top, left + s, top + s))
+        return image
+
+    def __call__(self, image: Union[Image.Image, np.ndarray]) -> torch.Tensor:
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"expected a uint8 array [H,W,3], got {image.dtype} {image.shape}")
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image or uint8 array, got {type(image).__name__}")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        arr = np.asarray(self._resize_crop(image), dtype=np.float32) / 255.0
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        return (x - self._mean) / self._std
+
+    def batch(self, images: Sequence[Union[Image.Image, np.ndarray]]) -> torch.Tensor:
+        """A list of images -> [B, 3, image_size, image_size]."""
+        return torch.stack([self(im) for im in images])
+
+    def processor_config(self) -> dict:
+        """The equivalent ``CLIPImageProcessor`` arguments."""
+        s = self.image_size
+        size = {"height": s, "width": s} if self.square_resize else {"shortest_edge": s}
+        return dict(do_resize=True, size=size, resample=self.resample, do_center_crop=not self.square_resize,
+                    crop_size={"height": s, "width": s}, do_rescale=True, rescale_factor=1 / 255,
+                    do_normalize=True, image_mean=list(self.mean), image_std=list(self.std),
+                    do_convert_rgb=True)
+
+    def save_pretrained(self, directory: Union[str, Path]) -> None:
+        """Write ``directory/preprocessor_config.json`` via ``transformers.CLIPImageProcessor``.
+
+        Where torchvision is absent, transformers' PIL backend (``CLIPImageProcessorPil``) writes the
+        same file (``image_processor_type: CLIPImageProcessor``); it is used directly to avoid the
+        fallback warning.
+        """
+        import transformers
+
+        processor_cls = getattr(transformers, "CLIPImageProcessorPil", None)
+        if processor_cls is None or importlib.util.find_spec("torchvision") is not None:
+            processor_cls = transformers.CLIPImageProcessor
+        processor_cls(**self.processor_config()).save_pretrained(str(directory))
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path]) -> "ImageTransform":
+        """Read ``directory/preprocessor_config.json`` (a CLIP or SigLIP image-processor config).
+
+        Supports ``size`` as ``{"shortest_edge": s}`` (with a square ``crop_size`` of s) or
+        ``{"height": s, "width": s}`` without a crop (SigLIP: a plain square resize). Other layouts
+        raise ``ValueError``.
+        """
+        path = Path(directory) / PREPROCESSOR_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no {PREPROCESSOR_FILE} in {directory}")
+        cfg = json.loads(path.read_text())
+        size = cfg.get("size", {})
+        square = False
+        if isinstance(size, int):
+            side = size
+        elif "shortest_edge" in size:
+            side = size["shortest_edge"]
+            crop = cfg.get("crop_size", {"height": side, "width": side})
+            if cfg.get("do_center_crop", True) and (crop.get("height") != side or crop.get("width") != side):
+                raise ValueError(f"{path}: crop_size {crop} differs from shortest_edge {side}; unsupported")
+        elif "height" in size and size.get("height") == size.get("width"):
+            side, square = size["height"], True
+            crop = cfg.get("crop_size") or {"height": side, "width": side}
+            if cfg.get("do_center_crop", False) and (crop.get("height") != side or crop.get("width") != side):
+                raise ValueError(f"{path}: crop_size {crop} differs from size {size}; unsupported")
+        else:
+            raise ValueError(f"{path}: unsupported size {size}")
+        mean = cfg.get("image_mean", CLIP_MEAN)
+        std = cfg.get("image_std", CLIP_STD)
+        if not cfg.get("do_normalize", True):
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        return cls(int(side), mean, std, resample=int(cfg.get("resample", 3)), square_resize=square)
+
+
+def build_vision_tower(cfg: VisionTowerConfig) -> VisionTower:
+    """A randomly initialised (or, with ``cfg.pretrained``, loaded) vision tower.
+
+    arch "clip" -> ``CLIPVisionModel``; "siglip" -> ``SiglipVisionModel`` (with its attention-
+    pooling head, which SigLIP uses instead of a CLS token). Attention: ``sdpa``.
+    """
+    if cfg.pretrained:
+        return load_vision_tower(cfg.pretrained)[0]
+    common = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * cfg.mlp_ratio,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_channels=3,
+                  image_size=cfg.image_size, patch_size=cfg.patch_size)
+    if cfg.arch == "clip":
+        config = CLIPVisionConfig(**common, hidden_act="quick_gelu")
+        config._attn_implementation = "sdpa"
+        return CLIPVisionModel(config)
+    if cfg.arch == "siglip":
+        config = SiglipVisionConfig(**common, vision_use_head=True)
+        config._attn_implementation = "sdpa"
+        return SiglipVisionModel(config)
+    raise ValueError(f"unknown vision arch {cfg.arch!r}; valid: ['clip', 'siglip']")
+
+
+def default_transform(tower: VisionTower) -> ImageTransform:
+    """The tower's input size with the usual statistics of its family (CLIP or SigLIP)."""
+    if isinstance(tower, SiglipVisionModel):
+        return ImageTransform(tower.config.image_size, SIGLIP_MEAN, SIGLIP_STD, resample=2, square_resize=True)
+    return ImageTransform(tower.config.image_size, CLIP_MEAN, CLIP_STD)
+
+
+def _resolve_vision_dir(path: Path) -> Path:
+    """The directory holding the vision ``config.json``: ``path/vision`` for our checkpoints."""
+    if (path / "vision" / "config.json").is_file():
+        return path / "vision"
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"{path}: no config.json here or in {path / 'vision'}; expected a stage-one / "
+                            "MaskEmbed checkpoint dir or a local HF CLIP/SigLIP (vision) model dir")
+
+
+def load_vision_tower(path: Union[str, Path]) -> tuple[VisionTower, ImageTransform]:
+    """Load a tower and its preprocessing from a local directory.
+
+    Accepts our stage-one checkpoint (``path/vision``), a MaskEmbed output dir (a plain vision
+    dir), or any local HF ``clip`` / ``clip_vision_model`` / ``siglip`` / ``siglip_vision_model``
+    directory (a full CLIP/SigLIP dir loads its vision half). The transform comes from
+    ``preprocessor_config.json`` when present, else the family default at the config's size.
+    Never executes remote code.
+    """
+    directory = _resolve_vision_dir(Path(path))
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type", "")
+    kwargs = dict(attn_implementation="sdpa")
+    if model_type in ("clip", "clip_vision_model"):
+        tower = CLIPVisionModel.from_pretrained(str(directory), **kwargs)
+    elif model_type in ("siglip", "siglip_vision_model"):
+        tower = SiglipVisionModel.from_pretrained(str(directory), **kwargs)
+    else:
+        raise ValueError(f"{directory}/config.json: model_type {model_type!r} is not a CLIP or SigLIP "
+                         "vision model (supported: clip, clip_vision_model, siglip, siglip_vision_model)")
+    if (directory / PREPROCESSOR_FILE).is_file():
+        transform = ImageTransform.from_pretrained(directory)
+    else:
+        transform = default_transform(tower)
+    if transform.image_size != tower.config.image_size:
+        raise ValueError(f"{directory}: preprocessor size {transform.image_size} != tower image_size "
+                         f"{tower.config.image_size}")
+    return tower, transform
+
+
+def tower_width(tower: VisionTower) -> int:
+    """Hidden width w of the tower's tokens."""
+    return int(tower.config.hidden_size)
+
+
+def num_patches(tower: VisionTower) -> int:
+    """Number of patch tokens P = (image_size / patch_size)^2."""
+    return (tower.config.image_size // tower.config.patch_size) ** 2
+
+
+def tower_forward(tower: VisionTower, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass -> (patch_tokens [B,P,w] post-LayerNorm without CLS, pooled [B,w]).
+
+    pooled is the tower's own pooled output: CLIP's post-LayerNorm CLS token, SigLIP's
+    attention-pooling head (zeros-free mean of patch tokens if the head is disabled).
+    """
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values must be [B,3,H,W], got {tuple(pixel_values.shape)}")
+    out = tower(pixel_values=pixel_values)
+    if isinstance(tower, SiglipVisionModel):
+        patches = out.last_hidden_state
+        pooled = out.pooler_output if out.pooler_output is not None else patches.mean(dim=1)
+        return patches, pooled
+    core = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel
+    patches = core.post_layernorm(out.last_hidden_state[:, 1:, :])
+    return patches, out.pooler_output
+
+
+def patch_tokens(tower: VisionTower, pixel_values: torch.Tensor) -> torch.Tensor:
+    """pixel_values [B,3,H,W] -> patch tokens [B,P,w]: no CLS, after the final LayerNorm."""
+    return tower_forward(tower, pixel_values)[0]

@@ -1,0 +1,520 @@
+"""Encoder evals on the embedded world (../shared/METHODS.md, "Encoder evals").
+
+``run(ckpt, out_dir, world, world_dir)`` measures, on the world's eval split (``limit`` images):
+
+- **Zero-shot classification** (top-1). The label of an image is the shape with the most visible
+  pixels in its class mask (ties: the earlier shape in ``SHAPES``): a single-shape image gets that
+  shape, a mixed one its dominant shape. Each class is the prompt ``"a photo of a {shape}."``; the
+  prediction is the prompt whose global text embedding has the highest cosine with the image's
+  global embedding.
+  Every objective is scored through its global embeddings (FLAIR's is the one its multi-positive
+  sigmoid loss trains; its text-conditioned pooling is not used here).
+- **Retrieval** (image->text and text->image Recall@1/5/10) over the eval images and their
+  ``short`` and ``detailed`` captions (two per image; an image's own captions are its positives).
+  Ranks count ties against the query (``first_relevant_rank``): an encoder that scores
+  everything equally gets chance-level recall, not a perfect one.
+- **Zero-shot segmentation** (mIoU on the patch grid). Classes are ``CLASS_NAMES`` (background
+  included), each with the prompt ``"a photo of a {name}."``. With local heads (SPARC) the patch
+  embeddings live in the local space, so a class embedding is the mean local token embedding of
+  the class-name tokens inside its prompt (the space SPARC aligns patches with); without them
+  (CLIP, SigLIP, FLAIR) ``patch_emb`` is the global head applied per patch (MaskCLIP-style), so
+  the prompt's global text embedding is used. Each patch takes the class of highest cosine.
+- **Linear probe** (mIoU): a linear layer on the frozen, standardised ``patch_tokens`` trained
+  with cross-entropy on ``probe_images`` train-split images (full batch, AdamW, ``probe_steps``).
+- **Locality-alignment protocol**: multi-label patch classification (a patch is positive for a
+  class if any of its pixels has that class), a small per-patch MLP head (one hidden layer of 128,
+  GELU) trained with binary cross-entropy on the same frozen features, macro precision / recall /
+  F1 at probability 0.5 on the eval split.
+
+Ground truth. The class mask is resized (nearest) to the tower's input size and cut into the patch
+grid; a patch's segmentation label is the majority class of its pixels (ties: the smaller class
+id). mIoU and the macro scores average over classes present in the prediction or the ground truth
+(a class absent from both is excluded, not counted as 0 or 1).
+
+Checkpoints. A ``DualEncoder`` dir (``encoder.yaml``) gets every metric. A plain vision tower (a
+MaskEmbed output, a local HF CLIP/SigLIP vision dir, or any dir ``load_vision_tower`` accepts)
+gets the probe metrics only, the zero-shot and retrieval ones reported as n/a. With
+``text_from=<DualEncoder dir>`` (a MaskEmbed student and its stage-one teacher) the student's tower
+replaces the teacher's inside the teacher's DualEncoder, so its projections and text tower score
+the student's tokens. That is sound only as a measurement of how compatible the student's final
+tokens stay with the teacher's heads: MaskEmbed trains the student's patch tokens to *predict* the
+teacher's features through a decoder, not to equal them, and it never trains CLS pooling, so a
+drop in these numbers means drift, not worse features; the probe metrics are the comparable ones.
+The summary records the mode (``"text_from"``).
+
+Images come from ``world_dir/images/{index:08d}.jpg`` when that export exists (the JPEGs the
+encoders were trained on), else from the generator directly (``summary["image_source"]``); the
+masks, labels and captions always come from the generator (exact).
+
+Outputs in ``out_dir``: ``summary.json``, ``summary.md`` (a Markdown table of every leaf, nested
+keys joined by "/"), ``predictions.jsonl`` (one line per eval image: zero-shot label and prediction,
+its image->text rank, its captions' text->image ranks, per-image patch accuracy of the zero-shot and
+probe segmentations). The summary: run facts (``ckpt``, ``mode``, ``text_from``, ``n_eval``,
+``n_probe_train``, ``image_source``, ``probe_steps``) and the groups ``zero_shot`` {top1},
+``retrieval`` {i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10}, ``segmentation`` {zero_shot_miou,
+probe_miou, zero_shot_class_embedding}, ``multilabel`` {precision, recall, f1}, ``per_class_iou``
+{zero_shot, probe: {class name: IoU}}; metrics that do not apply are null (n/a in the table).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from encoders.dual_encoder import CONFIG_FILE, DualEncoder
+from encoders.towers import ImageTransform, VisionTower, load_vision_tower, tower_forward
+from vlm.config import WorldConfig
+
+PROMPT = "a photo of a {}."
+RETRIEVAL_CAPTION_KEYS = ("short", "detailed")
+RECALL_KS = (1, 5, 10)
+PROBE_HIDDEN = 128
+
+# ----------------------------------------------------------------------------------------------
+# Pure metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def top1_accuracy(pred: Sequence[int] | torch.Tensor, target: Sequence[int] | torch.Tensor) -> float:
+    """Fraction of equal entries. pred, target [N] ints -> float in [0, 1]; N = 0 raises."""
+    pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+    if pred.shape != target.shape or pred.dim() != 1:
+        raise ValueError(f"pred and target must be equal-length 1-d, got {tuple(pred.shape)}, {tuple(target.shape)}")
+    if pred.numel() == 0:
+        raise ValueError("top1_accuracy of zero examples")
+    return float((pred == target).double().mean())
+
+
+def first_relevant_rank(sim: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each query's best relevant item. sim [Q,N] scores, relevant [Q,N] bool -> [Q] long.
+
+    rank = number of irrelevant items scoring >= the best relevant item (ties count against the
+    query, so constant scores give chance-level recall). Every query needs a relevant item.
+    """
+    if sim.shape != relevant.shape or sim.dim() != 2:
+        raise ValueError(f"sim and relevant must both be [Q,N], got {tuple(sim.shape)}, {tuple(relevant.shape)}")
+    relevant = relevant.bool()
+    if not bool(relevant.any(dim=1).all()):
+        raise ValueError("every query needs at least one relevant item")
+    best = sim.masked_fill(~relevant, float("-inf")).max(dim=1, keepdim=True).values
+    return ((sim >= best) & ~relevant).sum(dim=1)
+
+
+def recall_at_k(sim: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int] = RECALL_KS) -> dict[int, float]:
+    """Recall@k: fraction of queries with a relevant item in the top k. sim, relevant [Q,N] -> {k: float}."""
+    ranks = first_relevant_rank(sim, relevant)
+    return {int(k): float((ranks < k).double().mean()) for k in ks}
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[C,C] counts, rows = ground truth, columns = prediction. pred, target: int tensors of one shape."""
+    pred, target = torch.as_tensor(pred).reshape(-1).long(), torch.as_tensor(target).reshape(-1).long()
+    if pred.shape != target.shape:
+        raise ValueError(f"pred has {pred.numel()} entries, target {target.numel()}")
+    for name, t in (("pred", pred), ("target", target)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+            raise ValueError(f"{name} has labels outside [0, {num_classes})")
+    return torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[float, list[float]]:
+    """(mIoU, per-class IoU) over label maps of any equal shape. A class absent from both pred and
+    target has IoU nan and is excluded from the mean; mIoU is nan if every class is absent."""
+    cm = confusion_matrix(pred, target, num_classes).double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    present = ~torch.isnan(iou)
+    miou = float(iou[present].mean()) if bool(present.any()) else float("nan")
+    return miou, iou.tolist()
+
+
+def multilabel_prf(pred: torch.Tensor, target: torch.Tensor) -> dict:
+    """Macro precision / recall / F1 of bool [N,C] predictions vs bool [N,C] targets.
+
+    Per class: P = tp/(tp+fp), R = tp/(tp+fn), each 0 when its denominator is 0, F1 = 2PR/(P+R)
+    (0 when P+R = 0). Classes with no positive in pred or target are excluded from the macro means
+    (the F1 is the mean of per-class F1s). Returns dict(precision, recall, f1, per_class: list of
+    (P, R, F1) or None for excluded classes); nan means if every class is excluded.
+    """
+    pred, target = torch.as_tensor(pred).bool(), torch.as_tensor(target).bool()
+    if pred.shape != target.shape or pred.dim() != 2:
+        raise ValueError(f"pred and target must both be [N,C] bool, got {tuple(pred.shape)}, {tuple(target.shape)}")
+    tp = (pred & target).sum(0).double()
+    fp = (pred & ~target).sum(0).double()
+    fn = (~pred & target).sum(0).double()
+    per_class, kept = [], []
+    for c in range(pred.shape[1]):
+        if tp[c] + fp[c] + fn[c] == 0:
+            per_class.append(None)
+            continue
+        p = float(tp[c] / (tp[c] + fp[c])) if tp[c] + fp[c] > 0 else 0.0
+        r = float(tp[c] / (tp[c] + fn[c])) if tp[c] + fn[c] > 0 else 0.0
+        f = 2 * p * r / (p + r) if p + r > 0 else 0.0
+        per_class.append((p, r, f))
+        kept.append((p, r, f))
+    if not kept:
+        return {"precision": float("nan"), "recall": float("nan"), "f1": float("nan"), "per_class": per_class}
+    arr = np.array(kept, dtype=np.float64)
+    return {"precision": float(arr[:, 0].mean()), "recall": float(arr[:, 1].mean()), "f1": float(arr[:, 2].mean()),
+            "per_class": per_class}
+
+
+def _patch_blocks(class_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    h, w = class_mask.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"mask {h}x{w} is not divisible by patch_size {patch_size}")
+    gh, gw = h // patch_size, w // patch_size
+    return class_mask.reshape(gh, patch_size, gw, patch_size).permute(0, 2, 1, 3).reshape(gh * gw, -1)
+
+
+def majority_downsample(class_mask: Union[np.ndarray, torch.Tensor], patch_size: int, num_classes: int) -> torch.Tensor:
+    """Class mask [H,W] ints -> [H/ps * W/ps] (row-major patch grid): each patch's most frequent
+    class (ties: the smaller id)."""
+    blocks = _patch_blocks(torch.as_tensor(np.asarray(class_mask)).long(), patch_size)
+    counts = F.one_hot(blocks, num_classes).sum(1)  # [P, C]
+    return counts.argmax(dim=1)  # argmax returns the first maximum: the smaller id wins ties
+
+
+def patch_presence(class_mask: Union[np.ndarray, torch.Tensor], patch_size: int, num_classes: int) -> torch.Tensor:
+    """Class mask [H,W] -> [P, C] bool: True where any pixel of the patch has class c."""
+    blocks = _patch_blocks(torch.as_tensor(np.asarray(class_mask)).long(), patch_size)
+    return F.one_hot(blocks, num_classes).sum(1) > 0
+
+
+def dominant_shape(class_mask: np.ndarray, num_shapes: int) -> Optional[int]:
+    """Index into ``SHAPES`` of the shape with most visible pixels (ties: the smaller), None if no object."""
+    counts = np.bincount(np.asarray(class_mask).reshape(-1), minlength=num_shapes + 1)[1:num_shapes + 1]
+    return int(counts.argmax()) if counts.sum() > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Probes on frozen features
+# ----------------------------------------------------------------------------------------------
+
+
+def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    mean, std = train.mean(0, keepdim=True), train.std(0, keepdim=True).clamp_min(1e-6)
+    return [(t - mean) / std for t in (train, *others)]
+
+
+def train_probe(features: torch.Tensor, targets: torch.Tensor, num_classes: int, steps: int, multilabel: bool,
+                lr: float = 1e-2, seed: int = 0) -> nn.Module:
+    """Fit a head on frozen features [N,w] (full batch, AdamW). ``multilabel``: an MLP (w -> 128 -> C,
+    GELU) with BCE on bool targets [N,C]; else a linear layer with cross-entropy on long targets [N].
+    Deterministic given ``seed`` (the global RNG is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        w = features.shape[1]
+        head = (nn.Sequential(nn.Linear(w, PROBE_HIDDEN), nn.GELU(), nn.Linear(PROBE_HIDDEN, num_classes))
+                if multilabel else nn.Linear(w, num_classes)).to(features.device)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(steps):
+        logits = head(features)
+        loss = (F.binary_cross_entropy_with_logits(logits, targets.float()) if multilabel
+                else F.cross_entropy(logits, targets))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return head.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedEncoder:
+    """What an eval can use: the vision tower and its transform, and the DualEncoder (None for a
+    plain tower) whose heads and text tower score it. ``mode``: dual_encoder | vision_tower | text_from."""
+
+    vision: VisionTower
+    transform: ImageTransform
+    dual: Optional[DualEncoder]
+    mode: str
+
+
+def load_encoder(ckpt: Union[str, Path], text_from: Optional[Union[str, Path]] = None) -> LoadedEncoder:
+    """A DualEncoder dir, or a vision-tower dir (optionally scored with ``text_from``'s DualEncoder)."""
+    ckpt = Path(ckpt)
+    if (ckpt / CONFIG_FILE).is_file():
+        if text_from is not None:
+            raise ValueError(f"{ckpt} is a DualEncoder checkpoint; text_from is only for plain vision towers")
+        dual = DualEncoder.from_pretrained(ckpt).eval()
+        return LoadedEncoder(dual.vision, dual.transform, dual, "dual_encoder")
+    vision, transform = load_vision_tower(ckpt)
+    if text_from is None:
+        return LoadedEncoder(vision.eval(), transform, None, "vision_tower")
+    dual = DualEncoder.from_pretrained(text_from).eval()
+    for key in ("hidden_size", "image_size", "patch_size"):
+        a, b = getattr(vision.config, key), getattr(dual.vision.config, key)
+        if a != b:
+            raise ValueError(f"{ckpt} has {key}={a} but the text_from encoder's tower has {b}; they must match")
+    if type(vision) is not type(dual.vision):
+        raise ValueError(f"{ckpt} is a {type(vision).__name__}, text_from's tower a {type(dual.vision).__name__}")
+    dual.vision = vision.eval()
+    dual.transform = transform
+    return LoadedEncoder(vision.eval(), transform, dual, "text_from")
+
+
+# ----------------------------------------------------------------------------------------------
+# Text embeddings of the class prompts
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def class_embeddings(dual: DualEncoder, names: Sequence[str], local: bool) -> torch.Tensor:
+    """One embedding per class name -> [C, d]: the global embedding of ``PROMPT.format(name)``, or
+    with ``local`` the mean local token embedding of the name's tokens inside that prompt (located
+    through the tokenizer's offsets; all word tokens if the tokenizer gives none)."""
+    prompts = [PROMPT.format(n) for n in names]
+    feats = dual.encode_texts(prompts)
+    if not local:
+        return feats.global_emb
+    enc = dual.tokenizer(prompts, padding="longest", truncation=True, max_length=feats.token_emb.shape[1],
+                         return_offsets_mapping=True, return_tensors="pt")
+    out = []
+    for i, name in enumerate(names):
+        start = PROMPT.index("{}")
+        end = start + len(name)
+        offsets = enc["offset_mapping"][i]
+        in_name = (offsets[:, 0] < end) & (offsets[:, 1] > start) & feats.token_mask[i].cpu()
+        sel = in_name if bool(in_name.any()) else feats.token_mask[i].cpu()
+        out.append(feats.token_emb[i][sel.to(feats.token_emb.device)].mean(0))
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Split:
+    indices: list[int]
+    pixels: torch.Tensor  # [N,3,S,S]
+    seg_labels: torch.Tensor  # [N,P] long
+    presence: torch.Tensor  # [N,P,C] bool
+    labels: list[Optional[int]]  # dominant shape per image
+    captions: list[list[str]]
+
+
+def _load_split(indices: list[int], world: WorldConfig, world_dir: Optional[Path], transform: ImageTransform,
+                patch_size: int, num_classes: int, with_text: bool, progress: bool, desc: str) -> tuple[_Split, str]:
+    from vlm.world.generator import generate_sample
+    from vlm.world.vocab import SHAPES
+
+    size = transform.image_size
+    pixels, seg, presence, labels, captions = [], [], [], [], []
+    source = "generator"
+    for index in tqdm(indices, desc=desc, disable=not progress, leave=False):
+        sample = generate_sample(index, world.seed, world)
+        path = world_dir / "images" / f"{sample.key}.jpg" if world_dir is not None else None
+        if path is not None and path.is_file():
+            image = Image.open(path).convert("RGB")
+            source = "world_dir"
+        else:
+            image = sample.image
+        pixels.append(transform(image))
+        mask = sample.class_mask
+        if mask.shape[0] != mask.shape[1]:
+            raise ValueError(f"world images must be square for the patch-grid masks, got {mask.shape}")
+        if mask.shape[0] != size:
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.NEAREST))
+        seg.append(majority_downsample(mask, patch_size, num_classes))
+        presence.append(patch_presence(mask, patch_size, num_classes))
+        labels.append(dominant_shape(sample.class_mask, len(SHAPES)))
+        if with_text:
+            captions.append([sample.captions[k] for k in RETRIEVAL_CAPTION_KEYS if sample.captions.get(k)])
+    split = _Split(indices, torch.stack(pixels), torch.stack(seg), torch.stack(presence), labels, captions)
+    return split, source
+
+
+@torch.no_grad()
+def _image_features(loaded: LoadedEncoder, pixels: torch.Tensor, batch_size: int, progress: bool,
+                    desc: str) -> dict[str, torch.Tensor]:
+    """patch_tokens [N,P,w] and, with a DualEncoder, global_emb [N,d] and patch_emb [N,P,d]."""
+    out: dict[str, list] = {"patch_tokens": [], "global_emb": [], "patch_emb": []}
+    device = next(loaded.vision.parameters()).device
+    for start in tqdm(range(0, len(pixels), batch_size), desc=desc, disable=not progress, leave=False):
+        x = pixels[start:start + batch_size].to(device)
+        if loaded.dual is not None:
+            feats = loaded.dual.encode_image(x)
+            out["patch_tokens"].append(feats.patch_tokens.cpu())
+            out["global_emb"].append(feats.global_emb.cpu())
+            out["patch_emb"].append(feats.patch_emb.cpu())
+        else:
+            out["patch_tokens"].append(tower_forward(loaded.vision, x)[0].cpu())
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+@torch.no_grad()
+def _text_features(dual: DualEncoder, texts: list[str], batch_size: int) -> torch.Tensor:
+    return torch.cat([dual.encode_texts(texts[i:i + batch_size]).global_emb.cpu()
+                      for i in range(0, len(texts), batch_size)])
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _clean(v):
+    """NaN -> None, recursively (JSON has no NaN)."""
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def _rows(summary: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            out += _rows(v, f"{prefix}{k}/")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def write_summary(out_dir: Path, summary: dict, title: str = "Encoder eval") -> dict:
+    """``summary.json`` and ``summary.md`` (one row per leaf, nested keys joined by "/", None and
+    NaN shown as n/a); returns the JSON-clean summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean = _clean(summary)
+    (out_dir / "summary.json").write_text(json.dumps(clean, indent=1))
+    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in _rows(clean)]
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    return clean
+
+
+def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
+        world_dir: Optional[Union[str, Path]] = None, probe_steps: int = 300, limit: Optional[int] = None,
+        text_from: Optional[Union[str, Path]] = None, probe_images: int = 512, batch_size: int = 64,
+        progress: bool = True, device: str = "auto") -> dict:
+    """Evaluate ``ckpt`` (see the module docstring); writes ``out_dir/{summary.json,summary.md,
+    predictions.jsonl}`` and returns the summary dict (None for metrics that do not apply).
+    ``device``: auto (CUDA when available) | cpu | cuda; the encoder and the probes run there."""
+    from vlm.world.generator import world_split
+    from vlm.world.vocab import CLASS_NAMES, SHAPES
+
+    if probe_steps < 1 or probe_images < 1:
+        raise ValueError(f"probe_steps and probe_images must be >= 1, got {probe_steps}, {probe_images}")
+    out_dir = Path(out_dir)
+    world_dir = Path(world_dir) if world_dir is not None else None
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    loaded = load_encoder(ckpt, text_from)
+    (loaded.dual if loaded.dual is not None else loaded.vision).to(dev)
+    patch_size = int(loaded.vision.config.patch_size)
+    num_classes = len(CLASS_NAMES)
+    train_idx, eval_idx = world_split(world)
+    train_idx, eval_idx = list(train_idx)[:probe_images], list(eval_idx)[:limit]
+    if not eval_idx:
+        raise ValueError("the world has no eval images (world.n_eval = 0 or limit = 0)")
+
+    has_text = loaded.dual is not None
+    ev, source = _load_split(eval_idx, world, world_dir, loaded.transform, patch_size, num_classes, has_text,
+                             progress, "eval images")
+    tr, _ = _load_split(train_idx, world, world_dir, loaded.transform, patch_size, num_classes, False,
+                        progress, "probe images")
+    ev_feats = _image_features(loaded, ev.pixels, batch_size, progress, "encode eval")
+    tr_feats = _image_features(loaded, tr.pixels, batch_size, progress, "encode probe")
+    n_ev, n_patches = ev.seg_labels.shape
+
+    summary: dict = {"ckpt": str(ckpt), "mode": loaded.mode, "text_from": str(text_from) if text_from else None,
+                     "n_eval": n_ev, "n_probe_train": len(train_idx), "image_source": source,
+                     "probe_steps": probe_steps,
+                     "zero_shot": {"top1": None},
+                     "retrieval": {f"{d}_r{k}": None for d in ("i2t", "t2i") for k in RECALL_KS},
+                     "segmentation": {"zero_shot_miou": None, "probe_miou": None},
+                     "multilabel": {}, "per_class_iou": {}}
+    records = [{"index": i} for i in eval_idx]
+
+    # Zero-shot classification, retrieval and zero-shot segmentation need the text side.
+    zs_seg_pred = None
+    if has_text:
+        dual = loaded.dual
+        img_global = F.normalize(ev_feats["global_emb"].float(), dim=-1)
+        shape_emb = F.normalize(class_embeddings(dual, SHAPES, local=False).cpu().float(), dim=-1)
+        zs_pred = (img_global @ shape_emb.T).argmax(1)
+        labelled = [i for i, lab in enumerate(ev.labels) if lab is not None]
+        if labelled:
+            summary["zero_shot"]["top1"] = top1_accuracy(zs_pred[labelled],
+                                                         torch.tensor([ev.labels[i] for i in labelled]))
+        for i, rec in enumerate(records):
+            rec["zero_shot_label"] = SHAPES[ev.labels[i]] if ev.labels[i] is not None else None
+            rec["zero_shot_pred"] = SHAPES[int(zs_pred[i])]
+
+        texts = [c for caps in ev.captions for c in caps]
+        owner = torch.tensor([i for i, caps in enumerate(ev.captions) for _ in caps])
+        if texts:
+            txt_global = F.normalize(_text_features(dual, texts, batch_size).float(), dim=-1)
+            sim = img_global @ txt_global.T  # [N_img, N_txt]
+            relevant = owner.unsqueeze(0) == torch.arange(n_ev).unsqueeze(1)
+            i2t_ranks = first_relevant_rank(sim, relevant)
+            t2i_ranks = first_relevant_rank(sim.T, relevant.T)
+            for k in RECALL_KS:
+                summary["retrieval"][f"i2t_r{k}"] = float((i2t_ranks < k).double().mean())
+                summary["retrieval"][f"t2i_r{k}"] = float((t2i_ranks < k).double().mean())
+            for i, rec in enumerate(records):
+                rec["i2t_rank"] = int(i2t_ranks[i])
+                rec["captions"] = ev.captions[i]
+                rec["t2i_ranks"] = [int(r) for r in t2i_ranks[owner == i]]
+
+        local = bool(dual.cfg.local_heads)
+        cls_emb = F.normalize(class_embeddings(dual, CLASS_NAMES, local=local).cpu().float(), dim=-1)
+        patch_emb = F.normalize(ev_feats["patch_emb"].float(), dim=-1)
+        zs_seg_pred = torch.einsum("npd,cd->npc", patch_emb, cls_emb).argmax(-1)  # [N,P]
+        miou, per_class = mean_iou(zs_seg_pred, ev.seg_labels, num_classes)
+        summary["segmentation"]["zero_shot_miou"] = miou
+        summary["per_class_iou"]["zero_shot"] = dict(zip(CLASS_NAMES, per_class))
+        summary["segmentation"]["zero_shot_class_embedding"] = ("local tokens of the class name" if local
+                                                                else "global prompt")
+
+    # Probes on frozen patch tokens (every checkpoint kind).
+    width = tr_feats["patch_tokens"].shape[-1]
+    x_tr, x_ev = _standardise(tr_feats["patch_tokens"].reshape(-1, width).float().to(dev),
+                              ev_feats["patch_tokens"].reshape(-1, width).float().to(dev))
+    probe = train_probe(x_tr, tr.seg_labels.reshape(-1).to(dev), num_classes, probe_steps, multilabel=False)
+    with torch.no_grad():
+        probe_pred = probe(x_ev).argmax(-1).view(n_ev, n_patches).cpu()
+    miou, per_class = mean_iou(probe_pred, ev.seg_labels, num_classes)
+    summary["segmentation"]["probe_miou"] = miou
+    summary["per_class_iou"]["probe"] = dict(zip(CLASS_NAMES, per_class))
+
+    head = train_probe(x_tr, tr.presence.reshape(-1, num_classes).to(dev), num_classes, probe_steps,
+                       multilabel=True)
+    with torch.no_grad():
+        ml_pred = (torch.sigmoid(head(x_ev)) > 0.5).cpu()
+    prf = multilabel_prf(ml_pred, ev.presence.reshape(-1, num_classes))
+    summary["multilabel"] = {"precision": prf["precision"], "recall": prf["recall"], "f1": prf["f1"]}
+
+    for i, rec in enumerate(records):
+        if zs_seg_pred is not None:
+            rec["seg_zero_shot_patch_acc"] = float((zs_seg_pred[i] == ev.seg_labels[i]).double().mean())
+        rec["seg_probe_patch_acc"] = float((probe_pred[i] == ev.seg_labels[i]).double().mean())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "predictions.jsonl", "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    return write_summary(out_dir, summary)
+
+
+__all__ = ["LoadedEncoder", "class_embeddings", "confusion_matrix", "dominant_shape", "first_relevant_rank",
+           "load_encoder", "majority_downsample", "mean_iou", "multilabel_prf", "patch_presence", "recall_at_k",
+           "run", "top1_accuracy", "train_probe", "write_summary"]

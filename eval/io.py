@@ -1,0 +1,64 @@
+"""Small helpers shared by the eval tasks: batching, image loading, moving inputs to the model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, TypeVar
+
+import torch
+from PIL import Image
+
+T = TypeVar("T")
+
+
+def batched(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
+    """Consecutive slices of ``items`` of length ``batch_size`` (the last may be shorter)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    for start in range(0, len(items), batch_size):
+        yield items[start:start + batch_size]
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB; a missing or unreadable file raises naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise OSError(f"cannot read image {path}: {e}") from e
+
+
+def pixel_batch(model, paths: Sequence[str | Path], cache: dict | None = None) -> torch.Tensor:
+    """Images at ``paths`` through ``model.image_transform`` -> float [B, 3, H, W] on the model's device.
+
+    ``cache`` (path -> [3, H, W]) avoids re-decoding an image asked about several times (POPE asks
+    ~6 questions per image).
+    """
+    transform: Callable = model.image_transform
+    tensors = []
+    for p in paths:
+        key = str(p)
+        if cache is not None and key in cache:
+            tensors.append(cache[key])
+            continue
+        t = transform(load_image(p))
+        if cache is not None:
+            cache[key] = t
+        tensors.append(t)
+    pixels = torch.stack(tensors)
+    device = model_device(model)
+    return pixels.to(device) if device is not None else pixels
+
+
+def model_device(model) -> torch.device | None:
+    """The device of the model's first parameter (None for objects without parameters)."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return None

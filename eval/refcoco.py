@@ -1,0 +1,113 @@
+"""RefCOCO-style grounding (REC): Acc@0.5 IoU per split, from generated text.
+
+Each referring expression (every sentence of every ref) is one example: the model is asked
+``vlm.prompts.grounding_prompt(sentence)``; the first "[x1, y1, x2, y2]" in its output
+(``parse_box``, normalised to [0, 1]) is scaled by the image width/height to pixels and compared
+with the ground-truth box (COCO xywh pixels -> xyxy). Correct iff IoU >= 0.5. Output with no box
+counts as wrong and is also counted separately (``unparseable``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from eval.io import batched, pixel_batch
+from eval.parsing import parse_box
+from eval.report import markdown_table, write_task_outputs
+from vlm.prompts import grounding_prompt
+
+TASK = "refcoco"
+Box = tuple[float, float, float, float]
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two (x1, y1, x2, y2) boxes. A box with x2 <= x1 or y2 <= y1 has zero area; the IoU
+    is 0 when the union is empty (two degenerate boxes)."""
+    ax1, ay1, ax2, ay2 = map(float, a)
+    bx1, by1, bx2, by2 = map(float, b)
+    iw = max(0.0, min(ax2, bx2) - max(ax1, bx1))
+    ih = max(0.0, min(ay2, by2) - max(ay1, by1))
+    inter = iw * ih
+    area_a = max(0.0, ax2 - ax1) * max(0.0, ay2 - ay1)
+    area_b = max(0.0, bx2 - bx1) * max(0.0, by2 - by1)
+    union = area_a + area_b - inter
+    return inter / union if union > 0 else 0.0
+
+
+def xywh_to_xyxy(box: Sequence[float]) -> Box:
+    """COCO [x, y, w, h] -> (x1, y1, x2, y2)."""
+    x, y, w, h = map(float, box)
+    return (x, y, x + w, y + h)
+
+
+def denormalise(box: Sequence[float], width: float, height: float) -> Box:
+    """A [0, 1]-normalised (x1, y1, x2, y2) -> pixels of a ``width`` x ``height`` image (no clamping)."""
+    x1, y1, x2, y2 = map(float, box)
+    return (x1 * width, y1 * height, x2 * width, y2 * height)
+
+
+def grounding_metrics(ious: Sequence[Optional[float]], splits: Sequence[str], threshold: float = 0.5) -> dict[str, Any]:
+    """Acc@threshold overall and per split. ``ious``: per example, the IoU, or None when the output
+    had no box (wrong, and counted in ``unparseable``)."""
+    if len(ious) != len(splits):
+        raise ValueError(f"{len(ious)} IoUs for {len(splits)} splits")
+    if not ious:
+        raise ValueError("no examples")
+
+    def block(idx: list[int]) -> dict[str, Any]:
+        hits = sum(1 for i in idx if ious[i] is not None and ious[i] >= threshold)
+        bad = sum(1 for i in idx if ious[i] is None)
+        parsed = [ious[i] for i in idx if ious[i] is not None]
+        return {"acc": hits / len(idx), "unparseable": bad, "unparseable_rate": bad / len(idx),
+                "mean_iou": sum(parsed) / len(idx), "n": len(idx)}
+
+    out = block(list(range(len(ious))))
+    out["splits"] = {s: block([i for i, t in enumerate(splits) if t == s]) for s in dict.fromkeys(splits)}
+    out["threshold"] = threshold
+    return out
+
+
+@dataclass
+class RefcocoData:
+    """Referring expressions (``vlm.data.formats.RefExpr``: ref_id, ann_id, image_id, file_name,
+    sentences, bbox_xywh, split, width, height) and the folder of their image files."""
+
+    refs: list
+    image_root: Path
+
+
+def run(model, data: RefcocoData, out_dir: str | Path, limit: Optional[int] = None, batch_size: int = 16,
+        max_new_tokens: int = 32, progress: bool = True) -> dict[str, Any]:
+    """Ground the first ``limit`` expressions (all sentences of each ref) and write ``out_dir/refcoco/``."""
+    examples = [(r, s) for r in data.refs for s in r.sentences][: limit if limit is not None else None]
+    if not examples:
+        raise ValueError("refcoco: no referring expressions")
+    cache: dict = {}
+    records, ious, splits = [], [], []
+    with tqdm(total=len(examples), desc=TASK, disable=not progress) as bar:
+        for chunk in batched(examples, batch_size):
+            pixels = pixel_batch(model, [Path(data.image_root) / r.file_name for r, _ in chunk], cache)
+            prompts = [grounding_prompt(s) for _, s in chunk]
+            texts = model.generate(pixels, prompts, max_new_tokens=max_new_tokens)
+            for (r, sent), prompt, text in zip(chunk, prompts, texts):
+                gold = xywh_to_xyxy(r.bbox_xywh)
+                parsed = parse_box(text)
+                pred = denormalise(parsed, r.width, r.height) if parsed is not None else None
+                iou = box_iou(pred, gold) if pred is not None else None
+                ious.append(iou)
+                splits.append(r.split)
+                records.append({"id": f"{r.ref_id}:{len(records)}", "ref_id": r.ref_id, "ann_id": r.ann_id,
+                                "split": r.split, "image": r.file_name, "prompt": prompt, "output": text,
+                                "parsed_box": list(parsed) if parsed else None, "pred_box_px": list(pred) if pred else None,
+                                "gold_box_px": list(gold), "iou": iou,
+                                "correct": iou is not None and iou >= 0.5, "parse_failed": parsed is None})
+            bar.update(len(chunk))
+    summary = grounding_metrics(ious, splits)
+    rows = [[s, m["acc"], m["mean_iou"], m["unparseable"], m["n"]] for s, m in summary["splits"].items()]
+    rows.append(["all", summary["acc"], summary["mean_iou"], summary["unparseable"], summary["n"]])
+    md = f"# {TASK}\n\n" + markdown_table(["split", "Acc@0.5", "mean IoU", "unparseable", "n"], rows) + "\n"
+    write_task_outputs(out_dir, TASK, summary, records, md)
+    return summary

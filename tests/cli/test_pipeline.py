@@ -1,0 +1,84 @@
+"""Pipeline helpers of `vlm demo` / `vlm ablate`: CIs, claim verdicts, metric flattening, planning."""
+import math
+
+import pytest
+
+from vlm.cli.ablate import Claim, aggregate, judge, plan as ablate_plan
+from vlm.cli.demo import plan as demo_plan
+from vlm.cli.pipeline import flatten_metrics, mean_ci, t975, world_overrides
+from vlm.config import AblateConfig, ConfigError, DemoConfig, WorldConfig, load_config
+
+
+def test_mean_ci_matches_hand_computation():
+    vals = [0.2, 0.4, 0.9]
+    mean = sum(vals) / 3
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / 2)
+    m, lo, hi = mean_ci(vals)
+    assert m == pytest.approx(mean)
+    assert hi - m == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert m - lo == pytest.approx(hi - m)
+
+
+def test_mean_ci_degenerate():
+    assert math.isnan(mean_ci([])[0])
+    m, lo, hi = mean_ci([0.5])
+    assert m == 0.5 and math.isnan(lo) and math.isnan(hi)
+    assert mean_ci([1.0, 1.0, 1.0]) == (1.0, 1.0, 1.0)
+    assert t975(2) == 4.303 and t975(1000) == 1.96
+
+
+def test_flatten_metrics_keeps_numeric_leaves():
+    flat = flatten_metrics({"pope": {"random": {"f1": 0.5, "n": 10}, "f1_avg": 0.4}, "note": "x",
+                            "ok": True, "bad": float("nan")})
+    assert flat == {"pope/random/f1": 0.5, "pope/random/n": 10.0, "pope/f1_avg": 0.4}
+
+
+def _results(a_vals, b_vals, metric="m"):
+    out = []
+    for seed, (a, b) in enumerate(zip(a_vals, b_vals)):
+        out.append({"tower": "sparc", "level": "encoder", "seed": seed, "metrics": {metric: a}})
+        out.append({"tower": "clip", "level": "encoder", "seed": seed, "metrics": {metric: b}})
+    return out
+
+
+def test_judge_verdicts_follow_paired_differences():
+    claim = Claim("SPARC > CLIP", "m", "sparc", "clip")
+    assert "holds at this scale" in judge(claim, _results([0.6, 0.7, 0.65], [0.5, 0.6, 0.56]))
+    assert "does not hold" in judge(claim, _results([0.4, 0.5, 0.45], [0.5, 0.6, 0.56]))
+    assert "inconclusive" in judge(claim, _results([0.6, 0.4, 0.5], [0.5, 0.5, 0.5]))
+    assert "not measured" in judge(Claim("x", "other", "sparc", "clip"), _results([1], [0]))
+    lower = Claim("fewer", "m", "sparc", "clip", lower_is_better=True)
+    assert "holds at this scale" in judge(lower, _results([0.1, 0.2, 0.15], [0.5, 0.6, 0.56]))
+
+
+def test_aggregate_groups_by_tower_and_level():
+    agg = aggregate(_results([0.6, 0.7, 0.8], [0.5, 0.5, 0.5]))
+    mean, lo, hi, n = agg[("sparc", "encoder")]["m"]
+    assert n == 3 and mean == pytest.approx(0.7) and lo < 0.7 < hi
+
+
+def test_plans_resolve_every_stage_config_up_front(tmp_path):
+    cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}"])
+    stages = demo_plan(cfg)
+    assert {"lm", "stage1/sparc", "stage1/clip", "maskembed/sparc", "stage2/projector"} <= set(stages)
+    assert stages["stage2/projector"].cfg.model.llm == str(tmp_path / "lm" / "final")
+    assert stages["stage1/flair"].cfg.objective.name == "flair"
+    assert stages["stage1/clip"].cfg.world.n_train == cfg.world.n_train
+    acfg = load_config(AblateConfig, "configs/ablate/backbones_world.yaml", [f"out_dir={tmp_path}"])
+    stages, cells = ablate_plan(acfg)
+    assert len({c[2] for c in cells}) >= 3
+    towers = {c[0] for c in cells}
+    assert {"sparc", "sparc+maskembed", "clip"} <= towers
+
+
+def test_bad_pipeline_values_fail_before_work(tmp_path):
+    with pytest.raises(ConfigError, match="objectives"):
+        load_config(DemoConfig, None, ["objectives=[clip,nope]"])
+    with pytest.raises(ConfigError):
+        demo_plan(load_config(DemoConfig, None, [f"out_dir={tmp_path}", "stage1_overrides=[optim.lr=-1]"]))
+    assert not any(tmp_path.iterdir())
+
+
+def test_world_overrides_cover_every_field():
+    keys = {o.split("=")[0] for o in world_overrides(WorldConfig())}
+    assert keys == {f"world.{k}" for k in WorldConfig.__dataclass_fields__}

@@ -1,0 +1,99 @@
+"""CHAIR: synonym matching, plurals, multi-word names, the reference's special cases, metrics."""
+import pytest
+
+from eval.chair import ChairData, chair_metrics, coco_vocab, ground_truth, score, singularize, vocab_from_table, world_vocab
+
+
+@pytest.fixture(scope="module")
+def coco():
+    return coco_vocab()
+
+
+def test_synonyms_and_plurals(coco):
+    assert coco.objects_in("A man and two women ride buses.") == ["person", "person", "bus"]
+    assert coco.objects_in("Puppies and a kitten") == ["dog", "cat"]
+    assert coco.objects_in("three knives, some mice and the children") == ["knife", "mouse", "person"]
+    assert coco.objects_in("a pair of scissors and skis") == ["scissors", "skis"]  # table words stay as they are
+    assert coco.objects_in("two televisions on desks") == ["tv", "dining table"]
+    assert coco.objects_in("The dog's bowl") == ["dog", "bowl"]
+
+
+def test_multi_word_names_first(coco):
+    # "hot dog" is one object, and does not fire "dog"; "teddy bear" does not fire "bear".
+    assert coco.objects_in("a hot dog next to a teddy bear") == ["hot dog", "teddy bear"]
+    assert coco.objects_in("two hot dogs") == ["hot dog"]
+    assert coco.objects_in("a traffic light and a stop sign") == ["traffic light", "stop sign"]
+    assert coco.objects_in("a cell phone and a wine glass") == ["cell phone", "wine glass"]
+    assert coco.objects_in("a stove top oven") == ["oven"]  # three words (the reference matches only pairs)
+
+
+def test_reference_special_cases(coco):
+    assert coco.objects_in("a baby elephant") == ["elephant"]  # not "person" for "baby"
+    assert coco.objects_in("an adult giraffe") == ["giraffe"]
+    assert coco.objects_in("a passenger train") == ["train"]  # not "person" for "passenger"
+    assert coco.objects_in("a man in a bow tie") == ["person", "tie"]
+    assert coco.objects_in("a toilet seat") == ["toilet"]
+    assert coco.objects_in("a toilet with its seat up") == ["toilet"]  # "seat" dropped next to a toilet
+    assert coco.objects_in("a seat") == ["chair"]
+    assert coco.objects_in("the batter at home plate near a train track") == []
+
+
+def test_singularize():
+    vocab = {"bus", "glass", "knife", "mouse", "skis"}
+    assert singularize("bus", vocab) == "bus"  # the reference's pattern.en gives "bu"
+    assert singularize("buses", vocab) == "bus"
+    assert singularize("glasses", vocab) == "glass"
+    assert singularize("knives", vocab) == "knife"
+    assert singularize("skis", vocab) == "skis"
+    assert singularize("berries") == "berry"
+    assert singularize("cats") == "cat"
+    assert singularize("grass") == "grass"
+
+
+def test_world_vocab():
+    from vlm.world.vocab import CHAIR_SYNONYMS
+
+    v = world_vocab()
+    for obj, syns in CHAIR_SYNONYMS.items():
+        for syn in [obj, *syns]:
+            assert v.objects_in(f"There is a small red {syn} here.") == [obj], syn
+    objs = list(CHAIR_SYNONYMS)
+    assert v.objects_in(f"a {objs[0]} above two {CHAIR_SYNONYMS[objs[1]][-1]}") == objs[:2]
+    assert v.objects_in("a grey background") == []
+
+
+def test_metrics_hand_computed():
+    # caption 1: mentions dog, cat, dog; present {dog}: 2 hallucinated of 3 mentions.
+    # caption 2: mentions person; present {person, car}: none hallucinated, 1 of 2 recalled.
+    # caption 3: no mentions; present {bus}.
+    m = chair_metrics([["dog", "cat", "dog"], ["person"], []], [{"dog"}, {"person", "car"}, {"bus"}], [5, 3, 4])
+    assert m["chair_i"] == pytest.approx(1 / 4)
+    assert m["chair_s"] == pytest.approx(1 / 3)
+    assert m["recall"] == pytest.approx(2 / 4)  # dog, person recalled of dog, person, car, bus
+    assert m["mean_length"] == pytest.approx(4.0)
+    assert (m["n_mentions"], m["n_hallucinated"], m["n_captions"]) == (4, 1, 3)
+
+
+def test_metrics_degenerate():
+    m = chair_metrics([[], []], [set(), set()], [0, 0])
+    assert m["chair_i"] == 0.0 and m["chair_s"] == 0.0 and m["recall"] == 0.0
+    with pytest.raises(ValueError):
+        chair_metrics([[]], [set(), set()], [0])
+
+
+def test_ground_truth_and_score(coco):
+    gt = ground_truth(coco, {1: ["person", "dining table"], 2: ["hot dog"]},
+                      {1: ["A woman sits at a desk with a cup."], 2: ["a hot dog"]})
+    assert gt == {1: {"person", "dining table", "cup"}, 2: {"hot dog"}}
+    with pytest.raises(ValueError, match="not in the CHAIR synonym table"):
+        ground_truth(coco, {1: ["spaceship"]})
+    summary, records = score({1: "A woman with a cup and a dog.", 2: "two hot dogs"}, ChairData({}, gt, coco))
+    assert summary["chair_i"] == pytest.approx(1 / 4)
+    assert summary["chair_s"] == pytest.approx(1 / 2)
+    assert records[0]["hallucinated"] == [["dog", "dog"]]
+    assert summary["recall"] == pytest.approx(3 / 4)
+
+
+def test_custom_table():
+    v = vocab_from_table({"circle": ["disc"], "cross": ["plus sign"]})
+    assert v.objects_in("a disc and plus signs and a circle") == ["circle", "cross", "circle"]

@@ -1,0 +1,180 @@
+"""Bridges: the projector's image tokens land at the placeholder; Flamingo with zero gates is the LLM."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tiny_vlm import perturb_trainable, random_images, vlm_config
+from vlm.bridges.flamingo import FlamingoBridge, GatedCrossAttentionBlock, GatedDecoderLayer, PerceiverResampler
+from vlm.bridges.projector import merge_image_features
+from vlm.bridges.registry import BRIDGES, build_bridge
+from vlm.config import BRIDGE_NAMES, BridgeConfig, ConfigError
+from vlm.llm import base_model, decoder_layers
+from vlm.model import VisionLanguageModel, position_ids_from_mask
+
+
+@pytest.fixture(scope="module")
+def projector(tiny_tower_dir, tiny_llm_dir):
+    return VisionLanguageModel.build(vlm_config(tiny_tower_dir, tiny_llm_dir, "projector"))
+
+
+@pytest.fixture(scope="module")
+def flamingo(tiny_tower_dir, tiny_llm_dir):
+    torch.manual_seed(0)
+    return VisionLanguageModel.build(vlm_config(tiny_tower_dir, tiny_llm_dir, "flamingo"))
+
+
+def test_merge_image_features_matches_loop():
+    g = torch.Generator().manual_seed(0)
+    B, T, N, d, img = 3, 12, 4, 5, 99
+    ids = torch.randint(0, 50, (B, T), generator=g)
+    starts = [0, 3, 8]  # left, middle, right of the sequence
+    for b, s in enumerate(starts):
+        ids[b, s:s + N] = img
+    text = torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    feats = torch.randn(B, N, d, generator=g, dtype=torch.float64)
+    out = merge_image_features(text, ids, feats, img)
+    ref = text.clone()
+    for b in range(B):
+        n = 0
+        for t in range(T):
+            if ids[b, t] == img:
+                ref[b, t] = feats[b, n]
+                n += 1
+    assert torch.equal(out, ref)
+    # No image ids at all (a cached decoding step): unchanged.
+    plain = torch.randint(0, 50, (B, 1), generator=g)
+    assert merge_image_features(text[:, :1], plain, feats, img) is text[:, :1] or torch.equal(
+        merge_image_features(text[:, :1], plain, feats, img), text[:, :1])
+    bad = ids.clone()
+    bad[0, starts[0]] = 1
+    with pytest.raises(ValueError, match="exactly 4"):
+        merge_image_features(text, bad, feats, img)
+    with pytest.raises(ValueError, match="images for a batch"):
+        merge_image_features(text, ids, feats[:2], img)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_projector_tokens_land_at_placeholder(projector, padding):
+    model = projector
+    images = random_images(2, seed=3)
+    prompts = ["Is there a red circle?", "How many objects are in the image? Count them."]
+    if padding == "left":
+        batch = model.processor(images, prompts)
+    else:
+        batch = model.processor(images, prompts, ["Yes", "2"])
+    captured = {}
+    layer0 = decoder_layers(model.llm)[0]
+
+    def grab(module, args, kwargs):
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+            expected = model.bridge(model.tower(batch["pixel_values"]))
+            is_img = batch["input_ids"] == model.image_token_id
+            text = base_model(model.llm).get_input_embeddings()(batch["input_ids"].masked_fill(is_img, 0))
+    finally:
+        handle.remove()
+    h = captured["h"]
+    P = model.tower.num_patches
+    for b in range(2):
+        pos = is_img[b].nonzero().squeeze(1)
+        assert len(pos) == P and bool((pos[1:] - pos[:-1] == 1).all())  # one contiguous block of P
+        assert torch.equal(h[b, pos], expected[b])
+        assert torch.equal(h[b, ~is_img[b]], text[b, ~is_img[b]])
+
+
+def test_flamingo_zero_gates_reproduce_llm_exactly(flamingo, tiny_llm_dir):
+    model = flamingo
+    bare = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir)).eval()
+    with torch.no_grad():  # the resampler is random; only the gates (and LoRA B) are still zero
+        for p in model.bridge.resampler.parameters():
+            p.add_(0.3)
+    images = random_images(2, seed=4)
+    for batch in (model.processor(images, ["Is there a red circle?", "Describe the image briefly please."]),
+                  model.processor(images, ["q", "How many objects?"], ["Yes", "There are 2 objects."])):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        assert not (ids == model.image_token_id).any()
+        with torch.no_grad():
+            got = model.logits(batch["pixel_values"], ids, mask)
+            want = bare(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        assert torch.equal(got, want)
+    # Live path: opening the gates changes the logits.
+    with torch.no_grad():
+        model.bridge.blocks[0].attn_gate.fill_(0.5)
+        opened = model.logits(batch["pixel_values"], ids, mask)
+        model.bridge.blocks[0].attn_gate.zero_()
+    assert not torch.allclose(opened, want)
+
+
+def test_flamingo_wraps_and_unwraps_decoder_layers(flamingo):
+    layers = decoder_layers(flamingo.llm)
+    wrapped = [i for i, l in enumerate(layers) if isinstance(l, GatedDecoderLayer)]
+    assert wrapped == flamingo.bridge.layer_indices == list(range(len(layers)))
+    inner = [l.layer for l in layers]
+    assert layers[0].self_attn is inner[0].self_attn  # attribute reads reach the wrapped layer
+    with flamingo.bridge.detached(flamingo.llm):
+        assert [l for l in decoder_layers(flamingo.llm)] == inner
+    assert all(isinstance(l, GatedDecoderLayer) for l in decoder_layers(flamingo.llm))
+    with pytest.raises(RuntimeError, match="already attached"):
+        flamingo.bridge.attach(flamingo.llm, -1)
+    # Bridge parameters are registered once, under the bridge.
+    names = [n for n, _ in flamingo.named_parameters() if "attn_gate" in n]
+    assert names and all(n.startswith("bridge.blocks.") for n in names)
+
+
+def test_gated_block_formula_and_resampler_shapes():
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(16, 2)
+    with torch.no_grad():
+        block.attn_gate.fill_(0.7)
+        block.ff_gate.fill_(-0.4)
+    x, lat = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    h = x + torch.tanh(torch.tensor(0.7)) * block.attn(block.norm(x), lat)
+    ref = h + torch.tanh(torch.tensor(-0.4)) * block.ffn(h)
+    assert torch.allclose(block(x, lat), ref, atol=1e-6)
+    # The attention itself against a float64 loop over heads, queries and keys.
+    attn = block.attn.double()
+    xd, ld = x.double(), lat.double()
+    q, k, v = attn.q(xd), attn.k(ld), attn.v(ld)
+    ref_attn = torch.zeros_like(xd)
+    dh = 16 // 2
+    for b in range(2):
+        for head in range(2):
+            sl = slice(head * dh, (head + 1) * dh)
+            for t in range(5):
+                w = torch.softmax(torch.stack([q[b, t, sl] @ k[b, s, sl] for s in range(3)]) / dh ** 0.5, 0)
+                ref_attn[b, t, sl] = sum(w[s] * v[b, s, sl] for s in range(3))
+    assert torch.allclose(attn(xd, ld), attn.o(ref_attn), atol=1e-10)
+    res = PerceiverResampler(vision_width=12, width=16, num_latents=3, num_layers=2, num_heads=2)
+    assert res(torch.randn(4, 9, 12)).shape == (4, 3, 16)
+    cfg = BridgeConfig(name="flamingo", num_latents=3, xattn_every=2, num_heads=2)
+    assert FlamingoBridge(12, 16, cfg, num_llm_layers=5).layer_indices == [0, 2, 4]
+
+
+def test_registry_keys_and_errors():
+    assert tuple(BRIDGES) == BRIDGE_NAMES
+    with pytest.raises(ConfigError, match="bridge.name"):
+        BridgeConfig(name="qformer")
+    cfg = BridgeConfig()
+    cfg.name = "qformer"  # bypassing the config check still fails with the valid keys
+    with pytest.raises(KeyError, match="flamingo"):
+        build_bridge(cfg, 8, 8, 2)
+    with pytest.raises(ValueError, match="num_heads"):
+        build_bridge(BridgeConfig(name="flamingo", num_heads=3), 8, 8, 2)
+
+
+def test_perturbed_projector_still_places_tokens(tiny_tower_dir, tiny_llm_dir):
+    model = VisionLanguageModel.build(vlm_config(tiny_tower_dir, tiny_llm_dir, "projector"))
+    perturb_trainable(model)
+    batch = model.processor(random_images(1), ["Is there a red circle?"])
+    with torch.no_grad():
+        a = model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        b = model.logits(batch["pixel_values"] + 1.0, batch["input_ids"], batch["attention_mask"])
+    assert not torch.allclose(a, b)  # the image reaches the logits
+    with pytest.raises(RuntimeError, match="no image features"):
+        model.llm(input_ids=batch["input_ids"])

@@ -1,0 +1,198 @@
+"""VisionLanguageModel: what trains, save/load/merge round trips, generation with/without cache, score."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from tiny_vlm import perturb_trainable, random_images, save_tiny_llm, vlm_config
+from vlm.config import config_from_yaml_text, VLMConfig
+from vlm.llm import check_4bit_available
+from vlm.model import VisionLanguageModel
+
+BRIDGES = ["projector", "flamingo"]
+PROMPTS = ["Is there a red circle?", "How many objects are in the image?"]
+HAS_CUDA_BNB = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+
+
+def build(tower, llm, bridge, seed=0, **kw):
+    torch.manual_seed(seed)
+    return VisionLanguageModel.build(vlm_config(tower, llm, bridge, **kw))
+
+
+@pytest.fixture(scope="module", params=BRIDGES)
+def trained(request, tiny_tower_dir, tiny_llm_dir):
+    """A VLM whose bridge and LoRA weights are random (as after training), in eval mode."""
+    model = build(tiny_tower_dir, tiny_llm_dir, request.param)
+    perturb_trainable(model, seed=1)
+    return model.eval()
+
+
+def _logits(model, images, prompts=PROMPTS):
+    batch = model.processor(images, prompts)
+    with torch.no_grad():
+        return model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+
+
+@pytest.mark.parametrize("bridge", BRIDGES)
+@pytest.mark.parametrize("freeze_vision", [True, False])
+def test_only_bridge_and_lora_receive_gradients(tiny_tower_dir, tiny_llm_dir, bridge, freeze_vision):
+    model = build(tiny_tower_dir, tiny_llm_dir, bridge, freeze_vision=freeze_vision)
+    perturb_trainable(model)  # nonzero LoRA B and gates, so every trainable tensor gets signal
+    batch = model.processor(random_images(2), PROMPTS, ["Yes", "2"])
+    out = model(batch)
+    assert out["num_tokens"] == batch["attention_mask"].sum()
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        trainable = name.startswith("bridge.") or "lora_" in name or (name.startswith("tower.") and not freeze_vision)
+        assert p.requires_grad == trainable, name
+        if trainable:
+            assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+        else:
+            assert p.grad is None, name
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("bridge."))
+    if not freeze_vision:
+        assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("tower."))
+
+
+def test_loss_is_mean_cross_entropy_on_answer_tokens(tiny_tower_dir, tiny_llm_dir):
+    model = build(tiny_tower_dir, tiny_llm_dir, "projector")
+    perturb_trainable(model)
+    batch = model.processor(random_images(2), PROMPTS, ["Yes", "There are 2 objects."])
+    with torch.no_grad():
+        loss = model(batch)["loss"]
+        logits = model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).double()
+    total, count = 0.0, 0
+    for b in range(2):
+        for t in range(1, batch["input_ids"].shape[1]):
+            target = int(batch["labels"][b, t])
+            if target != -100:
+                total -= float(torch.log_softmax(logits[b, t - 1], -1)[target])
+                count += 1
+    assert count == int((batch["labels"] != -100).sum())
+    assert abs(float(loss) - total / count) < 1e-5
+
+
+def test_save_load_and_merge_give_identical_logits(trained, tmp_path, monkeypatch):
+    images = random_images(2, seed=5)
+    want = _logits(trained, images)
+    trained.save_pretrained(tmp_path / "ckpt")
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert files == {"vlm.yaml", "bridge.safetensors", "adapter"}  # no LLM or tower weights
+    cfg = config_from_yaml_text(VLMConfig, (tmp_path / "ckpt" / "vlm.yaml").read_text())
+    assert cfg.llm.startswith("/") and cfg.vision_tower.startswith("/")
+    monkeypatch.chdir(tmp_path)  # absolute paths: loads from any working directory
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert torch.allclose(_logits(loaded, images), want, atol=1e-5)
+    trained.merge_and_save(tmp_path / "merged")
+    assert (tmp_path / "merged" / "llm" / "config.json").is_file()
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "merged").rename(tmp_path / "moved" / "merged")  # merged checkpoints are self-contained
+    merged = VisionLanguageModel.from_pretrained(tmp_path / "moved" / "merged")
+    assert not hasattr(merged.llm, "peft_config")  # a plain transformers model: no peft at inference
+    assert torch.allclose(_logits(merged, images), want, atol=1e-5)
+    # The trained model itself is untouched by saving and merging.
+    assert torch.equal(_logits(trained, images), want)
+
+
+def test_unfrozen_tower_is_saved(tiny_tower_dir, tiny_llm_dir, tmp_path):
+    model = build(tiny_tower_dir, tiny_llm_dir, "projector", freeze_vision=False)
+    perturb_trainable(model, seed=2, scale=0.05)
+    model.eval()
+    images = random_images(2, seed=6)
+    want = _logits(model, images)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "vision" / "config.json").is_file()
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    assert torch.allclose(_logits(loaded, images), want, atol=1e-5)
+
+
+def test_generation_with_and_without_cache_is_identical(trained):
+    images = random_images(2, seed=7)
+    with_cache = trained.generate_ids(images, PROMPTS, max_new_tokens=8, min_new_tokens=8, use_cache=True)
+    without = trained.generate_ids(images, PROMPTS, max_new_tokens=8, min_new_tokens=8, use_cache=False)
+    assert with_cache.shape == (2, 8)
+    assert torch.equal(with_cache, without)
+    # Left padding does not change a prompt's answer: alone == in the batch.
+    alone = trained.generate_ids(images[1:], PROMPTS[1:], max_new_tokens=8, min_new_tokens=8)
+    assert torch.equal(alone[0], with_cache[1])
+    texts = trained.generate(images, PROMPTS, max_new_tokens=4)
+    assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_sampling_is_seeded(trained):
+    images = random_images(2, seed=8)
+    torch.manual_seed(0)
+    a = trained.generate_ids(images, PROMPTS, max_new_tokens=6, min_new_tokens=6, do_sample=True, temperature=1.5)
+    torch.manual_seed(0)
+    b = trained.generate_ids(images, PROMPTS, max_new_tokens=6, min_new_tokens=6, do_sample=True, temperature=1.5,
+                             top_p=0.9)
+    torch.manual_seed(0)
+    c = trained.generate_ids(images, PROMPTS, max_new_tokens=6, min_new_tokens=6, do_sample=True, temperature=1.5)
+    assert torch.equal(a, c) and a.shape == b.shape == (2, 6)
+
+
+def test_score_matches_manual_log_probs(trained):
+    images = random_images(2, seed=9)
+    choices = ["Yes", "No", "a red circle"]
+    scores = trained.score(images, PROMPTS, choices)
+    assert scores.shape == (2, 3)
+    pixels = trained.processor.pixel_values(images)
+    for b, prompt in enumerate(PROMPTS):
+        p = trained.processor.encode_prompt(prompt)
+        for c, choice in enumerate(choices):
+            ids = trained.processor.encode_answer(choice)
+            seq = torch.tensor([p + ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(trained.logits(pixels[b:b + 1], seq, torch.ones_like(seq))[0].double(), -1)
+            manual = sum(float(logp[len(p) + k - 1, t]) for k, t in enumerate(ids))
+            assert abs(float(scores[b, c]) - manual) < 1e-4
+    with pytest.raises(ValueError, match="at least one choice"):
+        trained.score(images, PROMPTS, [])
+
+
+def test_llm_without_image_token_and_with_chat_template(tiny_tower_dir, tmp_path):
+    template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    llm = save_tiny_llm(tmp_path / "llm", chat_template=template, image_token=False)
+    model = build(tiny_tower_dir, llm, "projector")
+    assert model.image_token_id == len(model.tokenizer) - 1  # added as a special token
+    assert model.llm.get_input_embeddings().weight.shape[0] > model.image_token_id
+    batch = model.processor(random_images(2), PROMPTS, ["Yes", "2"])
+    assert (batch["input_ids"] == model.image_token_id).sum() == 2 * model.tower.num_patches
+    assert torch.isfinite(model(batch)["loss"])
+    flamingo = build(tiny_tower_dir, llm, "flamingo")
+    assert flamingo.image_token_id == -1 and len(flamingo.tokenizer) == len(model.tokenizer) - 1
+
+
+def test_clear_errors_for_missing_gpu_features(tiny_tower_dir, tiny_llm_dir, monkeypatch, tmp_path):
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ImportError, match=r"sparc-vlm\[gpu\]"):
+            build(tiny_tower_dir, tiny_llm_dir, "projector", attn_implementation="flash_attention_2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        build(tiny_tower_dir, tiny_llm_dir, "projector", load_in_4bit=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(ImportError, match="bitsandbytes"):
+        check_4bit_available()
+    with pytest.raises(FileNotFoundError, match="model.llm"):
+        build(tiny_tower_dir, tmp_path / "nowhere", "projector")
+
+
+@pytest.mark.skipif(not HAS_CUDA_BNB, reason="QLoRA needs CUDA and bitsandbytes")
+def test_qlora_trains_only_adapters_and_bridge(tiny_tower_dir, tiny_llm_dir):
+    model = build(tiny_tower_dir, tiny_llm_dir, "projector", load_in_4bit=True)
+    batch = {k: v.cuda() for k, v in model.processor(random_images(2), PROMPTS, ["Yes", "2"]).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(batch)
+    out["loss"].backward()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith("bridge.") or "lora_" in n for n in names)
+    with pytest.raises(ValueError, match="load_in_4bit"):
+        model.merge_and_save("/tmp/never")

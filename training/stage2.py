@@ -1,0 +1,133 @@
+"""Stage two: train the bridge (and LoRA) of a VLM on LLaVA conversations (``vlm train stage2``).
+
+``run(cfg)`` reads a LLaVA json: ``cfg.data.json`` with images under ``cfg.data.image_root``
+(default: the json's folder), or the embedded world's ``llava/train.json`` with images under
+``cfg.data.world_dir/images`` (the world is exported on rank 0 first when missing). It builds the
+``VisionLanguageModel`` (``torch.manual_seed(run.seed)`` first, so the bridge and LoRA init are
+reproducible) and hands ``training.loop.train`` a deterministic, resumable ``make_batches``:
+``training.data.ResumableBatches`` over the records (epoch-wise seeded shuffle, split by rank),
+each micro-batch built by ``VLMProcessor.conversations`` (every gpt turn is a target; text-only
+records, without an ``image``, are left out: the VLM takes exactly one image per sequence). With
+``data.num_workers = W > 0`` the micro-batches are built by W DataLoader workers, worker w making
+batches w, w + W, ...; the DataLoader returns them round-robin, so the order is the same as with
+W = 0. The final artifact is ``VisionLanguageModel.save_pretrained`` (bridge, LoRA adapter,
+``vlm.yaml``).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from training import distributed
+from training.data import ResumableBatches
+from training.loop import check_out_dir, train
+from vlm.config import Stage2Config
+from vlm.data.formats import read_llava
+from vlm.model import VisionLanguageModel
+from vlm.processor import VLMProcessor
+
+
+def resolve_data(cfg: Stage2Config) -> tuple[Path, Path]:
+    """(LLaVA json path, image root) for ``cfg.data``; exports the world when it is the source."""
+    if cfg.data.json:
+        json_path = Path(cfg.data.json)
+        if not json_path.is_file():
+            raise FileNotFoundError(f"data.json: {json_path} does not exist")
+        return json_path, Path(cfg.data.image_root) if cfg.data.image_root else json_path.parent
+    from vlm.world.export import ensure_world
+
+    world_dir = Path(cfg.data.world_dir)
+    if distributed.is_main():
+        ensure_world(world_dir, cfg.world)
+    distributed.barrier()
+    json_path = world_dir / "llava" / "train.json"
+    if not json_path.is_file():
+        raise FileNotFoundError(f"{json_path} missing: {world_dir} is not a complete world export")
+    return json_path, Path(cfg.data.image_root) if cfg.data.image_root else world_dir / "images"
+
+
+class LlavaExamples:
+    """Records of a LLaVA json + their images -> micro-batches (``make_batch(indices) -> dict``)."""
+
+    def __init__(self, records: Sequence, image_root: Path, processor: VLMProcessor):
+        if not records:
+            raise ValueError("the LLaVA json has no records")
+        self.records, self.image_root, self.processor = list(records), Path(image_root), processor
+        first = self.image_path(self.records[0])
+        if not first.is_file():
+            raise FileNotFoundError(f"image {first} of record {self.records[0].id!r} not found; set data.image_root "
+                                    "to the folder the json's image paths are relative to")
+
+    def image_path(self, record) -> Path:
+        """Where a record's image file is."""
+        return self.image_root / record.image
+
+    def load_image(self, record) -> Image.Image:
+        """A record's image as RGB (an unreadable file raises ``OSError`` naming it)."""
+        path = self.image_path(record)
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise OSError(f"cannot read image {path} of record {record.id!r}: {e}") from e
+
+    def make_batch(self, indices: list[int]) -> dict:
+        """pixel_values [B,3,H,W], input_ids / attention_mask / labels [B,T] for records ``indices``."""
+        recs = [self.records[i] for i in indices]
+        return self.processor.conversations([self.load_image(r) for r in recs],
+                                            [list(r.conversations) for r in recs])
+
+
+class _WorkerBatches(IterableDataset):
+    """Micro-batches ``start, start + 1, ...``; DataLoader worker w builds those with offset % W == w."""
+
+    def __init__(self, batches: ResumableBatches, examples: LlavaExamples, start: int):
+        self.batches, self.examples, self.start = batches, examples, start
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for offset, ids in enumerate(self.batches.index_batches(self.start)):
+            if offset % workers == worker:
+                yield self.examples.make_batch(ids)
+
+
+def make_batches_fn(batches: ResumableBatches, examples: LlavaExamples, num_workers: int):
+    """``make_batches(start)`` for the loop: in-process, or through ``num_workers`` DataLoader workers."""
+    if num_workers == 0:
+        return lambda start: (examples.make_batch(ids) for ids in batches.index_batches(start))
+    return lambda start: iter(DataLoader(_WorkerBatches(batches, examples, start), batch_size=None,
+                                         num_workers=num_workers))
+
+
+def run(cfg: Stage2Config) -> Path:
+    """Train stage two with ``cfg``; returns ``out_dir/final`` (a ``VisionLanguageModel`` checkpoint)."""
+    info = distributed.setup(cfg.run.device)
+    check_out_dir(Path(cfg.run.out_dir), cfg.run)  # fails early on a non-resumed existing run
+    distributed.barrier()
+    json_path, image_root = resolve_data(cfg)
+    records = [r for r in read_llava(json_path) if r.image is not None]
+    if not records:
+        raise ValueError(f"{json_path} has no records with an image")
+    torch.manual_seed(cfg.run.seed)
+    model = VisionLanguageModel.build(cfg.model, max_len=cfg.data.max_len)
+    examples = LlavaExamples(records, image_root, model.processor)
+    batches = ResumableBatches(len(records), cfg.optim.batch_size, examples.make_batch, seed=cfg.run.seed,
+                               rank=info.rank, world_size=info.world_size)
+    if info.is_main:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"stage two: {len(records)} conversations from {json_path}, bridge {cfg.model.bridge.name}, "
+              f"{trainable:,} trainable parameters", file=sys.stderr)
+
+    def export(trained: nn.Module, final_dir: Path) -> None:
+        trained.save_pretrained(final_dir)
+
+    result = train(model, make_batches_fn(batches, examples, cfg.data.num_workers), cfg.optim, cfg.run,
+                   export_fn=export, config=cfg)
+    return result.final_dir

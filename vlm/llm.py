@@ -1,0 +1,149 @@
+"""The VLM's language model: load a local causal LM frozen, add LoRA (peft), optionally in 4 bits.
+
+Any local ``AutoModelForCausalLM`` directory works (the world's tiny Llama, Qwen2.5, Llama 3...).
+The base weights are always frozen; LoRA adapters (``vlm.config.LoraConfig``) are the LLM's only
+trainable parameters. ``load_in_4bit`` (QLoRA) loads the base in NF4 through bitsandbytes and
+needs CUDA; ``attn_implementation="flash_attention_2"`` needs the flash-attn package. Both are
+checked before anything is loaded and fail with a message naming the ``gpu`` extra, never with a
+silent fallback that would change results.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from vlm.config import LoraConfig, VLMConfig
+
+LLM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_attn_implementation(name: str) -> None:
+    """Raise ``ImportError`` when ``name`` is ``flash_attention_2`` and flash-attn is not installed."""
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ImportError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
+                          "installed: pip install 'sparc-vlm[gpu]' on a CUDA machine, or use "
+                          "model.attn_implementation=sdpa")
+
+
+def check_4bit_available() -> None:
+    """Raise ``RuntimeError`` / ``ImportError`` when 4-bit (QLoRA) loading cannot work here."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("model.load_in_4bit=true (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not "
+                           "run on the CPU. Set model.load_in_4bit=false to train LoRA on the full-precision LLM.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("model.load_in_4bit=true (QLoRA) needs bitsandbytes, which is not installed: "
+                          "pip install 'sparc-vlm[gpu]'")
+
+
+def check_llm_request(cfg: VLMConfig, path: Optional[str | Path] = None) -> Path:
+    """Everything that can be checked before loading: the directory, flash-attn, 4-bit. Returns the path."""
+    path = Path(path if path is not None else cfg.llm)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.llm: {path} is not a local model directory (no config.json)")
+    check_attn_implementation(cfg.attn_implementation)
+    if cfg.load_in_4bit:
+        check_4bit_available()
+    return path
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside a local LLM (never remote code)."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"no tokenizer directory at {path}")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_llm(cfg: VLMConfig, path: Optional[str | Path] = None) -> PreTrainedModel:
+    """Load ``path`` (default ``cfg.llm``) with ``AutoModelForCausalLM``, frozen and in eval mode.
+
+    Storage dtype ``cfg.llm_dtype`` (fp32 | bf16), or NF4 with bf16 compute under
+    ``cfg.load_in_4bit`` (then prepared with peft's ``prepare_model_for_kbit_training``).
+    """
+    path = check_llm_request(cfg, path)
+    kwargs: dict = dict(attn_implementation=cfg.attn_implementation)
+    if cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    else:
+        kwargs["dtype"] = LLM_DTYPES[cfg.llm_dtype]
+    llm = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
+    freeze(llm)
+    return llm
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Set ``requires_grad=False`` on every parameter and put ``module`` in eval mode; returns it."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def apply_lora(llm: PreTrainedModel, lora: LoraConfig) -> nn.Module:
+    """Wrap ``llm`` in a peft ``PeftModel`` with fresh LoRA adapters (B = 0, so outputs are unchanged).
+
+    ``lora.target_modules`` may be ``["all-linear"]`` (every linear layer but the output head).
+    Only the adapter weights are trainable afterwards.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = lora.target_modules
+    target = "all-linear" if list(targets) == ["all-linear"] else list(targets)
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
+                              bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(llm, peft_cfg)
+
+
+def load_lora(llm: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
+    """Attach a LoRA adapter saved by peft's ``save_pretrained`` (``adapter_dir``) to ``llm``."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(llm, str(adapter_dir), is_trainable=trainable)
+
+
+def base_model(llm: nn.Module) -> PreTrainedModel:
+    """The ``transformers`` model inside a peft wrapper (or ``llm`` itself)."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def decoder(llm: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, layers, final norm) of a causal LM, e.g. ``LlamaModel``."""
+    base = base_model(llm)
+    inner = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    if inner is None or not hasattr(inner, "layers"):
+        raise TypeError(f"{type(base).__name__}: cannot find its decoder layers (expected .model.layers)")
+    return inner
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder layers of a causal LM (through a peft wrapper)."""
+    return decoder(llm).layers
+
+
+def ensure_image_token(tokenizer: PreTrainedTokenizerBase, llm: PreTrainedModel, image_token: str) -> int:
+    """Id of ``image_token`` in ``tokenizer``, adding it as a special token when missing.
+
+    A newly added id beyond the embedding matrix grows it (``resize_token_embeddings``; the new
+    row stays frozen: the projector overwrites that position's embedding anyway).
+    """
+    if len(tokenizer(image_token, add_special_tokens=False)["input_ids"]) != 1:
+        tokenizer.add_tokens([image_token], special_tokens=True)
+    token_id = int(tokenizer.convert_tokens_to_ids(image_token))
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if token_id >= rows:
+        llm.resize_token_embeddings(token_id + 1)
+        freeze(llm)
+    return token_id

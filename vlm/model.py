@@ -1,0 +1,331 @@
+"""``VisionLanguageModel``: vision tower + bridge + frozen causal LLM with LoRA.
+
+One class for both bridges. The image enters the LLM through the bridge's hooks
+(``vlm.bridges``): the VLM computes the image features, then runs the LLM inside
+``bridge.conditioned(features)``. Training (``forward``), ``score`` and ``generate`` all call the
+LLM with token ids, so they see exactly the same model, and ``generate`` is the LLM's own
+(``transformers``) ``generate`` with or without its KV cache.
+
+Checkpoints (``save_pretrained(dir)``) hold only what was trained, plus the config:
+``dir/vlm.yaml`` (the ``VLMConfig``; LLM and tower paths made absolute), ``dir/bridge.safetensors``,
+``dir/adapter/`` (peft's LoRA adapter, safetensors) and ``dir/vision/`` only when the tower was
+trained. ``from_pretrained(dir)`` rebuilds the model from those and the referenced base models.
+``merge_and_save(dir)`` writes a standalone copy: ``dir/llm/`` (LoRA merged in, a plain
+transformers model + tokenizer), ``dir/vision/``, ``dir/bridge.safetensors`` and a ``vlm.yaml``
+naming ``llm`` and ``vision`` (paths in ``vlm.yaml`` that exist relative to the checkpoint dir
+are read relative to it, so merged checkpoints can be moved), loadable without peft.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import GenerationConfig
+
+from vlm.bridges import Bridge
+from vlm.bridges.registry import build_bridge
+from vlm.config import ConfigError, VLMConfig, config_from_yaml_text, save_config
+from vlm.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, ensure_image_token, load_llm,
+                     load_lora, load_tokenizer)
+from vlm.processor import IGNORE_INDEX, VLMProcessor
+from vlm.prompts import IMAGE_TOKEN
+from vlm.tower import VLMVisionTower
+
+CONFIG_FILE = "vlm.yaml"
+BRIDGE_FILE = "bridge.safetensors"
+ADAPTER_DIR = "adapter"
+VISION_DIR = "vision"
+LLM_DIR = "llm"
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask [B,T] -> position ids [B,T]: 0, 1, ... over real tokens (padding gets 0), as
+    ``generate`` computes them, so left- and right-padded rows give the same outputs."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _resolve(directory: Path, value: str) -> Path:
+    """A path from ``vlm.yaml``: relative to the checkpoint dir when it exists there, else as written."""
+    inside = directory / value
+    return inside if inside.exists() else Path(value)
+
+
+class VisionLanguageModel(nn.Module):
+    """See the module docstring. Build with ``build(cfg)`` or ``from_pretrained(dir)``."""
+
+    ddp_find_unused_parameters = False
+
+    def __init__(self, cfg: VLMConfig, tower: VLMVisionTower, bridge: Bridge, llm: nn.Module, tokenizer,
+                 image_token_id: int, llm_path: Path, vision_path: Path, max_len: Optional[int] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tower = tower
+        self.bridge = bridge
+        self.llm = llm
+        self._tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.llm_path, self.vision_path = Path(llm_path), Path(vision_path)
+        bridge.attach(llm, image_token_id)
+        if max_len is None:  # the LLM's context, unless the tokenizer declares a shorter one
+            limits = [x for x in (getattr(base_model(llm).config, "max_position_embeddings", None),
+                                  tokenizer.model_max_length) if isinstance(x, int) and 0 < x < 10**7]
+            max_len = min(limits) if limits else 2048
+        self.processor = VLMProcessor(tokenizer, tower.transform, bridge.num_image_tokens(tower.num_patches),
+                                      max_len)
+
+    # ------------------------------------------------------------------------------------------
+    # Construction
+    # ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, cfg: VLMConfig, max_len: Optional[int] = None) -> "VisionLanguageModel":
+        """A fresh VLM for training: loaded tower (frozen unless ``cfg.freeze_vision`` is false),
+        a new bridge, the frozen LLM with new LoRA adapters when ``cfg.lora.enabled``."""
+        return cls._assemble(cfg, Path(cfg.vision_tower), Path(cfg.llm), adapter_dir=None, bridge_state=None,
+                             trainable=True, max_len=max_len)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path], trainable: bool = False,
+                        max_len: Optional[int] = None) -> "VisionLanguageModel":
+        """Load a checkpoint written by ``save_pretrained`` or ``merge_and_save``. ``trainable``:
+        bridge, LoRA (and an unfrozen tower) keep ``requires_grad`` (to continue training)."""
+        directory = Path(directory)
+        cfg_path = directory / CONFIG_FILE
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a VLM checkpoint (no {CONFIG_FILE})")
+        try:
+            cfg = config_from_yaml_text(VLMConfig, cfg_path.read_text())
+        except ConfigError as e:
+            raise ConfigError(f"{cfg_path}: {e}") from e
+        vision = directory / VISION_DIR if (directory / VISION_DIR).is_dir() else _resolve(directory, cfg.vision_tower)
+        llm = _resolve(directory, cfg.llm)
+        adapter = directory / ADAPTER_DIR if (directory / ADAPTER_DIR).is_dir() else None
+        if cfg.lora.enabled and adapter is None:
+            raise FileNotFoundError(f"{directory}: lora.enabled but no {ADAPTER_DIR}/ was saved")
+        state = load_file(str(directory / BRIDGE_FILE))
+        return cls._assemble(cfg, vision, llm, adapter_dir=adapter, bridge_state=state, trainable=trainable,
+                             max_len=max_len)
+
+    @classmethod
+    def _assemble(cls, cfg: VLMConfig, vision_path: Path, llm_path: Path, adapter_dir: Optional[Path],
+                  bridge_state: Optional[dict], trainable: bool, max_len: Optional[int]) -> "VisionLanguageModel":
+        check_llm_request(cfg, llm_path)  # fail on a bad path / missing GPU extra before loading anything
+        tower = VLMVisionTower.load(vision_path, freeze=cfg.freeze_vision or not trainable)
+        tokenizer = load_tokenizer(llm_path)
+        llm = load_llm(cfg, llm_path)
+        hidden = int(llm.config.hidden_size)
+        bridge = build_bridge(cfg.bridge, tower.width, hidden, len(decoder_layers(llm)))
+        image_token_id = -1
+        if bridge.num_image_tokens(tower.num_patches) > 0:
+            image_token_id = ensure_image_token(tokenizer, llm, IMAGE_TOKEN)
+        if adapter_dir is not None:
+            llm = load_lora(llm, adapter_dir, trainable=trainable)
+        elif cfg.lora.enabled:
+            llm = apply_lora(llm, cfg.lora)
+        if bridge_state is not None:
+            bridge.load_state_dict(bridge_state)
+        bridge.requires_grad_(trainable)
+        if not trainable:
+            for p in llm.parameters():
+                p.requires_grad_(False)
+        model = cls(cfg, tower, bridge, llm, tokenizer, image_token_id, llm_path, vision_path, max_len)
+        model.to(_llm_device(llm))
+        return model if trainable else model.eval()
+
+    # ------------------------------------------------------------------------------------------
+    # Accessors
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """The LLM's tokenizer (with ``<image>`` as a special token for the projector)."""
+        return self._tokenizer
+
+    @property
+    def image_transform(self):
+        """The tower's ``ImageTransform``: image -> [3,H,W]."""
+        return self.tower.transform
+
+    @property
+    def device(self) -> torch.device:
+        """Where the bridge (and so the model's inputs) live."""
+        return next(self.bridge.parameters()).device
+
+    def lm_head(self) -> nn.Module:
+        """The LLM's output projection (hidden [.., d] -> logits [.., V])."""
+        return base_model(self.llm).get_output_embeddings()
+
+    # ------------------------------------------------------------------------------------------
+    # Forward passes
+    # ------------------------------------------------------------------------------------------
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B,3,H,W] -> bridge features (projector [B,P,d], flamingo latents [B,M,d])."""
+        return self.bridge(self.tower(pixel_values.to(self.device)))
+
+    def hidden_states(self, features: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [B,T,d] of the LLM on (input_ids, attention_mask) [B,T]."""
+        with self.bridge.conditioned(features):
+            out = decoder(self.llm)(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [B,T,V] through the LLM's own forward (reference path for tests/evals)."""
+        features = self.image_features(pixel_values)
+        with self.bridge.conditioned(features):
+            out = self.llm(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                           position_ids=position_ids_from_mask(attention_mask.to(self.device)), use_cache=False)
+        return out.logits
+
+    def forward(self, batch: dict) -> dict:
+        """batch (from ``VLMProcessor``): pixel_values [B,3,H,W], input_ids / attention_mask / labels [B,T].
+
+        Returns ``loss`` (mean next-token cross-entropy over target tokens) and ``num_tokens``
+        (real tokens in the batch, image tokens included), plus the bridge's ``log_terms()``
+        (flamingo: ``xattn_gate``). The output head runs only on target positions.
+        """
+        input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        hidden = self.hidden_states(self.image_features(batch["pixel_values"]), input_ids, mask)
+        targets = labels[:, 1:]
+        selected = targets != IGNORE_INDEX
+        n = int(selected.sum())
+        if n == 0:
+            loss = hidden.sum() * 0.0  # no answer token survived truncation: a zero that keeps the graph
+        else:
+            logits = self.lm_head()(hidden[:, :-1][selected]).float()
+            loss = F.cross_entropy(logits, targets[selected], reduction="sum") / n
+        return {"loss": loss, "num_tokens": mask.sum(), **self.bridge.log_terms()}
+
+    # ------------------------------------------------------------------------------------------
+    # Inference
+    # ------------------------------------------------------------------------------------------
+
+    def _pixels(self, pixel_values) -> torch.Tensor:
+        return self.processor.pixel_values(pixel_values).to(self.device)
+
+    @torch.no_grad()
+    def score(self, pixel_values, prompts: Sequence[str], choices: Sequence[str]) -> torch.Tensor:
+        """Summed log-probability [B,C] of each choice's tokens right after each prompt.
+
+        pixel_values [B,3,H,W] (or a list of images); prompts: B questions; choices: C strings
+        (e.g. ["Yes", "No"]). One forward over the B*C sequences.
+        """
+        pixels = self._pixels(pixel_values)
+        if len(prompts) != pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images for {len(prompts)} prompts")
+        if not choices:
+            raise ValueError("score needs at least one choice")
+        choice_ids = [self.processor.encode_answer(c) for c in choices]
+        if any(len(c) == 0 for c in choice_ids):
+            raise ValueError(f"every choice must tokenise to at least one token: {list(choices)}")
+        n_choices = len(choices)
+        seqs, labels = [], []
+        for prompt in prompts:
+            p = self.processor.encode_prompt(prompt)
+            for c in choice_ids:
+                seqs.append(p + c)
+                labels.append([IGNORE_INDEX] * len(p) + c)
+        batch = self.processor.pad(seqs, labels, side="right")
+        ids, mask, lab = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
+        features = self.image_features(pixels).repeat_interleave(n_choices, dim=0)
+        hidden = self.hidden_states(features, ids, mask)
+        targets = lab[:, 1:]
+        selected = targets != IGNORE_INDEX
+        logp = torch.log_softmax(self.lm_head()(hidden[:, :-1][selected]).float(), dim=-1)
+        token_logp = logp.gather(1, targets[selected].unsqueeze(1)).squeeze(1)
+        row = torch.arange(len(seqs), device=self.device).unsqueeze(1).expand_as(targets)[selected]
+        sums = torch.zeros(len(seqs), dtype=torch.float32, device=self.device).index_add_(0, row, token_logp)
+        return sums.view(len(prompts), n_choices).cpu()
+
+    @torch.no_grad()
+    def generate(self, pixel_values, prompts: Sequence[str], max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True) -> list[str]:
+        """Answers to B prompts about B images (pixel_values [B,3,H,W] or a list of images).
+
+        Greedy (``do_sample=False``) or sampling with ``temperature`` / ``top_p`` (global torch
+        RNG), with or without the KV cache; stops at the LLM's end-of-sequence token(s).
+        """
+        ids = self.generate_ids(pixel_values, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                temperature=temperature, top_p=top_p, use_cache=use_cache)
+        return [t.strip() for t in self._tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate_ids(self, pixel_values, prompts: Sequence[str], max_new_tokens: int = 32, do_sample: bool = False,
+                     temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True,
+                     min_new_tokens: int = 0) -> torch.Tensor:
+        """Like ``generate`` but returns the new token ids [B, N] (padded after an early stop)."""
+        pixels = self._pixels(pixel_values)
+        batch = self.processor(pixels, list(prompts))
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        base = base_model(self.llm)
+        eos = base.generation_config.eos_token_id if base.generation_config is not None else None
+        if eos is None:
+            eos = self._tokenizer.eos_token_id
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                               use_cache=use_cache, pad_token_id=self.processor.pad_token_id, eos_token_id=eos,
+                               bos_token_id=self._tokenizer.bos_token_id,
+                               suppress_tokens=[self.image_token_id] if self.image_token_id >= 0 else None)
+        if do_sample:
+            gen.temperature, gen.top_p, gen.top_k = temperature, top_p, 0
+        was_training = self.training
+        self.eval()
+        try:
+            features = self.image_features(pixels)
+            with self.bridge.conditioned(features):
+                out = self.llm.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        finally:
+            self.train(was_training)
+        return out[:, ids.shape[1]:].cpu()
+
+    # ------------------------------------------------------------------------------------------
+    # Saving
+    # ------------------------------------------------------------------------------------------
+
+    def _bridge_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.bridge.state_dict().items()}
+
+    def save_pretrained(self, directory: Union[str, Path]) -> None:
+        """Write the trained parts (bridge, LoRA adapter, tower if trained) and ``vlm.yaml``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self._bridge_state(), str(directory / BRIDGE_FILE))
+        if hasattr(self.llm, "peft_config"):
+            with self.bridge.detached(self.llm):
+                self.llm.save_pretrained(str(directory / ADAPTER_DIR))
+        if not self.tower.frozen:
+            self.tower.save_pretrained(directory / VISION_DIR)
+        cfg = dataclasses.replace(self.cfg, llm=str(self.llm_path.resolve()),
+                                  vision_tower=VISION_DIR if not self.tower.frozen else str(self.vision_path.resolve()))
+        save_config(cfg, directory / CONFIG_FILE)
+
+    def merge_and_save(self, directory: Union[str, Path]) -> None:
+        """Write a standalone checkpoint: LoRA merged into a plain LLM (``dir/llm``), the tower
+        (``dir/vision``), the bridge and ``vlm.yaml``; ``from_pretrained`` loads it without peft."""
+        if self.cfg.load_in_4bit:
+            raise ValueError("merge_and_save needs full-precision LLM weights; reload the checkpoint with "
+                             "model.load_in_4bit=false before merging")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self.bridge.detached(self.llm):
+            llm = copy.deepcopy(self.llm)
+        merged = llm.merge_and_unload() if hasattr(llm, "peft_config") else llm
+        merged.save_pretrained(str(directory / LLM_DIR))
+        self._tokenizer.save_pretrained(str(directory / LLM_DIR))
+        self.tower.save_pretrained(directory / VISION_DIR)
+        save_file(self._bridge_state(), str(directory / BRIDGE_FILE))
+        cfg = dataclasses.replace(self.cfg, llm=LLM_DIR, vision_tower=VISION_DIR,
+                                  lora=dataclasses.replace(self.cfg.lora, enabled=False))
+        save_config(cfg, directory / CONFIG_FILE)
+
+
+def _llm_device(llm: nn.Module) -> torch.device:
+    """The device the LLM's weights live on (CUDA for a 4-bit model, else where it was loaded)."""
+    return next(llm.parameters()).device

@@ -1,0 +1,213 @@
+"""Write the synthetic world to disk in the real datasets' formats (what ``vlm world`` runs).
+
+Layout of ``DIR`` (file names inside the jsons are relative to ``DIR/images``):
+```
+world.json                        {"config": WorldConfig fields, "counts": {...}}; written last
+shards/train-{000000..}.tar       img2dataset style (train split): KEY.jpg, KEY.txt (the short caption
+                                  for even indices, the detailed one for odd), KEY.json (img2dataset
+                                  fields plus objects, boxes, captions, long_caption)
+images/{index:08d}.jpg            every image (train and eval), JPEG quality 95
+masks/{index:08d}.png             class mask (eval split), 8-bit PNG, 0 = background, c + 1 = SHAPES[c]
+coco/captions_{train,val}.json    COCO captions; references = the short, detailed and counting captions
+coco/instances_val.json           COCO instances (eval split): categories = shapes (id c + 1), bbox xywh,
+                                  area = visible pixels, iscrowd 0
+llava/train.json                  LLaVA conversations (train split), two per image (``text.llava_conversations``)
+pope/{random,popular,adversarial}.jsonl   POPE questions on the eval split (``vlm.data.pope``)
+refcoco/refs.json + instances.json        one ref per eval object; eval images split val/testA/testB
+vsr/{train,test}.jsonl            the true/false statements of the train / eval split
+contact_sheet.png                 16 train images, upscaled, with boxes and short captions
+```
+Everything is a deterministic function of the WorldConfig.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from vlm.config import WorldConfig
+from vlm.data.formats import (LlavaRecord, RefExpr, VsrItem, write_coco_captions, write_coco_instances,
+                              write_llava, write_pope, write_refcoco, write_vsr)
+from vlm.data.pope import build_pope
+from vlm.world.generator import generate_sample, world_split
+from vlm.world.text import llava_conversations
+from vlm.world.types import WorldSample
+from vlm.world.vocab import SHAPES
+
+REFCOCO_SPLITS = ("val", "testA", "testB")
+CAPTION_STYLES = ("short", "detailed", "counting")
+FORMAT_VERSION = 1
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
+    """uint8 [H, W, 3] -> JPEG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def shard_caption(sample: WorldSample) -> str:
+    """The caption stored in a train shard: short for even indices, detailed for odd ones."""
+    return sample.captions["short" if sample.index % 2 == 0 else "detailed"]
+
+
+def _objects_json(sample: WorldSample) -> list[dict]:
+    return [{"shape": o.shape, "color": o.color, "size": o.size, "box": list(o.box), "center": list(o.center)}
+            for o in sample.objects]
+
+
+def _shard_json(sample: WorldSample, cfg: WorldConfig, jpg: bytes) -> dict:
+    """img2dataset's per-sample json fields plus the world's annotations."""
+    s = cfg.image_size
+    return {"url": f"world://{cfg.seed}/{sample.index}", "key": sample.key, "caption": shard_caption(sample),
+            "status": "success", "error_message": None, "width": s, "height": s, "original_width": s,
+            "original_height": s, "exif": "{}", "sha256": hashlib.sha256(jpg).hexdigest(),
+            "objects": _objects_json(sample), "boxes": [list(o.box) for o in sample.objects],
+            "captions": sample.captions, "long_caption": sample.long_caption}
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove what an earlier export may have left (stale shards would otherwise be read)."""
+    for pattern in ("world.json", "shards/train-*.tar", "images/*.jpg", "masks/*.png"):
+        for p in out.glob(pattern):
+            p.unlink()
+
+
+def contact_sheet(samples: list[WorldSample], path: Path, scale: int = 4, cols: int = 4) -> None:
+    """A grid of samples upscaled ``scale`` x, boxes drawn, short caption under each -> PNG."""
+    size = samples[0].image.shape[0] * scale
+    text_h = 44
+    rows = (len(samples) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (size + 8) + 8, rows * (size + text_h + 8) + 8), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, sample in enumerate(samples):
+        x, y = 8 + (k % cols) * (size + 8), 8 + (k // cols) * (size + text_h + 8)
+        sheet.paste(Image.fromarray(sample.image).resize((size, size), Image.NEAREST), (x, y))
+        for o in sample.objects:
+            x1, y1, x2, y2 = (v * scale for v in o.box)
+            draw.rectangle((x + x1, y + y1, x + x2 - 1, y + y2 - 1), outline=(0, 0, 0), width=1)
+        lines = textwrap.wrap(sample.captions["short"], width=max(10, size // 6))[:3]
+        draw.multiline_text((x, y + size + 2), "\n".join(lines), fill=(0, 0, 0), spacing=1)
+    sheet.save(path)
+
+
+def export_world(out_dir: str | Path, cfg: WorldConfig, progress: bool = True,
+                 samples_per_shard: int = 1000) -> dict[str, Any]:
+    """Generate the world ``cfg`` and write it under ``out_dir`` (layout in the module docstring).
+
+    Returns the counts (also stored in ``world.json``). Single process; ``world.json`` is written
+    last, so an interrupted export is never taken as complete by ``ensure_world``.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    out = Path(out_dir)
+    for sub in ("shards", "images", "masks", "coco", "llava", "pope", "refcoco", "vsr"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    _clear_previous(out)
+    train_idx, eval_idx = world_split(cfg)
+    s = cfg.image_size
+    captions: dict[str, dict[int, list[str]]] = {"train": {}, "val": {}}
+    files: dict[str, dict[int, str]] = {"train": {}, "val": {}}
+    llava: list[LlavaRecord] = []
+    vsr: dict[str, list[VsrItem]] = {"train": [], "test": []}
+    inst_images: dict[int, dict] = {}
+    inst_anns: dict[int, dict] = {}
+    refs: list[RefExpr] = []
+    pope_objects: dict[str, set[str]] = {}
+    sheet_samples: list[WorldSample] = []
+    n_objects = {"train": 0, "eval": 0}
+    total = len(train_idx) + len(eval_idx)
+    bar = tqdm(total=total, desc="world export", unit="img", disable=not progress)
+    writer = wds.ShardWriter(str(out / "shards" / "train-%06d.tar"), maxcount=samples_per_shard, verbose=0)
+    try:
+        for index in [*train_idx, *eval_idx]:
+            sample = generate_sample(index, cfg.seed, cfg)
+            is_train = index < cfg.n_train
+            split = "train" if is_train else "val"
+            jpg = jpeg_bytes(sample.image)
+            file_name = f"{sample.key}.jpg"
+            (out / "images" / file_name).write_bytes(jpg)
+            files[split][index] = file_name
+            captions[split][index] = [sample.captions[k] for k in CAPTION_STYLES]
+            n_objects["train" if is_train else "eval"] += len(sample.objects)
+            vsr_items = [VsrItem(image=file_name, caption=st.text, label=int(st.label), relation=st.relation,
+                                 subj=sample.objects[st.subject].name, obj=sample.objects[st.object].name)
+                         for st in sample.statements]
+            if is_train:
+                caption = shard_caption(sample)
+                writer.write({"__key__": sample.key, "jpg": jpg, "txt": caption.encode("utf-8"),
+                              "json": json.dumps(_shard_json(sample, cfg, jpg)).encode("utf-8")})
+                for c, conv in enumerate(llava_conversations(sample, cfg.seed, s)):
+                    llava.append(LlavaRecord(id=f"{sample.key}-{c}", image=file_name, conversations=conv))
+                vsr["train"] += vsr_items
+                if len(sheet_samples) < 16:
+                    sheet_samples.append(sample)
+            else:
+                Image.fromarray(sample.class_mask.astype(np.uint8), mode="L").save(out / "masks" / f"{sample.key}.png")
+                vsr["test"] += vsr_items
+                pope_objects[file_name] = {o.shape for o in sample.objects}
+                inst_images[index] = {"file_name": file_name, "width": s, "height": s}
+                ref_split = REFCOCO_SPLITS[(index - cfg.n_train) % len(REFCOCO_SPLITS)]
+                for k, o in enumerate(sample.objects):
+                    ann_id = index * 16 + k + 1  # unique: at most 8 objects per image
+                    x1, y1, x2, y2 = o.box
+                    area = int((sample.instance_mask == k + 1).sum())
+                    inst_anns[ann_id] = {"image_id": index, "category_id": SHAPES.index(o.shape) + 1,
+                                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area, "iscrowd": 0}
+                    refs.append(RefExpr(ref_id=ann_id, ann_id=ann_id, image_id=index, file_name=file_name,
+                                        sentences=[sample.referring[k]], bbox_xywh=(x1, y1, x2 - x1, y2 - y1),
+                                        split=ref_split, width=s, height=s, category_id=SHAPES.index(o.shape) + 1))
+            bar.update(1)
+    finally:
+        writer.close()
+        bar.close()
+    categories = {c + 1: name for c, name in enumerate(SHAPES)}
+    sizes = {i: (s, s) for i in range(total)}
+    write_coco_captions(out / "coco" / "captions_train.json", files["train"], captions["train"], sizes)
+    write_coco_captions(out / "coco" / "captions_val.json", files["val"], captions["val"], sizes)
+    write_coco_instances(out / "coco" / "instances_val.json", inst_images, categories, inst_anns)
+    write_llava(out / "llava" / "train.json", llava)
+    pope = build_pope(pope_objects, n_per_image=3, seed=cfg.seed, vocabulary=SHAPES)
+    for split, questions in pope.items():
+        write_pope(out / "pope" / f"{split}.jsonl", questions)
+    write_refcoco(out / "refcoco" / "refs.json", out / "refcoco" / "instances.json", refs, categories)
+    write_vsr(out / "vsr" / "train.jsonl", vsr["train"])
+    write_vsr(out / "vsr" / "test.jsonl", vsr["test"])
+    if sheet_samples:
+        contact_sheet(sheet_samples, out / "contact_sheet.png")
+    counts = {"train": len(train_idx), "eval": len(eval_idx), "shards": len(list((out / "shards").glob("train-*.tar"))),
+              "objects_train": n_objects["train"], "objects_eval": n_objects["eval"],
+              "caption_refs_train": sum(map(len, captions["train"].values())),
+              "caption_refs_val": sum(map(len, captions["val"].values())),
+              "llava_conversations": len(llava), "pope": {k: len(v) for k, v in pope.items()},
+              "refs": len(refs), "vsr_train": len(vsr["train"]), "vsr_test": len(vsr["test"])}
+    meta = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "counts": counts}
+    tmp = out / "world.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(out / "world.json")
+    return counts
+
+
+def ensure_world(out_dir: str | Path, cfg: WorldConfig) -> Path:
+    """``out_dir`` holding the world ``cfg``: reused when its ``world.json`` records the same config
+    (and format version), exported otherwise. Returns ``Path(out_dir)``."""
+    out = Path(out_dir)
+    meta_path = out / "world.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("config") == dataclasses.asdict(cfg) and meta.get("format_version") == FORMAT_VERSION:
+            return out
+    export_world(out, cfg, progress=True)
+    return out

@@ -47,7 +47,8 @@ encoders were trained on), else from the generator directly (``summary["image_so
 masks, labels and captions always come from the generator (exact).
 
 Outputs in ``out_dir``: ``summary.json``, ``summary.md`` (a Markdown table of every leaf, nested
-keys joined by "/"), ``predictions.jsonl`` (one line per eval image: zero-shot label and prediction,
+keys joined by "/"), ``heatmaps.png`` (with a text side: SPARC alignment heatmaps of the first eval
+images, ``eval.heatmaps``), ``predictions.jsonl`` (one line per eval image: zero-shot label and prediction,
 its image->text rank, its captions' text->image ranks, per-image patch accuracy of the zero-shot and
 probe segmentations). The summary: run facts (``ckpt``, ``mode``, ``text_from``, ``n_eval``,
 ``n_probe_train``, ``image_source``, ``probe_steps``) and the groups ``zero_shot`` {top1},
@@ -309,6 +310,14 @@ class _Split:
     captions: list[list[str]]
 
 
+def _world_image(sample, world_dir: Optional[Path]):
+    """(image, True) from ``world_dir/images/KEY.jpg`` when exported, else (the generated image, False)."""
+    path = world_dir / "images" / f"{sample.key}.jpg" if world_dir is not None else None
+    if path is not None and path.is_file():
+        return Image.open(path).convert("RGB"), True
+    return sample.image, False
+
+
 def _load_split(indices: list[int], world: WorldConfig, world_dir: Optional[Path], transform: ImageTransform,
                 patch_size: int, num_classes: int, with_text: bool, progress: bool, desc: str) -> tuple[_Split, str]:
     from vlm.world.generator import generate_sample
@@ -319,12 +328,9 @@ def _load_split(indices: list[int], world: WorldConfig, world_dir: Optional[Path
     source = "generator"
     for index in tqdm(indices, desc=desc, disable=not progress, leave=False):
         sample = generate_sample(index, world.seed, world)
-        path = world_dir / "images" / f"{sample.key}.jpg" if world_dir is not None else None
-        if path is not None and path.is_file():
-            image = Image.open(path).convert("RGB")
+        image, from_dir = _world_image(sample, world_dir)
+        if from_dir:
             source = "world_dir"
-        else:
-            image = sample.image
         pixels.append(transform(image))
         mask = sample.class_mask
         if mask.shape[0] != mask.shape[1]:
@@ -404,10 +410,13 @@ def write_summary(out_dir: Path, summary: dict, title: str = "Encoder eval") -> 
 def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
         world_dir: Optional[Union[str, Path]] = None, probe_steps: int = 300, limit: Optional[int] = None,
         text_from: Optional[Union[str, Path]] = None, probe_images: int = 512, batch_size: int = 64,
-        progress: bool = True, device: str = "auto") -> dict:
+        progress: bool = True, device: str = "auto", heatmap_images: int = 4) -> dict:
     """Evaluate ``ckpt`` (see the module docstring); writes ``out_dir/{summary.json,summary.md,
     predictions.jsonl}`` and returns the summary dict (None for metrics that do not apply).
-    ``device``: auto (CUDA when available) | cpu | cuda; the encoder and the probes run there."""
+    ``device``: auto (CUDA when available) | cpu | cuda; the encoder and the probes run there.
+    With a text side and ``heatmap_images`` > 0 it also draws the SPARC alignment heatmaps of the
+    first ``heatmap_images`` eval images and their short captions (``eval.heatmaps``) to
+    ``out_dir/heatmaps.png`` (``summary["heatmaps"]``; None when not drawn)."""
     from vlm.world.generator import world_split
     from vlm.world.vocab import CLASS_NAMES, SHAPES
 
@@ -509,6 +518,15 @@ def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
             rec["seg_zero_shot_patch_acc"] = float((zs_seg_pred[i] == ev.seg_labels[i]).double().mean())
         rec["seg_probe_patch_acc"] = float((probe_pred[i] == ev.seg_labels[i]).double().mean())
     out_dir.mkdir(parents=True, exist_ok=True)
+    summary["heatmaps"] = None
+    if has_text and heatmap_images > 0:
+        from eval.heatmaps import alignment_heatmaps
+        from vlm.world.generator import generate_sample
+
+        samples = [generate_sample(i, world.seed, world) for i in eval_idx[:heatmap_images]]
+        alignment_heatmaps(loaded.dual, [_world_image(s, world_dir)[0] for s in samples],
+                           [s.captions["short"] for s in samples], out_dir / "heatmaps.png")
+        summary["heatmaps"] = "heatmaps.png"
     with open(out_dir / "predictions.jsonl", "w") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")

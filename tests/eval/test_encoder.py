@@ -231,6 +231,12 @@ def test_run_dual_encoder_end_to_end(dual_dir, world, tmp_path):
     assert summary["zero_shot"]["top1"] == pytest.approx(
         np.mean([p["zero_shot_pred"] == p["zero_shot_label"] for p in labelled]))
     assert all(len(p["t2i_ranks"]) == len(p["captions"]) for p in preds)
+    # The alignment heatmaps of the first eval images are drawn next to the summary.
+    from PIL import Image
+
+    assert summary["heatmaps"] == "heatmaps.png"
+    with Image.open(tmp_path / "out" / "heatmaps.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
 
 
 def test_run_plain_tower_and_text_from(dual_dir, world, tmp_path):
@@ -246,6 +252,7 @@ def test_run_plain_tower_and_text_from(dual_dir, world, tmp_path):
     assert summary["zero_shot"]["top1"] is None and summary["retrieval"]["i2t_r1"] is None
     assert summary["segmentation"]["zero_shot_miou"] is None
     assert "| zero_shot/top1 | n/a |" in md
+    assert summary["heatmaps"] is None and not (tmp_path / "plain" / "heatmaps.png").exists()  # no text side
     # The same tower scored with the DualEncoder's own heads (text_from) gives the DualEncoder's numbers.
     a = enc_eval.run(tmp_path / "tower", tmp_path / "tf", world, probe_steps=10, limit=6, probe_images=8,
                      text_from=dual_dir, progress=False)

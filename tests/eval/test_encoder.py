@@ -162,6 +162,34 @@ def test_dominant_shape():
     assert dominant_shape(mask, 3) == 0  # a 9-9 tie: the earlier shape
 
 
+def test_metrics_on_hand_computed_values():
+    # Retrieval: 2 images, 4 captions (captions 0, 1 belong to image 0; 2, 3 to image 1).
+    sim = torch.tensor([[0.9, 0.1, 0.5, 0.2],
+                        [0.3, 0.8, 0.7, 0.6]])
+    relevant = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    # image 1: its best caption (0.7) is beaten by caption 1 (0.8) -> rank 1
+    assert first_relevant_rank(sim, relevant).tolist() == [0, 1]
+    assert recall_at_k(sim, relevant, ks=(1, 5)) == {1: 0.5, 5: 1.0}
+    # caption 1 scores image 1 (0.8) above its own image (0.1) -> rank 1; the others rank 0
+    assert first_relevant_rank(sim.T, relevant.T).tolist() == [0, 1, 0, 0]
+    assert recall_at_k(sim.T, relevant.T, ks=(1,)) == {1: 0.75}
+    # mIoU: class 0 IoU 1/3, class 1 2/3, class 2 1/2; class 3 absent from both
+    miou, per = mean_iou(torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 1, 1, 2, 0]), 4)
+    assert per[:3] == pytest.approx([1 / 3, 2 / 3, 1 / 2]) and math.isnan(per[3])
+    assert miou == pytest.approx(0.5)
+    # Multi-label: class 0 P = R = F1 = 1/2, class 1 perfect, class 2 absent (excluded)
+    pred = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=torch.bool)
+    target = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0]], dtype=torch.bool)
+    prf = multilabel_prf(pred, target)
+    assert (prf["precision"], prf["recall"], prf["f1"]) == pytest.approx((0.75, 0.75, 0.75))
+    assert prf["per_class"][2] is None
+    # Majority vote on a 4x4 mask with 2x2 patches; presence keeps every class seen in a patch
+    mask = np.array([[0, 0, 1, 1], [0, 1, 1, 1], [2, 2, 0, 0], [2, 0, 0, 3]])
+    assert majority_downsample(mask, 2, 4).tolist() == [0, 1, 2, 0]
+    assert patch_presence(mask, 2, 4)[3].tolist() == [True, False, False, True]
+    assert top1_accuracy([2, 0, 1], [2, 1, 1]) == pytest.approx(2 / 3)
+
+
 # ----------------------------------------------------------------------------------------------
 # The run, end to end on a tiny untrained encoder and a tiny world
 # ----------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ keys joined by "/"), ``heatmaps.png`` (with a text side: SPARC alignment heatmap
 images, ``eval.heatmaps``), ``predictions.jsonl`` (one line per eval image: zero-shot label and prediction,
 its image->text rank, its captions' text->image ranks, per-image patch accuracy of the zero-shot and
 probe segmentations). The summary: run facts (``ckpt``, ``mode``, ``text_from``, ``n_eval``,
-``n_probe_train``, ``image_source``, ``probe_steps``) and the groups ``zero_shot`` {top1},
+``n_probe_train``, ``image_source``, ``probe_steps``, ``heatmaps``: "heatmaps.png" or null) and the groups ``zero_shot`` {top1},
 ``retrieval`` {i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10}, ``segmentation`` {zero_shot_miou,
 probe_miou, zero_shot_class_embedding}, ``multilabel`` {precision, recall, f1}, ``per_class_iou``
 {zero_shot, probe: {class name: IoU}}; metrics that do not apply are null (n/a in the table).

@@ -205,8 +205,16 @@ class MaskEmbedModel(nn.Module):
         return scale
 
     def predict(self, pixel_values: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        """h(m * head(g(x))): pixels [N,3,H,W] (unmasked), keep-masks [N,P] -> predictions [N,P,w]."""
+        """h(m * head(g(x))): pixels [B,3,H,W] (unmasked), keep-masks [kB,P] -> predictions [kB,P,w].
+
+        The student sees the unmasked image, so its tokens are computed once per image and shared
+        by that image's k views (``expand_views`` order: view v of image i is row v * B + i).
+        """
+        b, n = pixel_values.shape[0], views.shape[0]
+        if n % b:
+            raise ValueError(f"{n} views are not a whole number of views of {b} images")
         student = self.student_head(patch_tokens(self.student, pixel_values))
+        student = student.repeat(n // b, 1, 1)
         return self.decoder(student * views.unsqueeze(-1).to(student.dtype))
 
     def forward(self, batch: dict) -> dict:
@@ -218,7 +226,7 @@ class MaskEmbedModel(nn.Module):
             mask = sample_patch_masks(pixel_values.shape[0], self.num_patches).to(pixel_values.device)
         pixels, views = expand_views(pixel_values, mask.bool())
         target = self.targets(pixels, views)
-        prediction = self.predict(pixels, views)
+        prediction = self.predict(pixel_values, views)
         loss = maskembed_loss(prediction, target)
         return {"loss": loss, "target_var": target.detach().float().var()}
 

@@ -130,6 +130,20 @@ def test_structure_calibration_and_shapes():
     torch.testing.assert_close(pred, model.decoder(torch.zeros_like(pred)))
 
 
+def test_prediction_shares_one_student_pass_across_views():
+    """predict(images [B], views [3B]) equals running the student on every view's copy of its image."""
+    torch.manual_seed(0)
+    model = MaskEmbedModel(tiny_tower(), MaskEmbedConfig(decoder_heads=2))
+    torch.nn.init.normal_(model.student_head.weight, std=0.1)  # a non-zero head, so the student matters
+    x = torch.randn(2, 3, 16, 16)
+    pixels, views = expand_views(x, sample_patch_masks(2, 16, torch.Generator().manual_seed(3)))
+    shared = model.predict(x, views)
+    per_view = model.decoder(model.student_head(patch_tokens(model.student, pixels)) * views.unsqueeze(-1).float())
+    torch.testing.assert_close(shared, per_view)
+    with pytest.raises(ValueError, match="whole number"):
+        model.predict(x, views[:5])
+
+
 def test_forward_requires_calibration():
     model = MaskEmbedModel(tiny_tower(), MaskEmbedConfig(decoder_heads=2))
     with pytest.raises(RuntimeError, match="calibrate"):

@@ -273,8 +273,13 @@ class VisionLanguageModel(nn.Module):
                                use_cache=use_cache, pad_token_id=self.processor.pad_token_id, eos_token_id=eos,
                                bos_token_id=self._tokenizer.bos_token_id,
                                suppress_tokens=[self.image_token_id] if self.image_token_id >= 0 else None)
+        # Every decoding knob left unset would be filled from the LLM's own generation_config (e.g.
+        # Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20), so greedy would not be argmax and
+        # sampling not the requested distribution: pin them to their neutral values.
+        gen.num_beams, gen.repetition_penalty, gen.no_repeat_ngram_size = 1, 1.0, 0
         if do_sample:
             gen.temperature, gen.top_p, gen.top_k = temperature, top_p, 0
+            gen.min_p, gen.typical_p, gen.epsilon_cutoff, gen.eta_cutoff = 0.0, 1.0, 0.0, 0.0
         was_training = self.training
         self.eval()
         try:

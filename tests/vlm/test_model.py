@@ -1,6 +1,7 @@
 """VisionLanguageModel: what trains, save/load/merge round trips, generation with/without cache, score."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from tiny_vlm import perturb_trainable, random_images, save_tiny_llm, vlm_config
 from vlm.config import config_from_yaml_text, VLMConfig
-from vlm.llm import check_4bit_available
+from vlm.llm import base_model, check_4bit_available
 from vlm.model import VisionLanguageModel
 
 BRIDGES = ["projector", "flamingo"]
@@ -116,11 +117,47 @@ def test_generation_with_and_without_cache_is_identical(trained):
     without = trained.generate_ids(images, PROMPTS, max_new_tokens=8, min_new_tokens=8, use_cache=False)
     assert with_cache.shape == (2, 8)
     assert torch.equal(with_cache, without)
-    # Left padding does not change a prompt's answer: alone == in the batch.
-    alone = trained.generate_ids(images[1:], PROMPTS[1:], max_new_tokens=8, min_new_tokens=8)
-    assert torch.equal(alone[0], with_cache[1])
     texts = trained.generate(images, PROMPTS, max_new_tokens=4)
     assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+MIXED = ["Is there a red circle?", "q", "How many objects are in the image? Describe the image briefly please."]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_generation_equals_each_prompt_alone(trained, use_cache):
+    images = random_images(3, seed=10)
+    lengths = [len(trained.processor.encode_prompt(p)) for p in MIXED]
+    assert len(set(lengths)) == 3  # every row but the longest is left-padded in the batch
+    batched = trained.generate_ids(images, MIXED, max_new_tokens=8, min_new_tokens=8, use_cache=use_cache)
+    for b in range(3):
+        alone = trained.generate_ids(images[b:b + 1], MIXED[b:b + 1], max_new_tokens=8, min_new_tokens=8,
+                                     use_cache=use_cache)
+        assert torch.equal(alone[0], batched[b]), b
+
+
+def test_greedy_is_argmax_whatever_the_llm_generation_config(trained):
+    """Greedy = argmax of the VLM's logits step by step, even when the LLM ships sampling defaults."""
+    images = random_images(2, seed=11)
+    base = base_model(trained.llm)
+    saved = copy.deepcopy(base.generation_config)
+    base.generation_config.do_sample, base.generation_config.top_k = True, 3  # as hub chat models ship
+    base.generation_config.repetition_penalty, base.generation_config.no_repeat_ngram_size = 5.0, 1
+    try:
+        got = trained.generate_ids(images, PROMPTS, max_new_tokens=6, min_new_tokens=6)
+    finally:
+        base.generation_config = saved
+    banned = [t for t in [trained.image_token_id, trained.tokenizer.eos_token_id] if t is not None and t >= 0]
+    pixels = trained.processor.pixel_values(images)
+    for b, prompt in enumerate(PROMPTS):
+        seq = trained.processor.encode_prompt(prompt)
+        for _ in range(6):
+            ids = torch.tensor([seq])
+            with torch.no_grad():
+                last = trained.logits(pixels[b:b + 1], ids, torch.ones_like(ids))[0, -1]
+            last[banned] = float("-inf")  # generate suppresses <image>, and eos under min_new_tokens
+            seq.append(int(last.argmax()))
+        assert got[b].tolist() == seq[-6:], b
 
 
 def test_sampling_is_seeded(trained):
@@ -133,6 +170,10 @@ def test_sampling_is_seeded(trained):
     torch.manual_seed(0)
     c = trained.generate_ids(images, PROMPTS, max_new_tokens=6, min_new_tokens=6, do_sample=True, temperature=1.5)
     assert torch.equal(a, c) and a.shape == b.shape == (2, 6)
+    torch.manual_seed(1)
+    d = trained.generate_ids(images, PROMPTS, max_new_tokens=6, min_new_tokens=6, do_sample=True, temperature=1.5)
+    greedy = trained.generate_ids(images, PROMPTS, max_new_tokens=6, min_new_tokens=6)
+    assert not torch.equal(a, d) and not torch.equal(a, greedy)  # it really samples
 
 
 def test_score_matches_manual_log_probs(trained):

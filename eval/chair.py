@@ -149,7 +149,8 @@ def singular_candidates(word: str) -> list[str]:
     """Possible singular forms of a lower-case ``word``, most likely first (the word itself last).
 
     Data-free: an irregular-plural table, then suffix rules (-ies -> -y, -ves -> -f / -fe,
-    -xes/-ches/-shes/-sses/-zes/-oes -> drop "es", -es -> drop "s" or "es", -s -> drop "s").
+    -xes/-ches/-shes/-sses/-zes/-oes -> drop "es", -es -> drop "s" or "es", -s -> drop "s",
+    -men -> -man); -is / -us -> drop "s" comes after the word itself.
     """
     cands: list[str] = []
     if word in _IRREGULAR:
@@ -164,7 +165,11 @@ def singular_candidates(word: str) -> list[str]:
         cands += [word[:-1], word[:-2]]
     if word.endswith("s") and not word.endswith(("ss", "us", "is")) and len(word) > 2:
         cands.append(word[:-1])
+    if word.endswith("men") and len(word) > 4:
+        cands.append(word[:-3] + "man")  # policemen, gentlemen, servicemen
     cands.append(word)
+    if word.endswith(("is", "us")) and len(word) > 3:
+        cands.append(word[:-1])  # taxis, zebus: only after the word itself, so "bus" never becomes "bu"
     seen: list[str] = []
     for c in cands:
         if c and c not in seen:

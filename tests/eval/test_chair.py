@@ -53,6 +53,25 @@ def test_singularize():
     assert singularize("berries") == "berry"
     assert singularize("cats") == "cat"
     assert singularize("grass") == "grass"
+    assert singularize("bus") == "bus" and singularize("taxis") == "taxis"  # no table: -is/-us kept
+    assert singularize("taxis", {"taxi"}) == "taxi" and singularize("zebus", {"zebu"}) == "zebu"
+    assert singularize("policemen", {"policeman"}) == "policeman"
+
+
+def test_every_coco_synonym_matches_in_the_plural(coco):
+    """The plural of each table word (last word of a multi-word name) names the same object."""
+    def plural(w):
+        if w.endswith("man"):
+            return w[:-3] + "men"
+        if w.endswith("y") and w[-2] not in "aeiou":
+            return w[:-1] + "ies"
+        if w.endswith(("s", "x", "ch", "sh", "z")):
+            return w + "es"
+        return w[:-2] + "ves" if w.endswith("fe") else w + "s"
+
+    for phrase, obj in coco.synonyms.items():
+        *head, last = phrase.split()
+        assert coco.objects_in(" ".join([*head, plural(last)])) == [obj], phrase
 
 
 def test_world_vocab():

@@ -109,17 +109,27 @@ def score_captions(references: dict[Any, list[str]], predictions: dict[Any, str]
 
     available, reason = spice_status() if spice else (False, "disabled")
     if available:
-        from pycocoevalcap.spice.spice import Spice
-
-        score, scores = Spice().compute_score(gts_t, res_t)
-        summary["SPICE"] = float(score)
-        for k, s in zip(sorted(gts_t.keys()), scores):
-            per_image[k]["SPICE"] = float(s["All"]["f"])
+        try:
+            spice_score, spice_each = _run_spice(gts_t, res_t)
+        except Exception as e:  # e.g. its LMDB cache or CoreNLP failing on this JVM: report, never fake
+            available, reason = False, f"SPICE failed: {type(e).__name__}: {e}"
+    if available:
+        summary["SPICE"] = spice_score
+        for k, v in spice_each.items():
+            per_image[k]["SPICE"] = v
     else:
         summary["SPICE"] = "unavailable"
         summary["SPICE_reason"] = reason
     summary["n_images"] = len(ids)
     return summary, per_image
+
+
+def _run_spice(gts: dict, res: dict) -> tuple[float, dict[Any, float]]:
+    """pycocoevalcap's SPICE on tokenised captions -> (corpus score, image_id -> F-score)."""
+    from pycocoevalcap.spice.spice import Spice
+
+    score, scores = Spice().compute_score(gts, res)
+    return float(score), {k: float(s["All"]["f"]) for k, s in zip(sorted(gts.keys()), scores)}
 
 
 _METEOR = None

@@ -28,7 +28,8 @@ wins. Consequences: ``pattern.en`` turns "bus" into "bu" and "glass" into "glas"
 reference's 'wine glas' rule), so the reference never counts a "bus" mention; this module does.
 The reference merges only two-word names, so "stove top oven" never matches there; here it does.
 "iPhone" in the reference table never matches a lower-cased caption there; here the table is
-lower-cased. Possessives ("dog's") give "dog" here (NLTK gives "dog" + "'s" too).
+lower-cased. Possessives ("dog's") give "dog" here (NLTK gives "dog" + "'s" too). "seat" is dropped when any
+mention is a toilet (e.g. "urinal"); the reference drops it only next to the word "toilet".
 """
 from __future__ import annotations
 
@@ -148,7 +149,8 @@ def singular_candidates(word: str) -> list[str]:
     """Possible singular forms of a lower-case ``word``, most likely first (the word itself last).
 
     Data-free: an irregular-plural table, then suffix rules (-ies -> -y, -ves -> -f / -fe,
-    -xes/-ches/-shes/-sses/-zes/-oes -> drop "es", -es -> drop "s" or "es", -s -> drop "s").
+    -xes/-ches/-shes/-sses/-zes/-oes -> drop "es", -es -> drop "s" or "es", -s -> drop "s",
+    -men -> -man); -is / -us -> drop "s" comes after the word itself.
     """
     cands: list[str] = []
     if word in _IRREGULAR:
@@ -163,7 +165,11 @@ def singular_candidates(word: str) -> list[str]:
         cands += [word[:-1], word[:-2]]
     if word.endswith("s") and not word.endswith(("ss", "us", "is")) and len(word) > 2:
         cands.append(word[:-1])
+    if word.endswith("men") and len(word) > 4:
+        cands.append(word[:-3] + "man")  # policemen, gentlemen, servicemen
     cands.append(word)
+    if word.endswith(("is", "us")) and len(word) > 3:
+        cands.append(word[:-1])  # taxis, zebus: only after the word itself, so "bus" never becomes "bu"
     seen: list[str] = []
     for c in cands:
         if c and c not in seen:
@@ -187,7 +193,8 @@ def singularize(word: str, vocabulary: frozenset[str] | set[str] = frozenset()) 
 @dataclass
 class ChairVocab:
     """A synonym table: ``synonyms`` phrase (one or more words) -> object, and ``phrases``:
-    extra multi-word rules phrase -> object (None = the phrase names no object)."""
+    extra multi-word rules phrase -> a word of the table (mapped on to its object) or None (the
+    phrase names no object; so does a word the table does not know)."""
 
     synonyms: dict[str, str]
     phrases: dict[str, Optional[str]] = field(default_factory=dict)
@@ -195,7 +202,11 @@ class ChairVocab:
 
     def __post_init__(self) -> None:
         self.synonyms = {k.lower(): v for k, v in self.synonyms.items()}
-        self.phrases = {k.lower(): v for k, v in self.phrases.items()}
+        objs = set(self.synonyms.values())
+        # A phrase's target is a word looked up in the table, as in the reference ("passenger jet"
+        # -> "jet" -> airplane); a word the table does not know ("baby cub" -> "cub") names no object.
+        self.phrases = {k.lower(): None if v is None else self.synonyms.get(v.lower(), v if v in objs else None)
+                        for k, v in self.phrases.items()}
         table = {**self.synonyms, **self.phrases}
         self._multi = {tuple(k.split()): v for k, v in table.items() if len(k.split()) > 1}
         self._max_len = max([len(k) for k in self._multi] + [1])

@@ -82,6 +82,20 @@ def test_spice_reported_honestly(ours):
         assert summary["SPICE"] == "unavailable" and summary["SPICE_reason"] == reason
 
 
+def test_spice_failure_reported_unavailable(monkeypatch):
+    """SPICE that is present but cannot run (e.g. on this JVM) is reported, never faked or fatal."""
+    import eval.captioning as cap
+
+    def broken(gts, res):
+        raise RuntimeError("lmdbjni: no native library")
+
+    monkeypatch.setattr(cap, "spice_status", lambda: (True, "ok"))
+    monkeypatch.setattr(cap, "_run_spice", broken)
+    summary, per_image = cap.score_captions({1: ["a red circle"]}, {1: "a red circle"})
+    assert summary["SPICE"] == "unavailable" and "no native library" in summary["SPICE_reason"]
+    assert "SPICE" not in per_image[1] and summary["BLEU_1"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="same image ids"):
         score_captions({1: ["a"]}, {2: "a"})

@@ -1,7 +1,7 @@
 """CHAIR: synonym matching, plurals, multi-word names, the reference's special cases, metrics."""
 import pytest
 
-from eval.chair import ChairData, chair_metrics, coco_vocab, ground_truth, score, singularize, vocab_from_table, world_vocab
+from eval.chair import COCO_SYNONYMS_TXT, ChairData, chair_metrics, coco_vocab, ground_truth, score, singularize, vocab_from_table, world_vocab
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,11 @@ def test_reference_special_cases(coco):
     assert coco.objects_in("a baby elephant") == ["elephant"]  # not "person" for "baby"
     assert coco.objects_in("an adult giraffe") == ["giraffe"]
     assert coco.objects_in("a passenger train") == ["train"]  # not "person" for "passenger"
+    # A phrase's target goes through the table: "passenger jet" -> "jet" -> airplane; "baby cub" ->
+    # "cub" and "baby animal" -> "animal" name no COCO object, so they are no mention at all.
+    assert coco.objects_in("a passenger jet") == ["airplane"]
+    assert coco.objects_in("a baby cub next to a baby animal") == []
+    assert coco.objects == {line.split(",")[0] for line in COCO_SYNONYMS_TXT.strip().splitlines()}
     assert coco.objects_in("a man in a bow tie") == ["person", "tie"]
     assert coco.objects_in("a toilet seat") == ["toilet"]
     assert coco.objects_in("a toilet with its seat up") == ["toilet"]  # "seat" dropped next to a toilet
@@ -48,6 +53,25 @@ def test_singularize():
     assert singularize("berries") == "berry"
     assert singularize("cats") == "cat"
     assert singularize("grass") == "grass"
+    assert singularize("bus") == "bus" and singularize("taxis") == "taxis"  # no table: -is/-us kept
+    assert singularize("taxis", {"taxi"}) == "taxi" and singularize("zebus", {"zebu"}) == "zebu"
+    assert singularize("policemen", {"policeman"}) == "policeman"
+
+
+def test_every_coco_synonym_matches_in_the_plural(coco):
+    """The plural of each table word (last word of a multi-word name) names the same object."""
+    def plural(w):
+        if w.endswith("man"):
+            return w[:-3] + "men"
+        if w.endswith("y") and w[-2] not in "aeiou":
+            return w[:-1] + "ies"
+        if w.endswith(("s", "x", "ch", "sh", "z")):
+            return w + "es"
+        return w[:-2] + "ves" if w.endswith("fe") else w + "s"
+
+    for phrase, obj in coco.synonyms.items():
+        *head, last = phrase.split()
+        assert coco.objects_in(" ".join([*head, plural(last)])) == [obj], phrase
 
 
 def test_world_vocab():
@@ -63,7 +87,7 @@ def test_world_vocab():
 
 
 def test_metrics_hand_computed():
-    # caption 1: mentions dog, cat, dog; present {dog}: 2 hallucinated of 3 mentions.
+    # caption 1: mentions dog, cat, dog; present {dog}: 1 hallucinated (cat) of 3 mentions.
     # caption 2: mentions person; present {person, car}: none hallucinated, 1 of 2 recalled.
     # caption 3: no mentions; present {bus}.
     m = chair_metrics([["dog", "cat", "dog"], ["person"], []], [{"dog"}, {"person", "car"}, {"bus"}], [5, 3, 4])

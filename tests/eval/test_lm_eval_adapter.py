@@ -119,3 +119,21 @@ def test_run_language_drift(tiny_llm, tmp_path):
     base = evaluate_text_task(SparcLLM(LlamaForCausalLM.from_pretrained(path), tiny_llm[2]), out / "task", limit=3)
     assert res["before"]["bits_per_byte"] == pytest.approx(base["bits_per_byte"], rel=1e-6)
     assert (out / "summary.json").is_file() and "with LoRA" in (out / "summary.md").read_text()
+
+
+def test_registered_as_lm_eval_model(tiny_llm, tmp_path):
+    """lm-eval finds the adapter by name and builds it from ``model_args``, with the same numbers."""
+    from lm_eval import simple_evaluate
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    from eval.lm_eval_adapter import MODEL_NAME, TASK_NAME
+
+    assert get_model(MODEL_NAME) is SparcLLM
+    path, model, tok = tiny_llm
+    task_dir = write_text_task(tmp_path / "task", TEXTS)
+    res = simple_evaluate(model=MODEL_NAME, model_args=f"pretrained={path}", tasks=[TASK_NAME], limit=2,
+                          task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                          bootstrap_iters=0, log_samples=False, cache_requests=False)
+    by_name = res["results"][TASK_NAME]["bits_per_byte,none"]
+    assert by_name == pytest.approx(evaluate_text_task(SparcLLM(model, tok), task_dir, limit=2)["bits_per_byte"], rel=1e-6)

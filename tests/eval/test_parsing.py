@@ -57,3 +57,21 @@ def test_parsers_never_raise(text):
 def test_box_round_trip(values, prefix):
     text = prefix.replace("[", "(") + "[" + ", ".join(repr(float(v)) for v in values) + "]"
     assert parse_box(text) == tuple(float(v) for v in values)
+
+
+# Text built from the characters the parsers look at, so brackets, numbers, signs, exponents, dots,
+# commas and No/not words actually meet (plain st.text() rarely produces a "[a, b, c, d]").
+_ANSWERISH = st.lists(st.sampled_from(["[", "]", ",", ", ", ".", "-", "+", "e", "E", "1", "0", "9", "1e999", " ",
+                                       "No", "no", "not", "Yes", "true", "false", "\n", "nan", "inf"]), max_size=40)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_ANSWERISH)
+def test_parsers_never_raise_on_answer_like_text(parts):
+    text = "".join(parts)
+    assert parse_yes_no(text) in ("yes", "no")
+    assert parse_true_false(text) in (True, False, None)
+    box = parse_box(text)
+    assert box is None or (len(box) == 4 and all(isinstance(v, float) and abs(v) != float("inf") for v in box))
+    if box is not None:
+        assert "[" in text and "]" in text

@@ -26,18 +26,22 @@ def parse_yes_no(text: str) -> str:
     return "no" if any(w in _NO_WORDS for w in words) else "yes"
 
 
-_TRUE_FALSE = re.compile(r"\b(true|false|yes|no|correct|incorrect|wrong)\b", re.IGNORECASE)
+_TRUE_FALSE = re.compile(r"\b(?:(not)\s+)?(true|false|yes|no|correct|incorrect|wrong)\b", re.IGNORECASE)
 _TF_VALUE = {"true": True, "yes": True, "correct": True, "false": False, "no": False, "incorrect": False,
              "wrong": False}
 
 
 def parse_true_false(text: str) -> Optional[bool]:
     """A VSR answer: the first of true/false (or yes/no, correct/incorrect/wrong) as a whole word,
-    case-insensitive -> True | False; None when the text holds none of them."""
+    case-insensitive -> True | False, flipped when "not" directly precedes it ("not true" is
+    False); None when the text holds none of them."""
     if not isinstance(text, str):
         return None
     m = _TRUE_FALSE.search(text)
-    return None if m is None else _TF_VALUE[m.group(1).lower()]
+    if m is None:
+        return None
+    value = _TF_VALUE[m.group(2).lower()]
+    return not value if m.group(1) else value
 
 
 _NUM = r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*"

@@ -29,6 +29,7 @@ def test_true_false():
     assert parse_true_false("Yes it is") is True
     assert parse_true_false("false, not true") is False  # first match wins
     assert parse_true_false("untrue statement") is None  # whole words only
+    assert parse_true_false("That is not true.") is False and parse_true_false("not wrong") is True
     assert parse_true_false("") is None
 
 

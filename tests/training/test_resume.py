@@ -158,3 +158,90 @@ def test_resumable_batches_positions_and_sharding():
         ResumableBatches(3, 4, lambda ids: ids)
     with pytest.raises(ValueError, match="rank"):
         ResumableBatches(10, 2, lambda ids: ids, rank=2, world_size=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipes themselves: stage one and stage two SIGKILLed at a random micro-batch, then resumed
+# ------------------------------------------------------------------------------------------------
+
+STAGE_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    tests = Path(sys.argv[1])
+    sys.path[:0] = [str(tests / "training"), str(tests / "vlm")]
+    import torch
+    torch.set_num_threads(1)
+    stage, assets, out, resume, kill_at = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5] == "1", int(sys.argv[6])
+    if stage == "stage1":
+        from test_stage1 import tiny_cfg
+        from training import stage1 as recipe
+        cfg = tiny_cfg(str(assets / "{00000..00001}.tar"), out, "sparc", steps=8, grad_accum=2)
+        owner, name = recipe.Stage1Batches, "collate"          # called once per micro-batch produced
+    else:
+        from test_stage2 import tiny_cfg
+        from training import stage2 as recipe
+        cfg = tiny_cfg({"tower": assets / "tower", "llm": assets / "llm", "json": assets / "data" / "train.json"},
+                       out, "flamingo", max_steps=8)
+        cfg.optim.grad_accum, cfg.optim.batch_size, cfg.run.ckpt_every = 2, 3, 3
+        owner, name = recipe.LlavaExamples, "make_batch"
+    cfg.run.resume = resume
+    if kill_at >= 0:
+        original, calls = getattr(owner, name), [0]
+        def hooked(self, *args, **kwargs):
+            if calls[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no finally blocks
+            calls[0] += 1
+            return original(self, *args, **kwargs)
+        setattr(owner, name, hooked)
+    recipe.run(cfg)
+""")
+
+
+@pytest.fixture(scope="module")
+def stage_assets(tmp_path_factory):
+    sys.path[:0] = [str(ROOT / "tests" / "training"), str(ROOT / "tests" / "vlm")]
+    from test_stage1 import write_shards
+    from test_stage2 import write_dataset
+    from tiny_vlm import save_tiny_llm, save_tiny_tower
+    root = tmp_path_factory.mktemp("stage_assets")
+    write_shards(root / "shards")
+    save_tiny_llm(root / "stage2" / "llm", initializer_range=0.3)
+    save_tiny_tower(root / "stage2" / "tower")
+    write_dataset(root / "stage2" / "data")
+    script = root / "stage_drill.py"
+    script.write_text(STAGE_SCRIPT)
+    return {"stage1": root / "shards", "stage2": root / "stage2", "script": script}
+
+
+def _final_tensors(final: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(final.rglob("*.safetensors")):
+        out.update({f"{f.relative_to(final)}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_sigkill_recipe_at_random_step_and_resume_equals_uninterrupted(stage_assets, tmp_path, stage):
+    """8 steps, 2 micro-batches each, checkpoints every 3 steps; killed at a random micro-batch after the first."""
+    kill_at = random.Random().randrange(6, 16)
+
+    def launch(out, resume, kill):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        cmd = [sys.executable, str(stage_assets["script"]), str(ROOT / "tests"), stage, str(stage_assets[stage]),
+               str(out), "1" if resume else "0", str(kill)]
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    ref, victim = launch(tmp_path / "ref", False, -1), launch(tmp_path / "cut", False, kill_at)
+    out_victim = victim.communicate(timeout=300)[0]
+    assert victim.returncode == -signal.SIGKILL, f"kill_at={kill_at}\n{out_victim}"
+    assert not (tmp_path / "cut" / "final").exists()
+    assert (tmp_path / "cut" / "checkpoints" / "step_00000003" / "meta.json").is_file(), kill_at
+    resumed = launch(tmp_path / "cut", True, -1)
+    out_resumed, out_ref = resumed.communicate(timeout=300)[0], ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, out_ref
+    assert resumed.returncode == 0, f"kill_at={kill_at}\n{out_resumed}"
+    assert "resumed from" in out_resumed
+    a, b = _final_tensors(tmp_path / "ref" / "final"), _final_tensors(tmp_path / "cut" / "final")
+    assert a and a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs (killed at micro-batch {kill_at})"

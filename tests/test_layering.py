@@ -78,13 +78,57 @@ def test_imports_flow_downward(name, path):
             f"{path.relative_to(ROOT)}:{line}: training and eval must not import each other ({mod})")
 
 
+UNPICKLERS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("dill", "load"), ("dill", "loads"),
+               ("cloudpickle", "load"), ("cloudpickle", "loads"), ("joblib", "load"), ("pd", "read_pickle"),
+               ("pandas", "read_pickle")}
+
+
+def _tree_files():
+    """Every Python file of the tree (packages, tests, bench, scripts...), virtual environments excluded."""
+    skip = {".venv", "venv", ".git", "build", "dist", "node_modules"}
+    return [p for p in sorted(ROOT.rglob("*.py")) if not skip & set(p.relative_to(ROOT).parts)]
+
+
+def unsafe_calls(source: str, filename: str = "<src>") -> list[tuple[int, str]]:
+    """(line, what) for each call that can run code from a file: ``torch.load`` without a literal
+    ``weights_only=True``, any ``trust_remote_code`` other than a literal False, unpicklers, and
+    ``allow_pickle=True``. Parsed, so strings and comments never count and multi-line calls do."""
+    out = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if not isinstance(node, ast.Call):
+            continue
+        kw = {k.arg: k.value for k in node.keywords if k.arg}
+        f = node.func
+        owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else None
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+        literal = lambda key, value: isinstance(kw.get(key), ast.Constant) and kw[key].value is value  # noqa: E731
+        if (owner, name) == ("torch", "load") and not literal("weights_only", True):
+            out.append((node.lineno, "torch.load without weights_only=True"))
+        if "trust_remote_code" in kw and not literal("trust_remote_code", False):
+            out.append((node.lineno, "trust_remote_code not False"))
+        if (owner, name) in UNPICKLERS:
+            out.append((node.lineno, f"{owner}.{name} (unpickling)"))
+        if "allow_pickle" in kw and not literal("allow_pickle", False):
+            out.append((node.lineno, "allow_pickle"))
+    return out
+
+
+def test_unsafe_call_detector():
+    bad = ("torch.load(p)\ntorch.load(p, weights_only=False)\ntorch.load(\n  p,\n  map_location='cpu')\n"
+           "AutoModel.from_pretrained(p, trust_remote_code=True)\nf(trust_remote_code=flag)\npickle.load(f)\n"
+           "np.load(p, allow_pickle=True)\n")
+    assert [line for line, _ in unsafe_calls(bad)] == [1, 2, 3, 6, 7, 8, 9]
+    good = "torch.load(\n p, map_location='cpu',\n weights_only=True)\nf(trust_remote_code=False)\nx = 'torch.load(p)'\n"
+    assert unsafe_calls(good) == []
+
+
 def test_no_unsafe_loading():
-    """No torch.load without weights_only=True and no trust_remote_code=True in our code."""
-    offenders = []
-    for name, path in ALL:
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            if "torch.load(" in line and "weights_only=True" not in line:
-                offenders.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
-            if "trust_remote_code=True" in line:
-                offenders.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
+    """No torch.load without weights_only=True, no trust_remote_code=True and no unpickling anywhere in the tree."""
+    files = _tree_files()
+    assert any(p.parts[-2:] == ("training", "checkpoint.py") for p in files)
+    offenders = [f"{p.relative_to(ROOT)}:{line}: {what}" for p in files
+                 for line, what in unsafe_calls(p.read_text(), str(p))]
+    for p in sorted((ROOT / "configs").rglob("*.yaml")):  # no recipe turns it on either
+        offenders += [f"{p.relative_to(ROOT)}:{i}: {ln.strip()}" for i, ln in enumerate(p.read_text().splitlines(), 1)
+                      if "trust_remote_code" in ln]
     assert not offenders, "\n".join(offenders)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -40,6 +40,13 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"{value!r} is not one of {list(choices)}")
+
+
+def _positive(cfg: Any, prefix: str, *names: str) -> None:
+    """Each named field of ``cfg`` must be > 0 (checked before any division by it)."""
+    for name in names:
+        value = getattr(cfg, name)
+        _check(value > 0, f"{prefix}.{name}", f"must be > 0, got {value}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +74,7 @@ class OptimConfig:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
         _check(self.max_steps > 0, "optim.max_steps", f"must be > 0, got {self.max_steps}")
         _check(0 <= self.warmup_steps <= self.max_steps, "optim.warmup_steps", "must be in [0, max_steps]")
         _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
@@ -155,6 +163,7 @@ class LlavaDataConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_len > 8, "data.max_len", "must be > 8")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
 
 
 @dataclass
@@ -194,6 +203,7 @@ class VisionTowerConfig:
     def __post_init__(self) -> None:
         _one_of(self.arch, "vision.arch", VISION_ARCHS)
         if not self.pretrained:
+            _positive(self, "vision", "image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_ratio")
             _check(self.image_size % self.patch_size == 0, "vision.patch_size",
                    f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
             _check(self.hidden_size % self.num_heads == 0, "vision.num_heads",
@@ -213,6 +223,7 @@ class TextTowerConfig:
 
     def __post_init__(self) -> None:
         if not self.pretrained:
+            _positive(self, "text", "hidden_size", "num_layers", "num_heads", "max_len")
             _check(self.hidden_size % self.num_heads == 0, "text.num_heads",
                    "hidden_size must be divisible by num_heads")
             _check(self.vocab_size >= 64, "text.vocab_size", "must be >= 64")
@@ -263,6 +274,7 @@ class ObjectiveConfig:
         if self.sparsity_threshold is not None:
             _check(0 <= self.sparsity_threshold <= 1, "objective.sparsity_threshold", "must be in [0, 1]")
         _check(self.flair_num_subcaptions >= 1, "objective.flair_num_subcaptions", "must be >= 1")
+        _positive(self, "objective", "max_logit_scale", "flair_max_merge", "flair_num_heads", "flair_init_scale")
 
 
 @dataclass
@@ -276,6 +288,7 @@ class MaskEmbedConfig:
 
     def __post_init__(self) -> None:
         _check(self.decoder_layers >= 1, "maskembed.decoder_layers", "must be >= 1")
+        _positive(self, "maskembed", "decoder_heads")
 
 
 @dataclass
@@ -288,6 +301,9 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "lora.r", "must be > 0")
+        _check(self.alpha > 0, "lora.alpha", "must be > 0")
+        _check(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(bool(self.target_modules), "lora.target_modules", "must name at least one module (or all-linear)")
 
 
 @dataclass
@@ -301,6 +317,7 @@ class BridgeConfig:
     def __post_init__(self) -> None:
         _one_of(self.name, "bridge.name", BRIDGE_NAMES)
         _check(self.num_latents > 0 and self.xattn_every > 0, "bridge", "num_latents, xattn_every > 0")
+        _positive(self, "bridge", "num_heads")
 
 
 @dataclass
@@ -333,6 +350,11 @@ class LMModelConfig:
     num_layers: int = 4
     num_heads: int = 4
     max_position: int = 256
+
+    def __post_init__(self) -> None:
+        _positive(self, "model", "hidden_size", "intermediate_size", "num_layers", "num_heads", "max_position")
+        _check(self.vocab_size >= 64, "model.vocab_size", "must be >= 64")
+        _check(self.hidden_size % self.num_heads == 0, "model.num_heads", "hidden_size must be divisible by num_heads")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,9 +495,12 @@ def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Opti
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            layers.append(OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
         except Exception as e:  # yaml.YAMLError and friends: say which file
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys, got a list")
+        layers.append(loaded)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")

@@ -177,3 +177,30 @@ def test_vsr_errors(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_pope(tmp_path / "nope.jsonl")
+
+
+def test_coco_bad_area_iscrowd_and_duplicate_images(tmp_path):
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}], "categories": [{"id": 1, "name": "c"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "iscrowd": 0},
+                            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "area": "big"}]}
+    p, lines = _pretty(tmp_path, "i.json", data)
+    _raises(read_coco_instances, p, _line_of(lines, '"id": 2') - 1, "'area' should be int/float")
+    data["annotations"][1] = {**data["annotations"][1], "area": 3, "iscrowd": None}
+    p, lines = _pretty(tmp_path, "i.json", data)
+    _raises(read_coco_instances, p, _line_of(lines, '"id": 2') - 1, "'iscrowd' should be int/bool")
+    data["images"].append(dict(data["images"][0], file_name="b.jpg"))
+    p, lines = _pretty(tmp_path, "i.json", data)
+    _raises(read_coco_instances, p, _line_of(lines, '"id": 1', 1) - 1, "duplicate image id 1")
+    caps = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], "annotations": []}
+    p, lines = _pretty(tmp_path, "c.json", caps)
+    _raises(read_coco_captions, p, _line_of(lines, '"id": 1', 1) - 1, "duplicate image id 1")
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """U+2028 / U+0085 are legal inside JSON strings (json.dumps(ensure_ascii=False) writes them raw)."""
+    q = {"question_id": 1, "image": "a.jpg", "text": "Is there a cat\u2028here\u0085?", "label": "yes"}
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps(q, ensure_ascii=False) + "\r\n" + json.dumps({**q, "question_id": 2}) + "\n", encoding="utf-8")
+    assert [x.text for x in read_pope(p)] == [q["text"]] * 2
+    p.write_text(json.dumps(q, ensure_ascii=False) + "\n" + json.dumps({**q, "label": "maybe"}, ensure_ascii=False) + "\n")
+    _raises(read_pope, p, 2, "label should be")

@@ -103,3 +103,53 @@ def test_deterministic_shuffle_and_repeat(clean_shards):
     two = [s["key"] for s in itertools.islice(stream, 80)]
     assert two[:40] == a and sorted(two[40:]) == sorted(a) and two[40:] != a  # reshuffled per epoch
     assert [s["key"] for s in itertools.islice(stream.skip(35), 10)] == two[35:45]
+
+
+def test_training_run_through_a_bad_shard_skips_and_counts(tmp_path, monkeypatch, caplog):
+    """Stage one trains through a shard holding corrupt, empty, caption-less and huge samples (and a
+    shard that is not a tar at all): the run finishes and every bad sample is skipped and counted."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    from test_stage1 import _image, tiny_cfg
+    from training import stage1
+
+    huge = io.BytesIO()
+    Image.new("L", (4100, 4100)).save(huge, format="PNG")  # 16.8M px > ShardStream's default max_pixels
+    bad = [{"__key__": "bad-trunc", "jpg": _jpeg(1)[:150], "txt": b"a truncated jpeg"},
+           {"__key__": "bad-empty", "txt": b""},
+           {"__key__": "bad-nocap", "jpg": _jpeg(2), "json": b"{}"},
+           {"__key__": "bad-blank", "jpg": _jpeg(3), "txt": b"   "},
+           {"__key__": "bad-huge", "png": huge.getvalue(), "txt": b"a huge image"},
+           {"__key__": "bad-bytes", "jpg": b"not an image at all", "txt": b"garbage"}]
+    samples = []
+    for i in range(24):
+        buf = io.BytesIO()
+        color, shape = ("red", "green", "blue", "yellow")[i % 4], ("square", "bar", "dot", "frame")[i // 4 % 4]
+        _image(color, shape).save(buf, format="JPEG", quality=95)
+        samples.append({"__key__": f"good-{i:03d}", "jpg": buf.getvalue(), "txt": f"a {color} {shape}.".encode()})
+        if i % 4 == 3:
+            samples.append(bad[i // 4])
+    _write(tmp_path / "000000.tar", samples)
+    (tmp_path / "000001.tar").write_bytes(b"\x00not a tar" * 64)
+    streams = []
+    real_init = ShardStream.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        streams.append(self)
+
+    monkeypatch.setattr(ShardStream, "__init__", recording_init)
+    cfg = tiny_cfg(str(tmp_path / "{000000..000001}.tar"), tmp_path / "run", "clip", steps=4)
+    with caplog.at_level(logging.WARNING, logger="vlm.data.shards"):
+        final = stage1.run(cfg)
+    assert final.is_dir() and any(final.iterdir())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and np.isfinite([r["loss"] for r in rows]).all()
+    # streams[0] trained the tokenizer; streams[1] is training epoch 0 (3 batches of 8), fully read
+    want = {"bad_image": 2, "empty_sample": 1, "missing_text": 1, "empty_text": 1, "too_large": 1, "corrupt_shard": 1}
+    for stream in streams[:2]:
+        assert stream.stats["reasons"] == want and stream.stats["ok"] == 24
+        assert stream.stats["skipped"] == sum(want.values())
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert all(f"skipping {reason} " in warned for reason in want)

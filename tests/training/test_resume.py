@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from training import checkpoint as ckpt
 from training.data import ResumableBatches
 from training.loop import train
 from vlm.config import OptimConfig, RunConfig
@@ -60,6 +61,20 @@ SCRIPT = TOY + textwrap.dedent("""
     from training.loop import train
     from vlm.config import OptimConfig, RunConfig
     out, resume, delay = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])
+    if len(sys.argv) > 4:  # SIGKILL this process while it writes the checkpoint of step argv[4]
+        import os, signal
+        from training import checkpoint as ckpt
+        kill_dir, where = ckpt.TMP_PREFIX + ckpt.ckpt_name(int(sys.argv[4])), sys.argv[5]
+        real_save_file, real_fsync = ckpt.save_file, ckpt.fsync_path
+        def save_file(tensors, path, metadata=None):
+            real_save_file(tensors, path, metadata=metadata)
+            if where == "tensors" and kill_dir in str(path):
+                os.kill(os.getpid(), signal.SIGKILL)
+        def fsync_path(path):
+            if where == "commit" and path.name == kill_dir and (path / ckpt.META).is_file():
+                os.kill(os.getpid(), signal.SIGKILL)   # meta.json written, directory not yet renamed
+            real_fsync(path)
+        ckpt.save_file, ckpt.fsync_path = save_file, fsync_path
     optim = OptimConfig(lr=3e-3, warmup_steps=3, max_steps=24, grad_accum=2, weight_decay=0.01)
     run = RunConfig(out_dir=out, ckpt_every=4, keep_last=2, log_every=2, progress=False, tensorboard=False,
                     device="cpu", resume=resume)
@@ -67,9 +82,9 @@ SCRIPT = TOY + textwrap.dedent("""
 """)
 
 
-def _launch(script, out, resume, delay):
+def _launch(script, out, resume, delay, *extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, str(script), str(out), "1" if resume else "0", str(delay)],
+    return subprocess.Popen([sys.executable, str(script), str(out), "1" if resume else "0", str(delay), *extra],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -101,6 +116,31 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a[k], b[k]), k
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "victim" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(2, 25, 2))  # rows after the resumed checkpoint were replaced, not duplicated
+
+
+@pytest.mark.parametrize("where", ["tensors", "commit"])
+def test_sigkill_during_checkpoint_write_keeps_latest_and_resumes(tmp_path, where):
+    """Killed while writing the step-8 checkpoint (after its tensors; after its meta.json, before the
+    rename): step 4 stays the latest complete checkpoint, and resuming from it ends like an uninterrupted run."""
+    script = tmp_path / "toy_train.py"
+    script.write_text(SCRIPT)
+    ref = _launch(script, tmp_path / "ref", False, 0.0)
+    victim = _launch(script, tmp_path / "victim", False, 0.0, "8", where)
+    out_victim = victim.communicate(timeout=120)[0]
+    assert victim.returncode == -signal.SIGKILL, out_victim
+    root = tmp_path / "victim" / "checkpoints"
+    assert (root / ".tmp-step_00000008").is_dir() and not (root / "step_00000008").exists()
+    assert (root / ".tmp-step_00000008" / "meta.json").is_file() == (where == "commit")
+    assert [c.step for c in ckpt.list_checkpoints(root)] == [4]
+    assert ckpt.load_checkpoint(root / "step_00000004")["meta"]["step"] == 4
+    resumed = _launch(script, tmp_path / "victim", True, 0.0)
+    out_resumed, out_ref = resumed.communicate(timeout=120)[0], ref.communicate(timeout=120)[0]
+    assert resumed.returncode == 0 and ref.returncode == 0, out_resumed + out_ref
+    assert "resumed from" in out_resumed and "step 4" in out_resumed
+    assert not list(root.glob(".tmp-*"))  # the stale half-written directory was cleared
+    a = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "victim" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class Interrupt(Exception):
@@ -158,3 +198,90 @@ def test_resumable_batches_positions_and_sharding():
         ResumableBatches(3, 4, lambda ids: ids)
     with pytest.raises(ValueError, match="rank"):
         ResumableBatches(10, 2, lambda ids: ids, rank=2, world_size=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipes themselves: stage one and stage two SIGKILLed at a random micro-batch, then resumed
+# ------------------------------------------------------------------------------------------------
+
+STAGE_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    tests = Path(sys.argv[1])
+    sys.path[:0] = [str(tests / "training"), str(tests / "vlm")]
+    import torch
+    torch.set_num_threads(1)
+    stage, assets, out, resume, kill_at = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5] == "1", int(sys.argv[6])
+    if stage == "stage1":
+        from test_stage1 import tiny_cfg
+        from training import stage1 as recipe
+        cfg = tiny_cfg(str(assets / "{00000..00001}.tar"), out, "sparc", steps=8, grad_accum=2)
+        owner, name = recipe.Stage1Batches, "collate"          # called once per micro-batch produced
+    else:
+        from test_stage2 import tiny_cfg
+        from training import stage2 as recipe
+        cfg = tiny_cfg({"tower": assets / "tower", "llm": assets / "llm", "json": assets / "data" / "train.json"},
+                       out, "flamingo", max_steps=8)
+        cfg.optim.grad_accum, cfg.optim.batch_size, cfg.run.ckpt_every = 2, 3, 3
+        owner, name = recipe.LlavaExamples, "make_batch"
+    cfg.run.resume = resume
+    if kill_at >= 0:
+        original, calls = getattr(owner, name), [0]
+        def hooked(self, *args, **kwargs):
+            if calls[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no finally blocks
+            calls[0] += 1
+            return original(self, *args, **kwargs)
+        setattr(owner, name, hooked)
+    recipe.run(cfg)
+""")
+
+
+@pytest.fixture(scope="module")
+def stage_assets(tmp_path_factory):
+    sys.path[:0] = [str(ROOT / "tests" / "training"), str(ROOT / "tests" / "vlm")]
+    from test_stage1 import write_shards
+    from test_stage2 import write_dataset
+    from tiny_vlm import save_tiny_llm, save_tiny_tower
+    root = tmp_path_factory.mktemp("stage_assets")
+    write_shards(root / "shards")
+    save_tiny_llm(root / "stage2" / "llm", initializer_range=0.3)
+    save_tiny_tower(root / "stage2" / "tower")
+    write_dataset(root / "stage2" / "data")
+    script = root / "stage_drill.py"
+    script.write_text(STAGE_SCRIPT)
+    return {"stage1": root / "shards", "stage2": root / "stage2", "script": script}
+
+
+def _final_tensors(final: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(final.rglob("*.safetensors")):
+        out.update({f"{f.relative_to(final)}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_sigkill_recipe_at_random_step_and_resume_equals_uninterrupted(stage_assets, tmp_path, stage):
+    """8 steps, 2 micro-batches each, checkpoints every 3 steps; killed at a random micro-batch after the first."""
+    kill_at = random.Random().randrange(6, 16)
+
+    def launch(out, resume, kill):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        cmd = [sys.executable, str(stage_assets["script"]), str(ROOT / "tests"), stage, str(stage_assets[stage]),
+               str(out), "1" if resume else "0", str(kill)]
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    ref, victim = launch(tmp_path / "ref", False, -1), launch(tmp_path / "cut", False, kill_at)
+    out_victim = victim.communicate(timeout=300)[0]
+    assert victim.returncode == -signal.SIGKILL, f"kill_at={kill_at}\n{out_victim}"
+    assert not (tmp_path / "cut" / "final").exists()
+    assert (tmp_path / "cut" / "checkpoints" / "step_00000003" / "meta.json").is_file(), kill_at
+    resumed = launch(tmp_path / "cut", True, -1)
+    out_resumed, out_ref = resumed.communicate(timeout=300)[0], ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, out_ref
+    assert resumed.returncode == 0, f"kill_at={kill_at}\n{out_resumed}"
+    assert "resumed from" in out_resumed
+    a, b = _final_tensors(tmp_path / "ref" / "final"), _final_tensors(tmp_path / "cut" / "final")
+    assert a and a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs (killed at micro-batch {kill_at})"

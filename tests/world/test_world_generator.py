@@ -135,9 +135,11 @@ def test_vocabulary():
 
 
 def test_generation_speed_is_reasonable():
+    """The issue's budget, 50k 64x64 samples in under a minute, on CPU time (other processes on a
+    loaded machine do not count against it): 1000 samples in < 1.2 s (~0.7 s measured on one core)."""
     import time
-    t = time.perf_counter()
-    for i in range(300):
-        generate_sample(i, 0, WorldConfig())
-    # ~1000+/s on one free core; a loose bound so a loaded CI machine still passes
-    assert time.perf_counter() - t < 10
+    generate_sample(0, 0, WorldConfig())
+    t = time.process_time()
+    for i in range(1000):
+        generate_sample(i, 1, WorldConfig())
+    assert time.process_time() - t < 1.2

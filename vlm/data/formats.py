@@ -194,7 +194,8 @@ def _write_json(path: PathLike, obj: Any) -> None:
 
 def _read_jsonl(path: PathLike) -> Iterable[tuple[int, dict]]:
     text = _read_text(path)
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only: str.splitlines would also break at U+2028, U+0085... inside a string.
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -238,6 +239,8 @@ def read_coco_captions(path: PathLike) -> CocoCaptions:
     for k, im in enumerate(chk.list_under(data, "images")):
         where = f"images[{k}]"
         image_id = chk.get(im, "id", int, where, "images", k)
+        if image_id in images:
+            chk.fail(f"{where}: duplicate image id {image_id}", "images", k)
         images[image_id] = chk.get(im, "file_name", str, where, "images", k)
     captions: dict[int, list[str]] = {i: [] for i in images}
     for k, ann in enumerate(chk.list_under(data, "annotations")):
@@ -283,6 +286,8 @@ def read_coco_instances(path: PathLike) -> CocoInstances:
     for k, im in enumerate(chk.list_under(data, "images")):
         where = f"images[{k}]"
         image_id = chk.get(im, "id", int, where, "images", k)
+        if image_id in images:
+            chk.fail(f"{where}: duplicate image id {image_id}", "images", k)
         images[image_id] = {"file_name": chk.get(im, "file_name", str, where, "images", k),
                             "width": chk.get(im, "width", int, where, "images", k),
                             "height": chk.get(im, "height", int, where, "images", k)}
@@ -303,9 +308,11 @@ def read_coco_instances(path: PathLike) -> CocoInstances:
             chk.fail(f"{where}: category_id {category_id} is not in categories", "annotations", k)
         if ann_id in annotations:
             chk.fail(f"{where}: duplicate annotation id {ann_id}", "annotations", k)
-        area = ann.get("area", bbox[2] * bbox[3])
+        area = chk.get(ann, "area", (int, float), where, "annotations", k, optional=True)
+        iscrowd = chk.get(ann, "iscrowd", (int, bool), where, "annotations", k, optional=True)
         annotations[ann_id] = {"image_id": image_id, "category_id": category_id, "bbox": list(bbox),
-                               "area": float(area), "iscrowd": int(ann.get("iscrowd", 0))}
+                               "area": float(bbox[2] * bbox[3] if area is None else area),
+                               "iscrowd": int(iscrowd or 0)}
     return CocoInstances(images=images, categories=categories, annotations=annotations)
 
 

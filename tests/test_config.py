@@ -1,0 +1,83 @@
+"""Configs: YAML round trip, every shipped config loads, and bad keys / values / files are rejected
+with a ConfigError naming the key (or the file) before any work starts."""
+from pathlib import Path
+
+import pytest
+
+from vlm.config import (AblateConfig, ConfigError, DemoConfig, LMConfig, MaskEmbedRunConfig, Stage1Config,
+                        Stage2Config, config_from_yaml_text, load_config, save_config, to_yaml)
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = [Stage1Config, Stage2Config, LMConfig, MaskEmbedRunConfig, DemoConfig, AblateConfig]
+CLASS_OF_DIR = {"stage1": Stage1Config, "stage2": Stage2Config, "lm": LMConfig, "posttrain": MaskEmbedRunConfig,
+                "ablate": AblateConfig}
+
+
+@pytest.mark.parametrize("cls", RECIPES, ids=lambda c: c.__name__)
+def test_yaml_round_trip(cls, tmp_path):
+    cfg = cls()
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(cls, tmp_path / "c.yaml") == cfg
+    assert config_from_yaml_text(cls, to_yaml(cfg)) == cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    cls = CLASS_OF_DIR[path.parent.name]
+    cfg = load_config(cls, path)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(cls, tmp_path / "c.yaml") == cfg
+
+
+def test_overrides_apply_in_order(tmp_path):
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 0.5\n  max_steps: 10\n  warmup_steps: 2\n")
+    cfg = load_config(Stage1Config, tmp_path / "c.yaml", ["optim.lr=1e-3", "model.vision.num_layers=3"])
+    assert (cfg.optim.lr, cfg.optim.max_steps, cfg.model.vision.num_layers) == (1e-3, 10, 3)
+
+
+@pytest.mark.parametrize("cls,override,key", [
+    (Stage1Config, "optim.bogus=1", "optim.bogus"),
+    (Stage1Config, "nope=1", "nope"),
+    (Stage1Config, "optim.lr=abc", "optim.lr"),
+    (Stage1Config, "optim.lr=0", "optim.lr"),
+    (Stage1Config, "optim.eps=-1", "optim.eps"),
+    (Stage1Config, "optim.warmup_steps=1000", "optim.warmup_steps"),
+    (Stage1Config, "objective.name=clap", "objective.name"),
+    (Stage1Config, "model.vision.patch_size=0", "vision.patch_size"),  # was a ZeroDivisionError
+    (Stage1Config, "model.vision.num_heads=0", "vision.num_heads"),
+    (Stage1Config, "model.vision.patch_size=7", "vision.patch_size"),
+    (Stage1Config, "model.text.num_heads=0", "text.num_heads"),
+    (Stage1Config, "model.vision.hidden_size=-8", "vision.hidden_size"),
+    (Stage1Config, "objective.flair_num_heads=0", "objective.flair_num_heads"),
+    (Stage1Config, "world.image_size=8", "world.image_size"),
+    (Stage1Config, "world.max_objects=9", "world.min_objects/max_objects"),
+    (Stage1Config, "run.device=tpu", "run.device"),
+    (LMConfig, "model.num_heads=3", "model.num_heads"),
+    (LMConfig, "model.hidden_size=0", "model.hidden_size"),
+    (Stage2Config, "model.lora.dropout=2", "lora.dropout"),
+    (Stage2Config, "model.bridge.num_heads=0", "bridge.num_heads"),
+    (Stage2Config, "data.num_workers=-1", "data.num_workers"),
+    (MaskEmbedRunConfig, "maskembed.decoder_heads=0", "maskembed.decoder_heads"),
+    (AblateConfig, "seeds=[1,1]", "seeds"),
+])
+def test_bad_keys_and_values_name_the_key(cls, override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(cls, None, [override])
+    assert str(info.value).startswith(f"{key}:"), str(info.value)
+
+
+@pytest.mark.parametrize("text,what", [
+    ("optim:\n  lr: [1\n", "not valid YAML"),
+    ("- optim\n- run\n", "top level must be a mapping"),
+    ("optim:\n  max_stepz: 3\n", "max_stepz"),
+])
+def test_bad_files_name_the_file(tmp_path, text, what):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=what) as info:
+        load_config(Stage1Config, path)
+    assert str(path) in str(info.value)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Stage1Config, tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(Stage1Config, None, ["optim.lr"])

@@ -1,6 +1,6 @@
 """``python -m bench`` (``make bench``): every benchmark in one run, one table of ratios.
 
-Stage one (SPARC/CLIP step time and memory, ours/open_clip samples/s), stage two (tokens/s per
+World generation speed, stage one (SPARC/CLIP step time and memory, ours/open_clip samples/s), stage two (tokens/s per
 bridge, KV-cache speed-up) and, when a demo has run, its wall time by stage (``--demo DIR``).
 """
 from __future__ import annotations
@@ -26,10 +26,14 @@ def demo_rows(demo_dir: Path) -> list[Row]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", default="runs/demo", help="a demo output dir to read timings from")
-    parser.add_argument("--only", default="stage1,stage2,demo", help="comma list of stage1, stage2, demo")
+    parser.add_argument("--only", default="world,stage1,stage2,demo", help="comma list of world, stage1, stage2, demo")
     args = parser.parse_args()
     only = set(args.only.split(","))
     rows: list[Row] = []
+    if "world" in only:
+        from bench import world
+
+        rows += world.run()
     if "stage1" in only:
         from bench import stage1
 

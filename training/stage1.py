@@ -132,6 +132,9 @@ class Stage1Batches:
             if n == 0:
                 raise RuntimeError(f"rank {self.rank} (worker {worker}) got no samples from {len(self.urls)} "
                                    f"shard(s) in epoch {epoch}; skipped: {stream.stats}")
+            if stream.stats["skipped"]:
+                print(f"stage1 data, rank {self.rank} worker {worker}, epoch {epoch}: {stream.stats['ok']} "
+                      f"samples read, {stream.stats['skipped']} skipped {stream.stats['reasons']}", file=sys.stderr)
 
     def collate(self, samples: list[tuple[int, dict]], worker: int = 0) -> dict:
         """(position, sample) pairs -> one micro-batch dict."""

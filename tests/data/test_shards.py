@@ -105,7 +105,7 @@ def test_deterministic_shuffle_and_repeat(clean_shards):
     assert [s["key"] for s in itertools.islice(stream.skip(35), 10)] == two[35:45]
 
 
-def test_training_run_through_a_bad_shard_skips_and_counts(tmp_path, monkeypatch, caplog):
+def test_training_run_through_a_bad_shard_skips_and_counts(tmp_path, monkeypatch, caplog, capsys):
     """Stage one trains through a shard holding corrupt, empty, caption-less and huge samples (and a
     shard that is not a tar at all): the run finishes and every bad sample is skipped and counted."""
     import sys
@@ -153,3 +153,4 @@ def test_training_run_through_a_bad_shard_skips_and_counts(tmp_path, monkeypatch
         assert stream.stats["skipped"] == sum(want.values())
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert all(f"skipping {reason} " in warned for reason in want)
+    assert "epoch 0: 24 samples read, 7 skipped" in capsys.readouterr().err  # the run reports the counts

@@ -125,7 +125,7 @@ def cmd_eval_drift(args: argparse.Namespace) -> int:
     from eval.lm_eval_adapter import run_language_drift
 
     out = args.out or str(Path(args.ckpt) / "eval_drift")
-    result = run_language_drift(args.ckpt, out, limit=args.limit)
+    result = run_language_drift(args.ckpt, out, limit=args.limit, world_dir=args.world_dir)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval_vlm)
     e = esub.add_parser("drift", help="lm-eval: the LLM's language ability before/after LoRA")
     e.add_argument("--ckpt", required=True, help="a stage-two checkpoint dir")
-    e.add_argument("--out", default=None)
-    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--world-dir", default="runs/world", help="held-out text: this world's eval-split texts")
+    e.add_argument("--out", default=None, help="default CKPT/eval_drift")
+    e.add_argument("--limit", type=int, default=None, help="at most this many documents")
     e.set_defaults(func=cmd_eval_drift)
 
     p = sub.add_parser("merge", help="write a standalone merged LLM + bridge")

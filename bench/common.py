@@ -1,7 +1,12 @@
 """What every benchmark prints: rows of (what, value, unit, target) as one aligned table."""
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 
 @dataclass
@@ -22,3 +27,23 @@ def format_table(rows: list[Row], title: str = "") -> str:
         value = f"{r.value:.3f}" if abs(r.value) < 1000 else f"{r.value:,.0f}"
         lines.append(f"| {r.name} | {value} {r.unit} | {r.target} |")
     return "\n".join(lines)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work so wall-clock timings measure it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
+    """Median wall seconds of ``fn`` over ``iters`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

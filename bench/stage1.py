@@ -33,7 +33,6 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +42,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.common import Row, format_table
+from bench.common import Row, format_table, median_time
 from encoders.dual_encoder import DualEncoder, tokenize_texts
 from encoders.stage1_model import Stage1Model
 from training.loop import train
@@ -114,11 +113,6 @@ def build(cfg: Stage1Config, tokenizer, device: torch.device) -> Stage1Model:
     return Stage1Model.build(DualEncoder(cfg.model, tokenizer), cfg.objective).to(device)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -136,20 +130,6 @@ def step_fn(model: Stage1Model, batch: dict, lr: float = 1e-4) -> Callable[[], N
 
     step.optimizer = opt  # type: ignore[attr-defined]
     return step
-
-
-def median_time(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds of ``step`` over ``iters`` calls after ``warmup``."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def peak_memory(step: Callable[[], None], model: Stage1Model, device: torch.device) -> float:

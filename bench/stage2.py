@@ -17,37 +17,15 @@ depend on the weights. Batches are real world samples and LLaVA conversations.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from bench.common import Row, format_table
+from bench.common import Row, format_table, median_time
 from vlm.config import LMConfig, Stage1Config, Stage2Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
-    """Median wall seconds of ``fn`` over ``iters`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def stand_ins(directory: Path, world_cfg) -> tuple[Path, Path]:

@@ -49,6 +49,9 @@ def test_judge_verdicts_follow_paired_differences():
     assert "not measured" in judge(Claim("x", "other", "sparc", "clip"), _results([1], [0]))
     lower = Claim("fewer", "m", "sparc", "clip", lower_is_better=True)
     assert "holds at this scale" in judge(lower, _results([0.1, 0.2, 0.15], [0.5, 0.6, 0.56]))
+    # Lower is better: a CI of the difference that straddles 0 is inconclusive, one above 0 is the opposite.
+    assert "inconclusive" in judge(lower, _results([0.4, 0.6, 0.5], [0.5, 0.5, 0.5]))
+    assert "does not hold" in judge(lower, _results([0.6, 0.7, 0.65], [0.5, 0.6, 0.56]))
 
 
 def test_aggregate_groups_by_tower_and_level():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, mean_ci, run_stage, timed
-from vlm.cli.report import markdown_table
+from vlm.cli.report import ENCODER_COLUMNS, VLM_COLUMNS, markdown_table, pick_columns
 from vlm.config import AblateConfig, load_config, save_config
 
 
@@ -156,12 +156,14 @@ def judge(claim: Claim, results: list[dict]) -> str:
         return f"- {claim.text}: not measured in this grid."
     mean, lo, hi = mean_ci(diffs)
     sign = -1 if claim.lower_is_better else 1
+    # The claim holds when the CI of the improvement (sign * difference) lies above 0.
+    worst, best = sorted((sign * lo, sign * hi)) if len(diffs) >= 2 else (sign * mean, sign * mean)
     if len(diffs) < 2:
         verdict = "holds" if sign * mean > 0 else "does not hold"
         verdict += " on a single seed (no CI)"
-    elif sign * lo > 0:
+    elif worst > 0:
         verdict = "holds"
-    elif sign * hi < 0:
+    elif best < 0:
         verdict = "does not hold (the opposite is significant)"
     else:
         verdict = "inconclusive (the CI of the difference contains 0)"
@@ -177,10 +179,10 @@ def write_report(out: Path, cfg: AblateConfig, results: list[dict], timings: Tim
     lines = ["# Backbone ablation", "",
              f"Seeds {list(cfg.seeds)}; objectives {list(cfg.objectives)}; MaskEmbed {list(cfg.maskembed)}; "
              f"bridges {list(cfg.bridges) if cfg.stage2 else 'none'}. Cells: mean +/- half-width of the 95% t-interval "
-             "over seeds. Config: `ablate.yaml`; per-cell summaries: `eval/`; raw numbers: `results.json`.", ""]
+             "over seeds; the headline metrics (every metric of every cell: `results.json`). Config: `ablate.yaml`; per-cell summaries: `eval/`.", ""]
     for level in sorted({lvl for _, lvl in agg}):
         rows = {t: m for (t, lvl), m in agg.items() if lvl == level}
-        metrics = sorted(set().union(*[set(m) for m in rows.values()]))
+        metrics = pick_columns(rows, ENCODER_COLUMNS if level == "encoder" else VLM_COLUMNS)
         lines += [f"## {level}", ""]
         table_rows = []
         for tower, m in rows.items():

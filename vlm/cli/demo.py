@@ -12,20 +12,8 @@ import time
 from pathlib import Path
 
 from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, run_stage, timed
-from vlm.cli.report import markdown_table, pick_columns, plot_training_curves
+from vlm.cli.report import ENCODER_COLUMNS, VLM_COLUMNS, markdown_table, pick_columns, plot_training_curves
 from vlm.config import DemoConfig, load_config, save_config
-
-ENCODER_COLUMNS = [
-    "zero_shot/top1", "retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retrieval/t2i_r5",
-    "segmentation/zero_shot_miou", "segmentation/probe_miou", "multilabel/f1", "multilabel/precision",
-    "multilabel/recall",
-]
-VLM_COLUMNS = [
-    "caption/CIDEr", "caption/BLEU_4", "caption/METEOR", "caption/ROUGE_L", "chair/chair_i", "chair/chair_s",
-    "chair/recall", "pope/f1_avg", "pope/random/f1", "pope/popular/f1", "pope/adversarial/f1",
-    "refcoco/acc", "refcoco/unparseable", "vsr/accuracy",
-]
-
 
 def _cached_json(path: Path, fn, *args, **kwargs) -> dict:
     """``fn(...)``'s summary, or the one already saved at ``path`` by an earlier run."""
@@ -139,7 +127,7 @@ def write_report(out: Path, cfg: DemoConfig, timings: Timings, total: float, enc
     ]
     cols = pick_columns(encoder_rows, ENCODER_COLUMNS)
     lines.append(markdown_table(["tower", *cols], [[n, *[r.get(c) for c in cols]] for n, r in encoder_rows.items()]))
-    lines += ["", f"Per-example predictions and full summaries: `eval/<tower>/`.", "",
+    lines += ["", "Per-example predictions and full summaries: `eval/<tower>/`.", "",
               "## Vision-language models (stage two)", ""]
     cols = pick_columns(vlm_rows, VLM_COLUMNS)
     lines.append(markdown_table(["model", *cols], [[n, *[r.get(c) for c in cols]] for n, r in vlm_rows.items()]))

@@ -6,6 +6,18 @@ import math
 from pathlib import Path
 from typing import Iterable
 
+# The headline metrics of the report tables (every metric stays in the JSON summaries).
+ENCODER_COLUMNS = [
+    "zero_shot/top1", "retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retrieval/t2i_r5",
+    "segmentation/zero_shot_miou", "segmentation/probe_miou", "multilabel/f1", "multilabel/precision",
+    "multilabel/recall",
+]
+VLM_COLUMNS = [
+    "caption/CIDEr", "caption/BLEU_4", "caption/METEOR", "caption/ROUGE_L", "chair/chair_i", "chair/chair_s",
+    "chair/recall", "pope/f1_avg", "pope/accuracy_avg", "pope/random/f1", "pope/popular/f1", "pope/adversarial/f1",
+    "refcoco/acc", "refcoco/unparseable", "vsr/accuracy",
+]
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of ``run_dir/metrics.jsonl`` (one dict per logged step); [] when absent."""

@@ -5,7 +5,7 @@ import pytest
 
 from vlm.cli.ablate import Claim, aggregate, judge, plan as ablate_plan
 from vlm.cli.demo import plan as demo_plan
-from vlm.cli.pipeline import flatten_metrics, mean_ci, t975, world_overrides
+from vlm.cli.pipeline import Timings, flatten_metrics, mean_ci, t975, world_overrides
 from vlm.config import AblateConfig, ConfigError, DemoConfig, WorldConfig, load_config
 
 
@@ -85,3 +85,19 @@ def test_bad_pipeline_values_fail_before_work(tmp_path):
 def test_world_overrides_cover_every_field():
     keys = {o.split("=")[0] for o in world_overrides(WorldConfig())}
     assert keys == {f"world.{k}" for k in WorldConfig.__dataclass_fields__}
+
+
+def test_timings_survive_a_second_run(tmp_path):
+    path = tmp_path / "timings.json"
+    first = Timings(path)
+    first.add("stage1/clip", 12.345)
+    first.add("eval", 3.0)
+    second = Timings(path)  # a second pipeline run: stage1 reused, eval redone
+    second.add("stage1/clip", 0.0, reused=True)
+    second.add("eval", 2.5)
+    second.add("new", 0.0, reused=True)
+    saved = Timings(path)
+    assert saved.seconds == {"stage1/clip": 12.35, "eval": 2.5, "new": 0.0}
+    assert second.reused == ["stage1/clip", "new"] and saved.reused == []
+    path.write_text("{not json")
+    assert Timings(path).seconds == {}

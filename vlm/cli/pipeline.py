@@ -41,16 +41,32 @@ class Stage:
 
 @dataclass
 class Timings:
-    """Wall seconds per stage name, written as JSON as they accrue (reused stages count 0)."""
+    """Wall seconds per stage name, written to ``path`` as JSON as they accrue.
+
+    A second (or resumed) pipeline run starts from the seconds already in ``path``: a reused
+    stage keeps the time measured when it ran (0 if none was recorded), so the file always holds
+    what each stage cost; ``reused`` lists the stages this run did not redo.
+    """
 
     path: Path
     seconds: dict[str, float] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if not self.seconds and self.path.is_file():
+            try:
+                self.seconds = {k: float(v) for k, v in json.loads(self.path.read_text())["seconds"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self.seconds = {}  # an unreadable file from a killed run: start afresh
+
     def add(self, name: str, seconds: float, reused: bool = False) -> None:
-        self.seconds[name] = round(seconds, 2)
+        """Record ``seconds`` for ``name``; a reused stage keeps an earlier measurement."""
         if reused:
             self.reused.append(name)
+            self.seconds.setdefault(name, 0.0)
+        else:
+            self.seconds[name] = round(seconds, 2)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({"seconds": self.seconds, "reused": self.reused}, indent=2))
 

@@ -231,16 +231,22 @@ def _check_bbox(chk: _Checker, bbox: Any, where: str, array_key: str, index: int
 # ----------------------------------------------------------------------------------------------
 
 
+def _image_entries(chk: "_Checker", data: dict, seen: dict):
+    """Yield (k, where, image_id, entry) for COCO ``images[k]``, failing on an id already in ``seen``."""
+    for k, im in enumerate(chk.list_under(data, "images")):
+        where = f"images[{k}]"
+        image_id = chk.get(im, "id", int, where, "images", k)
+        if image_id in seen:
+            chk.fail(f"{where}: duplicate image id {image_id}", "images", k)
+        yield k, where, image_id, im
+
+
 def read_coco_captions(path: PathLike) -> CocoCaptions:
     """Read a COCO captions json -> CocoCaptions(images {id: file_name}, captions {id: [str]})."""
     data, text = _load_json(path)
     chk = _Checker(path, text)
     images: dict[int, str] = {}
-    for k, im in enumerate(chk.list_under(data, "images")):
-        where = f"images[{k}]"
-        image_id = chk.get(im, "id", int, where, "images", k)
-        if image_id in images:
-            chk.fail(f"{where}: duplicate image id {image_id}", "images", k)
+    for k, where, image_id, im in _image_entries(chk, data, images):
         images[image_id] = chk.get(im, "file_name", str, where, "images", k)
     captions: dict[int, list[str]] = {i: [] for i in images}
     for k, ann in enumerate(chk.list_under(data, "annotations")):
@@ -283,11 +289,7 @@ def read_coco_instances(path: PathLike) -> CocoInstances:
     data, text = _load_json(path)
     chk = _Checker(path, text)
     images: dict[int, dict] = {}
-    for k, im in enumerate(chk.list_under(data, "images")):
-        where = f"images[{k}]"
-        image_id = chk.get(im, "id", int, where, "images", k)
-        if image_id in images:
-            chk.fail(f"{where}: duplicate image id {image_id}", "images", k)
+    for k, where, image_id, im in _image_entries(chk, data, images):
         images[image_id] = {"file_name": chk.get(im, "file_name", str, where, "images", k),
                             "width": chk.get(im, "width", int, where, "images", k),
                             "height": chk.get(im, "height", int, where, "images", k)}

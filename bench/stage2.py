@@ -33,7 +33,7 @@ def stand_ins(directory: Path, world_cfg) -> tuple[Path, Path]:
     from encoders.towers import build_vision_tower, default_transform
     from training.lm import IMAGE_TOKEN, build_lm
     from vlm.data.tokenizer import train_bpe_tokenizer
-    from vlm.world.text import world_corpus
+    from vlm.world.generator import world_corpus
 
     s1 = load_config(Stage1Config, ROOT / "configs/stage1/sparc_tiny.yaml")
     lm_cfg = load_config(LMConfig, ROOT / "configs/lm/tiny_world.yaml")
@@ -65,7 +65,7 @@ def world_batch(model, world_cfg, n: int) -> tuple[list, list[list[tuple[str, st
 def run(device: str = "auto", warmup: int = 2, iters: int = 5, gen_batch: int = 8, new_tokens: int = 32,
         tower: str = "", llm: str = "") -> list[Row]:
     """Measure both bridges; returns the rows."""
-    from vlm.model import VisionLanguageModel
+    from vlm.model.vision_language_model import VisionLanguageModel
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))

@@ -6,7 +6,7 @@ server does), then ``Bleu(4)``, ``Meteor``, ``Rouge`` and ``Cider``. SPICE needs
 CoreNLP 3.6.0 jars, which pycocoevalcap downloads on first use; offline they are usually absent,
 so SPICE is reported as ``"unavailable"`` (with the reason) and never approximated.
 
-``run(model, data, out_dir)`` captions every image with ``vlm.prompts.CAPTION_PROMPT`` (greedy)
+``run(model, data, out_dir)`` captions every image with ``vlm.data.prompts.CAPTION_PROMPT`` (greedy)
 and writes ``out_dir/caption/{predictions.jsonl, summary.json, summary.md}``.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from eval.io import batched, pixel_batch
 from eval.report import write_task_outputs
-from vlm.prompts import CAPTION_PROMPT
+from vlm.data.prompts import CAPTION_PROMPT
 
 TASK = "caption"
 METRICS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")

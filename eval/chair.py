@@ -366,7 +366,7 @@ def run(model, data: ChairData, out_dir: str | Path, limit: Optional[int] = None
     """Caption the images (or reuse ``captions`` from the captioning task) and score CHAIR.
     Writes ``out_dir/chair/{predictions.jsonl, summary.json, summary.md}``."""
     from eval.captioning import generate_captions
-    from vlm.prompts import CAPTION_PROMPT
+    from vlm.data.prompts import CAPTION_PROMPT
 
     ids = sorted(data.images)[: limit if limit is not None else None]
     if not ids:

@@ -216,7 +216,7 @@ def run_vlm_eval(ckpt_or_model, tasks: list[str], out_dir: str | Path, data: Opt
     task_data = {t: load_task_data(t, src, limit) for t in tasks}
 
     if isinstance(ckpt_or_model, (str, Path)):
-        from vlm.model import VisionLanguageModel
+        from vlm.model.vision_language_model import VisionLanguageModel
 
         model = VisionLanguageModel.from_pretrained(ckpt_or_model)
         ckpt_name = str(ckpt_or_model)

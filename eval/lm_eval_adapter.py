@@ -224,7 +224,7 @@ def world_texts(world_dir: str | Path = "runs/world", n_samples: int = 100) -> l
     """Held-out text: the world's texts for the first ``n_samples`` eval-split samples (the world's
     LLM trains on the train split), with the WorldConfig saved in ``world_dir/world.json`` when present."""
     from vlm.config import WorldConfig, load_config
-    from vlm.world.text import world_corpus
+    from vlm.world.generator import world_corpus
 
     cfg = WorldConfig()
     meta = Path(world_dir) / "world.json"
@@ -238,7 +238,7 @@ def world_texts(world_dir: str | Path = "runs/world", n_samples: int = 100) -> l
 def _load_pair(vlm_ckpt: Path, base_llm_path: Optional[str | Path]):
     """(before_lm_ctx, after_lm_ctx, model, tokenizer): the model plus a context manager for each side."""
     from vlm.config import VLMConfig, config_from_yaml_text
-    from vlm.llm import load_llm, load_lora, load_tokenizer
+    from vlm.model.llm import load_llm, load_lora, load_tokenizer
 
     cfg_path = vlm_ckpt / "vlm.yaml"
     if not cfg_path.is_file():

@@ -1,6 +1,6 @@
 """POPE (Li et al., 2023): yes/no object-existence questions, per negative-sampling split.
 
-Answers come from single-forward scoring (``model.score`` with the choices ``vlm.prompts.YES`` /
+Answers come from single-forward scoring (``model.score`` with the choices ``vlm.data.prompts.YES`` /
 ``NO``: yes iff log P(Yes) > log P(No); the margin log P(Yes) - log P(No) also gives an AUC) or,
 with ``mode="generate"``, from generated text parsed the reference way (``parse_yes_no``).
 Per split: accuracy, precision, recall, F1 (positive = yes), yes-ratio; over splits: the mean
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from eval.io import batched, pixel_batch
 from eval.parsing import parse_yes_no
 from eval.report import markdown_table, write_task_outputs
-from vlm.prompts import NO, YES, pope_prompt
+from vlm.data.prompts import NO, YES, pope_prompt
 
 TASK = "pope"
 SPLITS = ("random", "popular", "adversarial")

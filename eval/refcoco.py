@@ -1,7 +1,7 @@
 """RefCOCO-style grounding (REC): Acc@0.5 IoU per split, from generated text.
 
 Each referring expression (every sentence of every ref) is one example: the model is asked
-``vlm.prompts.grounding_prompt(sentence)``; the first "[x1, y1, x2, y2]" in its output
+``vlm.data.prompts.grounding_prompt(sentence)``; the first "[x1, y1, x2, y2]" in its output
 (``parse_box``, normalised to [0, 1]) is scaled by the image width/height to pixels and compared
 with the ground-truth box (COCO xywh pixels -> xyxy). Correct iff IoU >= 0.5. Output with no box
 counts as wrong and is also counted separately (``unparseable``).
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from eval.io import batched, pixel_batch
 from eval.parsing import parse_box
 from eval.report import markdown_table, write_task_outputs
-from vlm.prompts import grounding_prompt
+from vlm.data.prompts import grounding_prompt
 
 TASK = "refcoco"
 Box = tuple[float, float, float, float]

@@ -1,7 +1,7 @@
 """VSR: true/false spatial statements about an image; accuracy overall and per relation.
 
 Scored by single-forward scoring: the answer is true iff log P(True) > log P(False) under
-``model.score`` with the choices ``vlm.prompts.TRUE`` / ``FALSE`` (the margin also gives an AUC);
+``model.score`` with the choices ``vlm.data.prompts.TRUE`` / ``FALSE`` (the margin also gives an AUC);
 ``mode="generate"`` parses generated text with ``parse_true_false`` instead (unparseable = wrong,
 counted separately).
 """
@@ -18,7 +18,7 @@ from eval.io import batched, pixel_batch
 from eval.parsing import parse_true_false
 from eval.pope import roc_auc
 from eval.report import markdown_table, write_task_outputs
-from vlm.prompts import FALSE, TRUE, vsr_prompt
+from vlm.data.prompts import FALSE, TRUE, vsr_prompt
 
 TASK = "vsr"
 

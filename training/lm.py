@@ -58,7 +58,7 @@ def build_corpus(cfg: LMConfig) -> list[str]:
     """The training documents: the world's train-split texts (the first ``data.max_world_samples``
     images when set), then ``cfg.data.text_files`` lines."""
     from vlm.world.generator import world_split
-    from vlm.world.text import world_corpus
+    from vlm.world.generator import world_corpus
 
     train_indices, _ = world_split(cfg.world)
     if cfg.data.max_world_samples:

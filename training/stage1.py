@@ -74,7 +74,7 @@ def tokenizer_corpus(cfg: Stage1Config, urls: list[str]) -> Iterator[str]:
     samples of the shards, in shard order."""
     if not cfg.data.shards:
         from vlm.world.generator import world_split
-        from vlm.world.text import world_corpus
+        from vlm.world.generator import world_corpus
 
         yield from world_corpus(cfg.world, world_split(cfg.world)[0][:TOKENIZER_WORLD_SAMPLES])
         return

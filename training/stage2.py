@@ -29,8 +29,8 @@ from training.data import ResumableBatches
 from training.loop import check_out_dir, train
 from vlm.config import Stage2Config
 from vlm.data.formats import read_llava
-from vlm.model import VisionLanguageModel
-from vlm.processor import VLMProcessor
+from vlm.model.vision_language_model import VisionLanguageModel
+from vlm.model.processor import VLMProcessor
 
 
 def resolve_data(cfg: Stage2Config) -> tuple[Path, Path]:

@@ -1,8 +1,8 @@
 """The BPE tokenizer trained on the world's corpus."""
 from vlm.config import WorldConfig
 from vlm.data.tokenizer import BOS, EOS, PAD, train_bpe_tokenizer
-from vlm.prompts import IMAGE_TOKEN
-from vlm.world.text import world_corpus
+from vlm.data.prompts import IMAGE_TOKEN
+from vlm.world.generator import world_corpus
 
 
 def test_bpe_on_world_corpus_round_trips_and_keeps_specials():

@@ -12,7 +12,7 @@ from eval.io import load_image
 from vlm.config import WorldConfig
 from vlm.data.formats import (FormatError, PopeQuestion, read_coco_captions, read_pope, read_refcoco, read_vsr,
                               write_coco_captions, write_coco_instances, write_pope)
-from vlm.prompts import CAPTION_PROMPT, FALSE, NO, TRUE, YES, format_box, grounding_prompt, pope_prompt, vsr_prompt
+from vlm.data.prompts import CAPTION_PROMPT, FALSE, NO, TRUE, YES, format_box, grounding_prompt, pope_prompt, vsr_prompt
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from eval_fakes import FakeVLM, write_image
 
 from eval.pope import PopeData, binary_metrics, pope_summary, roc_auc, run
 from vlm.data.formats import PopeQuestion
-from vlm.prompts import pope_prompt
+from vlm.data.prompts import pope_prompt
 
 
 def test_binary_metrics_hand_computed():

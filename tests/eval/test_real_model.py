@@ -1,5 +1,5 @@
 """The harness and the drift eval on a real (tiny, untrained) VisionLanguageModel checkpoint: the
-contracts between eval and vlm.model (from_pretrained, image_transform, generate, score) hold."""
+contracts between eval and vlm.model.vision_language_model (from_pretrained, image_transform, generate, score) hold."""
 import math
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ from vlm.config import WorldConfig  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from vlm.model import VisionLanguageModel
+    from vlm.model.vision_language_model import VisionLanguageModel
 
     root = tmp_path_factory.mktemp("real")
     llm = tiny_vlm.save_tiny_llm(root / "llm")

@@ -6,7 +6,7 @@ from eval_fakes import FakeVLM, write_image
 
 from eval.refcoco import RefcocoData, box_iou, denormalise, grounding_metrics, run, xywh_to_xyxy
 from vlm.data.formats import RefExpr
-from vlm.prompts import grounding_prompt
+from vlm.data.prompts import grounding_prompt
 
 
 def test_iou_cases():

@@ -4,7 +4,7 @@ from eval_fakes import FakeVLM, write_image
 
 from eval.vsr import VsrData, run, vsr_metrics
 from vlm.data.formats import VsrItem
-from vlm.prompts import vsr_prompt
+from vlm.data.prompts import vsr_prompt
 
 
 def test_metrics_per_relation():

@@ -18,7 +18,7 @@ from training.stage2 import LlavaExamples, make_batches_fn, resolve_data, run  #
 from vlm.config import (LlavaDataConfig, OptimConfig, RunConfig, Stage2Config, WorldConfig,  # noqa: E402
                         load_config)
 from vlm.data.formats import LlavaRecord, read_llava, write_llava  # noqa: E402
-from vlm.model import VisionLanguageModel  # noqa: E402
+from vlm.model.vision_language_model import VisionLanguageModel  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "stage2"
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}

@@ -6,12 +6,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tiny_vlm import perturb_trainable, random_images, vlm_config
-from vlm.bridges.flamingo import FlamingoBridge, GatedCrossAttentionBlock, GatedDecoderLayer, PerceiverResampler
-from vlm.bridges.projector import merge_image_features
-from vlm.bridges.registry import BRIDGES, build_bridge
+from vlm.model.bridges.flamingo import FlamingoBridge, GatedCrossAttentionBlock, GatedDecoderLayer, PerceiverResampler
+from vlm.model.bridges.projector import merge_image_features
+from vlm.model.bridges import BRIDGES, build_bridge
 from vlm.config import BRIDGE_NAMES, BridgeConfig, ConfigError
-from vlm.llm import base_model, decoder_layers
-from vlm.model import VisionLanguageModel, position_ids_from_mask
+from vlm.model.llm import base_model, decoder_layers
+from vlm.model.vision_language_model import VisionLanguageModel, position_ids_from_mask
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_gated_block_formula_and_resampler_shapes():
     res = PerceiverResampler(vision_width=12, width=16, num_latents=3, num_layers=2, num_heads=2)
     assert res(torch.randn(4, 9, 12)).shape == (4, 3, 16)
     cfg = BridgeConfig(name="flamingo", num_latents=3, xattn_every=2, num_heads=2)
-    assert FlamingoBridge(12, 16, cfg, num_llm_layers=5).layer_indices == [0, 2, 4]
+    assert FlamingoBridge(cfg, 12, 16, num_llm_layers=5).layer_indices == [0, 2, 4]
 
 
 def test_registry_keys_and_errors():

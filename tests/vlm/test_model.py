@@ -9,8 +9,8 @@ import torch
 
 from tiny_vlm import perturb_trainable, random_images, save_tiny_llm, vlm_config
 from vlm.config import config_from_yaml_text, VLMConfig
-from vlm.llm import base_model, check_4bit_available
-from vlm.model import VisionLanguageModel
+from vlm.model.llm import base_model, check_4bit_available
+from vlm.model.vision_language_model import VisionLanguageModel
 
 BRIDGES = ["projector", "flamingo"]
 PROMPTS = ["Is there a red circle?", "How many objects are in the image?"]

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from encoders.towers import ImageTransform
 from tiny_vlm import random_images
-from vlm.processor import IGNORE_INDEX, VLMProcessor
+from vlm.model.processor import IGNORE_INDEX, VLMProcessor
 
 P = 5
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"

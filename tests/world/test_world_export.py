@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm import prompts
+from vlm.data import prompts
 from vlm.config import WorldConfig
 from vlm.data.formats import (read_coco_captions, read_coco_instances, read_llava, read_pope, read_refcoco,
                               read_vsr)

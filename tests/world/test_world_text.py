@@ -3,11 +3,12 @@ import itertools
 
 import pytest
 
-from vlm import prompts
+from vlm.data import prompts
 from vlm.config import WorldConfig
 from vlm.world.generator import generate_sample
 from vlm.world.text import (counting_caption, llava_conversations, position_phrase, referring_expression,
-                            resolve_referring, short_caption, world_corpus)
+                            resolve_referring, short_caption)
+from vlm.world.generator import world_corpus
 from vlm.world.types import WorldObject
 
 S = 64

@@ -136,7 +136,7 @@ def cmd_eval_drift(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from vlm.model import VisionLanguageModel
+    from vlm.model.vision_language_model import VisionLanguageModel
 
     model = VisionLanguageModel.from_pretrained(args.ckpt)
     model.merge_and_save(args.out)

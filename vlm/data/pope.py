@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Iterable, Optional
 
 from vlm.data.formats import PopeQuestion
-from vlm.prompts import pope_question
+from vlm.data.prompts import pope_question
 
 SPLITS = ("random", "popular", "adversarial")
 

@@ -18,6 +18,8 @@ class masks record the topmost object, and each box is tight around the object's
 """
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import numpy as np
 
 from vlm.config import WorldConfig
@@ -116,3 +118,8 @@ def generate_sample(index: int, seed: int, cfg: WorldConfig) -> WorldSample:
     world_text.describe(sample, np.random.default_rng([seed, index, 1]), bg_kind, s_img)
     return sample
 
+
+def world_corpus(cfg: WorldConfig, indices: Iterable[int]) -> Iterator[str]:
+    """Every text the world produces for samples ``indices`` (``vlm.world.text.sample_texts``), in order."""
+    for index in indices:
+        yield from world_text.sample_texts(generate_sample(index, cfg.seed, cfg), cfg.seed, cfg.image_size)

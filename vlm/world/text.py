@@ -13,17 +13,14 @@ Grammar (all lower-case words from ``vlm.world.vocab``):
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from vlm import prompts
+from vlm.data import prompts
 from vlm.world.types import Statement, WorldObject, WorldSample
 from vlm.world.vocab import (COLORS, NUMBER_WORDS, OPPOSITE, PLURALS, RELATIONS, SHAPES, SIZES,
                              far_apart, relation_holds)
-
-if TYPE_CHECKING:
-    from vlm.config import WorldConfig
 
 BACKGROUND_WORDS = {"plain": "a plain", "stripes": "a striped", "checker": "a checkered", "noise": "a mottled",
                     "dots": "a dotted"}
@@ -323,11 +320,3 @@ def sample_texts(sample: WorldSample, seed: int, image_size: int) -> Iterator[st
     for conv in llava_conversations(sample, seed, image_size):
         for (_, q), (_, a) in zip(conv[0::2], conv[1::2]):
             yield f"{q.replace(prompts.IMAGE_TOKEN, '').strip()}\n{a}"
-
-
-def world_corpus(cfg: WorldConfig, indices: Iterable[int]) -> Iterator[str]:
-    """Every text the world produces for samples ``indices`` (see ``sample_texts``), in order."""
-    from vlm.world.generator import generate_sample  # generator imports this module
-
-    for index in indices:
-        yield from sample_texts(generate_sample(index, cfg.seed, cfg), cfg.seed, cfg.image_size)

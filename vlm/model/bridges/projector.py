@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlm.bridges import Bridge
+from vlm.config import BridgeConfig
+from vlm.model.bridges.base import Bridge
 
 
 def merge_image_features(text_embeds: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor,
@@ -42,7 +43,8 @@ def merge_image_features(text_embeds: torch.Tensor, input_ids: torch.Tensor, ima
 class ProjectorBridge(Bridge):
     """``forward(patch_tokens [B,P,w]) -> image tokens [B,P,d]``: Linear(w,d) -> GELU -> Linear(d,d)."""
 
-    def __init__(self, vision_width: int, llm_width: int):
+    def __init__(self, cfg: BridgeConfig, vision_width: int, llm_width: int, num_llm_layers: int = 0):
+        """``cfg`` names the bridge (the projector has no knobs); ``num_llm_layers`` is unused."""
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(vision_width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width))
         self._hook = None

@@ -1,6 +1,6 @@
-"""Bridges from a vision tower's patch tokens to a causal LLM (``vlm.bridges.registry.BRIDGES``).
+"""Bridges from a vision tower's patch tokens to a causal LLM (``vlm.model.bridges.BRIDGES``).
 
-Every bridge is an ``nn.Module`` with the same small contract, so ``vlm.model`` never branches on
+Every bridge is an ``nn.Module`` with the same small contract, so ``vlm.model.vision_language_model`` never branches on
 the kind of bridge:
 
 - ``forward(patch_tokens [B,P,w]) -> features`` (projector: [B,P,d] LLM-width tokens; flamingo:

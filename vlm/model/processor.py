@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlm.prompts import IMAGE_TOKEN
+from vlm.data.prompts import IMAGE_TOKEN
 
 IGNORE_INDEX = -100
 HUMAN_ROLES = ("human", "user")
@@ -59,7 +59,7 @@ class VLMProcessor:
             ids = tokenizer(image_token, add_special_tokens=False)["input_ids"]
             if len(ids) != 1:
                 raise ValueError(f"the tokenizer splits {image_token!r} into {len(ids)} ids; add it as a special "
-                                 "token first (vlm.llm.ensure_image_token)")
+                                 "token first (vlm.model.llm.ensure_image_token)")
             self.image_token_id = int(ids[0])
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:

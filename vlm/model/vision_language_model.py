@@ -1,7 +1,7 @@
 """``VisionLanguageModel``: vision tower + bridge + frozen causal LLM with LoRA.
 
 One class for both bridges. The image enters the LLM through the bridge's hooks
-(``vlm.bridges``): the VLM computes the image features, then runs the LLM inside
+(``vlm.model.bridges``): the VLM computes the image features, then runs the LLM inside
 ``bridge.conditioned(features)``. Training (``forward``), ``score`` and ``generate`` all call the
 LLM with token ids, so they see exactly the same model, and ``generate`` is the LLM's own
 (``transformers``) ``generate`` with or without its KV cache.
@@ -28,14 +28,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig
 
-from vlm.bridges import Bridge
-from vlm.bridges.registry import build_bridge
+from vlm.model.bridges.base import Bridge
+from vlm.model.bridges import build_bridge
 from vlm.config import ConfigError, VLMConfig, config_from_yaml_text, save_config
-from vlm.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, ensure_image_token, load_llm,
+from vlm.model.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, ensure_image_token, load_llm,
                      load_lora, load_tokenizer)
-from vlm.processor import IGNORE_INDEX, VLMProcessor
-from vlm.prompts import IMAGE_TOKEN
-from vlm.tower import VLMVisionTower
+from vlm.model.processor import IGNORE_INDEX, VLMProcessor
+from vlm.data.prompts import IMAGE_TOKEN
+from vlm.model.tower import VLMVisionTower
 
 CONFIG_FILE = "vlm.yaml"
 BRIDGE_FILE = "bridge.safetensors"

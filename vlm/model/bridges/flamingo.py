@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.bridges import Bridge
 from vlm.config import BridgeConfig
-from vlm.llm import decoder_layers
+from vlm.model.bridges.base import Bridge
+from vlm.model.llm import decoder_layers
 
 
 class CrossAttention(nn.Module):
@@ -152,7 +152,7 @@ class GatedDecoderLayer(nn.Module):
 class FlamingoBridge(Bridge):
     """``forward(patch_tokens [B,P,w]) -> latents [B,M,d]``; gated blocks before every k-th layer."""
 
-    def __init__(self, vision_width: int, llm_width: int, cfg: BridgeConfig, num_llm_layers: int):
+    def __init__(self, cfg: BridgeConfig, vision_width: int, llm_width: int, num_llm_layers: int):
         super().__init__()
         if llm_width % cfg.num_heads:
             raise ValueError(f"bridge.num_heads={cfg.num_heads} does not divide the LLM width {llm_width}")

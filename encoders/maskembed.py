@@ -159,9 +159,10 @@ class MaskEmbedModel(nn.Module):
     (sampled with the global RNG when absent) -> dict(loss, target_var). Call ``calibrate`` first.
     """
 
-    def __init__(self, teacher: VisionTower, cfg: MaskEmbedConfig):
+    def __init__(self, teacher: VisionTower, cfg: MaskEmbedConfig, transform: Optional[ImageTransform] = None):
         super().__init__()
         self.cfg = cfg
+        self.transform = transform  # the teacher's preprocessing, saved beside the student
         self.teacher = teacher
         self.teacher.requires_grad_(False)
         self.teacher.eval()
@@ -230,12 +231,14 @@ class MaskEmbedModel(nn.Module):
         loss = maskembed_loss(prediction, target)
         return {"loss": loss, "target_var": target.detach().float().var()}
 
-    def save_student(self, directory: Union[str, Path], transform: ImageTransform) -> Path:
-        """Write the student as a stock HF vision-tower directory (+ ``preprocessor_config.json``)."""
+    def save_pretrained(self, directory: Union[str, Path]) -> Path:
+        """Write the student as a stock HF vision-tower directory (+ the teacher's
+        ``preprocessor_config.json`` when the model was built with its ``transform``)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.student.save_pretrained(str(directory))
-        transform.save_pretrained(directory)
+        if self.transform is not None:
+            self.transform.save_pretrained(directory)
         return directory
 
 

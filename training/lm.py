@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -33,9 +33,16 @@ IMAGE_TOKEN = "<image>"
 class CausalLMObjective(nn.Module):
     """Wraps a causal LM for the loop: ``forward({"input_ids": [B,T]}) -> {"loss", "num_tokens"}``."""
 
-    def __init__(self, lm: LlamaForCausalLM):
+    def __init__(self, lm: LlamaForCausalLM, tokenizer: Optional[PreTrainedTokenizerBase] = None):
         super().__init__()
         self.lm = lm
+        self.tokenizer = tokenizer
+
+    def save_pretrained(self, directory: Path) -> None:
+        """The HF model (and its tokenizer, when given) as one ``from_pretrained`` directory."""
+        self.lm.save_pretrained(str(directory))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
 
     def forward(self, batch: dict) -> dict:
         input_ids = batch["input_ids"]
@@ -139,13 +146,8 @@ def run(cfg: LMConfig) -> Path:
               f"{cfg.data.block_size}; vocabulary {len(tokenizer)}")
 
     torch.manual_seed(cfg.run.seed)
-    model = CausalLMObjective(build_lm(cfg.model, tokenizer))
+    model = CausalLMObjective(build_lm(cfg.model, tokenizer), tokenizer)
     batches = ResumableBatches(len(blocks), cfg.optim.batch_size, lambda ids: {"input_ids": blocks[ids]},
                                seed=cfg.run.seed, rank=info.rank, world_size=info.world_size)
-
-    def export(trained: nn.Module, final_dir: Path) -> None:
-        trained.lm.save_pretrained(str(final_dir))
-        tokenizer.save_pretrained(str(final_dir))
-
-    result = train(model, batches, cfg.optim, cfg.run, export_fn=export, config=cfg)
+    result = train(model, batches, cfg.optim, cfg.run, config=cfg)
     return result.final_dir

@@ -2,7 +2,7 @@
 
 A recipe supplies a model whose ``forward(batch)`` returns a dict with ``"loss"`` (and any other
 scalar terms to log), a ``make_batches(start)`` that yields micro-batches from data position
-``start``, and optionally an ``export_fn`` that writes the final artifact. ``train`` does the rest,
+``start``; the final model is written with its own ``save_pretrained(dir)``. ``train`` does the rest,
 top to bottom: device placement and DDP/FSDP wrapping, AdamW with warmup + cosine decay, gradient
 accumulation and clipping, bf16 autocast on CUDA, a NaN guard, logging (console, metrics.jsonl,
 TensorBoard, optionally W&B), atomic checkpoints with exact resume, and the final export.
@@ -45,7 +45,6 @@ from training import distributed as distrib
 from vlm.config import OptimConfig, RunConfig, save_config
 
 MakeBatches = Callable[[int], Iterable[dict]]
-ExportFn = Callable[[nn.Module, Path], None]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -187,7 +186,7 @@ def _wrap(model: nn.Module, info: distrib.DistInfo, run: RunConfig) -> nn.Module
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         # One root unit: parameters, gradients and optimiser states are sharded across ranks and
         # the model is gathered for each forward. Without nested units the wrapped module keeps its
-        # own submodule names, so export_fn (e.g. save_pretrained) sees a plain model.
+        # own submodule names, so save_pretrained sees a plain model.
         # use_orig_params allows frozen and trainable parameters in one unit (frozen LLM + LoRA).
         return FSDP(model, use_orig_params=True, device_id=info.device)
     if info.world_size == 1:
@@ -308,8 +307,8 @@ def check_out_dir(out_dir: Path, run: RunConfig) -> Optional[ckpt.CheckpointInfo
     return latest
 
 
-def _export(model: nn.Module, export_fn: ExportFn, out_dir: Path, info: distrib.DistInfo) -> Path:
-    """Run ``export_fn(unwrapped, tmp)`` on rank 0 and rename ``tmp`` to ``out_dir/final`` atomically."""
+def _export(model: nn.Module, out_dir: Path, info: distrib.DistInfo) -> Path:
+    """Run ``unwrapped.save_pretrained(tmp)`` on rank 0 and rename ``tmp`` to ``out_dir/final`` atomically."""
     final = out_dir / "final"
     tmp = out_dir / ".tmp-final"
     if _is_fsdp(model):
@@ -323,7 +322,7 @@ def _export(model: nn.Module, export_fn: ExportFn, out_dir: Path, info: distrib.
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            export_fn(_unwrap(model), tmp)
+            _unwrap(model).save_pretrained(tmp)
             ckpt.fsync_path(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -339,14 +338,14 @@ def _export(model: nn.Module, export_fn: ExportFn, out_dir: Path, info: distrib.
 
 
 def train(model: nn.Module, make_batches: MakeBatches, optim: OptimConfig, run: RunConfig,
-          export_fn: Optional[ExportFn] = None, config: Any = None) -> TrainResult:
+          config: Any = None) -> TrainResult:
     """Train ``model`` for ``optim.max_steps`` optimiser steps and return a ``TrainResult``.
 
     ``model(batch)`` returns a dict with a scalar ``"loss"`` tensor, optionally other scalar terms
     (logged, averaged over micro-steps) and ``"num_tokens"`` (for tokens/s). ``make_batches(start)``
     yields dict micro-batches (tensors get moved to the device) starting after ``start``
     micro-batches of this rank; each optimiser step consumes ``optim.grad_accum`` of them.
-    ``export_fn(unwrapped_model, dir)`` writes the final artifact (rank 0), renamed to
+    When the model has ``save_pretrained(dir)`` it writes the final artifact (rank 0), renamed to
     ``out_dir/final``. ``config`` (the recipe's dataclass) is saved to ``out_dir/config.yaml``.
     """
     info = distrib.setup(run.device)
@@ -499,5 +498,5 @@ def train(model: nn.Module, make_batches: MakeBatches, optim: OptimConfig, run: 
 
     if ckpt.latest_checkpoint(ckpt_root) is None or ckpt.latest_checkpoint(ckpt_root).step != step:
         save(step, last_loss)  # stopped early on exhausted data: still leave a resumable state
-    final_dir = _export(wrapped, export_fn, out_dir, info) if export_fn is not None else None
+    final_dir = _export(wrapped, out_dir, info) if hasattr(model, "save_pretrained") else None
     return TrainResult(step=step, loss=last_loss, out_dir=out_dir, final_dir=final_dir, history=history)

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -63,7 +62,7 @@ def build_model(cfg: MaskEmbedRunConfig) -> tuple[MaskEmbedModel, ImageTransform
                          "CLIP/SigLIP vision dir")
     teacher, transform = load_vision_tower(cfg.maskembed.teacher)
     torch.manual_seed(cfg.run.seed)
-    return MaskEmbedModel(teacher, cfg.maskembed), transform
+    return MaskEmbedModel(teacher, cfg.maskembed, transform), transform
 
 
 def run(cfg: MaskEmbedRunConfig) -> Path:
@@ -82,12 +81,8 @@ def run(cfg: MaskEmbedRunConfig) -> Path:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"maskembed: teacher {cfg.maskembed.teacher}, {len(urls)} shard(s), target scale {scale:.4f}, "
               f"{n_train / 1e6:.2f}M trainable parameters, {info.world_size} process(es)", file=sys.stderr)
-    result = train(model, batches, cfg.optim, cfg.run, export_fn=partial(_export, transform=transform), config=cfg)
+    result = train(model, batches, cfg.optim, cfg.run, config=cfg)
     return result.final_dir
-
-
-def _export(model: MaskEmbedModel, directory: Path, transform: ImageTransform) -> None:
-    model.save_student(directory, transform)
 
 
 __all__ = ["MaskEmbedBatches", "build_model", "run"]

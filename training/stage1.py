@@ -220,12 +220,8 @@ def run(cfg: Stage1Config) -> Path:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"stage1 {cfg.objective.name}: {len(urls)} shard(s), vocabulary {len(tokenizer)}, "
               f"{n_params / 1e6:.2f}M parameters, {info.world_size} process(es)", file=sys.stderr)
-    result = train(model, batches, cfg.optim, cfg.run, export_fn=_export, config=cfg)
+    result = train(model, batches, cfg.optim, cfg.run, config=cfg)
     return result.final_dir
-
-
-def _export(model: Stage1Model, directory: Path) -> None:
-    model.save_pretrained(directory)
 
 
 __all__ = ["Stage1Batches", "build_model", "build_tokenizer", "resolve_shards", "run", "tokenizer_corpus"]

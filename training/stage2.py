@@ -124,10 +124,5 @@ def run(cfg: Stage2Config) -> Path:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"stage two: {len(records)} conversations from {json_path}, bridge {cfg.model.bridge.name}, "
               f"{trainable:,} trainable parameters", file=sys.stderr)
-
-    def export(trained: nn.Module, final_dir: Path) -> None:
-        trained.save_pretrained(final_dir)
-
-    result = train(model, make_batches_fn(batches, examples, cfg.data.num_workers), cfg.optim, cfg.run,
-                   export_fn=export, config=cfg)
+    result = train(model, make_batches_fn(batches, examples, cfg.data.num_workers), cfg.optim, cfg.run, config=cfg)
     return result.final_dir

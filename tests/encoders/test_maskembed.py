@@ -181,7 +181,8 @@ def test_exported_student_loads_with_stock_transformers(tmp_path):
     with torch.no_grad():
         model.student.encoder.layers[0].mlp.fc1.weight.add_(0.1)  # make it differ from the teacher
     transform = default_transform(model.teacher)
-    out = model.save_student(tmp_path / "student", transform)
+    model.transform = transform
+    out = model.save_pretrained(tmp_path / "student")
     stock = CLIPVisionModel.from_pretrained(str(out)).eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

@@ -39,6 +39,7 @@ TOY = textwrap.dedent("""
 
     def export(model, d):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    Reg.save_pretrained = export
 
     OPTIM = dict(lr=0.02, warmup_steps=2, max_steps=8, grad_accum=2, grad_clip=0.5, weight_decay=0.1)
 """)
@@ -51,7 +52,7 @@ SCRIPT = TOY + textwrap.dedent("""
     info = distributed.setup("cpu")
     assert info.world_size == 2 and torch.distributed.is_initialized()
     run = RunConfig(out_dir=sys.argv[1], ckpt_every=4, log_every=2, progress=False, tensorboard=False, device="cpu")
-    train(Reg(), data(6, info.rank, info.world_size), OptimConfig(**OPTIM), run, export_fn=export)
+    train(Reg(), data(6, info.rank, info.world_size), OptimConfig(**OPTIM), run)
     distributed.cleanup()
 """)
 

@@ -46,11 +46,12 @@ def test_loss_decreases_and_outputs_written(tmp_path):
     optim = OptimConfig(lr=0.1, warmup_steps=5, max_steps=60, batch_size=16, weight_decay=0.0)
     exported = {}
 
-    def export(model, d):
-        exported["is_plain"] = type(model) is Linear
-        (d / "weights.txt").write_text(str(model.lin.weight.tolist()))
+    class Exported(Linear):
+        def save_pretrained(self, d):
+            exported["is_plain"] = type(self) is Exported
+            (d / "weights.txt").write_text(str(self.lin.weight.tolist()))
 
-    res = train(Linear(), batches, optim, run_cfg(tmp_path, tensorboard=True), export_fn=export, config=optim)
+    res = train(Exported(), batches, optim, run_cfg(tmp_path, tensorboard=True), config=optim)
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(5, 61, 5))
     assert rows[-1]["loss"] < 0.05 * rows[0]["loss"]
@@ -178,12 +179,18 @@ def test_existing_checkpoints_without_resume_is_an_error(tmp_path):
     x, y = regression_data()
     batches = ResumableBatches(len(x), 8, lambda ids: {"x": x[ids], "y": y[ids]})
     optim = OptimConfig(max_steps=3, warmup_steps=0)
-    train(Linear(), batches, optim, run_cfg(tmp_path), export_fn=lambda m, d: (d / "x").write_text("1"))
+    class Saves(Linear):
+        text = "1"
+
+        def save_pretrained(self, d):
+            (d / "x").write_text(self.text)
+
+    train(Saves(), batches, optim, run_cfg(tmp_path))
     with pytest.raises(FileExistsError, match=r"resume.*new run.out_dir|--resume"):
         train(Linear(), batches, optim, run_cfg(tmp_path))
     # resume of a finished run trains nothing and re-exports
-    res = train(Linear(), batches, optim, run_cfg(tmp_path, resume=True),
-                export_fn=lambda m, d: (d / "x").write_text("2"))
+    Saves.text = "2"
+    res = train(Saves(), batches, optim, run_cfg(tmp_path, resume=True))
     assert res.step == 3 and (res.final_dir / "x").read_text() == "2"
 
 

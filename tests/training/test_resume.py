@@ -54,6 +54,7 @@ TOY = textwrap.dedent("""
 
     def export(model, d):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    Noisy.save_pretrained = export
 """)
 
 SCRIPT = TOY + textwrap.dedent("""
@@ -78,7 +79,7 @@ SCRIPT = TOY + textwrap.dedent("""
     optim = OptimConfig(lr=3e-3, warmup_steps=3, max_steps=24, grad_accum=2, weight_decay=0.01)
     run = RunConfig(out_dir=out, ckpt_every=4, keep_last=2, log_every=2, progress=False, tensorboard=False,
                     device="cpu", resume=resume)
-    train(Noisy(), data(delay), optim, run, export_fn=export)
+    train(Noisy(), data(delay), optim, run)
 """)
 
 

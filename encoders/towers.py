@@ -23,6 +23,7 @@ from typing import Sequence, Union
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
@@ -115,8 +116,6 @@ class ImageTransform:
         same file (``image_processor_type: CLIPImageProcessor``); it is used directly to avoid the
         fallback warning.
         """
-        import transformers
-
         processor_cls = getattr(transformers, "CLIPImageProcessorPil", None)
         if processor_cls is None or importlib.util.find_spec("torchvision") is not None:
             processor_cls = transformers.CLIPImageProcessor

@@ -88,6 +88,64 @@ def test_imports_flow_downward(name, path):
             f"{path.relative_to(ROOT)}:{line}: training and eval must not import each other ({mod})")
 
 
+GROUND_ORDER = ("vlm.config", "vlm.data", "vlm.world")  # inside floor 0, each may import only those before it
+
+
+def _ground_rank(module: str) -> int | None:
+    for i, prefix in enumerate(GROUND_ORDER):
+        if module == prefix or module.startswith(prefix + "."):
+            return i
+    return None
+
+
+@pytest.mark.parametrize("name,path", [(n, p) for n, p in ALL if _ground_rank(n) is not None],
+                         ids=[n for n, _ in ALL if _ground_rank(n) is not None])
+def test_ground_floor_order(name, path):
+    """config imports nothing of ours; data imports config; world imports config and data."""
+    own = _ground_rank(name)
+    for mod, line in imports_of(name, path):
+        other = _ground_rank(mod)
+        if other is not None and _ground_rank(mod) != own:
+            assert other < own, f"{path.relative_to(ROOT)}:{line} ({GROUND_ORDER[own]}) imports {mod}"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    names = {n for n, _ in ALL}
+    graph = {}
+    for name, path in ALL:
+        deps = set()
+        for mod, _ in imports_of(name, path):
+            while mod and mod not in names:
+                mod = mod.rpartition(".")[0]
+            if mod and mod != name and not name.startswith(mod + "."):  # a package's own __init__ is no edge
+                deps.add(mod)
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_circle():
+    """No module of ours reaches itself through imports (package __init__ files count as modules)."""
+    graph = _import_graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep):] + [dep]
+                raise AssertionError("import circle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
 UNPICKLERS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("dill", "load"), ("dill", "loads"),
                ("cloudpickle", "load"), ("cloudpickle", "loads"), ("joblib", "load"), ("pd", "read_pickle"),
                ("pandas", "read_pickle")}

@@ -5,10 +5,11 @@ and load with ``AutoTokenizer.from_pretrained(path)``.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from pathlib import Path
+from typing import Iterable, Union
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
@@ -39,3 +40,13 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, model_max_
         additional_special_tokens=[t for t in specials if t not in SPECIAL_TOKENS] or None,
     )
     return wrapped
+
+
+def load_tokenizer(path: Union[str, Path]) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer`` from ``path/tokenizer`` (our encoder checkpoints) or ``path`` (an LLM or
+    tokenizer directory); local files only, never remote code. A missing directory names the path."""
+    path = Path(path)
+    directory = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no tokenizer directory at {path}")
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)

@@ -15,7 +15,9 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from vlm.config import LoraConfig, VLMConfig
 
@@ -51,13 +53,6 @@ def check_llm_request(cfg: VLMConfig, path: Optional[str | Path] = None) -> Path
     return path
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved beside a local LLM (never remote code)."""
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"no tokenizer directory at {path}")
-    return AutoTokenizer.from_pretrained(str(path))
-
-
 def load_llm(cfg: VLMConfig, path: Optional[str | Path] = None) -> PreTrainedModel:
     """Load ``path`` (default ``cfg.llm``) with ``AutoModelForCausalLM``, frozen and in eval mode.
 
@@ -67,8 +62,6 @@ def load_llm(cfg: VLMConfig, path: Optional[str | Path] = None) -> PreTrainedMod
     path = check_llm_request(cfg, path)
     kwargs: dict = dict(attn_implementation=cfg.attn_implementation)
     if cfg.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True)
@@ -77,8 +70,6 @@ def load_llm(cfg: VLMConfig, path: Optional[str | Path] = None) -> PreTrainedMod
         kwargs["dtype"] = LLM_DTYPES[cfg.llm_dtype]
     llm = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if cfg.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
     freeze(llm)
     return llm
@@ -97,9 +88,6 @@ def apply_lora(llm: PreTrainedModel, lora: LoraConfig) -> nn.Module:
     ``lora.target_modules`` may be ``["all-linear"]`` (every linear layer but the output head).
     Only the adapter weights are trainable afterwards.
     """
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
     targets = lora.target_modules
     target = "all-linear" if list(targets) == ["all-linear"] else list(targets)
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
@@ -109,8 +97,6 @@ def apply_lora(llm: PreTrainedModel, lora: LoraConfig) -> nn.Module:
 
 def load_lora(llm: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
     """Attach a LoRA adapter saved by peft's ``save_pretrained`` (``adapter_dir``) to ``llm``."""
-    from peft import PeftModel
-
     return PeftModel.from_pretrained(llm, str(adapter_dir), is_trainable=trainable)
 
 

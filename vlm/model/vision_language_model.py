@@ -28,13 +28,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig
 
-from vlm.model.bridges.base import Bridge
-from vlm.model.bridges import build_bridge
 from vlm.config import ConfigError, VLMConfig, config_from_yaml_text, save_config
-from vlm.model.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, ensure_image_token, load_llm,
-                     load_lora, load_tokenizer)
-from vlm.model.processor import IGNORE_INDEX, VLMProcessor
 from vlm.data.prompts import IMAGE_TOKEN
+from vlm.data.tokenizer import load_tokenizer
+from vlm.model.bridges import build_bridge
+from vlm.model.bridges.base import Bridge
+from vlm.model.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, ensure_image_token,
+                           load_llm, load_lora)
+from vlm.model.processor import IGNORE_INDEX, VLMProcessor
 from vlm.model.tower import VLMVisionTower
 
 CONFIG_FILE = "vlm.yaml"

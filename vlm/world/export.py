@@ -100,6 +100,103 @@ def contact_sheet(samples: list[WorldSample], path: Path, scale: int = 4, cols: 
     sheet.save(path)
 
 
+@dataclasses.dataclass
+class _Collected:
+    """What one pass over the world gathers for the json-based formats (written at the end)."""
+
+    captions: dict[str, dict[int, list[str]]] = dataclasses.field(default_factory=lambda: {"train": {}, "val": {}})
+    files: dict[str, dict[int, str]] = dataclasses.field(default_factory=lambda: {"train": {}, "val": {}})
+    llava: list[LlavaRecord] = dataclasses.field(default_factory=list)
+    vsr: dict[str, list[VsrItem]] = dataclasses.field(default_factory=lambda: {"train": [], "test": []})
+    inst_images: dict[int, dict] = dataclasses.field(default_factory=dict)
+    inst_anns: dict[int, dict] = dataclasses.field(default_factory=dict)
+    refs: list[RefExpr] = dataclasses.field(default_factory=list)
+    pope_objects: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+    sheet_samples: list[WorldSample] = dataclasses.field(default_factory=list)
+    n_objects: dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
+
+
+def _vsr_items(sample: WorldSample, file_name: str) -> list[VsrItem]:
+    return [VsrItem(image=file_name, caption=st.text, label=int(st.label), relation=st.relation,
+                    subj=sample.objects[st.subject].name, obj=sample.objects[st.object].name)
+            for st in sample.statements]
+
+
+def _add_train(sample: WorldSample, jpg: bytes, file_name: str, cfg: WorldConfig, writer: Any, c: _Collected) -> None:
+    """A train sample: its shard entry, LLaVA conversations, VSR statements, maybe the contact sheet."""
+    writer.write({"__key__": sample.key, "jpg": jpg, "txt": shard_caption(sample).encode("utf-8"),
+                  "json": json.dumps(_shard_json(sample, cfg, jpg)).encode("utf-8")})
+    for k, conv in enumerate(llava_conversations(sample, cfg.seed, cfg.image_size)):
+        c.llava.append(LlavaRecord(id=f"{sample.key}-{k}", image=file_name, conversations=conv))
+    c.vsr["train"] += _vsr_items(sample, file_name)
+    if len(c.sheet_samples) < 16:
+        c.sheet_samples.append(sample)
+
+
+def _add_eval(sample: WorldSample, file_name: str, cfg: WorldConfig, out: Path, c: _Collected) -> None:
+    """An eval sample: its class mask, VSR statements, POPE objects, COCO instances and RefCOCO refs."""
+    s, index = cfg.image_size, sample.index
+    Image.fromarray(sample.class_mask.astype(np.uint8), mode="L").save(out / "masks" / f"{sample.key}.png")
+    c.vsr["test"] += _vsr_items(sample, file_name)
+    c.pope_objects[file_name] = {o.shape for o in sample.objects}
+    c.inst_images[index] = {"file_name": file_name, "width": s, "height": s}
+    ref_split = REFCOCO_SPLITS[(index - cfg.n_train) % len(REFCOCO_SPLITS)]
+    for k, o in enumerate(sample.objects):
+        ann_id = index * 16 + k + 1  # unique: at most 8 objects per image
+        x1, y1, x2, y2 = o.box
+        area = int((sample.instance_mask == k + 1).sum())
+        c.inst_anns[ann_id] = {"image_id": index, "category_id": SHAPES.index(o.shape) + 1,
+                               "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area, "iscrowd": 0}
+        c.refs.append(RefExpr(ref_id=ann_id, ann_id=ann_id, image_id=index, file_name=file_name,
+                              sentences=[sample.referring[k]], bbox_xywh=(x1, y1, x2 - x1, y2 - y1),
+                              split=ref_split, width=s, height=s, category_id=SHAPES.index(o.shape) + 1))
+
+
+def _add_sample(sample: WorldSample, cfg: WorldConfig, out: Path, writer: Any, c: _Collected) -> None:
+    """Write one sample's image and route it to the train or eval formats."""
+    is_train = sample.index < cfg.n_train
+    split = "train" if is_train else "val"
+    jpg = jpeg_bytes(sample.image)
+    file_name = f"{sample.key}.jpg"
+    (out / "images" / file_name).write_bytes(jpg)
+    c.files[split][sample.index] = file_name
+    c.captions[split][sample.index] = [sample.captions[k] for k in CAPTION_STYLES]
+    c.n_objects["train" if is_train else "eval"] += len(sample.objects)
+    if is_train:
+        _add_train(sample, jpg, file_name, cfg, writer, c)
+    else:
+        _add_eval(sample, file_name, cfg, out, c)
+
+
+def _write_formats(out: Path, cfg: WorldConfig, c: _Collected, total: int) -> dict:
+    """Write the json-based formats and the contact sheet; returns the POPE splits."""
+    s = cfg.image_size
+    categories = {k + 1: name for k, name in enumerate(SHAPES)}
+    sizes = {i: (s, s) for i in range(total)}
+    write_coco_captions(out / "coco" / "captions_train.json", c.files["train"], c.captions["train"], sizes)
+    write_coco_captions(out / "coco" / "captions_val.json", c.files["val"], c.captions["val"], sizes)
+    write_coco_instances(out / "coco" / "instances_val.json", c.inst_images, categories, c.inst_anns)
+    write_llava(out / "llava" / "train.json", c.llava)
+    pope = build_pope(c.pope_objects, n_per_image=3, seed=cfg.seed, vocabulary=SHAPES)
+    for split, questions in pope.items():
+        write_pope(out / "pope" / f"{split}.jsonl", questions)
+    write_refcoco(out / "refcoco" / "refs.json", out / "refcoco" / "instances.json", c.refs, categories)
+    write_vsr(out / "vsr" / "train.jsonl", c.vsr["train"])
+    write_vsr(out / "vsr" / "test.jsonl", c.vsr["test"])
+    if c.sheet_samples:
+        contact_sheet(c.sheet_samples, out / "contact_sheet.png")
+    return pope
+
+
+def _counts(out: Path, n_train: int, n_eval: int, c: _Collected, pope: dict) -> dict[str, Any]:
+    return {"train": n_train, "eval": n_eval, "shards": len(list((out / "shards").glob("train-*.tar"))),
+            "objects_train": c.n_objects["train"], "objects_eval": c.n_objects["eval"],
+            "caption_refs_train": sum(map(len, c.captions["train"].values())),
+            "caption_refs_val": sum(map(len, c.captions["val"].values())),
+            "llava_conversations": len(c.llava), "pope": {k: len(v) for k, v in pope.items()},
+            "refs": len(c.refs), "vsr_train": len(c.vsr["train"]), "vsr_test": len(c.vsr["test"])}
+
+
 def export_world(out_dir: str | Path, cfg: WorldConfig, progress: bool = True,
                  samples_per_shard: int = 1000) -> dict[str, Any]:
     """Generate the world ``cfg`` and write it under ``out_dir`` (layout in the module docstring).
@@ -114,82 +211,19 @@ def export_world(out_dir: str | Path, cfg: WorldConfig, progress: bool = True,
         (out / sub).mkdir(parents=True, exist_ok=True)
     _clear_previous(out)
     train_idx, eval_idx = world_split(cfg)
-    s = cfg.image_size
-    captions: dict[str, dict[int, list[str]]] = {"train": {}, "val": {}}
-    files: dict[str, dict[int, str]] = {"train": {}, "val": {}}
-    llava: list[LlavaRecord] = []
-    vsr: dict[str, list[VsrItem]] = {"train": [], "test": []}
-    inst_images: dict[int, dict] = {}
-    inst_anns: dict[int, dict] = {}
-    refs: list[RefExpr] = []
-    pope_objects: dict[str, set[str]] = {}
-    sheet_samples: list[WorldSample] = []
-    n_objects = {"train": 0, "eval": 0}
     total = len(train_idx) + len(eval_idx)
+    collected = _Collected()
     bar = tqdm(total=total, desc="world export", unit="img", disable=not progress)
     writer = wds.ShardWriter(str(out / "shards" / "train-%06d.tar"), maxcount=samples_per_shard, verbose=0)
     try:
         for index in [*train_idx, *eval_idx]:
-            sample = generate_sample(index, cfg.seed, cfg)
-            is_train = index < cfg.n_train
-            split = "train" if is_train else "val"
-            jpg = jpeg_bytes(sample.image)
-            file_name = f"{sample.key}.jpg"
-            (out / "images" / file_name).write_bytes(jpg)
-            files[split][index] = file_name
-            captions[split][index] = [sample.captions[k] for k in CAPTION_STYLES]
-            n_objects["train" if is_train else "eval"] += len(sample.objects)
-            vsr_items = [VsrItem(image=file_name, caption=st.text, label=int(st.label), relation=st.relation,
-                                 subj=sample.objects[st.subject].name, obj=sample.objects[st.object].name)
-                         for st in sample.statements]
-            if is_train:
-                caption = shard_caption(sample)
-                writer.write({"__key__": sample.key, "jpg": jpg, "txt": caption.encode("utf-8"),
-                              "json": json.dumps(_shard_json(sample, cfg, jpg)).encode("utf-8")})
-                for c, conv in enumerate(llava_conversations(sample, cfg.seed, s)):
-                    llava.append(LlavaRecord(id=f"{sample.key}-{c}", image=file_name, conversations=conv))
-                vsr["train"] += vsr_items
-                if len(sheet_samples) < 16:
-                    sheet_samples.append(sample)
-            else:
-                Image.fromarray(sample.class_mask.astype(np.uint8), mode="L").save(out / "masks" / f"{sample.key}.png")
-                vsr["test"] += vsr_items
-                pope_objects[file_name] = {o.shape for o in sample.objects}
-                inst_images[index] = {"file_name": file_name, "width": s, "height": s}
-                ref_split = REFCOCO_SPLITS[(index - cfg.n_train) % len(REFCOCO_SPLITS)]
-                for k, o in enumerate(sample.objects):
-                    ann_id = index * 16 + k + 1  # unique: at most 8 objects per image
-                    x1, y1, x2, y2 = o.box
-                    area = int((sample.instance_mask == k + 1).sum())
-                    inst_anns[ann_id] = {"image_id": index, "category_id": SHAPES.index(o.shape) + 1,
-                                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area, "iscrowd": 0}
-                    refs.append(RefExpr(ref_id=ann_id, ann_id=ann_id, image_id=index, file_name=file_name,
-                                        sentences=[sample.referring[k]], bbox_xywh=(x1, y1, x2 - x1, y2 - y1),
-                                        split=ref_split, width=s, height=s, category_id=SHAPES.index(o.shape) + 1))
+            _add_sample(generate_sample(index, cfg.seed, cfg), cfg, out, writer, collected)
             bar.update(1)
     finally:
         writer.close()
         bar.close()
-    categories = {c + 1: name for c, name in enumerate(SHAPES)}
-    sizes = {i: (s, s) for i in range(total)}
-    write_coco_captions(out / "coco" / "captions_train.json", files["train"], captions["train"], sizes)
-    write_coco_captions(out / "coco" / "captions_val.json", files["val"], captions["val"], sizes)
-    write_coco_instances(out / "coco" / "instances_val.json", inst_images, categories, inst_anns)
-    write_llava(out / "llava" / "train.json", llava)
-    pope = build_pope(pope_objects, n_per_image=3, seed=cfg.seed, vocabulary=SHAPES)
-    for split, questions in pope.items():
-        write_pope(out / "pope" / f"{split}.jsonl", questions)
-    write_refcoco(out / "refcoco" / "refs.json", out / "refcoco" / "instances.json", refs, categories)
-    write_vsr(out / "vsr" / "train.jsonl", vsr["train"])
-    write_vsr(out / "vsr" / "test.jsonl", vsr["test"])
-    if sheet_samples:
-        contact_sheet(sheet_samples, out / "contact_sheet.png")
-    counts = {"train": len(train_idx), "eval": len(eval_idx), "shards": len(list((out / "shards").glob("train-*.tar"))),
-              "objects_train": n_objects["train"], "objects_eval": n_objects["eval"],
-              "caption_refs_train": sum(map(len, captions["train"].values())),
-              "caption_refs_val": sum(map(len, captions["val"].values())),
-              "llava_conversations": len(llava), "pope": {k: len(v) for k, v in pope.items()},
-              "refs": len(refs), "vsr_train": len(vsr["train"]), "vsr_test": len(vsr["test"])}
+    pope = _write_formats(out, cfg, collected, total)
+    counts = _counts(out, len(train_idx), len(eval_idx), collected, pope)
     meta = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "counts": counts}
     tmp = out / "world.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")

@@ -204,22 +204,6 @@ def commit(tmp: Path, meta: dict) -> Path:
     return final
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model_tensors: dict[str, torch.Tensor],
-                    optim_state: dict[str, Any], meta: dict, rng: Optional[dict[str, Any]] = None,
-                    rank: int = 0) -> Path:
-    """Single-process convenience: write a complete checkpoint for ``step`` atomically.
-
-    ``model_tensors`` from ``trainable_state_dict``; ``optim_state`` any dict of tensors/containers;
-    ``meta`` gains ``step``. Returns the final directory ``ckpt_root/step_XXXXXXXX``.
-    """
-    tmp = tmp_dir_for(ckpt_root, step)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write_rank_files(tmp, rank, rng if rng is not None else rng_state())
-    write_main_files(tmp, model_tensors, optim_state)
-    return commit(tmp, {**meta, "step": step})
-
-
 # ----------------------------------------------------------------------------------------------
 # Finding, reading, pruning
 # ----------------------------------------------------------------------------------------------

@@ -25,11 +25,8 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """True on global rank 0 (and in single-process runs)."""
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -48,6 +45,7 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def _env_int(key: str, default: int) -> int:
+    """Integer environment variable ``key``; ``default`` when unset or empty."""
     value = os.environ.get(key)
     if value is None or value == "":
         return default
@@ -85,12 +83,6 @@ def setup(device: str = "auto") -> DistInfo:
     elif dev.type == "cuda":
         torch.cuda.set_device(dev)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
-
-
-def cleanup() -> None:
-    """Destroy the process group if one exists (no-op for single-process runs)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def is_main() -> bool:

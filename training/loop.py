@@ -24,24 +24,24 @@ run whose latest checkpoint is already at ``optim.max_steps`` does no training; 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import random
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from training import checkpoint as ckpt
 from training import distributed as distrib
+from training import parallel
+from training.metrics import MetricsLogger, Throughput
+from training.optim import build_optimizer
 from vlm.config import OptimConfig, RunConfig, save_config
 
 MakeBatches = Callable[[int], Iterable[dict]]
@@ -50,12 +50,13 @@ MakeBatches = Callable[[int], Iterable[dict]]
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN/inf. No optimiser step and no checkpoint were taken."""
 
-    def __init__(self, step: int, terms: dict[str, float], what: str = "loss"):
+    def __init__(self, step: int, terms: dict[str, float], what: str = "loss", clipping: bool = False):
         self.step, self.terms = step, terms
         shown = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
+        hint = "lower optim.lr or optim.grad_clip" if clipping else "lower optim.lr, enable optim.grad_clip"
         super().__init__(f"non-finite {what} at step {step} (1-based optimiser step, caught before "
                          f"updating): {shown}. The parameters were not updated and no checkpoint was written "
-                         f"for this step; lower optim.lr, enable optim.grad_clip, or inspect the batch.")
+                         f"for this step; {hint}, or inspect the batch.")
 
 
 @dataclass
@@ -67,72 +68,6 @@ class TrainResult:
     out_dir: Path
     final_dir: Optional[Path]
     history: list[dict] = field(default_factory=list)  # the logged rows (also in metrics.jsonl)
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimiser and schedule
-# ----------------------------------------------------------------------------------------------
-
-
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier for optimiser step ``step`` (0-based): linear warmup to 1 over ``warmup_steps``
-    (step 0 gets ``1/warmup_steps``, never 0), then cosine decay reaching ``min_lr_ratio`` at
-    ``max_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
-               nn.LocalResponseNorm)
-
-
-def _clean_name(name: str) -> str:
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "module."):
-        if name.startswith(wrapper):
-            name = name[len(wrapper):]
-        name = name.replace("." + wrapper, ".")
-    return name
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups over parameters with ``requires_grad``: weight decay on matrices only.
-
-    No decay for biases, 1-d/0-d tensors (norm gains, learned temperatures/logit scales/biases)
-    and any parameter of a normalisation layer (``*Norm`` classes, including RMSNorm).
-    Each group carries ``names`` for inspection.
-    """
-    no_decay_ids = set()
-    for module in model.modules():
-        if isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(("Norm", "Norm2d", "RMSNorm")):
-            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay, decay_names, no_decay_names = [], [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        clean = _clean_name(name)
-        if p.ndim < 2 or clean.endswith("bias") or id(p) in no_decay_ids:
-            no_decay.append(p)
-            no_decay_names.append(clean)
-        else:
-            decay.append(p)
-            decay_names.append(clean)
-    if not decay and not no_decay:
-        raise ValueError("the model has no parameters with requires_grad=True; nothing to train")
-    return [g for g in (
-        {"params": decay, "weight_decay": weight_decay, "names": decay_names},
-        {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names},
-    ) if g["params"]]
-
-
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``param_groups(model)`` and the warmup + cosine ``LambdaLR`` (stepped once per optimiser step)."""
-    groups = param_groups(model, optim.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio))
-    return opt, sched
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,130 +104,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-
-
-def _is_fsdp(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    return isinstance(model, FSDP)
-
-
-def _wrap(model: nn.Module, info: distrib.DistInfo, run: RunConfig) -> nn.Module:
-    if run.distributed == "fsdp" and dist.is_initialized():
-        if info.device.type != "cuda":
-            raise RuntimeError("run.distributed=fsdp needs CUDA devices (torch's FSDP does not shard on the CPU); "
-                               "use run.distributed=ddp for CPU runs")
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        # One root unit: parameters, gradients and optimiser states are sharded across ranks and
-        # the model is gathered for each forward. Without nested units the wrapped module keeps its
-        # own submodule names, so save_pretrained sees a plain model.
-        # use_orig_params allows frozen and trainable parameters in one unit (frozen LLM + LoRA).
-        return FSDP(model, use_orig_params=True, device_id=info.device)
-    if info.world_size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    # A model whose forward leaves some trainable parameters unused declares it with the
-    # attribute ``ddp_find_unused_parameters = True``; the default avoids the extra graph walk.
-    find_unused = bool(getattr(model, "ddp_find_unused_parameters", False))
-    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-               find_unused_parameters=find_unused)
-
-
-def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable tensors of the (possibly wrapped) model, full and on CPU; only meaningful on rank 0 for FSDP."""
-    if _is_fsdp(model):
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        keep = {_clean_name(n) for n in ckpt.trainable_state_dict_names(_unwrap(model))}
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-            full = model.state_dict()
-        return {_clean_name(k): v.detach().cpu().contiguous().clone() for k, v in full.items()
-                if _clean_name(k) in keep}
-    return ckpt.trainable_state_dict(_unwrap(model))
-
-
-def _optim_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    if _is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        return FSDP.optim_state_dict(model, opt)
-    return opt.state_dict()
-
-
-def _load_optim_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    if _is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        state = FSDP.optim_state_dict_to_load(model, opt, state)
-    opt.load_state_dict(state)
-
-
-def _load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    if _is_fsdp(model):
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
-            missing, unexpected = model.load_state_dict(tensors, strict=False)
-        if unexpected:
-            raise ckpt.CheckpointError(f"checkpoint has tensors the model lacks: {unexpected[:8]}")
-        return
-    ckpt.load_trainable_state_dict(_unwrap(model), tensors)
-
-
-class _Logger:
-    """Console + metrics.jsonl + TensorBoard (+ W&B) on rank 0; a no-op elsewhere."""
-
-    def __init__(self, out_dir: Path, run: RunConfig, active: bool, config: Any, resume_step: int):
-        self.active = active
-        self.tb = None
-        self.wandb = None
-        self.path = out_dir / "metrics.jsonl"
-        if not active:
-            return
-        if resume_step > 0 and self.path.is_file():
-            # Drop rows logged after the checkpoint we resumed from; they are about to be redone.
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        elif resume_step == 0 and self.path.is_file():
-            self.path.unlink()
-        if run.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
-        if run.wandb:
-            try:
-                import wandb  # optional extra: pip install .[wandb]
-            except ImportError:
-                print("run.wandb=true but wandb is not installed (pip install 'sparc-vlm[wandb]'); "
-                      "logging to metrics.jsonl and TensorBoard only", file=sys.stderr)
-            else:
-                from omegaconf import OmegaConf
-                cfg_dict = OmegaConf.to_container(OmegaConf.structured(config)) if config is not None else {}
-                self.wandb = wandb.init(project="sparc-vlm", name=out_dir.name, dir=str(out_dir),
-                                        config=cfg_dict, resume="allow")
-
-    def log(self, row: dict, bar: Optional[tqdm]) -> None:
-        if not self.active:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-        (bar.write if bar is not None and not bar.disable else print)(msg)
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}", v, row["step"])
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 def check_out_dir(out_dir: Path, run: RunConfig) -> Optional[ckpt.CheckpointInfo]:
     """Apply the output-directory rule (module docstring); returns the checkpoint to resume, if any."""
     latest = ckpt.latest_checkpoint(out_dir / "checkpoints")
@@ -307,29 +118,286 @@ def check_out_dir(out_dir: Path, run: RunConfig) -> Optional[ckpt.CheckpointInfo
     return latest
 
 
-def _export(model: nn.Module, out_dir: Path, info: distrib.DistInfo) -> Path:
-    """Run ``unwrapped.save_pretrained(tmp)`` on rank 0 and rename ``tmp`` to ``out_dir/final`` atomically."""
-    final = out_dir / "final"
-    tmp = out_dir / ".tmp-final"
-    if _is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        # (torch refuses CPU offload when a single rank means nothing is sharded)
-        ctx = FSDP.summon_full_params(model, writeback=False, offload_to_cpu=info.world_size > 1, rank0_only=True)
+# ----------------------------------------------------------------------------------------------
+# The state of one run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What ``train`` carries from step to step: the configs, the model (as given and wrapped), the
+    optimiser and schedule, the data iterator, the step counter and the logging state."""
+
+    info: distrib.DistInfo
+    optim: OptimConfig
+    run: RunConfig
+    out_dir: Path
+    model: nn.Module  # as given: what save_pretrained is called on
+    wrapped: nn.Module  # the same model under DDP/FSDP (or itself)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0  # optimiser steps done
+    last_loss: float = float("nan")
+    logger: Optional[MetricsLogger] = None
+    bar: Optional[tqdm] = None
+    autocast: ContextManager = field(default_factory=contextlib.nullcontext)
+    trainable: list[torch.Tensor] = field(default_factory=list)
+    batches: Iterator[dict] = field(default_factory=lambda: iter(()))
+    window: Throughput = field(default_factory=Throughput)
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def ckpt_root(self) -> Path:
+        """``out_dir/checkpoints``."""
+        return self.out_dir / "checkpoints"
+
+
+@dataclass
+class _StepOut:
+    """One optimiser step's outcome: the loss terms (sorted ``names``, ``terms`` of shape
+    ``(len(names),)``, means over micro-batches of this rank), the lr it used and the pre-clip
+    gradient norm (None without clipping)."""
+
+    names: list[str]
+    terms: torch.Tensor
+    lr: float
+    grad_norm: Optional[torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# Start
+# ----------------------------------------------------------------------------------------------
+
+
+def _prepare_out_dir(out_dir: Path, info: distrib.DistInfo, config: Any) -> None:
+    """Rank 0 creates ``out_dir``, drops half-written checkpoints and saves ``config.yaml``,
+    after every rank has read the directory."""
+    distrib.barrier()  # every rank has read the directory before rank 0 touches it
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_tmp(out_dir / "checkpoints")
+        if config is not None:
+            save_config(config, out_dir / "config.yaml")
+    distrib.barrier()
+
+
+def _start(model: nn.Module, make_batches: MakeBatches, optim: OptimConfig, run: RunConfig,
+           config: Any) -> _Run:
+    """Set up a run: process group, output directory, seeds, device and wrapping, optimiser,
+    resume from the latest checkpoint, logging, and the data iterator at the resumed position."""
+    info = distrib.setup(run.device)
+    out_dir = Path(run.out_dir)
+    latest = check_out_dir(out_dir, run)
+    _prepare_out_dir(out_dir, info, config)
+    seed_everything(run.seed + info.rank)
+    model.to(info.device)
+    wrapped = parallel.wrap(model, info, run)
+    opt, sched = build_optimizer(wrapped, optim)
+    r = _Run(info=info, optim=optim, run=run, out_dir=out_dir, model=model, wrapped=wrapped, opt=opt, sched=sched)
+    if latest is not None:
+        _resume(r, latest)
+    r.logger = MetricsLogger(out_dir, run, info.is_main, config, r.step)
+    r.bar = tqdm(total=optim.max_steps, initial=r.step, disable=not (info.is_main and run.progress),
+                 desc=out_dir.name, dynamic_ncols=True)
+    if info.device.type == "cuda" and run.precision == "bf16":
+        r.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    r.trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    wrapped.train()
+    r.batches = iter(make_batches(r.step * optim.grad_accum))
+    r.window.reset()
+    return r
+
+
+def _resume(r: _Run, latest: ckpt.CheckpointInfo) -> None:
+    """Restore model, optimiser, scheduler, RNG states and step from ``latest``; it must come from
+    a run with the same world size and gradient accumulation."""
+    info, accum = r.info, r.optim.grad_accum
+    if latest.meta.get("world_size", 1) != info.world_size:
+        raise ckpt.CheckpointError(
+            f"{latest.path} was written with world_size={latest.meta.get('world_size')} but this run "
+            f"has world_size={info.world_size}; exact resume needs the same number of processes")
+    if latest.meta.get("grad_accum", accum) != accum:
+        raise ckpt.CheckpointError(f"{latest.path} used grad_accum={latest.meta.get('grad_accum')}, "
+                                   f"this run has optim.grad_accum={accum}")
+    state = ckpt.load_checkpoint(latest.path, rank=info.rank)
+    parallel.load_model_state(r.wrapped, state["model"])
+    parallel.load_optimizer_state(r.wrapped, r.opt, state["optim"]["optimizer"])
+    r.sched.load_state_dict(state["optim"]["scheduler"])
+    if state["rng"] is None:
+        raise ckpt.CheckpointError(f"{latest.path} has no RNG state for rank {info.rank}")
+    ckpt.set_rng_state(state["rng"])
+    r.step = int(latest.meta["step"])
+    r.last_loss = float(latest.meta.get("loss", float("nan")))
+    if info.is_main:
+        print(f"resumed from {latest.path} (step {r.step}, {latest.meta['micro_batches']} micro-batches)",
+              file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimiser step
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward_backward(r: _Run, batch: dict, sync: bool) -> dict:
+    """Forward one micro-batch (autocast), backward ``loss / grad_accum``; returns the model's output
+    dict. Gradients are all-reduced only when ``sync``."""
+    with parallel.grad_sync(r.wrapped, sync):
+        with r.autocast:
+            out = r.wrapped(batch)
+        if not isinstance(out, dict) or "loss" not in out:
+            raise TypeError(f"model(batch) must return a dict with 'loss', got {type(out).__name__}"
+                            + (f" with keys {list(out)}" if isinstance(out, dict) else ""))
+        (out["loss"].float() / r.optim.grad_accum).backward()
+    return out
+
+
+def _add_terms(r: _Run, sums: dict[str, torch.Tensor], out: dict) -> None:
+    """Add the scalar terms of ``out`` to ``sums`` (0-d float tensors) and ``num_tokens`` to the
+    throughput window."""
+    for k, v in out.items():
+        if k == "num_tokens":
+            r.window.tokens += int(v.sum().item() if isinstance(v, torch.Tensor) else v) * r.info.world_size
+        elif isinstance(v, torch.Tensor) and v.numel() == 1:
+            sums[k] = sums.get(k, 0) + v.detach().float().reshape(())
+        elif isinstance(v, (int, float)):
+            sums[k] = sums.get(k, 0) + torch.tensor(float(v), device=r.info.device)
+
+
+def _accumulate(r: _Run) -> Optional[dict[str, torch.Tensor]]:
+    """Run ``grad_accum`` micro-batches; returns the summed scalar terms, or None when the data ran
+    out first (the partial gradients are then dropped)."""
+    sums: dict[str, torch.Tensor] = {}
+    accum = r.optim.grad_accum
+    for micro in range(accum):
+        try:
+            batch = next(r.batches)
+        except StopIteration:
+            if r.info.is_main:
+                print(f"make_batches ran out of data at step {r.step}; stopping early (the partial "
+                      f"accumulation of this step is discarded)", file=sys.stderr)
+            r.opt.zero_grad(set_to_none=True)
+            return None
+        batch = to_device(batch, r.info.device)
+        r.window.samples += batch_size_of(batch) * r.info.world_size
+        out = _forward_backward(r, batch, sync=micro == accum - 1)
+        _add_terms(r, sums, out)
+    return sums
+
+
+def _step(r: _Run) -> Optional[_StepOut]:
+    """One optimiser step: accumulate, refuse non-finite terms or gradient norm on any rank
+    (``NonFiniteLossError``, before updating), clip, step optimiser and schedule. None when the
+    data ran out."""
+    sums = _accumulate(r)
+    if sums is None:
+        return None
+    names = sorted(sums)
+    terms = torch.stack([sums[k] for k in names]) / r.optim.grad_accum
+    clipping = r.optim.grad_clip > 0
+    if distrib.any_rank(not bool(torch.isfinite(terms).all()), r.info.device):
+        raise NonFiniteLossError(r.step + 1, dict(zip(names, terms.tolist())), clipping=clipping)
+    grad_norm = None
+    if clipping:
+        grad_norm = parallel.clip_grad_norm(r.wrapped, r.trainable, r.optim.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(r.step + 1, {**dict(zip(names, terms.tolist())), "grad_norm": float(grad_norm)},
+                                     what="gradient norm", clipping=clipping)
+    lr = r.opt.param_groups[0]["lr"]
+    r.opt.step()
+    r.sched.step()
+    r.opt.zero_grad(set_to_none=True)
+    r.step += 1
+    return _StepOut(names=names, terms=terms, lr=lr, grad_norm=grad_norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _log(r: _Run, out: _StepOut) -> float:
+    """Log the row of the step just taken (terms averaged over ranks, throughput since the last
+    row, pre-clip gradient norm); returns its loss."""
+    mean_terms = distrib.all_reduce_mean(out.terms).tolist()
+    rates = r.window.rates()
+    row: dict[str, Any] = {"step": r.step, "lr": out.lr}
+    row.update({k: float(v) for k, v in zip(out.names, mean_terms)})
+    row.update(rates)
+    if out.grad_norm is not None:
+        row["grad_norm"] = float(out.grad_norm)
+    r.history.append(row)
+    r.logger.log(row, r.bar)
+    r.window.reset()
+    return row["loss"]
+
+
+def _after_step(r: _Run, out: _StepOut) -> None:
+    """Log (every ``run.log_every`` steps and at the last), advance the bar, and checkpoint (every
+    ``run.ckpt_every`` steps and at the last)."""
+    last = r.step == r.optim.max_steps
+    if r.step % r.run.log_every == 0 or last:
+        r.last_loss = _log(r, out)
     else:
-        ctx = contextlib.nullcontext()
-    with ctx:
-        if info.is_main:
+        r.last_loss = float(out.terms[out.names.index("loss")])
+    r.bar.update(1)
+    r.bar.set_postfix(loss=f"{r.last_loss:.4f}", lr=f"{out.lr:.2e}", refresh=False)
+    if r.step % r.run.ckpt_every == 0 or last:
+        _save(r)
+
+
+def _save(r: _Run) -> None:
+    """Write the checkpoint of ``r.step`` atomically (see ``training.checkpoint``): every rank its
+    RNG file, rank 0 the model/optimiser files and then the commit; then prune to ``run.keep_last``."""
+    info, accum = r.info, r.optim.grad_accum
+    tmp = ckpt.tmp_dir_for(r.ckpt_root, r.step)
+    if info.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    distrib.barrier()
+    ckpt.write_rank_files(tmp, info.rank, ckpt.rng_state())
+    tensors = parallel.model_state(r.wrapped)  # a collective under FSDP: every rank calls it
+    optim_state = {"optimizer": parallel.optimizer_state(r.wrapped, r.opt), "scheduler": r.sched.state_dict()}
+    if info.is_main:
+        ckpt.write_main_files(tmp, tensors, optim_state)
+    distrib.barrier()  # every rank's RNG file is on disk before the commit
+    if info.is_main:
+        ckpt.commit(tmp, {"step": r.step, "micro_batches": r.step * accum, "grad_accum": accum,
+                          "world_size": info.world_size, "loss": r.last_loss, "time": time.time()})
+        ckpt.prune_checkpoints(r.ckpt_root, r.run.keep_last)
+    distrib.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Finish
+# ----------------------------------------------------------------------------------------------
+
+
+def _export(r: _Run) -> Path:
+    """Run ``unwrapped.save_pretrained(tmp)`` on rank 0 and rename ``tmp`` to ``out_dir/final`` atomically."""
+    final = r.out_dir / "final"
+    tmp = r.out_dir / ".tmp-final"
+    with parallel.full_params(r.wrapped, r.info):
+        if r.info.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            _unwrap(model).save_pretrained(tmp)
+            parallel.unwrap(r.wrapped).save_pretrained(tmp)
             ckpt.fsync_path(tmp)
             if final.exists():
                 shutil.rmtree(final)
             tmp.replace(final)
-            ckpt.fsync_path(out_dir)
+            ckpt.fsync_path(r.out_dir)
     distrib.barrier()
     return final
+
+
+def _finish(r: _Run) -> TrainResult:
+    """Checkpoint the last step if the loop stopped early (data ran out), export ``final/``, and
+    return the result."""
+    latest = ckpt.latest_checkpoint(r.ckpt_root)
+    if latest is None or latest.step != r.step:
+        _save(r)  # stopped early on exhausted data: still leave a resumable state
+    final_dir = _export(r) if hasattr(r.model, "save_pretrained") else None
+    return TrainResult(step=r.step, loss=r.last_loss, out_dir=r.out_dir, final_dir=final_dir, history=r.history)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,155 +416,14 @@ def train(model: nn.Module, make_batches: MakeBatches, optim: OptimConfig, run: 
     When the model has ``save_pretrained(dir)`` it writes the final artifact (rank 0), renamed to
     ``out_dir/final``. ``config`` (the recipe's dataclass) is saved to ``out_dir/config.yaml``.
     """
-    info = distrib.setup(run.device)
-    out_dir = Path(run.out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    latest = check_out_dir(out_dir, run)
-    distrib.barrier()  # every rank has read the directory before rank 0 touches it
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_tmp(ckpt_root)
-        if config is not None:
-            save_config(config, out_dir / "config.yaml")
-    distrib.barrier()
-
-    seed_everything(run.seed + info.rank)
-    model.to(info.device)
-    wrapped = _wrap(model, info, run)
-    opt, sched = build_optimizer(wrapped, optim)
-    accum = optim.grad_accum
-
-    step = 0
-    last_loss = float("nan")
-    if latest is not None:
-        if latest.meta.get("world_size", 1) != info.world_size:
-            raise ckpt.CheckpointError(
-                f"{latest.path} was written with world_size={latest.meta.get('world_size')} but this run "
-                f"has world_size={info.world_size}; exact resume needs the same number of processes")
-        if latest.meta.get("grad_accum", accum) != accum:
-            raise ckpt.CheckpointError(f"{latest.path} used grad_accum={latest.meta.get('grad_accum')}, "
-                                       f"this run has optim.grad_accum={accum}")
-        state = ckpt.load_checkpoint(latest.path, rank=info.rank)
-        _load_model_tensors(wrapped, state["model"])
-        _load_optim_state(wrapped, opt, state["optim"]["optimizer"])
-        sched.load_state_dict(state["optim"]["scheduler"])
-        if state["rng"] is None:
-            raise ckpt.CheckpointError(f"{latest.path} has no RNG state for rank {info.rank}")
-        ckpt.set_rng_state(state["rng"])
-        step = int(latest.meta["step"])
-        last_loss = float(latest.meta.get("loss", float("nan")))
-        if info.is_main:
-            print(f"resumed from {latest.path} (step {step}, {latest.meta['micro_batches']} micro-batches)",
-                  file=sys.stderr)
-
-    logger = _Logger(out_dir, run, info.is_main, config, step)
-    history: list[dict] = []
-    bar = tqdm(total=optim.max_steps, initial=step, disable=not (info.is_main and run.progress),
-               desc=out_dir.name, dynamic_ncols=True)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if info.device.type == "cuda" and run.precision == "bf16" else contextlib.nullcontext())
-    trainable = [p for p in wrapped.parameters() if p.requires_grad]
-
-    def save(at_step: int, loss: float) -> None:
-        tmp = ckpt.tmp_dir_for(ckpt_root, at_step)
-        if info.is_main and tmp.exists():
-            shutil.rmtree(tmp)
-        distrib.barrier()
-        ckpt.write_rank_files(tmp, info.rank, ckpt.rng_state())
-        tensors = _model_tensors(wrapped)  # a collective under FSDP: every rank calls it
-        optim_state = {"optimizer": _optim_state(wrapped, opt), "scheduler": sched.state_dict()}
-        if info.is_main:
-            ckpt.write_main_files(tmp, tensors, optim_state)
-        distrib.barrier()  # every rank's RNG file is on disk before the commit
-        if info.is_main:
-            ckpt.commit(tmp, {"step": at_step, "micro_batches": at_step * accum, "grad_accum": accum,
-                              "world_size": info.world_size, "loss": loss, "time": time.time()})
-            ckpt.prune_checkpoints(ckpt_root, run.keep_last)
-        distrib.barrier()
-
-    wrapped.train()
-    batches: Iterator[dict] = iter(make_batches(step * accum))
-    window_samples, window_tokens, window_start = 0, 0, time.perf_counter()
+    r = _start(model, make_batches, optim, run, config)
     try:
-        while step < optim.max_steps:
-            sums: dict[str, torch.Tensor] = {}
-            exhausted = False
-            for micro in range(accum):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    exhausted = True
-                    break
-                batch = to_device(batch, info.device)
-                window_samples += batch_size_of(batch) * info.world_size
-                sync = micro == accum - 1 or not hasattr(wrapped, "no_sync")
-                with (contextlib.nullcontext() if sync else wrapped.no_sync()):
-                    with autocast:
-                        out = wrapped(batch)
-                    if not isinstance(out, dict) or "loss" not in out:
-                        raise TypeError(f"model(batch) must return a dict with 'loss', got {type(out).__name__}"
-                                        + (f" with keys {list(out)}" if isinstance(out, dict) else ""))
-                    loss = out["loss"]
-                    (loss.float() / accum).backward()
-                for k, v in out.items():
-                    if k == "num_tokens":
-                        window_tokens += int(v.sum().item() if isinstance(v, torch.Tensor) else v) * info.world_size
-                    elif isinstance(v, torch.Tensor) and v.numel() == 1:
-                        sums[k] = sums.get(k, 0) + v.detach().float().reshape(())
-                    elif isinstance(v, (int, float)):
-                        sums[k] = sums.get(k, 0) + torch.tensor(float(v), device=info.device)
-            if exhausted:
-                if info.is_main:
-                    print(f"make_batches ran out of data at step {step}; stopping early (the partial "
-                          f"accumulation of this step is discarded)", file=sys.stderr)
-                opt.zero_grad(set_to_none=True)
+        while r.step < optim.max_steps:
+            out = _step(r)
+            if out is None:
                 break
-
-            names = sorted(sums)
-            terms = torch.stack([sums[k] for k in names]) / accum
-            bad = distrib.any_rank(not bool(torch.isfinite(terms).all()), info.device)
-            if bad:
-                raise NonFiniteLossError(step + 1, {k: float(v) for k, v in zip(names, terms.tolist())})
-            if optim.grad_clip > 0:
-                if _is_fsdp(wrapped):
-                    grad_norm = wrapped.clip_grad_norm_(optim.grad_clip)
-                else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim.grad_clip)
-                if not torch.isfinite(grad_norm):
-                    raise NonFiniteLossError(step + 1, {**{k: float(v) for k, v in zip(names, terms.tolist())},
-                                                    "grad_norm": float(grad_norm)}, what="gradient norm")
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-
-            if step % run.log_every == 0 or step == optim.max_steps:
-                mean_terms = distrib.all_reduce_mean(terms).tolist()
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                row: dict[str, Any] = {"step": step, "lr": lr}
-                row.update({k: float(v) for k, v in zip(names, mean_terms)})
-                row["samples_per_s"] = window_samples / elapsed
-                if window_tokens:
-                    row["tokens_per_s"] = window_tokens / elapsed
-                if optim.grad_clip > 0:
-                    row["grad_norm"] = float(grad_norm)
-                history.append(row)
-                logger.log(row, bar)
-                window_samples, window_tokens, window_start = 0, 0, time.perf_counter()
-                last_loss = row["loss"]
-            else:
-                last_loss = float(terms[names.index("loss")])
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-
-            if step % run.ckpt_every == 0 or step == optim.max_steps:
-                save(step, last_loss)
+            _after_step(r, out)
     finally:
-        bar.close()
-        logger.close()
-
-    if ckpt.latest_checkpoint(ckpt_root) is None or ckpt.latest_checkpoint(ckpt_root).step != step:
-        save(step, last_loss)  # stopped early on exhausted data: still leave a resumable state
-    final_dir = _export(wrapped, out_dir, info) if hasattr(model, "save_pretrained") else None
-    return TrainResult(step=step, loss=last_loss, out_dir=out_dir, final_dir=final_dir, history=history)
+        r.bar.close()
+        r.logger.close()
+    return _finish(r)

@@ -1,4 +1,5 @@
 """Checkpoint contents, atomicity under crashes (exception and SIGKILL mid-write), discovery and pruning."""
+import inspect
 import os
 import random
 import signal
@@ -16,6 +17,15 @@ from torch import nn
 from training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_checkpoint(root, step, model_tensors, optim_state, meta):
+    """A complete checkpoint, written the way the training loop writes one in a single process:
+    rank files, rank-0 files, then the commit. (Its source is also pasted into KILL_SCRIPT.)"""
+    tmp = ckpt.tmp_dir_for(root, step)
+    ckpt.write_rank_files(tmp, 0, ckpt.rng_state())
+    ckpt.write_main_files(tmp, model_tensors, optim_state)
+    return ckpt.commit(tmp, {**meta, "step": step})
 
 
 class Net(nn.Module):
@@ -44,8 +54,8 @@ def test_save_load_roundtrip_and_mismatch_errors(tmp_path):
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=0.1)
     net.head(torch.randn(2, 4)).sum().backward()
     opt.step()
-    path = ckpt.save_checkpoint(tmp_path, 7, ckpt.trainable_state_dict(net), {"optimizer": opt.state_dict()},
-                                {"loss": 1.5})
+    path = write_checkpoint(tmp_path, 7, ckpt.trainable_state_dict(net), {"optimizer": opt.state_dict()},
+                            {"loss": 1.5})
     assert path == tmp_path / "step_00000007" and not list(tmp_path.glob(".tmp-*"))
     state = ckpt.load_checkpoint(path)
     assert state["meta"] == {"loss": 1.5, "step": 7}
@@ -82,8 +92,8 @@ def test_rng_state_roundtrip(tmp_path):
 
 
 def _save(root, step, value):
-    return ckpt.save_checkpoint(root, step, {"w": torch.full((2,), float(value))}, {"x": torch.tensor(step)},
-                                {"loss": float(value)})
+    return write_checkpoint(root, step, {"w": torch.full((2,), float(value))}, {"x": torch.tensor(step)},
+                            {"loss": float(value)})
 
 
 def test_exception_mid_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
@@ -112,14 +122,15 @@ KILL_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from training import checkpoint as ckpt
     root = Path(sys.argv[1])
-    ckpt.save_checkpoint(root, 1, {"w": torch.ones(1000)}, {"x": torch.tensor(1)}, {"loss": 1.0})
+""") + inspect.getsource(write_checkpoint) + textwrap.dedent("""
+    write_checkpoint(root, 1, {"w": torch.ones(1000)}, {"x": torch.tensor(1)}, {"loss": 1.0})
     real_save_file = ckpt.save_file
     def slow_save_file(tensors, path, metadata=None):
         real_save_file(tensors, path, metadata=metadata)   # the file is there, the checkpoint is not complete
         Path(str(path) + ".written").touch()
         time.sleep(60)
     ckpt.save_file = slow_save_file
-    ckpt.save_checkpoint(root, 2, {"w": torch.zeros(1000)}, {"x": torch.tensor(2)}, {"loss": 2.0})
+    write_checkpoint(root, 2, {"w": torch.zeros(1000)}, {"x": torch.tensor(2)}, {"loss": 2.0})
 """)
 
 

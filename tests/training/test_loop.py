@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from training.data import ResumableBatches, batched, collate_dicts, skip
-from training.loop import NonFiniteLossError, lr_factor, param_groups, train
+from training.loop import NonFiniteLossError, train
+from training.optim import lr_factor
 from vlm.config import OptimConfig, RunConfig
 
 torch.set_num_threads(1)
@@ -65,22 +66,6 @@ def test_loss_decreases_and_outputs_written(tmp_path):
     assert (tmp_path / "run" / "config.yaml").read_text().startswith("lr:")
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
     assert (tmp_path / "run" / "checkpoints" / "step_00000060" / "meta.json").is_file()
-
-
-@pytest.mark.parametrize("warmup,max_steps,ratio", [(0, 10, 0.1), (3, 10, 0.0), (5, 20, 0.25), (10, 10, 0.5)])
-def test_lr_factor_matches_reference(warmup, max_steps, ratio):
-    for s in range(max_steps + 1):
-        if s < warmup:
-            ref = (s + 1) / warmup
-        else:
-            t = (s - warmup) / max(1, max_steps - warmup)
-            ref = ratio + (1 - ratio) * (1 + math.cos(math.pi * min(t, 1.0))) / 2
-        assert lr_factor(s, warmup, max_steps, ratio) == pytest.approx(ref, abs=1e-12)
-    if warmup < max_steps:
-        assert lr_factor(max_steps, warmup, max_steps, ratio) == pytest.approx(ratio)
-    if 0 < warmup < max_steps:
-        assert lr_factor(0, warmup, max_steps, ratio) == pytest.approx(1 / warmup)
-        assert lr_factor(warmup, warmup, max_steps, ratio) == pytest.approx(1.0)
 
 
 def test_logged_lr_follows_schedule(tmp_path):
@@ -169,10 +154,20 @@ def test_nan_guard_names_step_and_terms_and_keeps_good_state(tmp_path):
         train(model, batches, OptimConfig(max_steps=10, grad_accum=2, warmup_steps=0),
               run_cfg(tmp_path, ckpt_every=1))
     assert "loss=nan" in str(err.value) and "aux=" in str(err.value)
+    assert "lower optim.lr or optim.grad_clip" in str(err.value)  # clipping is on by default
     assert err.value.step == 4 and math.isnan(err.value.terms["loss"])
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step_00000002", "step_00000003"]  # keep_last=2; nothing after the bad step
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_hint_suggests_enabling_clipping_when_it_is_off(tmp_path):
+    x, y = regression_data()
+    batches = ResumableBatches(len(x), 8, lambda ids: {"x": x[ids], "y": y[ids]})
+    with pytest.raises(NonFiniteLossError, match="enable optim.grad_clip") as err:
+        train(NanAt(bad_call=2), batches, OptimConfig(max_steps=3, warmup_steps=0, grad_clip=0.0),
+              run_cfg(tmp_path))
+    assert err.value.step == 2
 
 
 def test_existing_checkpoints_without_resume_is_an_error(tmp_path):
@@ -207,21 +202,6 @@ def test_bad_model_outputs_and_frozen_models_fail_clearly(tmp_path):
     frozen = Linear().requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         train(frozen, batches, OptimConfig(max_steps=2, warmup_steps=0), run_cfg(tmp_path / "b"))
-
-
-def test_param_groups_skip_decay_for_bias_norm_and_scalars():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(4, 4)
-            self.norm = nn.LayerNorm(4)
-            self.emb = nn.Embedding(10, 4)
-            self.logit_scale = nn.Parameter(torch.tensor(2.0))
-            self.frozen = nn.Linear(4, 4).requires_grad_(False)
-
-    groups = {g["weight_decay"]: set(g["names"]) for g in param_groups(M(), 0.1)}
-    assert groups[0.1] == {"proj.weight", "emb.weight"}
-    assert groups[0.0] == {"proj.bias", "norm.weight", "norm.bias", "logit_scale"}
 
 
 def test_collate_batched_skip():

@@ -1,0 +1,105 @@
+"""Training metrics: one row per logged step to the console, ``metrics.jsonl``, TensorBoard and
+(optionally) Weights & Biases, written on rank 0 only; plus the throughput window behind the
+``samples_per_s`` / ``tokens_per_s`` columns.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from vlm.config import RunConfig
+
+
+class MetricsLogger:
+    """Console + ``out_dir/metrics.jsonl`` + TensorBoard (``out_dir/tb``) + W&B on rank 0; a no-op
+    where ``active`` is false.
+
+    A run resumed at ``resume_step`` > 0 keeps the rows up to that step and drops later ones
+    (they are about to be redone); a fresh run (``resume_step`` 0) starts a new file.
+    """
+
+    def __init__(self, out_dir: Path, run: RunConfig, active: bool, config: Any, resume_step: int):
+        self.active = active
+        self.tb: Optional[SummaryWriter] = None
+        self.wandb = None
+        self.path = out_dir / "metrics.jsonl"
+        if not active:
+            return
+        self._trim(resume_step)
+        if run.tensorboard:
+            self.tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        if run.wandb:
+            self.wandb = _start_wandb(out_dir, config)
+
+    def _trim(self, resume_step: int) -> None:
+        """Keep the rows of steps <= ``resume_step`` (none when 0)."""
+        if not self.path.is_file():
+            return
+        if resume_step == 0:
+            self.path.unlink()
+            return
+        kept = [ln for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def log(self, row: dict, bar: Optional[tqdm]) -> None:
+        """Write ``row`` (``{"step": int, name: number, ...}``) everywhere; printed through ``bar``
+        when it is shown, so the progress bar stays intact."""
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        (bar.write if bar is not None and not bar.disable else print)(msg)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        """Flush and close TensorBoard and W&B."""
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(out_dir: Path, config: Any) -> Any:
+    """A W&B run named after ``out_dir`` with ``config`` attached, or None when wandb is missing."""
+    try:
+        import wandb  # optional extra (pip install .[wandb]), heavy to import: only when run.wandb is on
+    except ImportError:
+        print("run.wandb=true but wandb is not installed (pip install 'sparc-vlm[wandb]'); "
+              "logging to metrics.jsonl and TensorBoard only", file=sys.stderr)
+        return None
+    cfg_dict = OmegaConf.to_container(OmegaConf.structured(config)) if config is not None else {}
+    return wandb.init(project="sparc-vlm", name=out_dir.name, dir=str(out_dir), config=cfg_dict, resume="allow")
+
+
+class Throughput:
+    """Samples and tokens seen (summed over ranks) since the last logged row, and the wall time."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window now."""
+        self.samples, self.tokens, self.start = 0, 0, time.perf_counter()
+
+    def rates(self) -> dict[str, float]:
+        """``samples_per_s`` and, when tokens were counted, ``tokens_per_s`` over the window."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"samples_per_s": self.samples / elapsed}
+        if self.tokens:
+            out["tokens_per_s"] = self.tokens / elapsed
+        return out

@@ -1,8 +1,8 @@
 """Stage two: train the bridge (and LoRA) of a VLM on LLaVA conversations (``vlm train stage2``).
 
 ``run(cfg)`` reads a LLaVA json: ``cfg.data.json`` with images under ``cfg.data.image_root``
-(default: the json's folder), or the embedded world's ``llava/train.json`` with images under
-``cfg.data.world_dir/images`` (the world is exported on rank 0 first when missing). It builds the
+(default: the json's folder), or the exported world's ``llava/train.json`` with images under
+``cfg.data.world_dir/images`` (the world must exist: ``vlm train`` makes it, the library only reads). It builds the
 ``VisionLanguageModel`` (``torch.manual_seed(run.seed)`` first, so the bridge and LoRA init are
 reproducible) and hands ``training.loop.train`` a deterministic, resumable ``make_batches``:
 ``training.data.ResumableBatches`` over the records (epoch-wise seeded shuffle, split by rank),
@@ -21,11 +21,10 @@ from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from training import distributed
-from training.data import ResumableBatches
+from training.data import ResumableBatches, world_dir_for
 from training.loop import check_out_dir, train
 from vlm.config import Stage2Config
 from vlm.data.formats import read_llava
@@ -34,21 +33,18 @@ from vlm.model.processor import VLMProcessor
 
 
 def resolve_data(cfg: Stage2Config) -> tuple[Path, Path]:
-    """(LLaVA json path, image root) for ``cfg.data``; exports the world when it is the source."""
+    """(LLaVA json path, image root) for ``cfg.data``: ``data.json`` or the exported world's
+    ``llava/train.json``; a one-line ``FileNotFoundError`` saying what to do when missing."""
     if cfg.data.json:
         json_path = Path(cfg.data.json)
         if not json_path.is_file():
             raise FileNotFoundError(f"data.json: {json_path} does not exist")
         return json_path, Path(cfg.data.image_root) if cfg.data.image_root else json_path.parent
-    from vlm.world.export import ensure_world
-
-    world_dir = Path(cfg.data.world_dir)
-    if distributed.is_main():
-        ensure_world(world_dir, cfg.world)
-    distributed.barrier()
+    world_dir = world_dir_for(cfg.data.world_dir, cfg.world, "LLaVA conversations", "data.json")
     json_path = world_dir / "llava" / "train.json"
     if not json_path.is_file():
-        raise FileNotFoundError(f"{json_path} missing: {world_dir} is not a complete world export")
+        raise FileNotFoundError(f"{json_path} missing: {world_dir} is not a complete world export; "
+                                f"run `vlm world --out {world_dir}` or set data.json")
     return json_path, Path(cfg.data.image_root) if cfg.data.image_root else world_dir / "images"
 
 

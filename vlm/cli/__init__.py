@@ -20,13 +20,6 @@ from pathlib import Path
 
 from vlm.config import ConfigError
 
-TRAIN_RECIPES = {
-    # name: (config class name in vlm.config, training module, default config)
-    "stage1": ("Stage1Config", "training.stage1", "configs/stage1/sparc_tiny.yaml"),
-    "lm": ("LMConfig", "training.lm", "configs/lm/tiny_world.yaml"),
-    "maskembed": ("MaskEmbedRunConfig", "training.maskembed", "configs/posttrain/maskembed_tiny.yaml"),
-    "stage2": ("Stage2Config", "training.stage2", "configs/stage2/projector_tiny.yaml"),
-}
 VLM_TASKS = ("caption", "chair", "pope", "refcoco", "vsr")
 
 
@@ -56,26 +49,8 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# vlm train
+# vlm train: vlm.cli.train (the recipes in training.recipes.RECIPES)
 # ---------------------------------------------------------------------------------------------
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    import importlib
-
-    import vlm.config as config
-
-    cls_name, module_name, default_cfg = TRAIN_RECIPES[args.recipe]
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append("run.resume=true")
-    if getattr(args, "teacher", None):
-        overrides.append(f"maskembed.teacher={args.teacher}")
-    cfg = config.load_config(getattr(config, cls_name), args.config or default_cfg, overrides)
-    module = importlib.import_module(module_name)
-    final = module.run(cfg)
-    print(f"{args.recipe}: final artifact at {final}")
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +142,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 OVERRIDES_HELP = "dotted config overrides, e.g. optim.lr=1e-3 run.out_dir=runs/x"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``vlm`` parser (every subcommand has its own --help)."""
+def build_parser(train_recipes: bool = True) -> argparse.ArgumentParser:
+    """The full ``vlm`` parser (every subcommand has its own --help). ``train_recipes=False`` leaves
+    out the recipes' sub-parsers of ``vlm train``, whose table imports the training stacks."""
     parser = argparse.ArgumentParser(prog="vlm", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -184,15 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_world)
 
     p = sub.add_parser("train", help="train one stage: stage1 | lm | maskembed | stage2")
-    tsub = p.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
-    for name, (cls_name, _, default_cfg) in TRAIN_RECIPES.items():
-        t = tsub.add_parser(name, help=f"{cls_name} recipe (default {default_cfg})")
-        t.add_argument("--config", default=None, help=f"YAML config (default {default_cfg})")
-        t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-        if name == "maskembed":
-            t.add_argument("--teacher", default=None, help="vision tower to post-train (a checkpoint dir)")
-        t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-        t.set_defaults(func=cmd_train)
+    if train_recipes:
+        from vlm.cli.train import add_train_parsers  # torch + transformers (~10 s): only for `vlm train`
+
+        add_train_parsers(p, OVERRIDES_HELP)
 
     p = sub.add_parser("eval", help="evaluate an encoder or a VLM")
     esub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
@@ -239,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlm`` console script. Returns the process exit status."""
     _offline()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Only `vlm train` needs the recipes' parsers (and their imports): `vlm --help` stays fast.
+    args = build_parser(train_recipes=argv[:1] == ["train"]).parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:

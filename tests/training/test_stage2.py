@@ -19,6 +19,7 @@ from vlm.config import (LlavaDataConfig, OptimConfig, RunConfig, Stage2Config, W
                         load_config)
 from vlm.data.formats import LlavaRecord, read_llava, write_llava  # noqa: E402
 from vlm.model.vision_language_model import VisionLanguageModel  # noqa: E402
+from vlm.world.export import ensure_world  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "stage2"
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -88,7 +89,10 @@ def test_world_llava_data_resolves_and_batches(assets, tmp_path):
     cfg = Stage2Config(model=vlm_config(assets["tower"], assets["llm"], "projector"),
                        data=LlavaDataConfig(world_dir=str(tmp_path / "world"), max_len=128),
                        world=WorldConfig(image_size=32, n_train=4, n_eval=2))
-    json_path, image_root = resolve_data(cfg)  # exports the tiny world on first use
+    with pytest.raises(FileNotFoundError, match=r"no LLaVA conversations in .*vlm world --out .*data\.json"):
+        resolve_data(cfg)  # the library reads the world, never makes it
+    ensure_world(tmp_path / "world", cfg.world)  # what `vlm train stage2` does first
+    json_path, image_root = resolve_data(cfg)
     assert json_path == tmp_path / "world" / "llava" / "train.json"
     records = read_llava(json_path)
     model = VisionLanguageModel.build(cfg.model, max_len=cfg.data.max_len)
@@ -98,6 +102,9 @@ def test_world_llava_data_resolves_and_batches(assets, tmp_path):
     assert ((batch["labels"] != -100).sum(1) > 0).all()
     with pytest.raises(FileNotFoundError, match="data.json"):
         resolve_data(Stage2Config(data=LlavaDataConfig(json=str(tmp_path / "missing.json"))))
+    other = Stage2Config(data=cfg.data, world=WorldConfig(image_size=32, n_train=5, n_eval=2))
+    with pytest.raises(FileNotFoundError, match="another config"):
+        resolve_data(other)
 
 
 @pytest.mark.parametrize("bridge", ["projector", "flamingo"])

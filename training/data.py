@@ -99,11 +99,14 @@ class ResumableBatches:
     equal length across ranks), and groups them into ``batch_size`` index lists (a short tail is
     dropped), each turned into a batch by ``make_batch(indices) -> dict``. ``self(start)`` yields
     from micro-batch ``start`` of this rank's stream, jumping straight to its epoch.
-    ``max_epochs`` (None = infinite) ends the stream.
+    ``max_epochs`` (None = infinite) ends the stream. With ``num_workers = W > 0`` the batches are
+    made by W DataLoader workers, worker w making batches w, w + W, ...; the DataLoader returns them
+    round-robin, so the order is the same as with W = 0.
     """
 
     def __init__(self, n_items: int, batch_size: int, make_batch: Callable[[list[int]], dict], seed: int = 0,
-                 shuffle: bool = True, rank: int = 0, world_size: int = 1, max_epochs: Optional[int] = None):
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1, max_epochs: Optional[int] = None,
+                 num_workers: int = 0):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size < 1:
@@ -113,7 +116,7 @@ class ResumableBatches:
             raise ValueError(f"{n_items} items over {world_size} rank(s) cannot fill one batch of {batch_size}")
         self.n_items, self.batch_size, self.make_batch = n_items, batch_size, make_batch
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
-        self.max_epochs = max_epochs
+        self.max_epochs, self.num_workers = max_epochs, num_workers
         self.per_rank = per_rank
         self.batches_per_epoch = per_rank // batch_size
 
@@ -140,7 +143,23 @@ class ResumableBatches:
 
     def __call__(self, start: int = 0) -> Iterator[dict]:
         """Micro-batches from position ``start`` (a ``make_batches`` for ``training.loop.train``)."""
-        return (self.make_batch(ids) for ids in self.index_batches(start))
+        if self.num_workers == 0:
+            return (self.make_batch(ids) for ids in self.index_batches(start))
+        return iter(DataLoader(_RoundRobinBatches(self, start), batch_size=None, num_workers=self.num_workers))
+
+
+class _RoundRobinBatches(IterableDataset):
+    """Micro-batches ``start, start + 1, ...``; DataLoader worker w builds those with offset % W == w."""
+
+    def __init__(self, batches: ResumableBatches, start: int) -> None:
+        self.batches, self.start = batches, start
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for offset, ids in enumerate(self.batches.index_batches(self.start)):
+            if offset % workers == worker:
+                yield self.batches.make_batch(ids)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vlm"))
 from tiny_vlm import save_tiny_llm, save_tiny_tower, vlm_config  # noqa: E402
 
 from training.data import ResumableBatches  # noqa: E402
-from training.stage2 import LlavaExamples, make_batches_fn, resolve_data, run  # noqa: E402
+from training.stage2 import LlavaExamples, resolve_data, run  # noqa: E402
 from vlm.config import (LlavaDataConfig, OptimConfig, RunConfig, Stage2Config, WorldConfig,  # noqa: E402
                         load_config)
 from vlm.data.formats import LlavaRecord, read_llava, write_llava  # noqa: E402
@@ -71,11 +71,11 @@ def test_batches_are_deterministic_and_resumable(assets):
     model = VisionLanguageModel.build(vlm_config(assets["tower"], assets["llm"], "projector"), max_len=64)
     records = [r for r in read_llava(assets["json"]) if r.image is not None]
     examples = LlavaExamples(records, assets["json"].parent, model.processor)
-    batches = ResumableBatches(len(records), 3, examples.make_batch, seed=1)
-    serial = make_batches_fn(batches, examples, num_workers=0)
+    serial = ResumableBatches(len(records), 3, examples.make_batch, seed=1)
     first = [b for _, b in zip(range(5), serial(0))]
     resumed = [b for _, b in zip(range(2), serial(3))]
-    workers = [b for _, b in zip(range(5), make_batches_fn(batches, examples, num_workers=2)(0))]
+    parallel = ResumableBatches(len(records), 3, examples.make_batch, seed=1, num_workers=2)
+    workers = [b for _, b in zip(range(5), parallel(0))]
     for a, b in zip(first[3:], resumed):
         assert all(torch.equal(a[k], b[k]) for k in a)
     for a, b in zip(first, workers):

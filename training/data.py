@@ -5,13 +5,35 @@ micro-batches over an indexable dataset, sharded by rank, that can start at any 
 position in O(1) without replaying the data. It draws only from its own ``torch.Generator``
 (seeded by ``(seed, epoch)``), so the loop's RNG state and the data order never interfere, which
 is what makes resume exact.
+
+For webdataset shards (stage one, MaskEmbed) the stream is a composition: ``ShardSamples`` yields
+this rank's (position, sample) pairs epoch after epoch, and ``ShardBatches`` groups consecutive
+samples into micro-batches with a recipe's ``collate(samples, worker) -> dict``. ``make_batches(start)``
+skips ``start * batch_size`` samples (decoded, not collated), which is what makes resume exact.
+With ``num_workers = W > 0`` DataLoader worker j reads its own share and makes the micro-batches
+g = i * W + j, yielded in order of g (so the order depends on W: resume with the same W).
+
+``world_dir_for`` checks that an exported world is on disk before a recipe reads it; the library
+never exports one (``vlm train`` / ``vlm demo`` do, see ``vlm.cli.train``).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
+import sys
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlm.config import ShardDataConfig, WorldConfig
+from vlm.data.shards import ShardStream
+from vlm.world.export import FORMAT_VERSION
+
+# (position, sample) pairs -> one micro-batch; ``worker`` is the DataLoader worker (0 in-process).
+Collate = Callable[[list[tuple[int, dict]], int], dict]
 
 
 def collate_dicts(items: Sequence[dict]) -> dict:
@@ -77,11 +99,14 @@ class ResumableBatches:
     equal length across ranks), and groups them into ``batch_size`` index lists (a short tail is
     dropped), each turned into a batch by ``make_batch(indices) -> dict``. ``self(start)`` yields
     from micro-batch ``start`` of this rank's stream, jumping straight to its epoch.
-    ``max_epochs`` (None = infinite) ends the stream.
+    ``max_epochs`` (None = infinite) ends the stream. With ``num_workers = W > 0`` the batches are
+    made by W DataLoader workers, worker w making batches w, w + W, ...; the DataLoader returns them
+    round-robin, so the order is the same as with W = 0.
     """
 
     def __init__(self, n_items: int, batch_size: int, make_batch: Callable[[list[int]], dict], seed: int = 0,
-                 shuffle: bool = True, rank: int = 0, world_size: int = 1, max_epochs: Optional[int] = None):
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1, max_epochs: Optional[int] = None,
+                 num_workers: int = 0):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size < 1:
@@ -91,7 +116,7 @@ class ResumableBatches:
             raise ValueError(f"{n_items} items over {world_size} rank(s) cannot fill one batch of {batch_size}")
         self.n_items, self.batch_size, self.make_batch = n_items, batch_size, make_batch
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
-        self.max_epochs = max_epochs
+        self.max_epochs, self.num_workers = max_epochs, num_workers
         self.per_rank = per_rank
         self.batches_per_epoch = per_rank // batch_size
 
@@ -118,4 +143,141 @@ class ResumableBatches:
 
     def __call__(self, start: int = 0) -> Iterator[dict]:
         """Micro-batches from position ``start`` (a ``make_batches`` for ``training.loop.train``)."""
-        return (self.make_batch(ids) for ids in self.index_batches(start))
+        if self.num_workers == 0:
+            return (self.make_batch(ids) for ids in self.index_batches(start))
+        return iter(DataLoader(_RoundRobinBatches(self, start), batch_size=None, num_workers=self.num_workers))
+
+
+class _RoundRobinBatches(IterableDataset):
+    """Micro-batches ``start, start + 1, ...``; DataLoader worker w builds those with offset % W == w."""
+
+    def __init__(self, batches: ResumableBatches, start: int) -> None:
+        self.batches, self.start = batches, start
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for offset, ids in enumerate(self.batches.index_batches(self.start)):
+            if offset % workers == worker:
+                yield self.batches.make_batch(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# The exported world as a data source
+# ---------------------------------------------------------------------------------------------
+
+
+def world_dir_for(world_dir: str | Path, world: WorldConfig, what: str, alternative: str) -> Path:
+    """``Path(world_dir)`` when it holds the exported world ``world`` (its ``world.json`` records
+    that config); else a one-line ``FileNotFoundError`` saying how to make it. ``what`` names the
+    data the recipe needs, ``alternative`` the config key that points at other data."""
+    out = Path(world_dir)
+    make = f"run `vlm world --out {out}` (or `vlm train`, which makes it) or set {alternative}"
+    meta_path = out / "world.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no {what} in {out} (no world.json): {make}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        meta = {}
+    # The recipe also derives text from ``world`` (the tokenizer corpus), so the files must be that world.
+    wanted = json.loads(json.dumps(dataclasses.asdict(world)))
+    if meta.get("config") != wanted or meta.get("format_version") != FORMAT_VERSION:
+        raise FileNotFoundError(f"the world in {out} was made with another config than this recipe's "
+                                f"world section: {make}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Webdataset shards: samples by position, micro-batches by collate
+# ---------------------------------------------------------------------------------------------
+
+
+class ShardSamples:
+    """This rank's (and DataLoader worker's) share of ``urls`` as (position, sample) pairs, epoch after
+    epoch (infinite); epoch e is shuffled with seed ``seed * 1_000_003 + e``.
+
+    A sample is ``vlm.data.shards.ShardStream``'s ``{"key", "image": PIL RGB, "text", "json"}``;
+    ``position`` counts this stream's samples from 0 across epochs. Reads ``data.shuffle_buffer``
+    and ``data.num_workers``.
+    """
+
+    def __init__(self, urls: list[str], data: ShardDataConfig, seed: int, rank: int = 0, world_size: int = 1,
+                 name: str = "shard") -> None:
+        self.urls, self.seed, self.rank, self.world_size, self.name = urls, seed, rank, world_size, name
+        self.shuffle_buffer, self.num_workers = data.shuffle_buffer, data.num_workers
+
+    def samples(self, worker: int = 0) -> Iterator[dict]:
+        """The samples alone, epoch after epoch; an epoch without any sample is an error."""
+        for epoch in itertools.count():
+            stream = ShardStream(self.urls, shuffle_buffer=self.shuffle_buffer, seed=self.seed * 1_000_003 + epoch,
+                                 rank=self.rank, world_size=self.world_size, num_workers=self.num_workers)
+            n = 0
+            for sample in stream:
+                n += 1
+                yield sample
+            if n == 0:
+                raise RuntimeError(f"rank {self.rank} (worker {worker}) got no samples from {len(self.urls)} "
+                                   f"shard(s) in epoch {epoch}; skipped: {stream.stats}")
+            if stream.stats["skipped"]:
+                print(f"{self.name} data, rank {self.rank} worker {worker}, epoch {epoch}: {stream.stats['ok']} "
+                      f"samples read, {stream.stats['skipped']} skipped {stream.stats['reasons']}", file=sys.stderr)
+
+    def __call__(self, worker: int = 0) -> Iterator[tuple[int, dict]]:
+        """(position, sample) pairs of this stream (this rank, or one of its DataLoader workers)."""
+        return enumerate(self.samples(worker))
+
+
+class ShardBatches:
+    """``make_batches(start)`` over ``ShardSamples``: each run of ``batch_size`` consecutive (position,
+    sample) pairs becomes ``collate(pairs, worker)`` (see the module docstring for the order)."""
+
+    def __init__(self, samples: ShardSamples, batch_size: int, collate: Collate) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.samples, self.batch_size, self.collate = samples, batch_size, collate
+        self.num_workers = samples.num_workers
+
+    def stream_batches(self, start: int, worker: int = 0) -> Iterator[dict]:
+        """Micro-batches ``start, start+1, ...`` of one stream (this rank, or one of its workers)."""
+        positioned = itertools.islice(self.samples(worker), start * self.batch_size, None)
+        while True:
+            yield self.collate(list(itertools.islice(positioned, self.batch_size)), worker)
+
+    def __call__(self, start: int = 0) -> Iterator[dict]:
+        """Micro-batches from position ``start`` (a ``make_batches`` for ``training.loop.train``)."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        if self.num_workers == 0:
+            return self.stream_batches(start)
+        loader = DataLoader(_WorkerBatches(self, start), batch_size=None, num_workers=self.num_workers)
+        return _in_order(loader, start)
+
+
+class _WorkerBatches(IterableDataset):
+    """In DataLoader worker j of W: (global index, batch) for the global micro-batches g = i * W + j
+    (i = local index in worker j's stream) with g >= start."""
+
+    def __init__(self, batches: ShardBatches, start: int) -> None:
+        self.batches, self.start = batches, start
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        info = get_worker_info()
+        if info is None:
+            raise RuntimeError("_WorkerBatches runs inside DataLoader workers only")
+        j, workers = info.id, info.num_workers
+        first = max(0, -(-(self.start - j) // workers))  # ceil((start - j) / W)
+        for i, batch in enumerate(self.batches.stream_batches(first, worker=j), start=first):
+            yield i * workers + j, batch
+
+
+def _in_order(tagged: Iterable[tuple[int, dict]], start: int) -> Iterator[dict]:
+    """Yield the batches of (global index, batch) pairs in index order from ``start`` (a resumed
+    run's workers start at different local positions, so arrival order may differ slightly)."""
+    pending: dict[int, dict] = {}
+    expected = start
+    for index, batch in tagged:
+        pending[index] = batch
+        while expected in pending:
+            yield pending.pop(expected)
+            expected += 1

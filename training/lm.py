@@ -1,9 +1,10 @@
 """Train the world's tiny Llama-architecture causal LM (``vlm train lm``).
 
 Corpus: every text the synthetic world produces for its train split
-(``vlm.world.text.world_corpus``) plus ``data.text_files`` (one document per line). A byte-level
-BPE tokenizer is trained on it (``<image>`` reserved as one special token for stage two; ``<s>`` and
-``</s>`` around every document). Documents are shuffled deterministically, concatenated and cut
+(``vlm.world.generator.world_corpus``, generated from ``cfg.world``: no exported world is read)
+plus ``data.text_files`` (one document per line). A byte-level BPE tokenizer is trained on it
+(``<image>`` reserved as one special token for stage two; ``<s>`` and ``</s>`` around every
+document). Documents are shuffled deterministically, concatenated and cut
 into blocks of ``data.block_size`` tokens; the shared loop trains next-token prediction on them.
 
 ``final/`` holds ``save_pretrained`` outputs of both model and tokenizer, so
@@ -26,6 +27,7 @@ from training.data import ResumableBatches
 from training.loop import check_out_dir, train
 from vlm.config import LMConfig, LMModelConfig
 from vlm.data.tokenizer import train_bpe_tokenizer
+from vlm.world.generator import world_corpus, world_split
 
 IMAGE_TOKEN = "<image>"
 
@@ -64,9 +66,6 @@ def read_text_files(paths: Iterable[str]) -> list[str]:
 def build_corpus(cfg: LMConfig) -> list[str]:
     """The training documents: the world's train-split texts (the first ``data.max_world_samples``
     images when set), then ``cfg.data.text_files`` lines."""
-    from vlm.world.generator import world_split
-    from vlm.world.generator import world_corpus
-
     train_indices, _ = world_split(cfg.world)
     if cfg.data.max_world_samples:
         train_indices = train_indices[: cfg.data.max_world_samples]

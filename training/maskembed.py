@@ -5,10 +5,10 @@
 1. loads the teacher with ``encoders.towers.load_vision_tower(cfg.maskembed.teacher)``: our
    stage-one checkpoint dir (its ``vision/``), a previous MaskEmbed output, or a local HF
    CLIP/SigLIP (vision) dir; its ``ImageTransform`` preprocesses the images;
-2. streams images (captions are ignored) from ``cfg.data.shards`` or the embedded world's train
-   shards (exported on first use), in the same order and with the same exact-resume rule as stage
-   one (``training.stage1.Stage1Batches``: ``make_batches(start)`` skips ``start * batch_size``
-   samples of the deterministic stream);
+2. streams images (captions are ignored) from ``cfg.data.shards`` or the exported world's train
+   shards (``vlm train`` makes them), in the same order and with the same exact-resume rule as stage
+   one (``training.data.ShardBatches``: ``make_batches(start)`` skips ``start * batch_size``
+   samples of the deterministic stream), collated by ``maskembed_collate``;
 3. draws each micro-batch's patch masks from a generator seeded by (run.seed, rank, worker, data
    position), never from the global RNGs, so the masks of a resumed run are the uninterrupted run's;
 4. calibrates the target scale on the first micro-batch of the single-process stream (identical
@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -27,31 +28,32 @@ import torch
 from encoders.maskembed import MaskEmbedModel, sample_patch_masks
 from encoders.towers import ImageTransform, load_vision_tower, num_patches
 from training import distributed
+from training.data import ShardBatches, ShardSamples
 from training.loop import check_out_dir, train
-from training.stage1 import Stage1Batches, resolve_shards
+from training.stage1 import resolve_shards
 from vlm.config import MaskEmbedRunConfig, replace
 
 
-class MaskEmbedBatches(Stage1Batches):
-    """``make_batches(start)`` for MaskEmbed: micro-batches ``pixel_values`` [B,3,H,W] float and
-    ``patch_mask`` [B,P] bool (True = kept), in stage one's data order (see the module docstring)."""
+def maskembed_collate(samples: list[tuple[int, dict]], worker: int = 0, *, transform: ImageTransform,
+                      num_patches: int, seed: int, rank: int = 0) -> dict:
+    """(position, sample) pairs -> ``pixel_values`` [B,3,H,W] float and ``patch_mask`` [B,P] bool
+    (True = kept, P = ``num_patches``). The masks' generator is seeded by (seed, rank, worker, first
+    position), so they are a function of the data position only."""
+    first = samples[0][0]
+    key = ((seed * 1_000_003 + rank) * 1_000_003 + worker) * 1_000_003 + first
+    g = torch.Generator().manual_seed(key % 2 ** 63)
+    pixels = torch.stack([transform(sample["image"]) for _, sample in samples])
+    return {"pixel_values": pixels, "patch_mask": sample_patch_masks(len(samples), num_patches, g)}
 
-    def __init__(self, urls: list[str], cfg: MaskEmbedRunConfig, transform: ImageTransform, num_patches: int,
-                 rank: int = 0, world_size: int = 1) -> None:
-        # Stage1Batches reads only data.*, run.seed and optim.batch_size from the config, which
-        # MaskEmbedRunConfig shares; there is no text, hence no tokenizer.
-        super().__init__(urls, cfg, tokenizer=None, transform=transform, max_text_len=0, rank=rank,
-                         world_size=world_size)
-        self.num_patches = num_patches
 
-    def collate(self, samples: list[tuple[int, dict]], worker: int = 0) -> dict:
-        """(position, sample) pairs -> {"pixel_values", "patch_mask"}; the masks' generator is seeded
-        by (seed, rank, worker, first position), so they are a function of the data position only."""
-        first = samples[0][0]
-        key = ((self.cfg.run.seed * 1_000_003 + self.rank) * 1_000_003 + worker) * 1_000_003 + first
-        g = torch.Generator().manual_seed(key % 2 ** 63)
-        pixels = torch.stack([self.transform(sample["image"]) for _, sample in samples])
-        return {"pixel_values": pixels, "patch_mask": sample_patch_masks(len(samples), self.num_patches, g)}
+def maskembed_batches(urls: list[str], cfg: MaskEmbedRunConfig, transform: ImageTransform, num_patches: int,
+                      rank: int = 0, world_size: int = 1) -> ShardBatches:
+    """``make_batches(start)`` for MaskEmbed: stage one's data order (``ShardSamples``), micro-batches
+    of ``optim.batch_size`` made by ``maskembed_collate``."""
+    samples = ShardSamples(urls, cfg.data, cfg.run.seed, rank, world_size, name="maskembed")
+    collate = functools.partial(maskembed_collate, transform=transform, num_patches=num_patches, seed=cfg.run.seed,
+                                rank=rank)
+    return ShardBatches(samples, cfg.optim.batch_size, collate)
 
 
 def build_model(cfg: MaskEmbedRunConfig) -> tuple[MaskEmbedModel, ImageTransform]:
@@ -72,10 +74,10 @@ def run(cfg: MaskEmbedRunConfig) -> Path:
     distributed.barrier()
     model, transform = build_model(cfg)
     urls = resolve_shards(cfg)
-    batches = MaskEmbedBatches(urls, cfg, transform, num_patches(model.teacher), info.rank, info.world_size)
+    batches = maskembed_batches(urls, cfg, transform, num_patches(model.teacher), info.rank, info.world_size)
     # The same calibration batch on every rank: the first micro-batch of the single-process stream.
     single = replace(cfg, data=replace(cfg.data, num_workers=0))
-    calibration = MaskEmbedBatches(urls, single, transform, num_patches(model.teacher))
+    calibration = maskembed_batches(urls, single, transform, num_patches(model.teacher))
     scale = model.calibrate(next(iter(calibration.stream_batches(0)))["pixel_values"])
     if info.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -85,4 +87,4 @@ def run(cfg: MaskEmbedRunConfig) -> Path:
     return result.final_dir
 
 
-__all__ = ["MaskEmbedBatches", "build_model", "run"]
+__all__ = ["build_model", "maskembed_batches", "maskembed_collate", "run"]

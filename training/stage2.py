@@ -1,31 +1,28 @@
 """Stage two: train the bridge (and LoRA) of a VLM on LLaVA conversations (``vlm train stage2``).
 
 ``run(cfg)`` reads a LLaVA json: ``cfg.data.json`` with images under ``cfg.data.image_root``
-(default: the json's folder), or the embedded world's ``llava/train.json`` with images under
-``cfg.data.world_dir/images`` (the world is exported on rank 0 first when missing). It builds the
+(default: the json's folder), or the exported world's ``llava/train.json`` with images under
+``cfg.data.world_dir/images`` (the world must exist: ``vlm train`` makes it, the library only reads). It builds the
 ``VisionLanguageModel`` (``torch.manual_seed(run.seed)`` first, so the bridge and LoRA init are
 reproducible) and hands ``training.loop.train`` a deterministic, resumable ``make_batches``:
-``training.data.ResumableBatches`` over the records (epoch-wise seeded shuffle, split by rank),
-each micro-batch built by ``VLMProcessor.conversations`` (every gpt turn is a target; text-only
-records, without an ``image``, are left out: the VLM takes exactly one image per sequence). With
-``data.num_workers = W > 0`` the micro-batches are built by W DataLoader workers, worker w making
-batches w, w + W, ...; the DataLoader returns them round-robin, so the order is the same as with
-W = 0. The final artifact is ``VisionLanguageModel.save_pretrained`` (bridge, LoRA adapter,
+``training.data.ResumableBatches`` over the records (epoch-wise seeded shuffle, split by rank;
+with ``data.num_workers`` DataLoader workers, in the same order), each micro-batch built by
+``LlavaExamples.make_batch`` with ``VLMProcessor.conversations`` (every gpt turn is a target;
+text-only records, without an ``image``, are left out: the VLM takes exactly one image per
+sequence). The final artifact is ``VisionLanguageModel.save_pretrained`` (bridge, LoRA adapter,
 ``vlm.yaml``).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
-from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from training import distributed
-from training.data import ResumableBatches
+from training.data import ResumableBatches, world_dir_for
 from training.loop import check_out_dir, train
 from vlm.config import Stage2Config
 from vlm.data.formats import read_llava
@@ -34,21 +31,18 @@ from vlm.model.processor import VLMProcessor
 
 
 def resolve_data(cfg: Stage2Config) -> tuple[Path, Path]:
-    """(LLaVA json path, image root) for ``cfg.data``; exports the world when it is the source."""
+    """(LLaVA json path, image root) for ``cfg.data``: ``data.json`` or the exported world's
+    ``llava/train.json``; a one-line ``FileNotFoundError`` saying what to do when missing."""
     if cfg.data.json:
         json_path = Path(cfg.data.json)
         if not json_path.is_file():
             raise FileNotFoundError(f"data.json: {json_path} does not exist")
         return json_path, Path(cfg.data.image_root) if cfg.data.image_root else json_path.parent
-    from vlm.world.export import ensure_world
-
-    world_dir = Path(cfg.data.world_dir)
-    if distributed.is_main():
-        ensure_world(world_dir, cfg.world)
-    distributed.barrier()
+    world_dir = world_dir_for(cfg.data.world_dir, cfg.world, "LLaVA conversations", "data.json")
     json_path = world_dir / "llava" / "train.json"
     if not json_path.is_file():
-        raise FileNotFoundError(f"{json_path} missing: {world_dir} is not a complete world export")
+        raise FileNotFoundError(f"{json_path} missing: {world_dir} is not a complete world export; "
+                                f"run `vlm world --out {world_dir}` or set data.json")
     return json_path, Path(cfg.data.image_root) if cfg.data.image_root else world_dir / "images"
 
 
@@ -84,28 +78,6 @@ class LlavaExamples:
                                             [list(r.conversations) for r in recs])
 
 
-class _WorkerBatches(IterableDataset):
-    """Micro-batches ``start, start + 1, ...``; DataLoader worker w builds those with offset % W == w."""
-
-    def __init__(self, batches: ResumableBatches, examples: LlavaExamples, start: int):
-        self.batches, self.examples, self.start = batches, examples, start
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for offset, ids in enumerate(self.batches.index_batches(self.start)):
-            if offset % workers == worker:
-                yield self.examples.make_batch(ids)
-
-
-def make_batches_fn(batches: ResumableBatches, examples: LlavaExamples, num_workers: int):
-    """``make_batches(start)`` for the loop: in-process, or through ``num_workers`` DataLoader workers."""
-    if num_workers == 0:
-        return lambda start: (examples.make_batch(ids) for ids in batches.index_batches(start))
-    return lambda start: iter(DataLoader(_WorkerBatches(batches, examples, start), batch_size=None,
-                                         num_workers=num_workers))
-
-
 def run(cfg: Stage2Config) -> Path:
     """Train stage two with ``cfg``; returns ``out_dir/final`` (a ``VisionLanguageModel`` checkpoint)."""
     info = distributed.setup(cfg.run.device)
@@ -119,10 +91,10 @@ def run(cfg: Stage2Config) -> Path:
     model = VisionLanguageModel.build(cfg.model, max_len=cfg.data.max_len)
     examples = LlavaExamples(records, image_root, model.processor)
     batches = ResumableBatches(len(records), cfg.optim.batch_size, examples.make_batch, seed=cfg.run.seed,
-                               rank=info.rank, world_size=info.world_size)
+                               rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers)
     if info.is_main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"stage two: {len(records)} conversations from {json_path}, bridge {cfg.model.bridge.name}, "
               f"{trainable:,} trainable parameters", file=sys.stderr)
-    result = train(model, make_batches_fn(batches, examples, cfg.data.num_workers), cfg.optim, cfg.run, config=cfg)
+    result = train(model, batches, cfg.optim, cfg.run, config=cfg)
     return result.final_dir

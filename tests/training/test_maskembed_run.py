@@ -13,9 +13,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPVisionModel
 
+from encoders.maskembed import sample_patch_masks
 from encoders.towers import build_vision_tower, default_transform, load_vision_tower, patch_tokens
 from training import maskembed
+from training.data import ShardBatches
 from vlm.config import MaskEmbedRunConfig, VisionTowerConfig, load_config
+from vlm.data.shards import ShardStream
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +74,7 @@ def test_batches_are_deterministic_and_start_anywhere(setup, tmp_path):
     cfg = tiny_cfg(setup, tmp_path / "run")
     model, transform = maskembed.build_model(cfg)
     urls = maskembed.resolve_shards(cfg)
-    make = maskembed.MaskEmbedBatches(urls, cfg, transform, model.num_patches)
+    make = maskembed.maskembed_batches(urls, cfg, transform, model.num_patches)
     it = iter(make(0))
     first = [next(it) for _ in range(10)]  # 32 samples / 4 = 8 per epoch: crosses into epoch two
     it = iter(make(6))
@@ -81,6 +84,29 @@ def test_batches_are_deterministic_and_start_anywhere(setup, tmp_path):
     assert first[0]["pixel_values"].shape == (4, 3, 16, 16)
     assert first[0]["patch_mask"].shape == (4, 16) and first[0]["patch_mask"].dtype == torch.bool
     assert not torch.equal(first[0]["patch_mask"], first[1]["patch_mask"])
+
+
+def test_composed_batches_equal_a_direct_computation(setup, tmp_path):
+    """ShardSamples + maskembed_collate give the batches of the stream read by hand: epoch 0 shuffled
+    with seed * 1_000_003, consecutive images, masks seeded by (seed, rank, worker, first position)."""
+    cfg = tiny_cfg(setup, tmp_path / "run")
+    model, transform = maskembed.build_model(cfg)
+    urls = maskembed.resolve_shards(cfg)
+    got = [b for _, b in zip(range(2), maskembed.maskembed_batches(urls, cfg, transform, model.num_patches)(0))]
+    stream = ShardStream(urls, shuffle_buffer=8, seed=cfg.run.seed * 1_000_003, rank=0, world_size=1)
+    samples = [s for _, s in zip(range(8), stream)]
+    for b, batch in enumerate(got):
+        pixels = torch.stack([transform(s["image"]) for s in samples[b * 4:(b + 1) * 4]])
+        key = ((cfg.run.seed * 1_000_003 + 0) * 1_000_003 + 0) * 1_000_003 + b * 4
+        masks = sample_patch_masks(4, model.num_patches, torch.Generator().manual_seed(key % 2 ** 63))
+        assert torch.equal(batch["pixel_values"], pixels) and torch.equal(batch["patch_mask"], masks)
+
+
+def test_missing_world_is_a_clear_error(setup, tmp_path):
+    cfg = tiny_cfg(setup, tmp_path / "run")
+    cfg.data.shards, cfg.data.world_dir = "", str(tmp_path / "world")
+    with pytest.raises(FileNotFoundError, match="vlm world --out"):
+        maskembed.run(cfg)
 
 
 def test_missing_teacher_is_a_clear_error(setup, tmp_path):
@@ -114,7 +140,7 @@ def test_tiny_run_lowers_loss_and_exports_stock_tower(setup, tmp_path):
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(setup, tmp_path, monkeypatch):
     ref_final = maskembed.run(tiny_cfg(setup, tmp_path / "ref", steps=6))
-    original = maskembed.MaskEmbedBatches.__call__
+    original = ShardBatches.__call__
 
     class Interrupt(Exception):
         pass
@@ -125,10 +151,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(setup, tmp_path, monke
                 raise Interrupt
             yield batch
 
-    monkeypatch.setattr(maskembed.MaskEmbedBatches, "__call__", failing)
+    monkeypatch.setattr(ShardBatches, "__call__", failing)
     with pytest.raises(Interrupt):
         maskembed.run(tiny_cfg(setup, tmp_path / "cut", steps=6))
-    monkeypatch.setattr(maskembed.MaskEmbedBatches, "__call__", original)
+    monkeypatch.setattr(ShardBatches, "__call__", original)
     torch.manual_seed(99)  # the resumed run must not depend on the global RNG
     cfg = tiny_cfg(setup, tmp_path / "cut", steps=6)
     cfg.run.resume = True

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 from pathlib import Path
 
@@ -12,9 +13,14 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionModel
 
+from encoders.dual_encoder import tokenize_texts
+from encoders.registry import captions_for
 from encoders.stage1_model import Stage1Model
 from training import stage1
-from vlm.config import Stage1Config, load_config
+from training.data import ShardBatches
+from vlm.cli import main
+from vlm.config import Stage1Config, load_config, save_config
+from vlm.data.shards import ShardStream
 
 ROOT = Path(__file__).resolve().parents[2]
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
@@ -109,7 +115,7 @@ def test_batches_are_deterministic_and_start_anywhere(shards, tmp_path, objectiv
     urls = stage1.resolve_shards(cfg)
     tokenizer = stage1.build_tokenizer(cfg, urls, resuming=False)
     model = stage1.build_model(cfg, tokenizer)
-    make = stage1.Stage1Batches(urls, cfg, tokenizer, model.encoder.transform, 24)
+    make = stage1.stage1_batches(urls, cfg, tokenizer, model.encoder.transform, 24)
     it = iter(make(0))
     first = [next(it) for _ in range(11)]  # 64 samples / 8 = 8 per epoch: crosses into epoch two
     it = iter(make(5))
@@ -149,7 +155,7 @@ def test_tiny_run_lowers_loss_and_exports_stock_tower(shards, tmp_path):
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(shards, tmp_path, monkeypatch):
     ref_final = stage1.run(tiny_cfg(shards, tmp_path / "ref", "flair", steps=6))
-    original = stage1.Stage1Batches.__call__
+    original = ShardBatches.__call__
 
     class Interrupt(Exception):
         pass
@@ -160,10 +166,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(shards, tmp_path, monk
                 raise Interrupt
             yield batch
 
-    monkeypatch.setattr(stage1.Stage1Batches, "__call__", failing)
+    monkeypatch.setattr(ShardBatches, "__call__", failing)
     with pytest.raises(Interrupt):
         stage1.run(tiny_cfg(shards, tmp_path / "cut", "flair", steps=6))
-    monkeypatch.setattr(stage1.Stage1Batches, "__call__", original)
+    monkeypatch.setattr(ShardBatches, "__call__", original)
     torch.manual_seed(99)  # the resumed run must not depend on the global RNG
     cfg = tiny_cfg(shards, tmp_path / "cut", "flair", steps=6)
     cfg.run.resume = True
@@ -173,14 +179,48 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(shards, tmp_path, monk
         assert torch.equal(a, b), name
 
 
-def test_run_on_the_embedded_world(tmp_path):
-    """No data.shards: the world is exported on first use and its texts train the tokenizer."""
+def test_composed_batches_equal_a_direct_computation(shards, tmp_path):
+    """ShardSamples + stage1_collate give the batches of the stream read by hand: epoch 0 shuffled
+    with seed * 1_000_003, consecutive samples, FLAIR captions drawn per position."""
+    cfg = tiny_cfg(shards, tmp_path / "run", "flair")
+    urls = stage1.resolve_shards(cfg)
+    tokenizer = stage1.build_tokenizer(cfg, urls, resuming=False)
+    transform = stage1.build_model(cfg, tokenizer).encoder.transform
+    got = [b for _, b in zip(range(2), stage1.stage1_batches(urls, cfg, tokenizer, transform, 24)(0))]
+    stream = ShardStream(urls, shuffle_buffer=16, seed=cfg.run.seed * 1_000_003, rank=0, world_size=1)
+    samples = [s for _, s in zip(range(16), stream)]
+    for b, batch in enumerate(got):
+        texts = [captions_for(cfg.objective, s["text"], s["json"].get("long_caption"),
+                              random.Random(f"{cfg.run.seed}:0:0:{b * 8 + i}"))
+                 for i, s in enumerate(samples[b * 8:(b + 1) * 8])]
+        pixels = torch.stack([transform(s["image"]) for s in samples[b * 8:(b + 1) * 8]])
+        ids, mask = tokenize_texts(tokenizer, [t[0] for t in texts], 24)
+        sub_ids, _ = tokenize_texts(tokenizer, [c for t in texts for c in t[1:]], 24)
+        assert torch.equal(batch["pixel_values"], pixels) and torch.equal(batch["input_ids"], ids)
+        assert torch.equal(batch["attention_mask"], mask)
+        assert torch.equal(batch["sub_input_ids"], sub_ids.view(8, 2, -1))
+
+
+def test_missing_world_is_a_clear_error(tmp_path):
+    """The library reads the world but never makes it: a one-line error says how to."""
+    cfg = tiny_cfg("", tmp_path / "run", "clip")
+    cfg.data.world_dir = str(tmp_path / "world")
+    with pytest.raises(FileNotFoundError, match=r"no train shards in .*world.*vlm world --out .*data\.shards"):
+        stage1.resolve_shards(cfg)
+    with pytest.raises(FileNotFoundError, match="vlm world"):
+        stage1.run(cfg)
+    assert not (tmp_path / "world").exists()
+
+
+def test_vlm_train_makes_the_world_and_trains_on_it(tmp_path):
+    """No data.shards: `vlm train stage1` exports the world first; its texts train the tokenizer."""
     cfg = tiny_cfg("", tmp_path / "run", "flair", steps=2)
     cfg.data.world_dir = str(tmp_path / "world")
     cfg.world.n_train, cfg.world.n_eval, cfg.world.image_size = 40, 4, 32
-    final = stage1.run(cfg)
+    save_config(cfg, tmp_path / "stage1.yaml")
+    assert main(["train", "stage1", "--config", str(tmp_path / "stage1.yaml")]) == 0
     assert (tmp_path / "world" / "world.json").is_file()
-    model = Stage1Model.from_pretrained(final)
+    model = Stage1Model.from_pretrained(tmp_path / "run" / "final")
     assert model.objective.cfg.name == "flair"
     ids, _ = model.encoder.tokenize(["a red circle."])
     assert bool((ids != model.encoder.tokenizer.unk_token_id).all())

@@ -14,11 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vlm"))
 from tiny_vlm import save_tiny_llm, save_tiny_tower, vlm_config  # noqa: E402
 
 from training.data import ResumableBatches  # noqa: E402
-from training.stage2 import LlavaExamples, make_batches_fn, resolve_data, run  # noqa: E402
+from training.stage2 import LlavaExamples, resolve_data, run  # noqa: E402
 from vlm.config import (LlavaDataConfig, OptimConfig, RunConfig, Stage2Config, WorldConfig,  # noqa: E402
                         load_config)
 from vlm.data.formats import LlavaRecord, read_llava, write_llava  # noqa: E402
 from vlm.model.vision_language_model import VisionLanguageModel  # noqa: E402
+from vlm.world.export import ensure_world  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "stage2"
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -70,11 +71,11 @@ def test_batches_are_deterministic_and_resumable(assets):
     model = VisionLanguageModel.build(vlm_config(assets["tower"], assets["llm"], "projector"), max_len=64)
     records = [r for r in read_llava(assets["json"]) if r.image is not None]
     examples = LlavaExamples(records, assets["json"].parent, model.processor)
-    batches = ResumableBatches(len(records), 3, examples.make_batch, seed=1)
-    serial = make_batches_fn(batches, examples, num_workers=0)
+    serial = ResumableBatches(len(records), 3, examples.make_batch, seed=1)
     first = [b for _, b in zip(range(5), serial(0))]
     resumed = [b for _, b in zip(range(2), serial(3))]
-    workers = [b for _, b in zip(range(5), make_batches_fn(batches, examples, num_workers=2)(0))]
+    parallel = ResumableBatches(len(records), 3, examples.make_batch, seed=1, num_workers=2)
+    workers = [b for _, b in zip(range(5), parallel(0))]
     for a, b in zip(first[3:], resumed):
         assert all(torch.equal(a[k], b[k]) for k in a)
     for a, b in zip(first, workers):
@@ -88,7 +89,10 @@ def test_world_llava_data_resolves_and_batches(assets, tmp_path):
     cfg = Stage2Config(model=vlm_config(assets["tower"], assets["llm"], "projector"),
                        data=LlavaDataConfig(world_dir=str(tmp_path / "world"), max_len=128),
                        world=WorldConfig(image_size=32, n_train=4, n_eval=2))
-    json_path, image_root = resolve_data(cfg)  # exports the tiny world on first use
+    with pytest.raises(FileNotFoundError, match=r"no LLaVA conversations in .*vlm world --out .*data\.json"):
+        resolve_data(cfg)  # the library reads the world, never makes it
+    ensure_world(tmp_path / "world", cfg.world)  # what `vlm train stage2` does first
+    json_path, image_root = resolve_data(cfg)
     assert json_path == tmp_path / "world" / "llava" / "train.json"
     records = read_llava(json_path)
     model = VisionLanguageModel.build(cfg.model, max_len=cfg.data.max_len)
@@ -98,6 +102,9 @@ def test_world_llava_data_resolves_and_batches(assets, tmp_path):
     assert ((batch["labels"] != -100).sum(1) > 0).all()
     with pytest.raises(FileNotFoundError, match="data.json"):
         resolve_data(Stage2Config(data=LlavaDataConfig(json=str(tmp_path / "missing.json"))))
+    other = Stage2Config(data=cfg.data, world=WorldConfig(image_size=32, n_train=5, n_eval=2))
+    with pytest.raises(FileNotFoundError, match="another config"):
+        resolve_data(other)
 
 
 @pytest.mark.parametrize("bridge", ["projector", "flamingo"])

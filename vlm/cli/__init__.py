@@ -8,7 +8,10 @@
     vlm ablate  --config YAML                      the backbone grid with seeds and CIs
 
 Configs are validated (``vlm.config.load_config``) before any work starts; a bad value exits with
-status 2 and a message naming the key.
+status 2 and a message naming the key. The recipes are ``training.recipes.RECIPES``; ``vlm train``,
+``vlm demo`` and ``vlm ablate`` export the embedded world before a recipe that reads it starts (the
+training library only reads data that exists). Heavy stacks are imported per command, so
+``vlm --help`` is fast.
 """
 from __future__ import annotations
 
@@ -18,15 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-from vlm.config import ConfigError
+from vlm.config import ConfigError, WorldConfig, load_config
 
-TRAIN_RECIPES = {
-    # name: (config class name in vlm.config, training module, default config)
-    "stage1": ("Stage1Config", "training.stage1", "configs/stage1/sparc_tiny.yaml"),
-    "lm": ("LMConfig", "training.lm", "configs/lm/tiny_world.yaml"),
-    "maskembed": ("MaskEmbedRunConfig", "training.maskembed", "configs/posttrain/maskembed_tiny.yaml"),
-    "stage2": ("Stage2Config", "training.stage2", "configs/stage2/projector_tiny.yaml"),
-}
 VLM_TASKS = ("caption", "chair", "pope", "refcoco", "vsr")
 
 
@@ -43,8 +39,8 @@ def _offline() -> None:
 
 
 def cmd_world(args: argparse.Namespace) -> int:
-    from vlm.config import WorldConfig, load_config
-    from vlm.world.export import export_world
+    """``vlm world``: export the synthetic world ``--out`` (images, shards, COCO, LLaVA, POPE, ...)."""
+    from vlm.world.export import export_world  # numpy, PIL, webdataset: only for this command
 
     overrides = [f"n_train={args.n}", f"seed={args.seed}", f"n_eval={args.n_eval}",
                  f"image_size={args.image_size}", *args.overrides]
@@ -56,26 +52,8 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# vlm train
+# vlm train: vlm/cli/train.py (the recipes of training.recipes.RECIPES; it makes the world first)
 # ---------------------------------------------------------------------------------------------
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    import importlib
-
-    import vlm.config as config
-
-    cls_name, module_name, default_cfg = TRAIN_RECIPES[args.recipe]
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append("run.resume=true")
-    if getattr(args, "teacher", None):
-        overrides.append(f"maskembed.teacher={args.teacher}")
-    cfg = config.load_config(getattr(config, cls_name), args.config or default_cfg, overrides)
-    module = importlib.import_module(module_name)
-    final = module.run(cfg)
-    print(f"{args.recipe}: final artifact at {final}")
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,10 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _world_cfg(world_dir: str):
+def _world_cfg(world_dir: str) -> WorldConfig:
     """The WorldConfig an exported world was made with (its world.json), or the defaults."""
-    from vlm.config import WorldConfig, load_config
-
     meta = Path(world_dir) / "world.json"
     if meta.is_file():
         saved = json.loads(meta.read_text()).get("config", {})
@@ -95,8 +71,9 @@ def _world_cfg(world_dir: str):
 
 
 def cmd_eval_encoder(args: argparse.Namespace) -> int:
-    from eval.encoder import run as run_encoder_eval
-    from vlm.world.export import ensure_world
+    """``vlm eval encoder``: zero-shot, retrieval, patch segmentation and heatmaps on the world."""
+    from eval.encoder import run as run_encoder_eval  # torch + transformers (~10 s): only for this command
+    from vlm.world.export import ensure_world  # numpy, PIL, webdataset: only for this command
 
     world = _world_cfg(args.world_dir)
     ensure_world(args.world_dir, world)
@@ -108,7 +85,8 @@ def cmd_eval_encoder(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_vlm(args: argparse.Namespace) -> int:
-    from eval.harness import run_vlm_eval
+    """``vlm eval vlm``: the VLM tasks (captioning, CHAIR, POPE, RefCOCO, VSR) of a stage-two checkpoint."""
+    from eval.harness import run_vlm_eval  # torch + transformers + peft: only for this command
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(VLM_TASKS))
@@ -122,7 +100,8 @@ def cmd_eval_vlm(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_drift(args: argparse.Namespace) -> int:
-    from eval.lm_eval_adapter import run_language_drift
+    """``vlm eval drift``: the LLM's language ability before and after LoRA (lm-eval)."""
+    from eval.lm_eval_adapter import run_language_drift  # torch + lm-eval: only for this command
 
     out = args.out or str(Path(args.ckpt) / "eval_drift")
     result = run_language_drift(args.ckpt, out, limit=args.limit, world_dir=args.world_dir)
@@ -136,7 +115,8 @@ def cmd_eval_drift(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from vlm.model.vision_language_model import VisionLanguageModel
+    """``vlm merge``: a standalone merged LLM + bridge for inference."""
+    from vlm.model.vision_language_model import VisionLanguageModel  # torch + transformers + peft
 
     model = VisionLanguageModel.from_pretrained(args.ckpt)
     model.merge_and_save(args.out)
@@ -145,7 +125,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vlm.cli.demo import run_demo
+    """``vlm demo``: every recipe and eval on the world, into ``--out``/report.md."""
+    from vlm.cli.demo import run_demo  # the training and eval stacks: only for this command
 
     report = run_demo(args.out, config_path=args.config, overrides=args.overrides)
     print(f"report: {report}")
@@ -153,7 +134,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from vlm.cli.ablate import run_ablation
+    """``vlm ablate``: the backbone grid with seeds and 95% CIs."""
+    from vlm.cli.ablate import run_ablation  # the training and eval stacks: only for this command
 
     report = run_ablation(args.config, overrides=args.overrides)
     print(f"report: {report}")
@@ -167,33 +149,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 OVERRIDES_HELP = "dotted config overrides, e.g. optim.lr=1e-3 run.out_dir=runs/x"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``vlm`` parser (every subcommand has its own --help)."""
-    parser = argparse.ArgumentParser(prog="vlm", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("world", help="export the synthetic world in the real data formats")
-    p.add_argument("--out", default="runs/world", help="output directory (default runs/world)")
-    p.add_argument("--n", type=int, default=20000, help="number of train samples")
-    p.add_argument("--n-eval", type=int, default=500, help="number of eval samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--config", default=None, help="a WorldConfig YAML (flags above override it)")
-    p.add_argument("overrides", nargs="*", help="WorldConfig overrides, e.g. max_objects=6")
-    p.set_defaults(func=cmd_world)
-
-    p = sub.add_parser("train", help="train one stage: stage1 | lm | maskembed | stage2")
-    tsub = p.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
-    for name, (cls_name, _, default_cfg) in TRAIN_RECIPES.items():
-        t = tsub.add_parser(name, help=f"{cls_name} recipe (default {default_cfg})")
-        t.add_argument("--config", default=None, help=f"YAML config (default {default_cfg})")
-        t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-        if name == "maskembed":
-            t.add_argument("--teacher", default=None, help="vision tower to post-train (a checkpoint dir)")
-        t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-        t.set_defaults(func=cmd_train)
-
+def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    """``vlm eval encoder | vlm | drift``."""
     p = sub.add_parser("eval", help="evaluate an encoder or a VLM")
     esub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     e = esub.add_parser("encoder", help="zero-shot, retrieval, patch segmentation, heatmaps")
@@ -218,6 +175,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="at most this many documents")
     e.set_defaults(func=cmd_eval_drift)
 
+
+def build_parser(train_recipes: bool = True) -> argparse.ArgumentParser:
+    """The full ``vlm`` parser (every subcommand has its own --help). ``train_recipes=False`` leaves
+    out the recipes' sub-parsers of ``vlm train``, whose table imports the training stacks."""
+    parser = argparse.ArgumentParser(prog="vlm", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("world", help="export the synthetic world in the real data formats")
+    p.add_argument("--out", default="runs/world", help="output directory (default runs/world)")
+    p.add_argument("--n", type=int, default=20000, help="number of train samples")
+    p.add_argument("--n-eval", type=int, default=500, help="number of eval samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--config", default=None, help="a WorldConfig YAML (flags above override it)")
+    p.add_argument("overrides", nargs="*", help="WorldConfig overrides, e.g. max_objects=6")
+    p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("train", help="train one stage (a recipe: stage1, lm, maskembed, stage2)")
+    if train_recipes:
+        from vlm.cli.train import add_train_parsers  # torch + transformers (~10 s): only for `vlm train`
+
+        add_train_parsers(p, OVERRIDES_HELP)
+
+    _add_eval_parsers(sub)
+
     p = sub.add_parser("merge", help="write a standalone merged LLM + bridge")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
@@ -239,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlm`` console script. Returns the process exit status."""
     _offline()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Only `vlm train` needs the recipes' parsers (and their imports): `vlm --help` stays fast.
+    args = build_parser(train_recipes=argv[:1] == ["train"]).parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:

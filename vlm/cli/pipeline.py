@@ -2,11 +2,12 @@
 
 A ``Stage`` is one recipe run (its config fully resolved before anything starts). ``run_stage``
 reuses a stage whose ``final/`` exists, resumes one that has checkpoints, and times the rest, so a
-second pipeline run is fast and an interrupted one picks up where it stopped.
+second pipeline run is fast and an interrupted one picks up where it stopped. Recipes come from
+the one table, ``training.recipes.RECIPES``; a stage that reads the embedded world makes it first
+(``vlm.cli.train.make_world``), as ``vlm train`` does.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import time
@@ -14,15 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import vlm.config as config
-from vlm.config import PipelineConfig, WorldConfig
-
-RECIPES = {
-    "lm": ("LMConfig", "training.lm"),
-    "stage1": ("Stage1Config", "training.stage1"),
-    "maskembed": ("MaskEmbedRunConfig", "training.maskembed"),
-    "stage2": ("Stage2Config", "training.stage2"),
-}
+from training.recipes import RECIPES
+from vlm.cli.train import make_world
+from vlm.config import PipelineConfig, WorldConfig, load_config
 
 
 @dataclass
@@ -79,12 +74,11 @@ def world_overrides(world: WorldConfig) -> list[str]:
 def make_stage(name: str, recipe: str, yaml_path: str, out_dir: Path, pipe: PipelineConfig,
                overrides: list[str]) -> Stage:
     """Resolve a recipe's config (YAML <- world <- out_dir <- overrides); raises ConfigError now."""
-    cls_name, _ = RECIPES[recipe]
     world_dir = Path(pipe.out_dir) / "world"
     base = [*world_overrides(pipe.world), f"data.world_dir={world_dir}", f"run.out_dir={out_dir}"]
     extra = {"lm": pipe.lm_overrides, "stage1": pipe.stage1_overrides,
              "maskembed": pipe.maskembed_overrides, "stage2": pipe.stage2_overrides}[recipe]
-    cfg = config.load_config(getattr(config, cls_name), yaml_path, [*base, *extra, *overrides])
+    cfg = load_config(RECIPES[recipe].config_class, yaml_path, [*base, *extra, *overrides])
     return Stage(name=name, recipe=recipe, cfg=cfg, out_dir=Path(out_dir))
 
 
@@ -103,9 +97,10 @@ def run_stage(stage: Stage, timings: Timings) -> Path:
     stage.cfg.run.resume = has_checkpoint(stage.out_dir)
     verb = "resuming" if stage.cfg.run.resume else "running"
     print(f"[pipeline] {stage.name}: {verb} -> {stage.out_dir}", flush=True)
-    module = importlib.import_module(RECIPES[stage.recipe][1])
+    recipe = RECIPES[stage.recipe]
     t0 = time.perf_counter()
-    final = Path(module.run(stage.cfg))
+    make_world(recipe, stage.cfg)  # a no-op when the pipeline already made this world
+    final = Path(recipe.run(stage.cfg))
     timings.add(stage.name, time.perf_counter() - t0)
     return final
 

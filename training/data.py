@@ -23,7 +23,7 @@ import itertools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -34,61 +34,6 @@ from vlm.world.export import FORMAT_VERSION
 
 # (position, sample) pairs -> one micro-batch; ``worker`` is the DataLoader worker (0 in-process).
 Collate = Callable[[list[tuple[int, dict]], int], dict]
-
-
-def collate_dicts(items: Sequence[dict]) -> dict:
-    """Collate a list of dicts sharing keys into one dict.
-
-    Tensors of equal shape are stacked (``[B, ...]``); ints/floats/bools become a 1-d tensor
-    ``[B]``; anything else (strings, PIL images, dicts) is kept as a list of length B.
-    Raises ``ValueError`` for an empty list, mismatched keys or tensors of different shapes.
-    """
-    if not items:
-        raise ValueError("collate_dicts: empty list")
-    keys = list(items[0])
-    for i, it in enumerate(items):
-        if list(it) != keys and set(it) != set(keys):
-            raise ValueError(f"collate_dicts: item {i} has keys {sorted(it)}, item 0 has {sorted(keys)}")
-    out: dict[str, Any] = {}
-    for k in keys:
-        values = [it[k] for it in items]
-        first = values[0]
-        if isinstance(first, torch.Tensor):
-            shapes = {tuple(v.shape) for v in values}
-            if len(shapes) != 1:
-                raise ValueError(f"collate_dicts: key {k!r} has tensors of different shapes {sorted(shapes)}; "
-                                 "pad them first")
-            out[k] = torch.stack(values)
-        elif isinstance(first, bool):
-            out[k] = torch.tensor(values, dtype=torch.bool)
-        elif isinstance(first, int):
-            out[k] = torch.tensor(values, dtype=torch.long)
-        elif isinstance(first, float):
-            out[k] = torch.tensor(values, dtype=torch.float32)
-        else:
-            out[k] = values
-    return out
-
-
-def batched(iterable: Iterable[Any], batch_size: int, collate: Callable[[list], Any] = collate_dicts,
-            drop_last: bool = True) -> Iterator[Any]:
-    """Group ``iterable`` into lists of ``batch_size`` and ``collate`` each; a short last group is
-    dropped when ``drop_last`` (the default: every micro-batch has the same size)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    it = iter(iterable)
-    while True:
-        group = list(itertools.islice(it, batch_size))
-        if not group or (drop_last and len(group) < batch_size):
-            return
-        yield collate(group)
-
-
-def skip(iterable: Iterable[Any], n: int) -> Iterator[Any]:
-    """``iterable`` without its first ``n`` items (lazy; ``itertools.islice``)."""
-    if n < 0:
-        raise ValueError(f"cannot skip a negative number of items: {n}")
-    return itertools.islice(iterable, n, None)
 
 
 class ResumableBatches:

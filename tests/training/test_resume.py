@@ -217,7 +217,7 @@ STAGE_SCRIPT = textwrap.dedent("""
         from test_stage1 import tiny_cfg
         from training import stage1 as recipe
         cfg = tiny_cfg(str(assets / "{00000..00001}.tar"), out, "sparc", steps=8, grad_accum=2)
-        owner, name = recipe.Stage1Batches, "collate"          # called once per micro-batch produced
+        owner, name = recipe, "stage1_collate"          # called once per micro-batch produced
     else:
         from test_stage2 import tiny_cfg
         from training import stage2 as recipe

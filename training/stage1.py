@@ -31,13 +31,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
+from encoders.config import Stage1Config
 from encoders.dual_encoder import DualEncoder, load_tokenizer, tokenize_texts
 from encoders.registry import captions_for
 from encoders.stage1_model import Stage1Model
 from encoders.towers import ImageTransform
 from training import distributed
 from training.loop import check_out_dir, train
-from vlm.config import Stage1Config
 from vlm.data.tokenizer import train_bpe_tokenizer
 
 TOKENIZER_CORPUS_LIMIT = 200_000  # captions read from real shards to train a BPE when none is given

@@ -21,7 +21,7 @@ from pathlib import Path
 from vlm.config import ConfigError
 
 TRAIN_RECIPES = {
-    # name: (config class name in vlm.config, training module, default config)
+    # name: (config class name, as the training module imports it; training module; default config)
     "stage1": ("Stage1Config", "training.stage1", "configs/stage1/sparc_tiny.yaml"),
     "lm": ("LMConfig", "training.lm", "configs/lm/tiny_world.yaml"),
     "maskembed": ("MaskEmbedRunConfig", "training.maskembed", "configs/posttrain/maskembed_tiny.yaml"),
@@ -71,8 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("run.resume=true")
     if getattr(args, "teacher", None):
         overrides.append(f"maskembed.teacher={args.teacher}")
-    cfg = config.load_config(getattr(config, cls_name), args.config or default_cfg, overrides)
     module = importlib.import_module(module_name)
+    cfg = config.load_config(getattr(module, cls_name), args.config or default_cfg, overrides)
     final = module.run(cfg)
     print(f"{args.recipe}: final artifact at {final}")
     return 0

@@ -79,12 +79,13 @@ def world_overrides(world: WorldConfig) -> list[str]:
 def make_stage(name: str, recipe: str, yaml_path: str, out_dir: Path, pipe: PipelineConfig,
                overrides: list[str]) -> Stage:
     """Resolve a recipe's config (YAML <- world <- out_dir <- overrides); raises ConfigError now."""
-    cls_name, _ = RECIPES[recipe]
+    cls_name, module_name = RECIPES[recipe]
     world_dir = Path(pipe.out_dir) / "world"
     base = [*world_overrides(pipe.world), f"data.world_dir={world_dir}", f"run.out_dir={out_dir}"]
     extra = {"lm": pipe.lm_overrides, "stage1": pipe.stage1_overrides,
              "maskembed": pipe.maskembed_overrides, "stage2": pipe.stage2_overrides}[recipe]
-    cfg = config.load_config(getattr(config, cls_name), yaml_path, [*base, *extra, *overrides])
+    recipe_cls = getattr(importlib.import_module(module_name), cls_name)  # as the training module imports it
+    cfg = config.load_config(recipe_cls, yaml_path, [*base, *extra, *overrides])
     return Stage(name=name, recipe=recipe, cfg=cfg, out_dir=Path(out_dir))
 
 

@@ -113,7 +113,8 @@ def test_objective_name_alone_gives_the_papers_encoder(name):
 def test_sparc_is_the_default_and_its_paper_settings():
     cfg = Stage1Config()
     assert cfg.objective == SparcConfig() and choices(cfg) == ("mean", True, False)
-    assert (cfg.objective.lambda_global, cfg.objective.lambda_fine, cfg.objective.sparsity_threshold) == (0.5, 1.0, None)
+    sparc = cfg.objective
+    assert (sparc.lambda_global, sparc.lambda_fine, sparc.sparsity_threshold) == (0.5, 1.0, None)
 
 
 def test_explicit_encoder_choices_win_over_the_objectives():

@@ -1,4 +1,4 @@
-"""Typed configs for every runnable recipe, in one place.
+"""Typed configs for every runnable recipe (stage one's is ``encoders.config.Stage1Config``).
 
 Each recipe is a dataclass tree (model, data, optim, run) that round-trips to YAML through
 OmegaConf structured configs. ``load_config`` merges, in order: the dataclass defaults, a YAML
@@ -236,6 +236,9 @@ class TextTowerConfig:
             _check(self.vocab_size >= 64, "text.vocab_size", "must be >= 64")
 
 
+ENCODER_CHOICES = ("pool", "global_mlp", "local_heads")  # the EncoderConfig fields an objective sets
+
+
 @dataclass
 class EncoderConfig:
     """The dual encoder (``encoders.dual_encoder``). ``pool``, ``global_mlp`` and ``local_heads`` left
@@ -262,9 +265,6 @@ class EncoderConfig:
     def unset(self) -> list[str]:
         """Keys of the objective-dependent choices still null, e.g. ``["model.pool"]``."""
         return [f"model.{k}" for k in ENCODER_CHOICES if getattr(self, k) is None]
-
-
-ENCODER_CHOICES = ("pool", "global_mlp", "local_heads")  # the EncoderConfig fields an objective sets
 
 
 @dataclass

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.features import ImageFeatures, TextFeatures
-from encoders.objectives.base import LogScale, Objective, ObjectiveConfig, check_global_pair, full_precision, no_autocast
+from encoders.objectives.base import (LogScale, Objective, ObjectiveConfig, check_global_pair, full_precision,
+                                      no_autocast)
 from encoders.objectives.gather import gather_features, local_offset
 
 

@@ -7,7 +7,7 @@ import pytest
 from encoders.objectives import (ClipConfig, ClipObjective, FlairConfig, FlairObjective, ObjectiveConfig,
                                  SiglipConfig, SiglipObjective, SparcConfig, SparcObjective)
 from encoders.registry import OBJECTIVES, build_objective, captions_for, objective_config_class
-from vlm.config import OBJECTIVE_NAMES, ConfigError
+from vlm.config import ENCODER_CHOICES, OBJECTIVE_NAMES, ConfigError
 
 CASES = [("clip", ClipObjective, ClipConfig), ("siglip", SiglipObjective, SiglipConfig),
          ("sparc", SparcObjective, SparcConfig), ("flair", FlairObjective, FlairConfig)]
@@ -22,6 +22,7 @@ def test_build_each(name, cls, cfg_cls):
     assert objective_config_class(name) is cfg_cls and cls.config_class is cfg_cls
     cfg = cfg_cls()
     assert cfg.name == name and isinstance(cfg, ObjectiveConfig)
+    assert set(cfg.encoder_defaults) == set(ENCODER_CHOICES)  # the paper's encoder, every choice set
     obj = build_objective(cfg, embed_dim=16, vision_width=12)
     assert isinstance(obj, cls) and obj.cfg is cfg
     # the modules hold only learnable scalars (and FLAIR's pooling)

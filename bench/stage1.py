@@ -46,7 +46,9 @@ from bench.common import Row, format_table, median_time
 from encoders.dual_encoder import DualEncoder, tokenize_texts
 from encoders.stage1_model import Stage1Model
 from training.loop import train
-from vlm.config import Stage1Config, load_config, replace
+from encoders.config import Stage1Config
+from encoders.objectives.clip import ClipConfig
+from vlm.config import load_config, replace
 from vlm.data.tokenizer import train_bpe_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "stage1"
@@ -93,7 +95,7 @@ def recipe(name: str, preset: str) -> Stage1Config:
     cfg = load_config(Stage1Config, CONFIGS / "sparc_vitb16.yaml")
     if name == "clip":
         cfg = replace(cfg, model=replace(cfg.model, pool="cls", global_mlp=False, local_heads=False),
-                      objective=replace(cfg.objective, name="clip"))
+                      objective=ClipConfig())
     return cfg
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from bench.common import Row, format_table, median_time
-from vlm.config import LMConfig, Stage1Config, Stage2Config, load_config
+from encoders.config import Stage1Config
+from vlm.config import LMConfig, Stage2Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

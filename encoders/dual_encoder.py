@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTraine
 from encoders.features import ImageFeatures, TextFeatures
 from encoders.towers import (ImageTransform, VisionTower, build_vision_tower, default_transform, load_vision_tower,
                              tower_forward, tower_width)
-from vlm.config import EncoderConfig, config_from_yaml_text, save_config
+from vlm.config import ConfigError, EncoderConfig, config_from_yaml_text, save_config
 
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "encoder.yaml"
@@ -90,13 +90,17 @@ class DualEncoder(nn.Module):
     """Vision tower + text tower + projection heads (see the module docstring).
 
     ``DualEncoder(cfg, tokenizer)`` builds (or loads, per ``cfg.*.pretrained``) both towers;
-    ``vision`` / ``text`` / ``transform`` override them (used by ``from_pretrained``).
+    ``vision`` / ``text`` / ``transform`` override them (used by ``from_pretrained``). ``cfg`` must
+    set ``pool``, ``global_mlp`` and ``local_heads`` (``Stage1Config`` fills them from the objective).
     Attributes: ``.vision``, ``.text``, ``.heads``, ``.tokenizer``, ``.transform``, ``.cfg``.
     """
 
     def __init__(self, cfg: EncoderConfig, tokenizer: PreTrainedTokenizerBase, vision: Optional[VisionTower] = None,
                  text: Optional[CLIPTextModel] = None, transform: Optional[ImageTransform] = None) -> None:
         super().__init__()
+        if cfg.unset():
+            raise ConfigError(f"{', '.join(cfg.unset())}: unset; the DualEncoder needs them (a Stage1Config "
+                              "sets them from its objective)")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"  # the causal text tower and last-token pooling need it

@@ -1,16 +1,21 @@
-"""Registry of the stage-one objectives: a config names the key, ``build_objective`` builds it."""
+"""Registry of the stage-one objectives: a config names the key, ``build_objective`` builds it.
+
+A new objective is one module (its ``ObjectiveConfig`` subclass and its ``Objective`` subclass with
+``config_class`` set) plus one line here. Every objective is built as ``cls(cfg, embed_dim,
+vision_width)``.
+"""
 
 from __future__ import annotations
 
 import random
 from typing import Optional
 
-from encoders.objectives.base import Objective
+from encoders.objectives.base import Objective, ObjectiveConfig
 from encoders.objectives.clip import ClipObjective
 from encoders.objectives.flair import FlairObjective
 from encoders.objectives.siglip import SiglipObjective
 from encoders.objectives.sparc import SparcObjective
-from vlm.config import OBJECTIVE_NAMES, ObjectiveConfig
+from vlm.config import ConfigError
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "clip": ClipObjective,
@@ -18,30 +23,31 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "sparc": SparcObjective,
     "flair": FlairObjective,
 }
-assert set(OBJECTIVES) == set(OBJECTIVE_NAMES), "encoders.registry.OBJECTIVES and vlm.config.OBJECTIVE_NAMES differ"
 
 
-def _lookup(name: str) -> type[Objective]:
+def objective_class(name: str) -> type[Objective]:
+    """The objective registered as ``name``; ``ConfigError`` listing the valid keys otherwise."""
     if name not in OBJECTIVES:
-        raise KeyError(f"unknown objective {name!r}; valid keys: {sorted(OBJECTIVES)}")
+        raise ConfigError(f"objective.name: unknown objective {name!r}; valid keys: {sorted(OBJECTIVES)}")
     return OBJECTIVES[name]
 
 
-def build_objective(cfg: ObjectiveConfig, embed_dim: int, vision_width: Optional[int] = None) -> Objective:
+def objective_config_class(name: str) -> type[ObjectiveConfig]:
+    """The config dataclass of the objective registered as ``name`` (``load_config``'s chooser)."""
+    return objective_class(name).config_class
+
+
+def build_objective(cfg: ObjectiveConfig, embed_dim: int, vision_width: int) -> Objective:
     """The objective module named by ``cfg.name``.
 
     embed_dim: width d of the shared embedding space; vision_width: width w of the vision tower's
-    patch tokens (needed by FLAIR's text-conditioned pooling, ignored by the others).
+    patch tokens (FLAIR's text-conditioned pooling reads them; the others ignore it).
     """
-    cls = _lookup(cfg.name)
-    if cls is FlairObjective:
-        if vision_width is None:
-            raise ValueError("the flair objective needs vision_width (the vision tower's hidden size)")
-        return FlairObjective(cfg, embed_dim, vision_width)
-    return cls(cfg, embed_dim)
+    return objective_class(cfg.name)(cfg, embed_dim, vision_width)
 
 
 def captions_for(cfg: ObjectiveConfig, caption: str, long_caption: Optional[str] = None,
                  rng: Optional[random.Random] = None) -> list[str]:
-    """Texts one sample needs under ``cfg``: ``[caption]``, or for FLAIR ``[caption, *K sub-captions]``."""
-    return _lookup(cfg.name).captions_for(cfg, caption, long_caption, rng)
+    """Texts one sample needs under ``cfg`` (``Objective.captions_for`` of its class): ``[caption]``,
+    or for FLAIR ``[caption, *K sub-captions]``."""
+    return objective_class(cfg.name).captions_for(cfg, caption, long_caption, rng)

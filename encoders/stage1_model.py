@@ -4,13 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from encoders.dual_encoder import DualEncoder
-from encoders.objectives.base import Objective
-from encoders.registry import build_objective
-from vlm.config import ObjectiveConfig, config_from_yaml_text, save_config
+from encoders.objectives.base import Objective, ObjectiveConfig
+from encoders.registry import build_objective, objective_config_class
+from vlm.config import config_from_yaml_text, save_config
 
 OBJECTIVE_STATE_FILE = "objective.safetensors"
 OBJECTIVE_CONFIG_FILE = "objective.yaml"
@@ -28,13 +29,14 @@ class Stage1Model(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.objective = objective
-        # Local adapters go unused by objectives other than SPARC; DDP must then skip them.
-        self.ddp_find_unused_parameters = bool(encoder.cfg.local_heads and objective.cfg.name != "sparc")
+        # Separate local heads go unused by an objective that reads no local embeddings (Stage1Config
+        # forbids it; a model assembled by hand may still do it): DDP must then skip them.
+        self.ddp_find_unused_parameters = bool(encoder.cfg.local_heads and not objective.cfg.uses_local_embeddings)
 
     @classmethod
     def build(cls, encoder: DualEncoder, objective_cfg: ObjectiveConfig) -> "Stage1Model":
         """Build the objective named by ``objective_cfg`` for ``encoder``'s widths."""
-        objective = build_objective(objective_cfg, encoder.cfg.embed_dim, vision_width=encoder.vision_width)
+        objective = build_objective(objective_cfg, encoder.cfg.embed_dim, encoder.vision_width)
         return cls(encoder, objective)
 
     def forward(self, batch: dict) -> dict:
@@ -56,7 +58,7 @@ class Stage1Model(nn.Module):
 
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """The encoder's checkpoint plus ``objective.safetensors`` (learned temperature / bias, FLAIR's
-        pooling) and ``objective.yaml`` (its ``ObjectiveConfig``)."""
+        pooling) and ``objective.yaml`` (its config, e.g. a ``SparcConfig``)."""
         directory = self.encoder.save_pretrained(directory)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.objective.state_dict().items()}
         save_file(tensors, str(directory / OBJECTIVE_STATE_FILE))
@@ -71,6 +73,8 @@ class Stage1Model(nn.Module):
         cfg_path = directory / OBJECTIVE_CONFIG_FILE
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{directory}: no {OBJECTIVE_CONFIG_FILE}; saved without its objective")
-        model = cls.build(encoder, config_from_yaml_text(ObjectiveConfig, cfg_path.read_text()))
+        text = cfg_path.read_text()
+        name = str(OmegaConf.create(text).get("name", ""))
+        model = cls.build(encoder, config_from_yaml_text(objective_config_class(name), text))
         model.objective.load_state_dict(load_file(str(directory / OBJECTIVE_STATE_FILE)), strict=True)
         return model

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from vlm.config import (AblateConfig, ConfigError, DemoConfig, LMConfig, MaskEmbedRunConfig, Stage1Config,
-                        Stage2Config, config_from_yaml_text, load_config, save_config, to_yaml)
+from encoders.config import Stage1Config
+from encoders.objectives import ClipConfig, FlairConfig, SiglipConfig, SparcConfig
+from vlm.config import (AblateConfig, ConfigError, DemoConfig, LMConfig, MaskEmbedRunConfig, Stage2Config,
+                        config_from_yaml_text, load_config, save_config, to_yaml)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = [Stage1Config, Stage2Config, LMConfig, MaskEmbedRunConfig, DemoConfig, AblateConfig]
@@ -48,7 +50,11 @@ def test_overrides_apply_in_order(tmp_path):
     (Stage1Config, "model.vision.patch_size=7", "vision.patch_size"),
     (Stage1Config, "model.text.num_heads=0", "text.num_heads"),
     (Stage1Config, "model.vision.hidden_size=-8", "vision.hidden_size"),
-    (Stage1Config, "objective.flair_num_heads=0", "objective.flair_num_heads"),
+    (Stage1Config, "objective.name=flair objective.num_heads=0", "objective.num_heads"),
+    (Stage1Config, "objective.name=flair objective.flair_num_heads=2", "objective.flair_num_heads"),  # old key
+    (Stage1Config, "objective.name=clip objective.lambda_fine=2", "objective.lambda_fine"),  # another objective's
+    (Stage1Config, "objective.lambda_fine=-1", "objective.lambda_fine"),
+    (Stage1Config, "model.pool=max", "model.pool"),
     (Stage1Config, "world.image_size=8", "world.image_size"),
     (Stage1Config, "world.max_objects=9", "world.min_objects/max_objects"),
     (Stage1Config, "run.device=tpu", "run.device"),
@@ -62,7 +68,7 @@ def test_overrides_apply_in_order(tmp_path):
 ])
 def test_bad_keys_and_values_name_the_key(cls, override, key):
     with pytest.raises(ConfigError) as info:
-        load_config(cls, None, [override])
+        load_config(cls, None, override.split())
     assert str(info.value).startswith(f"{key}:"), str(info.value)
 
 
@@ -81,3 +87,77 @@ def test_bad_files_name_the_file(tmp_path, text, what):
         load_config(Stage1Config, tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(Stage1Config, None, ["optim.lr"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage one: the objective section is chosen by objective.name and sets the encoder's choices
+# ----------------------------------------------------------------------------------------------
+
+OBJECTIVE_CONFIGS = {"clip": ClipConfig, "siglip": SiglipConfig, "sparc": SparcConfig, "flair": FlairConfig}
+PAPER_ENCODER = {"clip": ("cls", False, False), "siglip": ("cls", False, False), "sparc": ("mean", True, False),
+                 "flair": ("cls", False, False)}
+
+
+def choices(cfg: Stage1Config) -> tuple:
+    return cfg.model.pool, cfg.model.global_mlp, cfg.model.local_heads
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVE_CONFIGS))
+def test_objective_name_alone_gives_the_papers_encoder(name):
+    cfg = load_config(Stage1Config, None, [f"objective.name={name}"])
+    assert type(cfg.objective) is OBJECTIVE_CONFIGS[name] and cfg.objective == OBJECTIVE_CONFIGS[name]()
+    assert choices(cfg) == PAPER_ENCODER[name]
+    assert choices(Stage1Config(objective=OBJECTIVE_CONFIGS[name]())) == PAPER_ENCODER[name]
+
+
+def test_sparc_is_the_default_and_its_paper_settings():
+    cfg = Stage1Config()
+    assert cfg.objective == SparcConfig() and choices(cfg) == ("mean", True, False)
+    sparc = cfg.objective
+    assert (sparc.lambda_global, sparc.lambda_fine, sparc.sparsity_threshold) == (0.5, 1.0, None)
+
+
+def test_explicit_encoder_choices_win_over_the_objectives():
+    cfg = load_config(Stage1Config, None, ["objective.name=sparc", "model.pool=cls", "model.local_heads=true"])
+    assert choices(cfg) == ("cls", True, True)
+    cfg = load_config(Stage1Config, None, ["objective.name=clip", "model.global_mlp=true"])
+    assert choices(cfg) == ("cls", True, False)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "flair"])
+def test_local_heads_without_local_embeddings_name_both_keys(name):
+    with pytest.raises(ConfigError, match=f"model.local_heads=true with objective.name={name}"):
+        load_config(Stage1Config, None, [f"objective.name={name}", "model.local_heads=true"])
+
+
+def test_last_objective_name_wins(tmp_path):
+    (tmp_path / "c.yaml").write_text("objective:\n  name: clip\n")
+    cfg = load_config(Stage1Config, tmp_path / "c.yaml", ["objective.name=flair", "objective.num_subcaptions=3"])
+    assert cfg.objective == FlairConfig(num_subcaptions=3) and choices(cfg) == ("cls", False, False)
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVE_CONFIGS))
+def test_stage1_round_trips_with_each_objective(name, tmp_path):
+    cfg = load_config(Stage1Config, None, [f"objective.name={name}", "optim.lr=3e-4"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(Stage1Config, tmp_path / "c.yaml") == cfg
+    assert config_from_yaml_text(Stage1Config, to_yaml(cfg)) == cfg
+    assert config_from_yaml_text(OBJECTIVE_CONFIGS[name], to_yaml(cfg.objective)) == cfg.objective
+    assert "pool: null" not in to_yaml(cfg)  # the resolved choices are what is saved
+
+
+# The encoder each shipped recipe built before the per-objective layout: (pool, global_mlp, local_heads).
+RECIPE_ENCODERS = {"clip_tiny": ("cls", False, False), "siglip_tiny": ("cls", False, False),
+                   "sparc_tiny": ("mean", True, True), "flair_tiny": ("cls", False, False),
+                   "sparc_vitb16": ("mean", True, True)}
+
+
+def test_shipped_stage1_recipes_keep_their_encoders():
+    paths = sorted((ROOT / "configs" / "stage1").glob("*.yaml"))
+    assert {p.stem for p in paths} == set(RECIPE_ENCODERS)
+    for path in paths:
+        cfg = load_config(Stage1Config, path)
+        assert cfg.objective.name == path.stem.split("_")[0]
+        assert choices(cfg) == RECIPE_ENCODERS[path.stem], path.name
+    flair = load_config(Stage1Config, ROOT / "configs/stage1/flair_tiny.yaml").objective
+    assert (flair.num_subcaptions, flair.max_merge, flair.num_heads) == (3, 3, 8)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from encoders.config import Stage1Config
 from training import lm, maskembed, stage1, stage2
-from vlm.config import LMConfig, MaskEmbedRunConfig, Stage1Config, Stage2Config
+from vlm.config import LMConfig, MaskEmbedRunConfig, Stage2Config
 
 
 def _no_world(cfg: Any) -> Optional[Path]:

@@ -30,6 +30,8 @@ import torch
 from braceexpand import braceexpand
 from transformers import PreTrainedTokenizerBase
 
+from encoders.config import Stage1Config
+from encoders.objectives.base import ObjectiveConfig
 from encoders.dual_encoder import DualEncoder, load_tokenizer, tokenize_texts
 from encoders.registry import captions_for
 from encoders.stage1_model import Stage1Model
@@ -37,7 +39,7 @@ from encoders.towers import ImageTransform
 from training import distributed
 from training.data import ShardBatches, ShardSamples, world_dir_for
 from training.loop import check_out_dir, train
-from vlm.config import MaskEmbedRunConfig, ObjectiveConfig, Stage1Config
+from vlm.config import MaskEmbedRunConfig
 from vlm.data.shards import ShardStream
 from vlm.data.tokenizer import train_bpe_tokenizer
 from vlm.world.generator import world_corpus, world_split

@@ -1,10 +1,17 @@
-"""Typed configs for every runnable recipe, in one place.
+"""Typed configs for every runnable recipe (stage one's is ``encoders.config.Stage1Config``).
 
 Each recipe is a dataclass tree (model, data, optim, run) that round-trips to YAML through
 OmegaConf structured configs. ``load_config`` merges, in order: the dataclass defaults, a YAML
 file, then dotted ``key=value`` overrides from the command line. Unknown keys, wrong types and bad
 values raise ``ConfigError`` before any work starts. ``save_config`` writes the resolved config
 beside a run's outputs.
+
+Sections chosen by name. A recipe field declared with ``chosen_by_name(choose, default)`` holds one
+of several dataclasses, picked by the section's ``name`` key: ``load_config`` reads the last
+``<field>.name`` the YAML or the overrides give (else the default's), calls ``choose(name)`` for the
+dataclass and merges the layers onto *its* defaults, so keys of another choice are unknown keys.
+Stage one's ``objective`` is such a field: its dataclasses live next to each loss
+(``encoders/objectives/*.py``) and ``Stage1Config`` in ``encoders/config.py``, a layer up.
 
 This module is at the bottom of the import graph: it imports nothing from the project.
 """
@@ -13,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -21,8 +28,8 @@ from omegaconf.errors import OmegaConfBaseException
 T = TypeVar("T")
 
 # Registry keys are checked here (not by importing the registries, which live higher up) so that a
-# typo fails before any model is built. The registries assert they match these tuples.
-OBJECTIVE_NAMES = ("clip", "siglip", "sparc", "flair")
+# typo fails before any model is built. Tests check these tuples equal the registries' keys.
+OBJECTIVE_NAMES = ("clip", "siglip", "sparc", "flair")  # the pipelines' objective lists
 VISION_ARCHS = ("clip", "siglip")
 BRIDGE_NAMES = ("projector", "flamingo")
 PRECISIONS = ("fp32", "bf16")
@@ -229,52 +236,35 @@ class TextTowerConfig:
             _check(self.vocab_size >= 64, "text.vocab_size", "must be >= 64")
 
 
+ENCODER_CHOICES = ("pool", "global_mlp", "local_heads")  # the EncoderConfig fields an objective sets
+
+
 @dataclass
 class EncoderConfig:
+    """The dual encoder (``encoders.dual_encoder``). ``pool``, ``global_mlp`` and ``local_heads`` left
+    null are set by the stage-one objective (its paper's choice, see ``encoders.config``); a
+    ``DualEncoder`` needs all three set."""
+
     vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 128  # width of the global and local projections
     # Global embeddings. "cls": the vision tower's pooled output (CLIP: post-LayerNorm CLS; SigLIP:
     # its attention-pooling head) and the text's last real token (CLIP's EOS pooling); "mean":
     # average of the patch tokens / of the non-padding text tokens (SPARC: no CLS).
-    pool: str = "cls"
-    global_mlp: bool = False  # one non-linear layer (Linear+GELU) before the image global projection (SPARC)
-    # Separate per-patch / per-token linear adapters (SPARC's local projections). False: the global
-    # heads are applied per token, so patch_emb / token_emb still live in the shared space.
-    local_heads: bool = False
+    pool: Optional[str] = None
+    global_mlp: Optional[bool] = None  # one non-linear layer (Linear+GELU) before the image global projection
+    # Separate per-patch / per-token linear adapters. False: the global heads are applied per token,
+    # so patch_emb / token_emb still live in the shared space.
+    local_heads: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        _one_of(self.pool, "model.pool", ("cls", "mean"))
+        if self.pool is not None:
+            _one_of(self.pool, "model.pool", ("cls", "mean"))
         _check(self.embed_dim > 0, "model.embed_dim", "must be > 0")
 
-
-@dataclass
-class ObjectiveConfig:
-    """Stage-one objective. See ../shared/METHODS.md for every term."""
-
-    name: str = "sparc"  # clip | siglip | sparc | flair
-    init_temperature: float = 0.07  # CLIP/SPARC tau at init (logit scale = 1/tau)
-    max_logit_scale: float = 100.0
-    lambda_global: float = 0.5  # SPARC
-    lambda_fine: float = 1.0  # SPARC
-    sparsity_threshold: Optional[float] = None  # SPARC sigma; None = 1/P
-    siglip_init_log_scale: float = 2.302585092994046  # log(10)
-    siglip_init_bias: float = -10.0
-    flair_num_subcaptions: int = 8  # K
-    flair_max_merge: int = 3  # sentences merged per sub-caption
-    flair_num_heads: int = 8
-    flair_init_scale: float = 14.285714285714286  # 1/0.07
-    flair_init_bias: float = -10.0
-    gather_with_grad: bool = True  # distributed CLIP/SigLIP/FLAIR global terms
-
-    def __post_init__(self) -> None:
-        _one_of(self.name, "objective.name", OBJECTIVE_NAMES)
-        _check(0 < self.init_temperature < 10, "objective.init_temperature", "must be in (0, 10)")
-        _check(self.lambda_global >= 0 and self.lambda_fine >= 0, "objective.lambda_*", "must be >= 0")
-        if self.sparsity_threshold is not None:
-            _check(0 <= self.sparsity_threshold <= 1, "objective.sparsity_threshold", "must be in [0, 1]")
-        _check(self.flair_num_subcaptions >= 1, "objective.flair_num_subcaptions", "must be >= 1")
-        _positive(self, "objective", "max_logit_scale", "flair_max_merge", "flair_num_heads", "flair_init_scale")
+    def unset(self) -> list[str]:
+        """Keys of the objective-dependent choices still null, e.g. ``["model.pool"]``."""
+        return [f"model.{k}" for k in ENCODER_CHOICES if getattr(self, k) is None]
 
 
 @dataclass
@@ -358,18 +348,8 @@ class LMModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Recipes: one per `vlm train ...` subcommand
+# Recipes: one per `vlm train ...` subcommand (stage one's, ``Stage1Config``, is in encoders/config.py)
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Stage1Config:
-    model: EncoderConfig = field(default_factory=EncoderConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    data: ShardDataConfig = field(default_factory=ShardDataConfig)
-    world: WorldConfig = field(default_factory=WorldConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/stage1/sparc"))
 
 
 @dataclass
@@ -482,25 +462,59 @@ class AblateConfig(PipelineConfig):
 # ----------------------------------------------------------------------------------------------
 
 
+CHOOSE_BY_NAME = "choose_by_name"  # dataclass field metadata key, see chosen_by_name
+
+
+def chosen_by_name(choose: Callable[[str], type], default: Callable[[], Any]) -> Any:
+    """A recipe field holding one of several config dataclasses, picked by its ``name`` key.
+
+    ``choose(name) -> dataclass type`` raises ``ConfigError`` for an unknown name; ``default()``
+    builds the field's default. Only fields of a recipe's top level are resolved this way (see
+    the module docstring).
+    """
+    return field(default_factory=default, metadata={CHOOSE_BY_NAME: choose})
+
+
+def _chosen_name(key: str, layers: list[DictConfig], default: str) -> str:
+    """The last ``<key>.name`` the layers set, else ``default``."""
+    for layer in reversed(layers):
+        name = OmegaConf.select(layer, f"{key}.name", default=None)
+        if name is not None:
+            return str(name)
+    return default
+
+
+def _structured_base(cls: type, layers: list[DictConfig]) -> DictConfig:
+    """``cls``'s defaults as a structured config, each chosen-by-name field set to the dataclass
+    its ``name`` (from ``layers``) chooses."""
+    base = OmegaConf.structured(cls)
+    for f in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+        choose = f.metadata.get(CHOOSE_BY_NAME)
+        if choose is not None:
+            name = _chosen_name(f.name, layers, default=str(base[f.name].name))
+            base[f.name] = OmegaConf.structured(choose(name))
+    return base
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: say which file
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys, got a list")
+    return loaded
+
+
 def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> T:
     """Build a ``cls`` from its defaults, then a YAML file, then ``key.sub=value`` overrides.
 
     Raises ``ConfigError`` naming the offending key for unknown keys, wrong types and values that
     fail a dataclass's checks, and names the file for unreadable YAML.
     """
-    base = OmegaConf.structured(cls)
-    layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as e:  # yaml.YAMLError and friends: say which file
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: the top level must be a mapping of config keys, got a list")
-        layers.append(loaded)
+    layers = [] if path is None else [_read_yaml(Path(path))]
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
@@ -510,7 +524,7 @@ def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Opti
         except OmegaConfBaseException as e:
             raise ConfigError(f"bad override: {e}") from e
     try:
-        merged = OmegaConf.merge(base, *layers)
+        merged = OmegaConf.merge(_structured_base(cls, layers), *layers)
         return OmegaConf.to_object(merged)  # runs every dataclass's __post_init__ checks
     except ConfigError:
         raise
@@ -540,7 +554,8 @@ def save_config(cfg: Any, path: str | Path) -> None:
 def config_from_yaml_text(cls: type[T], text: str) -> T:
     """Parse a config saved by ``save_config`` (e.g. beside a checkpoint) back into ``cls``."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(text)))
+        saved = OmegaConf.create(text)
+        return OmegaConf.to_object(OmegaConf.merge(_structured_base(cls, [saved]), saved))
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from e
 

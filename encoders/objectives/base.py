@@ -1,16 +1,53 @@
-"""Pieces shared by the objective modules: learnable scales and precision handling."""
+"""Pieces shared by the objective modules: the config and module bases, learnable scales and
+precision handling.
+
+An objective is one module holding its config dataclass (a subclass of ``ObjectiveConfig`` with its
+paper's defaults, the encoder settings of that paper included) and its ``Objective`` subclass
+(``config_class`` names the dataclass); ``encoders.registry.OBJECTIVES`` lists them by name.
+"""
 
 from __future__ import annotations
 
 import math
 import random
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
 
-from vlm.config import ObjectiveConfig
+from vlm.config import ConfigError
+
+
+def require(cond: bool, key: str, msg: str) -> None:
+    """Raise ``ConfigError("<key>: <msg>")`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Config keys every stage-one objective has (``objective.*``); see ../shared/METHODS.md.
+
+    Each objective's module subclasses it, setting ``name`` to its registry key and the paper's
+    defaults. Class-level, not config keys: ``encoder_defaults``, the paper's ``model.pool`` /
+    ``model.global_mlp`` / ``model.local_heads`` (used where a recipe leaves them null), and
+    ``uses_local_embeddings``, whether the loss reads ``patch_emb`` / ``token_emb`` (separate local
+    heads are only allowed for such an objective: they would never train otherwise).
+    """
+
+    name: str = ""  # registry key; each subclass's default, which must not change
+    max_logit_scale: float = 100.0  # ceiling of the learned logit scale
+    gather_with_grad: bool = True  # distributed global terms: all-gather with gradients
+
+    encoder_defaults: ClassVar[dict[str, Any]] = {"pool": "cls", "global_mlp": False, "local_heads": False}
+    uses_local_embeddings: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        own = type(self).name  # the dataclass default of ``name``
+        require(self.name == own, "objective.name", f"{self.name!r} does not match {type(self).__name__} ({own!r})")
+        require(self.max_logit_scale > 0, "objective.max_logit_scale", f"must be > 0, got {self.max_logit_scale}")
 
 
 class LogScale(nn.Module):
@@ -52,12 +89,22 @@ def no_autocast(device: torch.device) -> Iterator[None]:
 
 
 class Objective(nn.Module):
-    """Base of the stage-one objective modules.
+    """Base of the stage-one objective modules, all built as ``cls(cfg, embed_dim, vision_width)``.
 
-    Subclasses implement ``forward(img: ImageFeatures, txt: TextFeatures, batch: dict) -> dict``
-    of scalar terms with ``"loss"``. ``captions_for`` tells the data pipeline which texts a
-    sample needs; the default is the caption alone.
+    Subclasses set ``config_class`` and implement ``forward(img: ImageFeatures, txt: TextFeatures,
+    batch: dict) -> dict`` of scalar terms with ``"loss"``. ``captions_for`` tells the data pipeline
+    which texts a sample needs; the default is the caption alone.
     """
+
+    config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
+
+    def __init__(self, cfg: ObjectiveConfig, embed_dim: int, vision_width: int) -> None:
+        """cfg: this objective's config; embed_dim: width d of the shared embedding space;
+        vision_width: width w of the vision tower's patch tokens (used by FLAIR's pooling)."""
+        super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.cfg = cfg
 
     @classmethod
     def captions_for(cls, cfg: ObjectiveConfig, caption: str, long_caption: Optional[str] = None,

@@ -5,15 +5,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Union
 
 import torch
 import torch.nn.functional as F
 
 from encoders.features import ImageFeatures, TextFeatures
-from encoders.objectives.base import LogScale, Objective, check_global_pair, full_precision, no_autocast
+from encoders.objectives.base import (LogScale, Objective, ObjectiveConfig, check_global_pair, full_precision,
+                                      no_autocast, require)
 from encoders.objectives.gather import gather_features, local_offset
-from vlm.config import ObjectiveConfig
+
+
+@dataclass
+class ClipConfig(ObjectiveConfig):
+    """``objective.*`` of CLIP. Encoder as the paper: CLS / EOS pooling, linear projections, no local
+    heads (the inherited ``encoder_defaults``)."""
+
+    name: str = "clip"
+    init_temperature: float = 0.07  # tau at init (logit scale = 1/tau)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0 < self.init_temperature < 10, "objective.init_temperature", "must be in (0, 10)")
 
 
 def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
@@ -48,9 +62,10 @@ class ClipObjective(Objective):
     ``txt.global_emb`` [B, d].
     """
 
-    def __init__(self, cfg: ObjectiveConfig, embed_dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
+    config_class = ClipConfig
+
+    def __init__(self, cfg: ClipConfig, embed_dim: int, vision_width: int) -> None:
+        super().__init__(cfg, embed_dim, vision_width)
         self.logit_scale = LogScale(1.0 / cfg.init_temperature, cfg.max_logit_scale)
 
     def forward(self, img: ImageFeatures, txt: TextFeatures, batch: dict) -> dict:

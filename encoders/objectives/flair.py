@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -28,11 +29,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.features import ImageFeatures, TextFeatures
-from encoders.objectives.base import LogScale, Objective, full_precision, no_autocast
+from encoders.objectives.base import LogScale, Objective, ObjectiveConfig, full_precision, no_autocast, require
 from encoders.objectives.gather import gather_features, local_offset
-from vlm.config import ObjectiveConfig
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass
+class FlairConfig(ObjectiveConfig):
+    """``objective.*`` of FLAIR. Encoder as the reference: CLS / EOS global embeddings, linear
+    projections, no local heads (the pooling reads the tower's patch tokens; inherited
+    ``encoder_defaults``)."""
+
+    name: str = "flair"
+    num_subcaptions: int = 8  # K per image
+    max_merge: int = 3  # sentences merged per sub-caption
+    num_heads: int = 8  # of the text-conditioned pooling
+    init_scale: float = 14.285714285714286  # t at init: 1/0.07
+    init_bias: float = -10.0  # b at init
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.num_subcaptions >= 1, "objective.num_subcaptions", "must be >= 1")
+        for key in ("max_merge", "num_heads", "init_scale"):
+            require(getattr(self, key) > 0, f"objective.{key}", f"must be > 0, got {getattr(self, key)}")
 
 
 def split_sentences(text: str) -> list[str]:
@@ -174,27 +194,28 @@ class FlairObjective(Objective):
     ``img.patch_tokens`` [B,P,w].
     """
 
-    def __init__(self, cfg: ObjectiveConfig, embed_dim: int, vision_width: int) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.logit_scale = LogScale(cfg.flair_init_scale, cfg.max_logit_scale)
-        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.flair_init_bias)))
-        self.pooling = TextConditionedPooling(embed_dim, vision_width, cfg.flair_num_heads)
+    config_class = FlairConfig
+
+    def __init__(self, cfg: FlairConfig, embed_dim: int, vision_width: int) -> None:
+        super().__init__(cfg, embed_dim, vision_width)
+        self.logit_scale = LogScale(cfg.init_scale, cfg.max_logit_scale)
+        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_bias)))
+        self.pooling = TextConditionedPooling(embed_dim, vision_width, cfg.num_heads)
 
     @classmethod
-    def captions_for(cls, cfg: ObjectiveConfig, caption: str, long_caption: Optional[str] = None,
+    def captions_for(cls, cfg: FlairConfig, caption: str, long_caption: Optional[str] = None,
                      rng: Optional[random.Random] = None) -> list[str]:
         """``[caption, sub_1, ..., sub_K]``: K sub-captions of ``long_caption`` (else of ``caption``)."""
         if rng is None:
             raise ValueError("FLAIR samples sub-captions: pass a seeded random.Random as rng")
         source = long_caption if long_caption else caption
-        return [caption, *sample_subcaptions(source, cfg.flair_num_subcaptions, cfg.flair_max_merge, rng)]
+        return [caption, *sample_subcaptions(source, cfg.num_subcaptions, cfg.max_merge, rng)]
 
     def forward(self, img: ImageFeatures, txt: TextFeatures, batch: dict) -> dict:
         sub = batch.get("sub_text")
         if not isinstance(sub, TextFeatures):
             raise KeyError('FLAIR needs batch["sub_text"]: TextFeatures of the sub-captions, global_emb [B*K, d]')
-        num_images, num_sub = img.global_emb.shape[0], self.cfg.flair_num_subcaptions
+        num_images, num_sub = img.global_emb.shape[0], self.cfg.num_subcaptions
         if sub.global_emb.shape[0] != num_images * num_sub:
             raise ValueError(f'batch["sub_text"].global_emb has {sub.global_emb.shape[0]} rows, expected '
                              f"B*K = {num_images}*{num_sub}")

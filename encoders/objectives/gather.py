@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_gather
 
 
 def world_info() -> tuple[int, int]:
@@ -32,8 +33,6 @@ def gather_features(x: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
     if world_size == 1:
         return x
     if with_grad:
-        from torch.distributed.nn.functional import all_gather
-
         return torch.cat(all_gather(x), dim=0)
     parts = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.detach().contiguous())

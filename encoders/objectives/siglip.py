@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -13,9 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.features import ImageFeatures, TextFeatures
-from encoders.objectives.base import LogScale, Objective, check_global_pair, full_precision, no_autocast
+from encoders.objectives.base import (LogScale, Objective, ObjectiveConfig, check_global_pair, full_precision,
+                                      no_autocast)
 from encoders.objectives.gather import gather_features, local_offset
-from vlm.config import ObjectiveConfig
+
+
+@dataclass
+class SiglipConfig(ObjectiveConfig):
+    """``objective.*`` of SigLIP. Encoder as the paper: the tower's pooled output (a SigLIP tower's
+    attention-pooling head), linear projections, no local heads (the inherited ``encoder_defaults``)."""
+
+    name: str = "siglip"
+    init_log_scale: float = 2.302585092994046  # t' at init: log(10)
+    init_bias: float = -10.0  # b at init
 
 
 def siglip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
@@ -46,12 +57,13 @@ class SiglipObjective(Objective):
     ``forward(img, txt, batch) -> {"loss", "logit_scale", "logit_bias"}`` on the global embeddings.
     """
 
-    def __init__(self, cfg: ObjectiveConfig, embed_dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
-        init = min(math.exp(cfg.siglip_init_log_scale), cfg.max_logit_scale)
+    config_class = SiglipConfig
+
+    def __init__(self, cfg: SiglipConfig, embed_dim: int, vision_width: int) -> None:
+        super().__init__(cfg, embed_dim, vision_width)
+        init = min(math.exp(cfg.init_log_scale), cfg.max_logit_scale)
         self.logit_scale = LogScale(init, cfg.max_logit_scale)
-        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.siglip_init_bias)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_bias)))
 
     def forward(self, img: ImageFeatures, txt: TextFeatures, batch: dict) -> dict:
         with no_autocast(img.global_emb.device):

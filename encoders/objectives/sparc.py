@@ -8,17 +8,41 @@ vision-side non-linear layer), gathered across ranks; the fine-grained term stay
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from encoders.features import ImageFeatures, TextFeatures
-from encoders.objectives.base import LogScale, Objective, full_precision, no_autocast
+from encoders.objectives.base import LogScale, Objective, ObjectiveConfig, full_precision, no_autocast, require
 from encoders.objectives.clip import clip_loss
-from vlm.config import ObjectiveConfig
 
 MINMAX_EPS = 1e-6
+
+
+@dataclass
+class SparcConfig(ObjectiveConfig):
+    """``objective.*`` of SPARC. Encoder as the paper (section 2): average pooling (no CLS), one
+    non-linear layer before the vision global projection, local adapters shared with the global
+    projections (separate ``model.local_heads`` are an ablation)."""
+
+    name: str = "sparc"
+    init_temperature: float = 0.07  # tau at init, shared by both terms (logit scale = 1/tau)
+    lambda_global: float = 0.5
+    lambda_fine: float = 1.0
+    sparsity_threshold: Optional[float] = None  # sigma; None = 1/P
+
+    encoder_defaults: ClassVar[dict[str, Any]] = {"pool": "mean", "global_mlp": True, "local_heads": False}
+    uses_local_embeddings: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0 < self.init_temperature < 10, "objective.init_temperature", "must be in (0, 10)")
+        require(self.lambda_global >= 0, "objective.lambda_global", "must be >= 0")
+        require(self.lambda_fine >= 0, "objective.lambda_fine", "must be >= 0")
+        if self.sparsity_threshold is not None:
+            require(0 <= self.sparsity_threshold <= 1, "objective.sparsity_threshold", "must be in [0, 1]")
 
 
 def _check_local(patch_emb: torch.Tensor, token_emb: torch.Tensor, token_mask: torch.Tensor) -> None:
@@ -115,9 +139,10 @@ class SparcObjective(Objective):
     global embeddings, ``img.patch_emb`` [B,P,d], ``txt.token_emb`` [B,L,d], ``txt.token_mask``.
     """
 
-    def __init__(self, cfg: ObjectiveConfig, embed_dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
+    config_class = SparcConfig
+
+    def __init__(self, cfg: SparcConfig, embed_dim: int, vision_width: int) -> None:
+        super().__init__(cfg, embed_dim, vision_width)
         self.logit_scale = LogScale(1.0 / cfg.init_temperature, cfg.max_logit_scale)
 
     def forward(self, img: ImageFeatures, txt: TextFeatures, batch: dict) -> dict:

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from encoders.features import ImageFeatures, TextFeatures
-from encoders.objectives.clip import ClipObjective, clip_loss
-from vlm.config import ObjectiveConfig
+from encoders.objectives.clip import ClipConfig, ClipObjective, clip_loss
 
 
 def open_clip_loss_module():
@@ -64,8 +63,8 @@ def test_clip_equals_open_clip():
 
 
 def test_clip_objective_scale_and_terms():
-    cfg = ObjectiveConfig(name="clip", init_temperature=0.05, max_logit_scale=30.0)
-    obj = ClipObjective(cfg, embed_dim=8)
+    cfg = ClipConfig(init_temperature=0.05, max_logit_scale=30.0)
+    obj = ClipObjective(cfg, embed_dim=8, vision_width=5)
     b, d = 4, 8
     img = ImageFeatures(torch.randn(b, d, requires_grad=True), torch.randn(b, 3, d), torch.randn(b, 3, 5))
     txt = TextFeatures(torch.randn(b, d, requires_grad=True), torch.randn(b, 2, d), torch.ones(b, 2, dtype=torch.bool))

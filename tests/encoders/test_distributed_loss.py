@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from encoders.features import ImageFeatures, TextFeatures
-from encoders.registry import build_objective
-from vlm.config import ObjectiveConfig
+from encoders.objectives.clip import ClipConfig
+from encoders.registry import build_objective, objective_config_class
 
 WORLD, B, K, P, L, D, W = 2, 3, 2, 5, 4, 8, 6
 NAMES = ("clip", "siglip", "sparc", "flair")
@@ -37,7 +37,7 @@ def run_objectives(data, rows):
     results = {}
     for name in NAMES:
         torch.manual_seed(0)  # identical parameters on every rank
-        cfg = ObjectiveConfig(name=name, flair_num_subcaptions=K, flair_num_heads=2)
+        cfg = objective_config_class(name)(**({"num_subcaptions": K, "num_heads": 2} if name == "flair" else {}))
         obj = build_objective(cfg, embed_dim=D, vision_width=W).double()
         leaf = {k: data[k][lo:hi].clone().requires_grad_(True)
                 for k in ("img_global", "patch_emb", "patch_tokens", "txt_global", "token_emb")}
@@ -56,7 +56,7 @@ def run_objectives(data, rows):
         for pname, p in obj.named_parameters():
             results[f"{name}/param/{pname}"] = p.grad.detach().clone()
     # gather_with_grad=False gathers without gradient: same loss value (its gradients differ)
-    obj = build_objective(ObjectiveConfig(name="clip", gather_with_grad=False), embed_dim=D).double()
+    obj = build_objective(ClipConfig(gather_with_grad=False), embed_dim=D, vision_width=W).double()
     img = ImageFeatures(data["img_global"][lo:hi], data["patch_emb"][lo:hi], data["patch_tokens"][lo:hi])
     txt = TextFeatures(data["txt_global"][lo:hi], data["token_emb"][lo:hi], data["token_mask"][lo:hi])
     results["clip_nograd/loss"] = obj(img, txt, {})["loss"].detach()

@@ -6,8 +6,9 @@ import torch
 from transformers import CLIPVisionModel, SiglipVisionModel
 
 from encoders.dual_encoder import DualEncoder
+from encoders.registry import objective_config_class
 from encoders.stage1_model import Stage1Model
-from vlm.config import EncoderConfig, ObjectiveConfig, TextTowerConfig, VisionTowerConfig
+from vlm.config import ConfigError, EncoderConfig, TextTowerConfig, VisionTowerConfig
 from vlm.data.tokenizer import train_bpe_tokenizer
 
 CORPUS = ["a small red circle left of a large blue square.", "two green triangles.",
@@ -19,13 +20,30 @@ def tokenizer():
     return train_bpe_tokenizer(CORPUS, vocab_size=300, add_eos=True)
 
 
+def small_config(arch="clip", **kw) -> EncoderConfig:
+    return EncoderConfig(vision=VisionTowerConfig(arch=arch, image_size=32, patch_size=8, hidden_size=32,
+                                                  num_layers=1, num_heads=2, mlp_ratio=2),
+                         text=TextTowerConfig(hidden_size=24, num_layers=1, num_heads=2, max_len=16),
+                         embed_dim=16, **kw)
+
+
 def make_encoder(tokenizer, arch="clip", **kw) -> DualEncoder:
     torch.manual_seed(0)
-    cfg = EncoderConfig(vision=VisionTowerConfig(arch=arch, image_size=32, patch_size=8, hidden_size=32,
-                                                 num_layers=1, num_heads=2, mlp_ratio=2),
-                        text=TextTowerConfig(hidden_size=24, num_layers=1, num_heads=2, max_len=16),
-                        embed_dim=16, **kw)
-    return DualEncoder(cfg, tokenizer).eval()
+    choices = {"pool": "cls", "global_mlp": False, "local_heads": False, **kw}
+    return DualEncoder(small_config(arch, **choices), tokenizer).eval()
+
+
+def test_encoder_needs_the_objective_dependent_choices(tokenizer):
+    with pytest.raises(ConfigError, match="model.pool, model.global_mlp"):
+        DualEncoder(small_config(local_heads=False), tokenizer)
+
+
+def test_saved_encoder_yaml_holds_the_resolved_choices(tmp_path, tokenizer):
+    enc = make_encoder(tokenizer, pool="mean", global_mlp=True, local_heads=False)
+    enc.save_pretrained(tmp_path / "enc")
+    again = DualEncoder.from_pretrained(tmp_path / "enc")
+    assert (again.cfg.pool, again.cfg.global_mlp, again.cfg.local_heads) == ("mean", True, False)
+    assert again.cfg == enc.cfg
 
 
 @pytest.mark.parametrize("arch,pool,mlp,local", [("clip", "cls", False, False), ("clip", "mean", True, True),
@@ -109,7 +127,7 @@ def test_save_load_round_trip_and_stock_vision(tmp_path, tokenizer, arch, stock)
 def test_stage1_model_forward_backward_and_save(tmp_path, tokenizer, name):
     enc = make_encoder(tokenizer, pool="mean" if name == "sparc" else "cls", global_mlp=name == "sparc",
                        local_heads=name == "sparc")
-    ocfg = ObjectiveConfig(name=name, flair_num_subcaptions=2, flair_num_heads=2)
+    ocfg = objective_config_class(name)(**({"num_subcaptions": 2, "num_heads": 2} if name == "flair" else {}))
     model = Stage1Model.build(enc, ocfg).train()
     ids, mask = enc.tokenize(["a red circle.", "two green stars.", "a blue square"])
     batch = {"pixel_values": torch.randn(3, 3, 32, 32), "input_ids": ids, "attention_mask": mask}

@@ -9,9 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from encoders.features import ImageFeatures, TextFeatures
-from encoders.objectives.flair import (FlairObjective, TextConditionedPooling, flair_loss, flair_mps_loss,
+from encoders.objectives.flair import (FlairConfig, FlairObjective, TextConditionedPooling, flair_loss, flair_mps_loss,
                                        flair_tcs_loss, sample_subcaptions, split_sentences)
-from vlm.config import ObjectiveConfig
 
 
 def log_sigmoid(x):
@@ -127,7 +126,7 @@ def test_mps_loop(b, k, t, bias):
 
 
 def test_flair_total_and_objective():
-    cfg = ObjectiveConfig(name="flair", flair_num_subcaptions=2, flair_num_heads=2)
+    cfg = FlairConfig(num_subcaptions=2, num_heads=2)
     img_g, patches, sub, neg = case(7)
     out = flair_loss(img_g, patches, sub, make_pool(), 8.0, -3.0, neg_index=neg)
     assert out["loss"].item() == pytest.approx((out["loss_tcs"].item() + out["loss_mps"].item()) / 2, rel=1e-12)
@@ -192,7 +191,7 @@ def test_subcaptions_bad_input_and_captions_for():
         sample_subcaptions("   ", 2, 3, random.Random(0))
     with pytest.raises(ValueError):
         sample_subcaptions(LONG, 0, 3, random.Random(0))
-    cfg = ObjectiveConfig(name="flair", flair_num_subcaptions=4, flair_max_merge=2)
+    cfg = FlairConfig(num_subcaptions=4, max_merge=2)
     texts = FlairObjective.captions_for(cfg, "a red circle", LONG, random.Random(3))
     assert texts[0] == "a red circle" and len(texts) == 5
     assert texts[1:] == sample_subcaptions(LONG, 4, 2, random.Random(3))

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from encoders.features import ImageFeatures, TextFeatures
-from encoders.objectives.siglip import SiglipObjective, siglip_loss
-from vlm.config import ObjectiveConfig
+from encoders.objectives.siglip import SiglipConfig, SiglipObjective, siglip_loss
 
 
 def open_clip_loss_module():
@@ -69,7 +68,7 @@ def test_siglip_equals_open_clip():
 
 
 def test_siglip_objective_init_and_grads():
-    obj = SiglipObjective(ObjectiveConfig(name="siglip"), embed_dim=4)
+    obj = SiglipObjective(SiglipConfig(), embed_dim=4, vision_width=4)
     b, d = 3, 4
     img = ImageFeatures(torch.randn(b, d), torch.randn(b, 2, d), torch.randn(b, 2, 3))
     txt = TextFeatures(torch.randn(b, d), torch.randn(b, 2, d), torch.ones(b, 2, dtype=torch.bool))

@@ -6,10 +6,9 @@ import torch
 
 from encoders.features import ImageFeatures, TextFeatures
 from encoders.objectives.clip import clip_loss
-from encoders.objectives.sparc import (MINMAX_EPS, SparcObjective, sparc_alignment_weights,
+from encoders.objectives.sparc import (MINMAX_EPS, SparcConfig, SparcObjective, sparc_alignment_weights,
                                        sparc_fine_grained_loss, sparc_grouped_embeddings, sparc_loss,
                                        sparc_similarity)
-from vlm.config import ObjectiveConfig
 
 
 def dot(a, b):
@@ -193,8 +192,8 @@ def test_sparc_total_and_objective():
     assert out["loss_fine"].item() == pytest.approx(fine, rel=1e-9)
     assert out["loss"].item() == pytest.approx(0.5 * glob + 2.0 * fine, rel=1e-9)
 
-    cfg = ObjectiveConfig(name="sparc", init_temperature=0.05, lambda_global=0.5, lambda_fine=2.0)
-    obj = SparcObjective(cfg, embed_dim=4).double()
+    cfg = SparcConfig(init_temperature=0.05, lambda_global=0.5, lambda_fine=2.0)
+    obj = SparcObjective(cfg, embed_dim=4, vision_width=7).double()
     img = ImageFeatures(img_g, patch, torch.randn(3, 6, 7, dtype=torch.float64))
     txt = TextFeatures(txt_g, token, mask)
     terms = obj(img, txt, {})

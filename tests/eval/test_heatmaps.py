@@ -25,7 +25,7 @@ def make_encoder(local_heads: bool) -> DualEncoder:
     cfg = EncoderConfig(vision=VisionTowerConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1,
                                                  num_heads=2, mlp_ratio=2),
                         text=TextTowerConfig(hidden_size=32, num_layers=1, num_heads=2, max_len=24),
-                        embed_dim=16, local_heads=local_heads)
+                        embed_dim=16, pool="cls", global_mlp=False, local_heads=local_heads)
     return DualEncoder(cfg, tok).eval()
 
 

@@ -19,7 +19,8 @@ from encoders.stage1_model import Stage1Model
 from training import stage1
 from training.data import ShardBatches
 from vlm.cli import main
-from vlm.config import Stage1Config, load_config, save_config
+from encoders.config import Stage1Config
+from vlm.config import load_config, save_config
 from vlm.data.shards import ShardStream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +80,7 @@ def tiny_cfg(shards: str, out_dir: Path, objective: str = "clip", steps: int = 6
         "model.text.vocab_size=300", "model.text.hidden_size=32", "model.text.num_layers=2",
         "model.text.num_heads=2", "model.text.max_len=32", "model.embed_dim=32",
         f"model.pool={'mean' if sparc else 'cls'}", f"model.global_mlp={sparc}", f"model.local_heads={sparc}",
-        f"objective.name={objective}", "objective.flair_num_subcaptions=2", "objective.flair_num_heads=2",
+        f"objective.name={objective}", "objective.num_subcaptions=2", "objective.num_heads=2",
         f"optim.max_steps={steps}", "optim.warmup_steps=2", "optim.batch_size=8", "optim.lr=2e-3",
         f"run.out_dir={out_dir}", "run.device=cpu", "run.log_every=1", "run.ckpt_every=3",
         "run.progress=false", "run.tensorboard=false",

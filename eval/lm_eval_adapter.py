@@ -135,7 +135,6 @@ class SparcLLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each request (string,) -> total log-likelihood of the string, scored in disjoint
         windows of ``max_length`` tokens (lm-eval's ``get_rolling_token_windows``)."""
-
         results = []
         for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="rolling"):
             windows = [((None, None),) + tuple(utils.make_disjoint_window(w)) for w in utils.get_rolling_token_windows(

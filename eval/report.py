@@ -8,6 +8,7 @@ so a score can be traced to the outputs it came from), ``summary.json`` (the num
     markdown_table(header, rows, digits)       one GitHub table (cells through ``fmt``)
     metrics_table(first, rows, preferred)      name x metric table of flattened summaries
     write_json / write_jsonl / write_text      atomic writes (a killed run leaves no half file)
+    cached_json(path, fn, ...)                 a summary saved by an earlier run, or fn's, saved
     write_summary(folder, summary, markdown)   summary.json + summary.md
     plot_training_curves, subplot_grid, save_figure   PNG figures (matplotlib, Agg backend)
 """
@@ -35,10 +36,12 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def markdown_table(header: list[str], rows: Iterable[Iterable[Any]], digits: int = 4) -> str:
-    """A GitHub Markdown table: ``header`` (n column names) and rows of n cells each -> text."""
+def markdown_table(header: list[str], rows: Iterable[Iterable[Any]], digits: int = 4, align: str = "") -> str:
+    """A GitHub Markdown table: ``header`` (n column names) and rows of n cells each -> text.
+    ``align``: one letter per column, "r" right-aligns it (default: all left)."""
     header = [str(h) for h in header]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rules = ["---:" if a == "r" else "---" for a in align.ljust(len(header), "l")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "".join(f"{r}|" for r in rules)]
     for row in rows:
         cells = [fmt(c, digits).replace("|", "\\|") for c in row]
         if len(cells) != len(header):
@@ -135,6 +138,17 @@ def write_json(path: str | Path, obj: Any, indent: int = 2, strict: bool = True,
 def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> Path:
     """Write one strict JSON object per line (NaN -> null); parents created. Returns the path."""
     return write_text(path, "".join(json_text(rec, indent=None) + "\n" for rec in records))
+
+
+def cached_json(path: str | Path, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """The JSON already saved at ``path`` by an earlier run, else ``fn(*args, **kwargs)`` saved there
+    (as ``json.dumps`` writes it: NaN kept, other objects as str, no final newline)."""
+    path = Path(path)
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = fn(*args, **kwargs)
+    write_json(path, result, strict=False, newline=False)
+    return result
 
 
 def write_summary(folder: str | Path, summary: Mapping[str, Any], markdown: str, indent: int = 2,

@@ -138,10 +138,18 @@ def score_captions(references: dict[Any, list[str]], predictions: dict[Any, str]
             for k, v in zip(gts_t.keys(), each):
                 per_image[k][name] = float(v)
 
+    _add_spice(summary, per_image, gts_t, res_t, spice)
+    summary["n_images"] = len(ids)
+    return summary, per_image
+
+
+def _add_spice(summary: dict[str, Any], per_image: dict[Any, dict[str, float]], gts: dict, res: dict,
+               spice: bool) -> None:
+    """SPICE into ``summary`` and ``per_image`` when it can run, else "unavailable" with the reason."""
     available, reason = spice_status() if spice else (False, "disabled")
     if available:
         try:
-            spice_score, spice_each = _run_spice(gts_t, res_t)
+            spice_score, spice_each = _run_spice(gts, res)
         except Exception as e:  # e.g. its LMDB cache or CoreNLP failing on this JVM: report, never fake
             available, reason = False, f"SPICE failed: {type(e).__name__}: {e}"
     if available:
@@ -151,8 +159,6 @@ def score_captions(references: dict[Any, list[str]], predictions: dict[Any, str]
     else:
         summary["SPICE"] = "unavailable"
         summary["SPICE_reason"] = reason
-    summary["n_images"] = len(ids)
-    return summary, per_image
 
 
 def _run_spice(gts: dict, res: dict) -> tuple[float, dict[Any, float]]:

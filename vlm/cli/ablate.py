@@ -11,15 +11,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from eval.encoder import REPORT_COLUMNS as ENCODER_COLUMNS
 from eval.encoder import run as run_encoder_eval
 from eval.harness import run_vlm_eval
 from eval.report import cached_json, metrics_table, write_json, write_text
 from eval.tasks import VLM_REPORT_COLUMNS
+from vlm.cli.demo import start_run
 from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, mean_ci, run_stage, timed
-from vlm.config import AblateConfig, load_config, save_config
+from vlm.config import AblateConfig, load_config
 from vlm.world.export import ensure_world
 
 
@@ -99,12 +98,7 @@ def run_ablation(config_path: str, overrides: list[str] | None = None) -> Path:
     """Train and evaluate every cell of the grid; write ``out_dir/report.md`` and ``results.json``."""
     cfg = load_config(AblateConfig, config_path, list(overrides or []))
     stages, cells = plan(cfg)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "ablate.yaml")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    timings = Timings(out / "timings.json")
+    out, timings = start_run(cfg, "ablate.yaml")
     world_dir = out / "world"
     timed("world", timings, ensure_world, world_dir, cfg.world)
     run_stage(stages["lm"], timings)

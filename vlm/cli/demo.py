@@ -18,7 +18,7 @@ from eval.harness import run_vlm_eval
 from eval.report import cached_json, markdown_table, metrics_table, plot_training_curves, write_text
 from eval.tasks import VLM_REPORT_COLUMNS
 from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, run_stage, timed
-from vlm.config import DemoConfig, load_config, save_config
+from vlm.config import DemoConfig, PipelineConfig, load_config, save_config
 from vlm.world.export import ensure_world
 
 
@@ -41,16 +41,22 @@ def plan(cfg: DemoConfig) -> dict[str, Stage]:
     return stages
 
 
+def start_run(cfg: PipelineConfig, config_name: str) -> tuple[Path, Timings]:
+    """Create ``cfg.out_dir``, save ``cfg`` there as ``config_name``, apply ``cfg.threads`` -> (out dir,
+    the run's Timings)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / config_name)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return out, Timings(out / "timings.json")
+
+
 def run_demo(out: str | Path, config_path: str | None = None, overrides: list[str] | None = None) -> Path:
     """Run the whole pipeline into ``out`` and return the path of ``out/report.md``."""
     cfg = load_config(DemoConfig, config_path, [f"out_dir={out}", *(overrides or [])])
     stages = plan(cfg)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "demo.yaml")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    timings = Timings(out / "timings.json")
+    out, timings = start_run(cfg, "demo.yaml")
     t_start = time.perf_counter()
 
     world_dir = out / "world"

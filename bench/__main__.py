@@ -9,7 +9,10 @@ import argparse
 import json
 from pathlib import Path
 
+from bench import stage1, stage2, world
 from bench.common import Row, format_table
+
+BENCHES = {"world": world.run, "stage1": stage1.run, "stage2": stage2.run}  # name -> run() -> rows
 
 
 def demo_rows(demo_dir: Path) -> list[Row]:
@@ -24,24 +27,16 @@ def demo_rows(demo_dir: Path) -> list[Row]:
 
 
 def main() -> None:
+    """Parse the command line, run the selected benchmarks and print one table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", default="runs/demo", help="a demo output dir to read timings from")
     parser.add_argument("--only", default="world,stage1,stage2,demo", help="comma list of world, stage1, stage2, demo")
     args = parser.parse_args()
     only = set(args.only.split(","))
     rows: list[Row] = []
-    if "world" in only:
-        from bench import world
-
-        rows += world.run()
-    if "stage1" in only:
-        from bench import stage1
-
-        rows += stage1.run()
-    if "stage2" in only:
-        from bench import stage2
-
-        rows += stage2.run()
+    for name, run in BENCHES.items():
+        if name in only:
+            rows += run()
     if "demo" in only:
         rows += demo_rows(Path(args.demo))
     print(format_table(rows, "sparc-vlm benchmarks"))

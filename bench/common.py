@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from eval.report import markdown_table
+
 
 @dataclass
 class Row:
@@ -20,13 +22,11 @@ class Row:
 
 
 def format_table(rows: list[Row], title: str = "") -> str:
-    """An aligned Markdown table of ``rows``."""
-    lines = [f"### {title}", ""] if title else []
-    lines += ["| measurement | value | target |", "|---|---:|---|"]
-    for r in rows:
-        value = f"{r.value:.3f}" if abs(r.value) < 1000 else f"{r.value:,.0f}"
-        lines.append(f"| {r.name} | {value} {r.unit} | {r.target} |")
-    return "\n".join(lines)
+    """A Markdown table of ``rows`` (values right-aligned, with their units), under a "### title"."""
+    heading = f"### {title}\n\n" if title else ""
+    cells = [[r.name, (f"{r.value:.3f}" if abs(r.value) < 1000 else f"{r.value:,.0f}") + f" {r.unit}", r.target]
+             for r in rows]
+    return heading + markdown_table(["measurement", "value", "target"], cells, align="lrl")
 
 
 def sync(device: torch.device) -> None:

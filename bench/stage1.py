@@ -111,6 +111,7 @@ def make_batch(tokenizer, cfg: Stage1Config, batch_size: int, seed: int = 0) -> 
 
 
 def build(cfg: Stage1Config, tokenizer, device: torch.device) -> Stage1Model:
+    """The recipe's Stage1Model (weights from seed 0) on ``device``."""
     torch.manual_seed(0)
     return Stage1Model.build(DualEncoder(cfg.model, tokenizer), cfg.objective).to(device)
 
@@ -263,6 +264,7 @@ def run(preset: str = "tiny", device: str = "auto", warmup: int = 3, iters: int 
 
 
 def main() -> None:
+    """``python -m bench.stage1``: parse the command line and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=("tiny", "vitb16"), default="tiny")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

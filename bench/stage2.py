@@ -24,18 +24,20 @@ import torch
 
 from bench.common import Row, format_table, median_time
 from encoders.config import Stage1Config
+from encoders.towers import build_vision_tower, default_transform
+from training.lm import build_lm
 from vlm.config import LMConfig, Stage2Config, load_config
+from vlm.data.prompts import IMAGE_TOKEN
+from vlm.data.tokenizer import train_bpe_tokenizer
+from vlm.model.vision_language_model import VisionLanguageModel
+from vlm.world.generator import generate_sample, world_corpus
+from vlm.world.text import llava_conversations
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def stand_ins(directory: Path, world_cfg) -> tuple[Path, Path]:
     """Random tower and LLM of the tiny recipes' sizes, saved under ``directory``: (tower, llm)."""
-    from encoders.towers import build_vision_tower, default_transform
-    from training.lm import IMAGE_TOKEN, build_lm
-    from vlm.data.tokenizer import train_bpe_tokenizer
-    from vlm.world.generator import world_corpus
-
     s1 = load_config(Stage1Config, ROOT / "configs/stage1/sparc_tiny.yaml")
     lm_cfg = load_config(LMConfig, ROOT / "configs/lm/tiny_world.yaml")
     torch.manual_seed(0)
@@ -52,9 +54,6 @@ def stand_ins(directory: Path, world_cfg) -> tuple[Path, Path]:
 
 def world_batch(model, world_cfg, n: int) -> tuple[list, list[list[tuple[str, str]]]]:
     """n world images and one LLaVA conversation each."""
-    from vlm.world.generator import generate_sample
-    from vlm.world.text import llava_conversations
-
     images, convs = [], []
     for i in range(n):
         sample = generate_sample(i, world_cfg.seed, world_cfg)
@@ -66,8 +65,6 @@ def world_batch(model, world_cfg, n: int) -> tuple[list, list[list[tuple[str, st
 def run(device: str = "auto", warmup: int = 2, iters: int = 5, gen_batch: int = 8, new_tokens: int = 32,
         tower: str = "", llm: str = "") -> list[Row]:
     """Measure both bridges; returns the rows."""
-    from vlm.model.vision_language_model import VisionLanguageModel
-
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     rows: list[Row] = []

@@ -27,6 +27,7 @@ def run(n: int = 2000) -> list[Row]:
 
 
 def main() -> None:
+    """``python -m bench.world``: parse the command line and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000)
     print(format_table(run(parser.parse_args().n), "world generation"))

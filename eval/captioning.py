@@ -7,27 +7,38 @@ CoreNLP 3.6.0 jars, which pycocoevalcap downloads on first use; offline they are
 so SPICE is reported as ``"unavailable"`` (with the reason) and never approximated.
 
 ``run(model, data, out_dir)`` captions every image with ``vlm.data.prompts.CAPTION_PROMPT`` (greedy)
-and writes ``out_dir/caption/{predictions.jsonl, summary.json, summary.md}``.
+and writes ``out_dir/caption/{predictions.jsonl, summary.json, summary.md}``; ``load(src, limit)``
+reads the COCO captions file and checks the images it will caption.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import math
 import shutil
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Optional
 
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.spice.spice import Spice
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from tqdm.auto import tqdm
 
-from eval.io import batched, pixel_batch
+from eval.io import RunOptions, batched, pixel_batch
 from eval.report import write_task_outputs
+from eval.sources import EvalSources, check_images, first
+from vlm.data.formats import CocoCaptions, read_coco_captions
 from vlm.data.prompts import CAPTION_PROMPT
 
 TASK = "caption"
 METRICS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
+HEADLINE = ["BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"]  # the harness's combined summary.md
+REPORT_COLUMNS = ["CIDEr", "BLEU_4", "METEOR", "ROUGE_L"]  # the demo / ablation tables
+MAX_NEW_TOKENS = 48
 
 
 @dataclass
@@ -37,6 +48,31 @@ class CaptionData:
 
     images: dict[int, Path]
     references: dict[int, list[str]]
+
+
+def read_captioned_images(src: EvalSources) -> tuple[CocoCaptions, dict[int, Path]]:
+    """The layout's COCO captions file and image_id -> image path (every image of the file)."""
+    caps = read_coco_captions(src.file("captions"))
+    root = src.folder("images")
+    return caps, {i: root / f for i, f in caps.images.items()}
+
+
+def select_images(images: dict[int, Path], limit: Optional[int], task: str) -> list[int]:
+    """The first ``limit`` image ids (sorted); FileNotFoundError when any of their files is missing."""
+    ids = first(sorted(images), limit)
+    check_images([images[i] for i in ids], task)
+    return ids
+
+
+def load(src: EvalSources, limit: Optional[int] = None) -> CaptionData:
+    """Read and check the captioning files (``captions``, ``images``) -> ``CaptionData`` of the first
+    ``limit`` images; every image needs at least one reference caption."""
+    caps, images = read_captioned_images(src)
+    empty = [i for i, c in caps.captions.items() if not c]
+    if empty:
+        raise ValueError(f"{src.paths['captions']}: images without reference captions, e.g. ids {empty[:5]}")
+    ids = select_images(images, limit, TASK)
+    return CaptionData({i: images[i] for i in ids}, {i: caps.captions[i] for i in ids})
 
 
 def _pycocoevalcap_dir() -> Path:
@@ -69,11 +105,6 @@ def score_captions(references: dict[Any, list[str]], predictions: dict[Any, str]
     ``SPICE_reason``) and ``n_images``; per_image maps image_id -> the per-image scores.
     Empty predictions are scored as empty (every n-gram metric gives them 0).
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     if set(references) != set(predictions):
         missing = sorted(map(str, set(references) ^ set(predictions)))[:5]
         raise ValueError(f"references and predictions must have the same image ids; differing: {missing}")
@@ -107,10 +138,18 @@ def score_captions(references: dict[Any, list[str]], predictions: dict[Any, str]
             for k, v in zip(gts_t.keys(), each):
                 per_image[k][name] = float(v)
 
+    _add_spice(summary, per_image, gts_t, res_t, spice)
+    summary["n_images"] = len(ids)
+    return summary, per_image
+
+
+def _add_spice(summary: dict[str, Any], per_image: dict[Any, dict[str, float]], gts: dict, res: dict,
+               spice: bool) -> None:
+    """SPICE into ``summary`` and ``per_image`` when it can run, else "unavailable" with the reason."""
     available, reason = spice_status() if spice else (False, "disabled")
     if available:
         try:
-            spice_score, spice_each = _run_spice(gts_t, res_t)
+            spice_score, spice_each = _run_spice(gts, res)
         except Exception as e:  # e.g. its LMDB cache or CoreNLP failing on this JVM: report, never fake
             available, reason = False, f"SPICE failed: {type(e).__name__}: {e}"
     if available:
@@ -120,14 +159,10 @@ def score_captions(references: dict[Any, list[str]], predictions: dict[Any, str]
     else:
         summary["SPICE"] = "unavailable"
         summary["SPICE_reason"] = reason
-    summary["n_images"] = len(ids)
-    return summary, per_image
 
 
 def _run_spice(gts: dict, res: dict) -> tuple[float, dict[Any, float]]:
     """pycocoevalcap's SPICE on tokenised captions -> (corpus score, image_id -> F-score)."""
-    from pycocoevalcap.spice.spice import Spice
-
     score, scores = Spice().compute_score(gts, res)
     return float(score), {k: float(s["All"]["f"]) for k, s in zip(sorted(gts.keys()), scores)}
 
@@ -139,8 +174,6 @@ def meteor_scorer():
     """pycocoevalcap's ``Meteor``, started once per process: its JVM loads the paraphrase tables
     (10+ s), so one live process is shared by every call (it is restarted if it has died)."""
     global _METEOR
-    from pycocoevalcap.meteor.meteor import Meteor
-
     if _METEOR is None or _METEOR.meteor_p.poll() is not None:
         _METEOR = Meteor()
     return _METEOR
@@ -151,44 +184,36 @@ def _one_line(text: str) -> str:
 
 
 def run(model, data: CaptionData, out_dir: str | Path, limit: Optional[int] = None, batch_size: int = 16,
-        max_new_tokens: int = 48, prompt: str = CAPTION_PROMPT, progress: bool = True) -> dict[str, Any]:
-    """Caption ``data.images`` with ``model.generate`` (greedy), score against ``data.references``
-    and write ``out_dir/caption/``. Returns the summary (see ``score_captions``)."""
-    return caption_and_score(model, data, out_dir, limit, batch_size, max_new_tokens, prompt, progress)[0]
-
-
-def caption_and_score(model, data: CaptionData, out_dir: str | Path, limit: Optional[int] = None,
-                      batch_size: int = 16, max_new_tokens: int = 48, prompt: str = CAPTION_PROMPT,
-                      progress: bool = True) -> tuple[dict[str, Any], dict[int, str]]:
-    """``run`` that also returns the captions (image_id -> text), so CHAIR can score the same
-    captions without generating twice."""
-    ids = sorted(data.images)[: limit if limit is not None else None]
+        options: Optional[RunOptions] = None) -> dict[str, Any]:
+    """Caption ``data.images`` (the first ``limit``) with ``model.generate`` (greedy, [B,3,H,W] pixels
+    in batches of ``batch_size``), score against ``data.references`` and write ``out_dir/caption/``.
+    The captions are also left in ``options.captions`` for CHAIR. Returns the summary (see
+    ``score_captions``, plus the prompt)."""
+    options = options or RunOptions()
+    ids = first(sorted(data.images), limit)
     if not ids:
         raise ValueError("captioning: no images")
-    captions = generate_captions(model, data.images, ids, batch_size, max_new_tokens, prompt, progress)
+    captions = generate_captions(model, data.images, ids, batch_size, progress=options.progress)
     summary, per_image = score_captions({i: data.references[i] for i in ids}, captions)
-    summary["prompt"] = prompt
-    preds = [{"id": i, "image": str(data.images[i]), "prompt": prompt, "output": captions[i],
+    summary["prompt"] = CAPTION_PROMPT
+    preds = [{"id": i, "image": str(data.images[i]), "prompt": CAPTION_PROMPT, "output": captions[i],
               "references": data.references[i], "scores": per_image[i]} for i in ids]
     write_task_outputs(out_dir, TASK, summary, preds)
-    return summary, captions
+    options.captions.update(captions)
+    return summary
 
 
-def generate_captions(model, images: dict[int, Path], ids: list[int], batch_size: int, max_new_tokens: int,
-                      prompt: str = CAPTION_PROMPT, progress: bool = True, desc: str = TASK) -> dict[int, str]:
-    """image_id -> the model's greedy caption of that image (``model.generate``, batched)."""
+def generate_captions(model, images: dict[int, Path], ids: list[int], batch_size: int,
+                      max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True, desc: str = TASK) -> dict[int, str]:
+    """image_id -> the model's greedy caption of that image (``model.generate`` on [B,3,H,W] batches
+    with ``CAPTION_PROMPT``)."""
     out: dict[int, str] = {}
     with tqdm(total=len(ids), desc=desc, disable=not progress) as bar:
         for chunk in batched(ids, batch_size):
             pixels = pixel_batch(model, [images[i] for i in chunk])
-            texts = model.generate(pixels, [prompt] * len(chunk), max_new_tokens=max_new_tokens)
+            texts = model.generate(pixels, [CAPTION_PROMPT] * len(chunk), max_new_tokens=max_new_tokens)
             if len(texts) != len(chunk):
                 raise RuntimeError(f"model.generate returned {len(texts)} texts for {len(chunk)} prompts")
             out.update(zip(chunk, texts))
             bar.update(len(chunk))
     return out
-
-
-def is_number(x: Any) -> bool:
-    """True for finite real numbers (used by reports to skip "unavailable" cells)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

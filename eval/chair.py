@@ -38,9 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
+from eval.captioning import generate_captions, read_captioned_images, select_images
+from eval.io import RunOptions
 from eval.report import markdown_table, write_task_outputs
+from eval.sources import EvalSources, first
+from vlm.data.formats import read_coco_instances
+from vlm.data.prompts import CAPTION_PROMPT
+from vlm.world.vocab import CHAIR_SYNONYMS
 
 TASK = "chair"
+HEADLINE = ["chair_i", "chair_s", "recall", "mean_length"]  # the harness's combined summary.md
+REPORT_COLUMNS = ["chair_i", "chair_s", "recall"]  # the demo / ablation tables
 
 # The COCO synonym table of the reference implementation (LisaAnne/Hallucination,
 # data/synonyms.txt): one object per line, its COCO category name first, then its synonyms.
@@ -276,8 +284,6 @@ def vocab_from_table(table: Mapping[str, Iterable[str]]) -> ChairVocab:
 
 def world_vocab() -> ChairVocab:
     """The synthetic world's table (``vlm.world.vocab.CHAIR_SYNONYMS``)."""
-    from vlm.world.vocab import CHAIR_SYNONYMS
-
     return vocab_from_table(CHAIR_SYNONYMS)
 
 
@@ -360,22 +366,39 @@ def score(captions: Mapping[int, str], data: ChairData) -> tuple[dict[str, float
     return summary, records
 
 
-def run(model, data: ChairData, out_dir: str | Path, limit: Optional[int] = None, batch_size: int = 16,
-        captions: Optional[Mapping[int, str]] = None, max_new_tokens: int = 48,
-        progress: bool = True) -> dict[str, float]:
-    """Caption the images (or reuse ``captions`` from the captioning task) and score CHAIR.
-    Writes ``out_dir/chair/{predictions.jsonl, summary.json, summary.md}``."""
-    from eval.captioning import generate_captions
-    from vlm.data.prompts import CAPTION_PROMPT
+def load(src: EvalSources, limit: Optional[int] = None) -> ChairData:
+    """Read and check the CHAIR files (``captions``, ``instances``, ``images``) -> ``ChairData`` of the
+    first ``limit`` images. Ground truth: the world's shapes, or COCO's segmentation classes plus
+    the objects its reference captions name (``ground_truth``)."""
+    caps, images = read_captioned_images(src)
+    ids = select_images(images, limit, TASK)
+    inst = read_coco_instances(src.file("instances"))
+    classes: dict[int, list[str]] = {i: [] for i in ids}
+    for ann in inst.annotations.values():
+        if ann["image_id"] in classes:
+            classes[ann["image_id"]].append(inst.categories[ann["category_id"]])
+    if src.kind == "world":
+        vocab = world_vocab()
+        present = ground_truth(vocab, classes)
+    else:
+        vocab = coco_vocab()
+        present = ground_truth(vocab, classes, {i: caps.captions[i] for i in ids})
+    return ChairData({i: images[i] for i in ids}, present, vocab)
 
-    ids = sorted(data.images)[: limit if limit is not None else None]
+
+def run(model, data: ChairData, out_dir: str | Path, limit: Optional[int] = None, batch_size: int = 16,
+        options: Optional[RunOptions] = None) -> dict[str, float]:
+    """Caption the first ``limit`` images (greedy, [B,3,H,W] batches of ``batch_size``; captions
+    already in ``options.captions`` from the captioning task are reused) and score CHAIR.
+    Writes ``out_dir/chair/{predictions.jsonl, summary.json, summary.md}``; returns the summary."""
+    options = options or RunOptions()
+    ids = first(sorted(data.images), limit)
     if not ids:
         raise ValueError("chair: no images")
-    have = dict(captions or {})
+    have = {i: options.captions[i] for i in ids if i in options.captions}
     todo = [i for i in ids if i not in have]
     if todo:
-        have.update(generate_captions(model, data.images, todo, batch_size, max_new_tokens, CAPTION_PROMPT,
-                                      progress, desc=TASK))
+        have.update(generate_captions(model, data.images, todo, batch_size, progress=options.progress, desc=TASK))
     summary, records = score({i: have[i] for i in ids}, data)
     for r in records:
         r["prompt"] = CAPTION_PROMPT
@@ -385,4 +408,3 @@ def run(model, data: ChairData, out_dir: str | Path, limit: Optional[int] = None
                                             summary["mean_length"], summary["n_captions"]]]) + "\n"
     write_task_outputs(out_dir, TASK, summary, records, md)
     return summary
-

@@ -58,8 +58,6 @@ probe_miou, zero_shot_class_embedding}, ``multilabel`` {precision, recall, f1}, 
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -73,12 +71,23 @@ from tqdm.auto import tqdm
 
 from encoders.dual_encoder import CONFIG_FILE, DualEncoder
 from encoders.towers import ImageTransform, VisionTower, load_vision_tower, tower_forward
+from eval.heatmaps import alignment_heatmaps
+from eval.report import jsonable, summary_markdown, write_jsonl
+from eval.report import write_summary as write_summary_files
 from vlm.config import WorldConfig
+from vlm.world.generator import generate_sample, world_split
+from vlm.world.vocab import CLASS_NAMES, SHAPES
 
 PROMPT = "a photo of a {}."
 RETRIEVAL_CAPTION_KEYS = ("short", "detailed")
 RECALL_KS = (1, 5, 10)
 PROBE_HIDDEN = 128
+# The headline metrics of the demo / ablation tables (every metric stays in summary.json).
+REPORT_COLUMNS = [
+    "zero_shot/top1", "retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retrieval/t2i_r5",
+    "segmentation/zero_shot_miou", "segmentation/probe_miou", "multilabel/f1", "multilabel/precision",
+    "multilabel/recall",
+]
 
 # ----------------------------------------------------------------------------------------------
 # Pure metrics
@@ -320,9 +329,8 @@ def _world_image(sample, world_dir: Optional[Path]):
 
 def _load_split(indices: list[int], world: WorldConfig, world_dir: Optional[Path], transform: ImageTransform,
                 patch_size: int, num_classes: int, with_text: bool, progress: bool, desc: str) -> tuple[_Split, str]:
-    from vlm.world.generator import generate_sample
-    from vlm.world.vocab import SHAPES
-
+    """The world images at ``indices`` through ``transform`` with their patch-grid labels (and captions
+    when ``with_text``) -> (split, "world_dir" when any image came from the export else "generator")."""
     size = transform.image_size
     pixels, seg, presence, labels, captions = [], [], [], [], []
     source = "generator"
@@ -370,41 +378,106 @@ def _text_features(dual: DualEncoder, texts: list[str], batch_size: int) -> torc
                       for i in range(0, len(texts), batch_size)])
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def _clean(v):
-    """NaN -> None, recursively (JSON has no NaN)."""
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
-
-
-def _rows(summary: dict, prefix: str = "") -> list[tuple[str, object]]:
-    out = []
-    for k, v in summary.items():
-        if isinstance(v, dict):
-            out += _rows(v, f"{prefix}{k}/")
-        else:
-            out.append((f"{prefix}{k}", v))
-    return out
-
-
 def write_summary(out_dir: Path, summary: dict, title: str = "Encoder eval") -> dict:
     """``summary.json`` and ``summary.md`` (one row per leaf, nested keys joined by "/", None and
-    NaN shown as n/a); returns the JSON-clean summary."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clean = _clean(summary)
-    (out_dir / "summary.json").write_text(json.dumps(clean, indent=1))
-    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in _rows(clean)]
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    NaN shown as n/a); returns the JSON-clean summary (NaN -> None)."""
+    clean = jsonable(summary)
+    write_summary_files(out_dir, clean, summary_markdown(title, clean), indent=1, newline=False)
     return clean
+
+
+def _empty_summary(ckpt, loaded: LoadedEncoder, text_from, n_eval: int, n_train: int, source: str,
+                   probe_steps: int) -> dict:
+    """The summary's run facts and its metric groups, every metric None until measured."""
+    return {"ckpt": str(ckpt), "mode": loaded.mode, "text_from": str(text_from) if text_from else None,
+            "n_eval": n_eval, "n_probe_train": n_train, "image_source": source,
+            "probe_steps": probe_steps,
+            "zero_shot": {"top1": None},
+            "retrieval": {f"{d}_r{k}": None for d in ("i2t", "t2i") for k in RECALL_KS},
+            "segmentation": {"zero_shot_miou": None, "probe_miou": None},
+            "multilabel": {}, "per_class_iou": {}}
+
+
+def _zero_shot(dual: DualEncoder, ev: _Split, img_global: torch.Tensor, summary: dict, records: list[dict]) -> None:
+    """Zero-shot shape classification of the eval images (img_global [N,d], normalised)."""
+    shape_emb = F.normalize(class_embeddings(dual, SHAPES, local=False).cpu().float(), dim=-1)
+    zs_pred = (img_global @ shape_emb.T).argmax(1)
+    labelled = [i for i, lab in enumerate(ev.labels) if lab is not None]
+    if labelled:
+        summary["zero_shot"]["top1"] = top1_accuracy(zs_pred[labelled], torch.tensor([ev.labels[i] for i in labelled]))
+    for i, rec in enumerate(records):
+        rec["zero_shot_label"] = SHAPES[ev.labels[i]] if ev.labels[i] is not None else None
+        rec["zero_shot_pred"] = SHAPES[int(zs_pred[i])]
+
+
+def _retrieval(dual: DualEncoder, ev: _Split, img_global: torch.Tensor, batch_size: int, summary: dict,
+               records: list[dict]) -> None:
+    """Image->text and text->image Recall@k over the eval images [N,d] and their captions."""
+    texts = [c for caps in ev.captions for c in caps]
+    if not texts:
+        return
+    owner = torch.tensor([i for i, caps in enumerate(ev.captions) for _ in caps])
+    txt_global = F.normalize(_text_features(dual, texts, batch_size).float(), dim=-1)
+    sim = img_global @ txt_global.T  # [N_img, N_txt]
+    relevant = owner.unsqueeze(0) == torch.arange(len(records)).unsqueeze(1)
+    for direction, (s, r) in {"i2t": (sim, relevant), "t2i": (sim.T, relevant.T)}.items():
+        for k, recall in recall_at_k(s, r).items():
+            summary["retrieval"][f"{direction}_r{k}"] = recall
+    i2t_ranks = first_relevant_rank(sim, relevant)
+    t2i_ranks = first_relevant_rank(sim.T, relevant.T)
+    for i, rec in enumerate(records):
+        rec["i2t_rank"] = int(i2t_ranks[i])
+        rec["captions"] = ev.captions[i]
+        rec["t2i_ranks"] = [int(r) for r in t2i_ranks[owner == i]]
+
+
+def _zero_shot_segmentation(dual: DualEncoder, ev: _Split, patch_emb: torch.Tensor, summary: dict) -> torch.Tensor:
+    """Each patch ([N,P,d] embeddings) takes the class of highest cosine -> predictions [N,P]."""
+    local = bool(dual.cfg.local_heads)
+    cls_emb = F.normalize(class_embeddings(dual, CLASS_NAMES, local=local).cpu().float(), dim=-1)
+    pred = torch.einsum("npd,cd->npc", F.normalize(patch_emb.float(), dim=-1), cls_emb).argmax(-1)  # [N,P]
+    miou, per_class = mean_iou(pred, ev.seg_labels, len(CLASS_NAMES))
+    summary["segmentation"]["zero_shot_miou"] = miou
+    summary["per_class_iou"]["zero_shot"] = dict(zip(CLASS_NAMES, per_class))
+    summary["segmentation"]["zero_shot_class_embedding"] = "local tokens of the class name" if local else "global prompt"
+    return pred
+
+
+def _probes(tr: _Split, ev: _Split, tr_tokens: torch.Tensor, ev_tokens: torch.Tensor, steps: int,
+            dev: torch.device, summary: dict) -> torch.Tensor:
+    """The linear segmentation probe and the multi-label MLP on frozen patch tokens [N,P,w]
+    -> the probe's segmentation [N_eval,P]."""
+    num_classes = len(CLASS_NAMES)
+    n_ev, n_patches = ev.seg_labels.shape
+    width = tr_tokens.shape[-1]
+    x_tr, x_ev = _standardise(tr_tokens.reshape(-1, width).float().to(dev), ev_tokens.reshape(-1, width).float().to(dev))
+    probe = train_probe(x_tr, tr.seg_labels.reshape(-1).to(dev), num_classes, steps, multilabel=False)
+    with torch.no_grad():
+        probe_pred = probe(x_ev).argmax(-1).view(n_ev, n_patches).cpu()
+    miou, per_class = mean_iou(probe_pred, ev.seg_labels, num_classes)
+    summary["segmentation"]["probe_miou"] = miou
+    summary["per_class_iou"]["probe"] = dict(zip(CLASS_NAMES, per_class))
+    head = train_probe(x_tr, tr.presence.reshape(-1, num_classes).to(dev), num_classes, steps, multilabel=True)
+    with torch.no_grad():
+        ml_pred = (torch.sigmoid(head(x_ev)) > 0.5).cpu()
+    prf = multilabel_prf(ml_pred, ev.presence.reshape(-1, num_classes))
+    summary["multilabel"] = {"precision": prf["precision"], "recall": prf["recall"], "f1": prf["f1"]}
+    return probe_pred
+
+
+def _resolve_device(device: str) -> torch.device:
+    """"auto" (CUDA when available) | "cpu" | "cuda" -> the torch device."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _heatmaps(dual: DualEncoder, world: WorldConfig, world_dir: Optional[Path], indices: list[int],
+              out_png: Path) -> None:
+    """SPARC alignment heatmaps of the world images at ``indices`` and their short captions."""
+    samples = [generate_sample(i, world.seed, world) for i in indices]
+    alignment_heatmaps(dual, [_world_image(s, world_dir)[0] for s in samples], [s.captions["short"] for s in samples],
+                       out_png)
 
 
 def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
@@ -417,122 +490,48 @@ def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
     With a text side and ``heatmap_images`` > 0 it also draws the SPARC alignment heatmaps of the
     first ``heatmap_images`` eval images and their short captions (``eval.heatmaps``) to
     ``out_dir/heatmaps.png`` (``summary["heatmaps"]``; None when not drawn)."""
-    from vlm.world.generator import world_split
-    from vlm.world.vocab import CLASS_NAMES, SHAPES
-
     if probe_steps < 1 or probe_images < 1:
         raise ValueError(f"probe_steps and probe_images must be >= 1, got {probe_steps}, {probe_images}")
     out_dir = Path(out_dir)
     world_dir = Path(world_dir) if world_dir is not None else None
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    dev = _resolve_device(device)
     loaded = load_encoder(ckpt, text_from)
     (loaded.dual if loaded.dual is not None else loaded.vision).to(dev)
-    patch_size = int(loaded.vision.config.patch_size)
-    num_classes = len(CLASS_NAMES)
+    patch_size, num_classes = int(loaded.vision.config.patch_size), len(CLASS_NAMES)
     train_idx, eval_idx = world_split(world)
     train_idx, eval_idx = list(train_idx)[:probe_images], list(eval_idx)[:limit]
     if not eval_idx:
         raise ValueError("the world has no eval images (world.n_eval = 0 or limit = 0)")
 
-    has_text = loaded.dual is not None
-    ev, source = _load_split(eval_idx, world, world_dir, loaded.transform, patch_size, num_classes, has_text,
+    dual = loaded.dual
+    ev, source = _load_split(eval_idx, world, world_dir, loaded.transform, patch_size, num_classes, dual is not None,
                              progress, "eval images")
     tr, _ = _load_split(train_idx, world, world_dir, loaded.transform, patch_size, num_classes, False,
                         progress, "probe images")
     ev_feats = _image_features(loaded, ev.pixels, batch_size, progress, "encode eval")
     tr_feats = _image_features(loaded, tr.pixels, batch_size, progress, "encode probe")
-    n_ev, n_patches = ev.seg_labels.shape
-
-    summary: dict = {"ckpt": str(ckpt), "mode": loaded.mode, "text_from": str(text_from) if text_from else None,
-                     "n_eval": n_ev, "n_probe_train": len(train_idx), "image_source": source,
-                     "probe_steps": probe_steps,
-                     "zero_shot": {"top1": None},
-                     "retrieval": {f"{d}_r{k}": None for d in ("i2t", "t2i") for k in RECALL_KS},
-                     "segmentation": {"zero_shot_miou": None, "probe_miou": None},
-                     "multilabel": {}, "per_class_iou": {}}
+    summary = _empty_summary(ckpt, loaded, text_from, len(eval_idx), len(train_idx), source, probe_steps)
     records = [{"index": i} for i in eval_idx]
 
-    # Zero-shot classification, retrieval and zero-shot segmentation need the text side.
     zs_seg_pred = None
-    if has_text:
-        dual = loaded.dual
+    if dual is not None:  # zero-shot classification, retrieval and segmentation need the text side
         img_global = F.normalize(ev_feats["global_emb"].float(), dim=-1)
-        shape_emb = F.normalize(class_embeddings(dual, SHAPES, local=False).cpu().float(), dim=-1)
-        zs_pred = (img_global @ shape_emb.T).argmax(1)
-        labelled = [i for i, lab in enumerate(ev.labels) if lab is not None]
-        if labelled:
-            summary["zero_shot"]["top1"] = top1_accuracy(zs_pred[labelled],
-                                                         torch.tensor([ev.labels[i] for i in labelled]))
-        for i, rec in enumerate(records):
-            rec["zero_shot_label"] = SHAPES[ev.labels[i]] if ev.labels[i] is not None else None
-            rec["zero_shot_pred"] = SHAPES[int(zs_pred[i])]
-
-        texts = [c for caps in ev.captions for c in caps]
-        owner = torch.tensor([i for i, caps in enumerate(ev.captions) for _ in caps])
-        if texts:
-            txt_global = F.normalize(_text_features(dual, texts, batch_size).float(), dim=-1)
-            sim = img_global @ txt_global.T  # [N_img, N_txt]
-            relevant = owner.unsqueeze(0) == torch.arange(n_ev).unsqueeze(1)
-            i2t_ranks = first_relevant_rank(sim, relevant)
-            t2i_ranks = first_relevant_rank(sim.T, relevant.T)
-            for k in RECALL_KS:
-                summary["retrieval"][f"i2t_r{k}"] = float((i2t_ranks < k).double().mean())
-                summary["retrieval"][f"t2i_r{k}"] = float((t2i_ranks < k).double().mean())
-            for i, rec in enumerate(records):
-                rec["i2t_rank"] = int(i2t_ranks[i])
-                rec["captions"] = ev.captions[i]
-                rec["t2i_ranks"] = [int(r) for r in t2i_ranks[owner == i]]
-
-        local = bool(dual.cfg.local_heads)
-        cls_emb = F.normalize(class_embeddings(dual, CLASS_NAMES, local=local).cpu().float(), dim=-1)
-        patch_emb = F.normalize(ev_feats["patch_emb"].float(), dim=-1)
-        zs_seg_pred = torch.einsum("npd,cd->npc", patch_emb, cls_emb).argmax(-1)  # [N,P]
-        miou, per_class = mean_iou(zs_seg_pred, ev.seg_labels, num_classes)
-        summary["segmentation"]["zero_shot_miou"] = miou
-        summary["per_class_iou"]["zero_shot"] = dict(zip(CLASS_NAMES, per_class))
-        summary["segmentation"]["zero_shot_class_embedding"] = ("local tokens of the class name" if local
-                                                                else "global prompt")
-
-    # Probes on frozen patch tokens (every checkpoint kind).
-    width = tr_feats["patch_tokens"].shape[-1]
-    x_tr, x_ev = _standardise(tr_feats["patch_tokens"].reshape(-1, width).float().to(dev),
-                              ev_feats["patch_tokens"].reshape(-1, width).float().to(dev))
-    probe = train_probe(x_tr, tr.seg_labels.reshape(-1).to(dev), num_classes, probe_steps, multilabel=False)
-    with torch.no_grad():
-        probe_pred = probe(x_ev).argmax(-1).view(n_ev, n_patches).cpu()
-    miou, per_class = mean_iou(probe_pred, ev.seg_labels, num_classes)
-    summary["segmentation"]["probe_miou"] = miou
-    summary["per_class_iou"]["probe"] = dict(zip(CLASS_NAMES, per_class))
-
-    head = train_probe(x_tr, tr.presence.reshape(-1, num_classes).to(dev), num_classes, probe_steps,
-                       multilabel=True)
-    with torch.no_grad():
-        ml_pred = (torch.sigmoid(head(x_ev)) > 0.5).cpu()
-    prf = multilabel_prf(ml_pred, ev.presence.reshape(-1, num_classes))
-    summary["multilabel"] = {"precision": prf["precision"], "recall": prf["recall"], "f1": prf["f1"]}
-
+        _zero_shot(dual, ev, img_global, summary, records)
+        _retrieval(dual, ev, img_global, batch_size, summary, records)
+        zs_seg_pred = _zero_shot_segmentation(dual, ev, ev_feats["patch_emb"], summary)
+    probe_pred = _probes(tr, ev, tr_feats["patch_tokens"], ev_feats["patch_tokens"], probe_steps, dev, summary)
     for i, rec in enumerate(records):
         if zs_seg_pred is not None:
             rec["seg_zero_shot_patch_acc"] = float((zs_seg_pred[i] == ev.seg_labels[i]).double().mean())
         rec["seg_probe_patch_acc"] = float((probe_pred[i] == ev.seg_labels[i]).double().mean())
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary["heatmaps"] = None
-    if has_text and heatmap_images > 0:
-        from eval.heatmaps import alignment_heatmaps
-        from vlm.world.generator import generate_sample
-
-        samples = [generate_sample(i, world.seed, world) for i in eval_idx[:heatmap_images]]
-        alignment_heatmaps(loaded.dual, [_world_image(s, world_dir)[0] for s in samples],
-                           [s.captions["short"] for s in samples], out_dir / "heatmaps.png")
+    if dual is not None and heatmap_images > 0:
+        _heatmaps(dual, world, world_dir, eval_idx[:heatmap_images], out_dir / "heatmaps.png")
         summary["heatmaps"] = "heatmaps.png"
-    with open(out_dir / "predictions.jsonl", "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
+    write_jsonl(out_dir / "predictions.jsonl", records)
     return write_summary(out_dir, summary)
 
 
-__all__ = ["LoadedEncoder", "class_embeddings", "confusion_matrix", "dominant_shape", "first_relevant_rank",
-           "load_encoder", "majority_downsample", "mean_iou", "multilabel_prf", "patch_presence", "recall_at_k",
-           "run", "top1_accuracy", "train_probe", "write_summary"]
+__all__ = ["REPORT_COLUMNS", "LoadedEncoder", "class_embeddings", "confusion_matrix", "dominant_shape",
+           "first_relevant_rank", "load_encoder", "majority_downsample", "mean_iou", "multilabel_prf",
+           "patch_presence", "recall_at_k", "run", "top1_accuracy", "train_probe", "write_summary"]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from encoders.dual_encoder import DualEncoder
 from encoders.objectives.sparc import sparc_alignment_weights
-from vlm.config import WorldConfig
+from eval.report import save_figure, subplot_grid
 
 
 @dataclass
@@ -66,62 +66,36 @@ def _display(pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
+def _draw_row(axes, image: np.ndarray, row: HeatmapRow) -> None:
+    """One figure row: the image [H,W,3] titled with the caption, then one overlay per token."""
+    axes[0].imshow(image)
+    axes[0].set_title(row.caption if len(row.caption) <= 40 else row.caption[:37] + "...", fontsize=6)
+    size = image.shape[1]  # the input view's width, as the pixels' last dimension
+    for j, token in enumerate(row.tokens):
+        w = row.weights[j]
+        up = np.kron(w, np.ones((size // w.shape[0], size // w.shape[1])))
+        ax = axes[j + 1]
+        ax.imshow(image)
+        ax.imshow(up, cmap="jet", alpha=0.5, vmin=0.0, vmax=max(float(w.max()), 1e-12),
+                  extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
+        ax.set_title(token, fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+
+
 def alignment_heatmaps(encoder: DualEncoder, images: Sequence[Union[Image.Image, np.ndarray]],
                        captions: Sequence[str], out_png: Union[str, Path], threshold: Optional[float] = None,
                        max_tokens: int = 12) -> list[HeatmapRow]:
     """Write the heatmap grid (module docstring) to ``out_png``; returns the rows drawn (their
     ``weights`` [T, gh, gw] are exactly the arrays overlaid, before upsampling)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     encoder.eval()
     pixels, rows = alignment_rows(encoder, images, captions, threshold, max_tokens)
     n_cols = 1 + max(max(len(r.tokens) for r in rows), 1)
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.6 * n_cols, 1.8 * len(rows)), squeeze=False)
-    size = pixels.shape[-1]
+    fig, axes = subplot_grid(len(rows), n_cols, 1.6, 1.8)
     for i, row in enumerate(rows):
-        image = _display(pixels[i], encoder.transform.mean, encoder.transform.std)
-        axes[i, 0].imshow(image)
-        axes[i, 0].set_title(row.caption if len(row.caption) <= 40 else row.caption[:37] + "...", fontsize=6)
-        for j, token in enumerate(row.tokens):
-            w = row.weights[j]
-            up = np.kron(w, np.ones((size // w.shape[0], size // w.shape[1])))
-            ax = axes[i, j + 1]
-            ax.imshow(image)
-            ax.imshow(up, cmap="jet", alpha=0.5, vmin=0.0, vmax=max(float(w.max()), 1e-12),
-                      extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
-            ax.set_title(token, fontsize=8)
-        for ax in axes[i]:
-            ax.axis("off")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+        _draw_row(axes[i], _display(pixels[i], encoder.transform.mean, encoder.transform.std), row)
+    save_figure(fig, out_png, dpi=100)
     return rows
 
 
-def checkpoint_heatmaps(ckpt: Union[str, Path], world_dir: Optional[Union[str, Path]], world: WorldConfig,
-                        out_png: Union[str, Path], n_images: int = 4, threshold: Optional[float] = None,
-                        caption_key: str = "short", max_tokens: int = 12) -> list[HeatmapRow]:
-    """Heatmaps of a DualEncoder checkpoint dir on the first ``n_images`` eval-split images of the
-    world with their ``caption_key`` captions (images from ``world_dir/images`` when exported,
-    else generated); writes ``out_png`` and returns the rows drawn."""
-    from vlm.world.generator import generate_sample, world_split
-
-    encoder = DualEncoder.from_pretrained(ckpt).eval()
-    indices = list(world_split(world)[1])[:n_images]
-    if not indices:
-        raise ValueError("the world has no eval images (world.n_eval = 0)")
-    images, captions = [], []
-    for index in indices:
-        sample = generate_sample(index, world.seed, world)
-        path = Path(world_dir) / "images" / f"{sample.key}.jpg" if world_dir is not None else None
-        images.append(Image.open(path).convert("RGB") if path is not None and path.is_file() else sample.image)
-        captions.append(sample.captions[caption_key])
-    return alignment_heatmaps(encoder, images, captions, out_png, threshold, max_tokens)
-
-
-__all__ = ["HeatmapRow", "alignment_heatmaps", "alignment_rows", "checkpoint_heatmaps"]
+__all__ = ["HeatmapRow", "alignment_heatmaps", "alignment_rows"]

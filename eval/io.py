@@ -1,6 +1,7 @@
-"""Small helpers shared by the eval tasks: batching, image loading, moving inputs to the model."""
+"""Small helpers shared by the eval tasks: run options, batching, image loading, moving inputs to the model."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -8,6 +9,24 @@ import torch
 from PIL import Image
 
 T = TypeVar("T")
+ANSWER_MODES = ("score", "generate")
+
+
+@dataclass
+class RunOptions:
+    """What every task's ``run(model, data, out_dir, limit, batch_size, options)`` may read besides
+    its data: ``progress`` (tqdm bars), ``answer_mode`` for yes/no and true/false answers ("score":
+    single-forward log-prob comparison, with AUC; "generate": generated text parsed the reference
+    way) and ``captions`` (image_id -> caption), filled by the captioning task and reused by CHAIR
+    so the same captions are not generated twice."""
+
+    progress: bool = True
+    answer_mode: str = "score"
+    captions: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.answer_mode not in ANSWER_MODES:
+            raise ValueError(f"answer_mode must be 'score' or 'generate', got {self.answer_mode!r}")
 
 
 def batched(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:

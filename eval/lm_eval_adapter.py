@@ -24,11 +24,16 @@ from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
+from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eval.report import markdown_table, write_json
+from eval.report import markdown_table, write_summary
+from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config
+from vlm.model.llm import load_llm, load_lora, load_tokenizer
+from vlm.world.generator import world_corpus
 
 MODEL_NAME = "sparc-vlm-llm"
 TASK_NAME = "sparc_world_text"
@@ -51,8 +56,6 @@ class SparcLLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError(f"{MODEL_NAME}: pass model= and tokenizer=, or pretrained=DIR")
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
             model = AutoModelForCausalLM.from_pretrained(str(pretrained))
             tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
         if tokenizer is None:
@@ -132,8 +135,6 @@ class SparcLLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each request (string,) -> total log-likelihood of the string, scored in disjoint
         windows of ``max_length`` tokens (lm-eval's ``get_rolling_token_windows``)."""
-        from lm_eval import utils
-
         results = []
         for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="rolling"):
             windows = [((None, None),) + tuple(utils.make_disjoint_window(w)) for w in utils.get_rolling_token_windows(
@@ -210,6 +211,7 @@ def evaluate_text_task(lm: SparcLLM, task_dir: str | Path, task_name: str = TASK
     """Run the local task through ``lm_eval.simple_evaluate`` offline -> {metric: value}."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Imported here: ~8 s, and the datasets library they load reads the offline flags above at import.
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -223,9 +225,6 @@ def evaluate_text_task(lm: SparcLLM, task_dir: str | Path, task_name: str = TASK
 def world_texts(world_dir: str | Path = "runs/world", n_samples: int = 100) -> list[str]:
     """Held-out text: the world's texts for the first ``n_samples`` eval-split samples (the world's
     LLM trains on the train split), with the WorldConfig saved in ``world_dir/world.json`` when present."""
-    from vlm.config import WorldConfig, load_config
-    from vlm.world.generator import world_corpus
-
     cfg = WorldConfig()
     meta = Path(world_dir) / "world.json"
     if meta.is_file():
@@ -236,10 +235,7 @@ def world_texts(world_dir: str | Path = "runs/world", n_samples: int = 100) -> l
 
 
 def _load_pair(vlm_ckpt: Path, base_llm_path: Optional[str | Path]):
-    """(before_lm_ctx, after_lm_ctx, model, tokenizer): the model plus a context manager for each side."""
-    from vlm.config import VLMConfig, config_from_yaml_text
-    from vlm.model.llm import load_llm, load_lora, load_tokenizer
-
+    """((model, tokenizer, context manager) before, (...) after): the LLM without / with the LoRA."""
     cfg_path = vlm_ckpt / "vlm.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{vlm_ckpt} is not a stage-two checkpoint (no vlm.yaml)")
@@ -283,8 +279,7 @@ def run_language_drift(vlm_ckpt: str | Path, out_dir: str | Path, base_llm_path:
     result["delta"] = {m: result["after"][m] - result["before"][m] for m in result["before"] if m in result["after"]}
     result["n_docs"] = min(len(docs), limit) if limit is not None else len(docs)
     result["task"] = TASK_NAME
-    write_json(out_dir / "summary.json", result)
     rows = [[m, result["before"].get(m), result["after"].get(m), result["delta"].get(m)] for m in METRICS]
-    (out_dir / "summary.md").write_text("# Language drift (lm-eval, local task)\n\n"
-                                        + markdown_table(["metric", "base LLM", "with LoRA", "delta"], rows) + "\n")
+    write_summary(out_dir, result, "# Language drift (lm-eval, local task)\n\n"
+                  + markdown_table(["metric", "base LLM", "with LoRA", "delta"], rows) + "\n")
     return result

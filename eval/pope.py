@@ -15,13 +15,18 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from eval.io import batched, pixel_batch
+from eval.io import RunOptions, batched, pixel_batch
 from eval.parsing import parse_yes_no
 from eval.report import markdown_table, write_task_outputs
+from eval.sources import EvalSources, check_images, first
+from vlm.data.formats import read_pope
 from vlm.data.prompts import NO, YES, pope_prompt
 
 TASK = "pope"
 SPLITS = ("random", "popular", "adversarial")
+HEADLINE = ["f1_avg", "accuracy_avg", "random/f1", "popular/f1", "adversarial/f1"]  # combined summary.md
+REPORT_COLUMNS = ["f1_avg", "accuracy_avg", "random/f1", "popular/f1", "adversarial/f1"]  # demo / ablation
+MAX_NEW_TOKENS = 8
 
 
 def binary_metrics(pred: Sequence[bool], gold: Sequence[bool]) -> dict[str, float]:
@@ -95,49 +100,69 @@ class PopeData:
     image_root: Path
 
 
-def run(model, data: PopeData, out_dir: str | Path, limit: Optional[int] = None, batch_size: int = 32,
-        mode: str = "score", max_new_tokens: int = 8, progress: bool = True) -> dict[str, Any]:
-    """Answer every question (first ``limit`` per split) and write ``out_dir/pope/``.
+def load(src: EvalSources, limit: Optional[int] = None) -> PopeData:
+    """Read and check the POPE files (``pope_<split>`` per split, ``pope_images``) -> ``PopeData``
+    with the first ``limit`` questions of each split."""
+    root = src.folder("pope_images")
+    questions = {s: first(read_pope(src.file(f"pope_{s}")), limit) for s in SPLITS}
+    check_images([root / q.image for qs in questions.values() for q in qs], TASK)
+    return PopeData(questions, root)
 
-    mode "score": yes iff model.score(...)[Yes] > [No] (AUC from the margin); "generate": the
-    generated answer parsed with ``parse_yes_no`` (no AUC).
+
+def answer_batch(model, pixels, questions: Sequence, mode: str) -> tuple[list[str], list[dict], list[float]]:
+    """Answer one batch (pixels [B,3,H,W]) -> (answers "yes"/"no"/..., per-question output fields,
+    margins log P(Yes) - log P(No) (empty in "generate" mode))."""
+    prompts = [pope_prompt(q.text) for q in questions]
+    if mode == "score":
+        logp = torch.as_tensor(model.score(pixels, prompts, [YES, NO]), dtype=torch.float64)
+        outputs = [{"logp_yes": float(a), "logp_no": float(b)} for a, b in logp.tolist()]
+        answers = ["yes" if o["logp_yes"] > o["logp_no"] else "no" for o in outputs]
+        return answers, outputs, [o["logp_yes"] - o["logp_no"] for o in outputs]
+    texts = model.generate(pixels, prompts, max_new_tokens=MAX_NEW_TOKENS)
+    return [parse_yes_no(t) for t in texts], [{"text": t} for t in texts], []
+
+
+def run(model, data: PopeData, out_dir: str | Path, limit: Optional[int] = None, batch_size: int = 16,
+        options: Optional[RunOptions] = None) -> dict[str, Any]:
+    """Answer every question (first ``limit`` per split; [B,3,H,W] batches of ``batch_size``) and
+    write ``out_dir/pope/``; returns the summary (``pope_summary`` plus the mode).
+
+    ``options.answer_mode`` "score": yes iff model.score(...)[Yes] > [No] (AUC from the margin);
+    "generate": the generated answer parsed with ``parse_yes_no`` (no AUC).
     """
-    if mode not in ("score", "generate"):
-        raise ValueError(f"mode must be 'score' or 'generate', got {mode!r}")
-    todo = {s: qs[: limit if limit is not None else None] for s, qs in data.questions.items()}
+    options = options or RunOptions()
+    mode = options.answer_mode
+    todo = {s: first(qs, limit) for s, qs in data.questions.items()}
     total = sum(len(q) for q in todo.values())
     if total == 0:
         raise ValueError("pope: no questions")
     cache: dict = {}
     records: list[dict] = []
     per_split: dict[str, tuple[list[bool], list[bool], Optional[list[float]]]] = {}
-    with tqdm(total=total, desc=TASK, disable=not progress) as bar:
+    with tqdm(total=total, desc=TASK, disable=not options.progress) as bar:
         for split, qs in todo.items():
-            pred, gold, margins = [], [], []
+            split_records: list[dict] = []
+            margins: list[float] = []
             for chunk in batched(qs, batch_size):
                 pixels = pixel_batch(model, [Path(data.image_root) / q.image for q in chunk], cache)
-                prompts = [pope_prompt(q.text) for q in chunk]
-                if mode == "score":
-                    logp = torch.as_tensor(model.score(pixels, prompts, [YES, NO]), dtype=torch.float64)
-                    outputs = [{"logp_yes": float(a), "logp_no": float(b)} for a, b in logp.tolist()]
-                    answers = ["yes" if o["logp_yes"] > o["logp_no"] else "no" for o in outputs]
-                    margins += [o["logp_yes"] - o["logp_no"] for o in outputs]
-                else:
-                    texts = model.generate(pixels, prompts, max_new_tokens=max_new_tokens)
-                    outputs = [{"text": t} for t in texts]
-                    answers = [parse_yes_no(t) for t in texts]
-                for q, prompt, o, a in zip(chunk, prompts, outputs, answers):
-                    records.append({"id": q.question_id, "split": split, "image": q.image, "prompt": prompt,
-                                    **o, "answer": a, "gold": q.label, "correct": a == q.label})
-                    pred.append(a == "yes")
-                    gold.append(q.label == "yes")
+                answers, outputs, m = answer_batch(model, pixels, chunk, mode)
+                margins += m
+                split_records += [{"id": q.question_id, "split": split, "image": q.image,
+                                   "prompt": pope_prompt(q.text), **o, "answer": a, "gold": q.label,
+                                   "correct": a == q.label} for q, o, a in zip(chunk, outputs, answers)]
                 bar.update(len(chunk))
-            per_split[split] = (pred, gold, margins if mode == "score" else None)
+            records += split_records
+            per_split[split] = ([r["answer"] == "yes" for r in split_records],
+                                [r["gold"] == "yes" for r in split_records], margins if mode == "score" else None)
     summary = pope_summary(per_split)
     summary["mode"] = mode
-    cols = ["accuracy", "precision", "recall", "f1", "yes_ratio"] + (["auc"] if mode == "score" else [])
-    md = (f"# {TASK} ({mode})\n\n"
-          + markdown_table(["split", *cols, "n"], [[s, *[summary[s][c] for c in cols], summary[s]["n"]] for s in per_split])
-          + f"\n\nF1 averaged over splits: {summary['f1_avg']:.4f}\n")
-    write_task_outputs(out_dir, TASK, summary, records, md)
+    write_task_outputs(out_dir, TASK, summary, records, _markdown(summary, list(per_split), mode))
     return summary
+
+
+def _markdown(summary: dict[str, Any], splits: list[str], mode: str) -> str:
+    """The per-split table of ``pope/summary.md``."""
+    cols = ["accuracy", "precision", "recall", "f1", "yes_ratio"] + (["auc"] if mode == "score" else [])
+    return (f"# {TASK} ({mode})\n\n"
+            + markdown_table(["split", *cols, "n"], [[s, *[summary[s][c] for c in cols], summary[s]["n"]] for s in splits])
+            + f"\n\nF1 averaged over splits: {summary['f1_avg']:.4f}\n")

@@ -14,12 +14,17 @@ from typing import Any, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from eval.io import batched, pixel_batch
+from eval.io import RunOptions, batched, pixel_batch
 from eval.parsing import parse_box
 from eval.report import markdown_table, write_task_outputs
+from eval.sources import EvalSources, check_images, first
+from vlm.data.formats import read_refcoco
 from vlm.data.prompts import grounding_prompt
 
 TASK = "refcoco"
+HEADLINE = ["acc", "unparseable", "n"]  # the harness's combined summary.md
+REPORT_COLUMNS = ["acc", "unparseable"]  # the demo / ablation tables
+MAX_NEW_TOKENS = 32
 Box = tuple[float, float, float, float]
 
 
@@ -79,33 +84,49 @@ class RefcocoData:
     image_root: Path
 
 
+def load(src: EvalSources, limit: Optional[int] = None) -> RefcocoData:
+    """Read and check the RefCOCO files (``refcoco_refs``, ``refcoco_instances``, ``refcoco_images``)
+    -> ``RefcocoData`` (every ref; the images of the first ``limit`` are checked)."""
+    root = src.folder("refcoco_images")
+    refs = read_refcoco(src.file("refcoco_refs"), src.file("refcoco_instances"))
+    check_images([root / r.file_name for r in first(refs, limit)], TASK)
+    return RefcocoData(refs, root)
+
+
+def ground(ref, prompt: str, text: str, index: int) -> dict[str, Any]:
+    """One expression's record: the model's ``text`` parsed to a box, scaled to pixels and scored
+    against the ref's box (``iou`` None when no box was found)."""
+    gold = xywh_to_xyxy(ref.bbox_xywh)
+    parsed = parse_box(text)
+    pred = denormalise(parsed, ref.width, ref.height) if parsed is not None else None
+    iou = box_iou(pred, gold) if pred is not None else None
+    return {"id": f"{ref.ref_id}:{index}", "ref_id": ref.ref_id, "ann_id": ref.ann_id,
+            "split": ref.split, "image": ref.file_name, "prompt": prompt, "output": text,
+            "parsed_box": list(parsed) if parsed else None, "pred_box_px": list(pred) if pred else None,
+            "gold_box_px": list(gold), "iou": iou,
+            "correct": iou is not None and iou >= 0.5, "parse_failed": parsed is None}
+
+
 def run(model, data: RefcocoData, out_dir: str | Path, limit: Optional[int] = None, batch_size: int = 16,
-        max_new_tokens: int = 32, progress: bool = True) -> dict[str, Any]:
-    """Ground the first ``limit`` expressions (all sentences of each ref) and write ``out_dir/refcoco/``."""
-    examples = [(r, s) for r in data.refs for s in r.sentences][: limit if limit is not None else None]
+        options: Optional[RunOptions] = None) -> dict[str, Any]:
+    """Ground the first ``limit`` expressions (all sentences of each ref; [B,3,H,W] batches of
+    ``batch_size``) with ``model.generate`` and write ``out_dir/refcoco/``; returns the summary
+    (``grounding_metrics``)."""
+    options = options or RunOptions()
+    examples = first([(r, s) for r in data.refs for s in r.sentences], limit)
     if not examples:
         raise ValueError("refcoco: no referring expressions")
     cache: dict = {}
-    records, ious, splits = [], [], []
-    with tqdm(total=len(examples), desc=TASK, disable=not progress) as bar:
+    records: list[dict] = []
+    with tqdm(total=len(examples), desc=TASK, disable=not options.progress) as bar:
         for chunk in batched(examples, batch_size):
             pixels = pixel_batch(model, [Path(data.image_root) / r.file_name for r, _ in chunk], cache)
             prompts = [grounding_prompt(s) for _, s in chunk]
-            texts = model.generate(pixels, prompts, max_new_tokens=max_new_tokens)
-            for (r, sent), prompt, text in zip(chunk, prompts, texts):
-                gold = xywh_to_xyxy(r.bbox_xywh)
-                parsed = parse_box(text)
-                pred = denormalise(parsed, r.width, r.height) if parsed is not None else None
-                iou = box_iou(pred, gold) if pred is not None else None
-                ious.append(iou)
-                splits.append(r.split)
-                records.append({"id": f"{r.ref_id}:{len(records)}", "ref_id": r.ref_id, "ann_id": r.ann_id,
-                                "split": r.split, "image": r.file_name, "prompt": prompt, "output": text,
-                                "parsed_box": list(parsed) if parsed else None, "pred_box_px": list(pred) if pred else None,
-                                "gold_box_px": list(gold), "iou": iou,
-                                "correct": iou is not None and iou >= 0.5, "parse_failed": parsed is None})
+            texts = model.generate(pixels, prompts, max_new_tokens=MAX_NEW_TOKENS)
+            for (r, _), prompt, text in zip(chunk, prompts, texts):
+                records.append(ground(r, prompt, text, len(records)))
             bar.update(len(chunk))
-    summary = grounding_metrics(ious, splits)
+    summary = grounding_metrics([r["iou"] for r in records], [r["split"] for r in records])
     rows = [[s, m["acc"], m["mean_iou"], m["unparseable"], m["n"]] for s, m in summary["splits"].items()]
     rows.append(["all", summary["acc"], summary["mean_iou"], summary["unparseable"], summary["n"]])
     md = f"# {TASK}\n\n" + markdown_table(["split", "Acc@0.5", "mean IoU", "unparseable", "n"], rows) + "\n"

@@ -14,13 +14,18 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from eval.io import batched, pixel_batch
+from eval.io import RunOptions, batched, pixel_batch
 from eval.parsing import parse_true_false
 from eval.pope import roc_auc
 from eval.report import markdown_table, write_task_outputs
+from eval.sources import EvalSources, check_images, first
+from vlm.data.formats import read_vsr
 from vlm.data.prompts import FALSE, TRUE, vsr_prompt
 
 TASK = "vsr"
+HEADLINE = ["accuracy", "auc", "n"]  # the harness's combined summary.md
+REPORT_COLUMNS = ["accuracy"]  # the demo / ablation tables
+MAX_NEW_TOKENS = 8
 
 
 def vsr_metrics(pred: Sequence[Optional[bool]], gold: Sequence[bool], relations: Sequence[str],
@@ -53,42 +58,61 @@ class VsrData:
     image_root: Path
 
 
-def run(model, data: VsrData, out_dir: str | Path, limit: Optional[int] = None, batch_size: int = 32,
-        mode: str = "score", max_new_tokens: int = 8, progress: bool = True) -> dict[str, Any]:
-    """Answer the first ``limit`` statements and write ``out_dir/vsr/``."""
-    if mode not in ("score", "generate"):
-        raise ValueError(f"mode must be 'score' or 'generate', got {mode!r}")
-    items = data.items[: limit if limit is not None else None]
+def load(src: EvalSources, limit: Optional[int] = None) -> VsrData:
+    """Read and check the VSR files (``vsr``, ``vsr_images``) -> ``VsrData`` (every statement; the
+    images of the first ``limit`` are checked)."""
+    root = src.folder("vsr_images")
+    items = read_vsr(src.file("vsr"))
+    check_images([root / it.image for it in first(items, limit)], TASK)
+    return VsrData(items, root)
+
+
+def answer_batch(model, pixels, items: Sequence, mode: str) -> tuple[list[Optional[bool]], list[dict], list[float]]:
+    """Answer one batch (pixels [B,3,H,W]) -> (True / False / None (unparseable), per-item output
+    fields, margins logP(True) - logP(False) (empty in "generate" mode))."""
+    prompts = [vsr_prompt(it.caption) for it in items]
+    if mode == "score":
+        logp = torch.as_tensor(model.score(pixels, prompts, [TRUE, FALSE]), dtype=torch.float64).tolist()
+        outputs = [{"logp_true": a, "logp_false": b} for a, b in logp]
+        return [a > b for a, b in logp], outputs, [a - b for a, b in logp]
+    texts = model.generate(pixels, prompts, max_new_tokens=MAX_NEW_TOKENS)
+    return [parse_true_false(t) for t in texts], [{"text": t} for t in texts], []
+
+
+def run(model, data: VsrData, out_dir: str | Path, limit: Optional[int] = None, batch_size: int = 16,
+        options: Optional[RunOptions] = None) -> dict[str, Any]:
+    """Answer the first ``limit`` statements ([B,3,H,W] batches of ``batch_size``; ``options.answer_mode``
+    "score" or "generate") and write ``out_dir/vsr/``; returns the summary (``vsr_metrics`` plus the mode)."""
+    options = options or RunOptions()
+    mode = options.answer_mode
+    items = first(data.items, limit)
     if not items:
         raise ValueError("vsr: no statements")
     cache: dict = {}
-    records, pred, gold, rels, margins = [], [], [], [], []
-    with tqdm(total=len(items), desc=TASK, disable=not progress) as bar:
-        for start, chunk in zip(range(0, len(items), batch_size), batched(items, batch_size)):
+    records: list[dict] = []
+    margins: list[float] = []
+    with tqdm(total=len(items), desc=TASK, disable=not options.progress) as bar:
+        for chunk in batched(items, batch_size):
             pixels = pixel_batch(model, [Path(data.image_root) / it.image for it in chunk], cache)
-            prompts = [vsr_prompt(it.caption) for it in chunk]
-            if mode == "score":
-                logp = torch.as_tensor(model.score(pixels, prompts, [TRUE, FALSE]), dtype=torch.float64).tolist()
-                outputs = [{"logp_true": a, "logp_false": b} for a, b in logp]
-                answers: list[Optional[bool]] = [a > b for a, b in logp]
-                margins += [a - b for a, b in logp]
-            else:
-                texts = model.generate(pixels, prompts, max_new_tokens=max_new_tokens)
-                outputs = [{"text": t} for t in texts]
-                answers = [parse_true_false(t) for t in texts]
-            for k, (it, prompt, o, a) in enumerate(zip(chunk, prompts, outputs, answers)):
+            answers, outputs, m = answer_batch(model, pixels, chunk, mode)
+            margins += m
+            for it, o, a in zip(chunk, outputs, answers):
                 g = bool(it.label)
-                records.append({"id": start + k, "image": it.image, "relation": it.relation, "prompt": prompt, **o,
-                                "answer": a, "gold": g, "correct": a is not None and a == g})
-                pred.append(a)
-                gold.append(g)
-                rels.append(it.relation)
+                records.append({"id": len(records), "image": it.image, "relation": it.relation,
+                                "prompt": vsr_prompt(it.caption), **o, "answer": a, "gold": g,
+                                "correct": a is not None and a == g})
             bar.update(len(chunk))
-    summary = vsr_metrics(pred, gold, rels, margins if mode == "score" else None)
+    summary = vsr_metrics([r["answer"] for r in records], [r["gold"] for r in records],
+                          [r["relation"] for r in records], margins if mode == "score" else None)
     summary["mode"] = mode
+    write_task_outputs(out_dir, TASK, summary, records, _markdown(summary, mode))
+    return summary
+
+
+def _markdown(summary: dict[str, Any], mode: str) -> str:
+    """The per-relation table of ``vsr/summary.md`` (and the AUC when there is one)."""
     rows = [[r, m["accuracy"], m["n"]] for r, m in summary["relations"].items()]
     rows.append(["all", summary["accuracy"], summary["n"]])
-    md = (f"# {TASK} ({mode})\n\n" + markdown_table(["relation", "accuracy", "n"], rows)
-          + (f"\n\nAUC (logP(True) - logP(False)): {summary['auc']:.4f}\n" if "auc" in summary and summary["auc"] == summary["auc"] else "\n"))
-    write_task_outputs(out_dir, TASK, summary, records, md)
-    return summary
+    auc = summary.get("auc")
+    return (f"# {TASK} ({mode})\n\n" + markdown_table(["relation", "accuracy", "n"], rows)
+            + (f"\n\nAUC (logP(True) - logP(False)): {auc:.4f}\n" if auc is not None and auc == auc else "\n"))

@@ -26,10 +26,10 @@ from training import distributed
 from training.data import ResumableBatches
 from training.loop import check_out_dir, train
 from vlm.config import LMConfig, LMModelConfig
+from vlm.data.prompts import IMAGE_TOKEN
 from vlm.data.tokenizer import train_bpe_tokenizer
 from vlm.world.generator import world_corpus, world_split
 
-IMAGE_TOKEN = "<image>"
 
 
 class CausalLMObjective(nn.Module):

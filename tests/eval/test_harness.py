@@ -7,8 +7,9 @@ import pytest
 import torch
 from eval_fakes import FakeVLM, write_image
 
-from eval.harness import TASKS, load_task_data, resolve_sources, run_vlm_eval
+from eval.harness import load_task_data, resolve_sources, run_vlm_eval
 from eval.io import load_image
+from eval.tasks import VLM_TASKS
 from vlm.config import WorldConfig
 from vlm.data.formats import (FormatError, PopeQuestion, read_coco_captions, read_pope, read_refcoco, read_vsr,
                               write_coco_captions, write_coco_instances, write_pope)
@@ -72,14 +73,14 @@ class OracleVLM(FakeVLM):
 def test_end_to_end_oracle(world, tmp_path):
     model = OracleVLM(world)
     out = tmp_path / "eval"
-    s = run_vlm_eval(model, list(TASKS), out, world_dir=world, progress=False)
+    s = run_vlm_eval(model, list(VLM_TASKS), out, world_dir=world, progress=False)
     assert s["caption"]["BLEU_4"] == pytest.approx(1.0, abs=1e-6) and s["caption"]["CIDEr"] > 1.0
     assert s["chair"]["chair_i"] == 0.0 and s["chair"]["chair_s"] == 0.0 and s["chair"]["recall"] > 0.5
     assert s["pope"]["f1_avg"] == 1.0 and s["pope"]["random"]["auc"] == 1.0
     assert s["refcoco"]["acc"] == 1.0 and s["refcoco"]["unparseable"] == 0
     assert s["vsr"]["accuracy"] == 1.0 and set(s["vsr"]["relations"]) <= {"left of", "right of", "above", "below", "next to"}
-    assert set(s["wall_s"]) == set(TASKS) and s["data"] == "world"
-    for t in TASKS:
+    assert set(s["wall_s"]) == set(VLM_TASKS) and s["data"] == "world"
+    for t in VLM_TASKS:
         for f in ("predictions.jsonl", "summary.json", "summary.md"):
             assert (out / t / f).is_file(), (t, f)
     assert json.loads((out / "summary.json").read_text())["pope"]["f1_avg"] == 1.0

@@ -72,15 +72,3 @@ def test_bad_input(encoder, tmp_path):
     with pytest.raises(ValueError, match="captions"):
         alignment_heatmaps(encoder, [np.zeros((32, 32, 3), np.uint8)], ["a", "b"], tmp_path / "x.png")
 
-
-def test_checkpoint_heatmaps_on_the_world(encoder, tmp_path):
-    from eval.heatmaps import checkpoint_heatmaps
-    from vlm.config import WorldConfig
-    from vlm.world.generator import generate_sample
-
-    world = WorldConfig(image_size=32, n_train=4, n_eval=3, seed=1)
-    encoder.save_pretrained(tmp_path / "ckpt")
-    rows = checkpoint_heatmaps(tmp_path / "ckpt", None, world, tmp_path / "w.png", n_images=2)
-    assert [r.caption for r in rows] == [generate_sample(i, 1, world).captions["short"] for i in (4, 5)]
-    with Image.open(tmp_path / "w.png") as im:
-        assert im.format == "PNG"

@@ -5,6 +5,7 @@ import random
 import pytest
 from eval_fakes import FakeVLM, write_image
 
+from eval.io import RunOptions
 from eval.pope import PopeData, binary_metrics, pope_summary, roc_auc, run
 from vlm.data.formats import PopeQuestion
 from vlm.data.prompts import pope_prompt
@@ -84,7 +85,7 @@ def test_run_scoring(pope_data, tmp_path):
               (2, p("Is there a circle in the image?")): [-0.3, -0.4]}  # yes (correct)
     model = FakeVLM(scores=scores)
     out = tmp_path / "out"
-    s = run(model, pope_data, out, batch_size=2, progress=False)
+    s = run(model, pope_data, out, batch_size=2, options=RunOptions(progress=False))
     assert s["random"]["accuracy"] == pytest.approx(1 / 3)
     assert s["random"]["precision"] == pytest.approx(1 / 2) and s["random"]["recall"] == pytest.approx(1 / 2)
     assert s["adversarial"]["accuracy"] == 1.0 and s["adversarial"]["auc"] == 1.0
@@ -101,9 +102,9 @@ def test_run_generate_and_limit(pope_data, tmp_path):
     texts = {(0, pope_prompt("Is there a circle in the image?")): "Yes, there is.",
              (0, pope_prompt("Is there a star in the image?")): "No, there is not."}
     model = FakeVLM(texts=texts, default_text="I do not know")
-    s = run(model, pope_data, tmp_path / "o", limit=2, mode="generate", progress=False)
+    s = run(model, pope_data, tmp_path / "o", limit=2, options=RunOptions(answer_mode="generate", progress=False))
     assert s["random"]["n"] == 2 and s["random"]["accuracy"] == 1.0
     assert s["adversarial"]["n"] == 2 and s["adversarial"]["yes_ratio"] == 0.0  # "not" -> no
     assert "auc" not in s["random"]
     with pytest.raises(ValueError, match="mode"):
-        run(model, pope_data, tmp_path / "o", mode="vote")
+        run(model, pope_data, tmp_path / "o", options=RunOptions(answer_mode="vote"))

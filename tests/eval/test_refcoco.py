@@ -4,6 +4,7 @@ import json
 import pytest
 from eval_fakes import FakeVLM, write_image
 
+from eval.io import RunOptions
 from eval.refcoco import RefcocoData, box_iou, denormalise, grounding_metrics, run, xywh_to_xyxy
 from vlm.data.formats import RefExpr
 from vlm.data.prompts import grounding_prompt
@@ -44,7 +45,8 @@ def test_run(tmp_path):
     texts = {(1, grounding_prompt("the red circle")): "[0.0, 0.0, 0.5, 0.5]",  # exact
              (1, grounding_prompt("left thing")): "It is at [0.5, 0.5, 1.0, 1.0].",  # disjoint
              (2, grounding_prompt("the star")): "somewhere"}  # unparseable
-    s = run(FakeVLM(texts=texts), RefcocoData(refs, tmp_path / "im"), tmp_path / "out", batch_size=2, progress=False)
+    s = run(FakeVLM(texts=texts), RefcocoData(refs, tmp_path / "im"), tmp_path / "out", batch_size=2,
+            options=RunOptions(progress=False))
     assert s["acc"] == pytest.approx(1 / 3) and s["unparseable"] == 1
     assert s["splits"]["val"]["acc"] == 0.5 and s["splits"]["test"]["unparseable"] == 1
     lines = [json.loads(x) for x in (tmp_path / "out" / "refcoco" / "predictions.jsonl").read_text().splitlines()]
@@ -52,5 +54,6 @@ def test_run(tmp_path):
     assert lines[2]["parse_failed"] and lines[2]["iou"] is None
     assert lines[0]["gold_box_px"] == [0.0, 0.0, 32.0, 32.0]
     assert "unparseable" in (tmp_path / "out" / "refcoco" / "summary.md").read_text()
-    s2 = run(FakeVLM(texts=texts), RefcocoData(refs, tmp_path / "im"), tmp_path / "o2", limit=1, progress=False)
+    s2 = run(FakeVLM(texts=texts), RefcocoData(refs, tmp_path / "im"), tmp_path / "o2", limit=1,
+             options=RunOptions(progress=False))
     assert s2["n"] == 1 and s2["acc"] == 1.0

@@ -2,6 +2,7 @@
 import pytest
 from eval_fakes import FakeVLM, write_image
 
+from eval.io import RunOptions
 from eval.vsr import VsrData, run, vsr_metrics
 from vlm.data.formats import VsrItem
 from vlm.data.prompts import vsr_prompt
@@ -32,12 +33,13 @@ def test_run_modes(tmp_path):
     scores = {(0, vsr_prompt(items[0].caption)): [-0.1, -3.0],  # true: correct
               (0, vsr_prompt(items[1].caption)): [-0.2, -1.0],  # true: wrong
               (1, vsr_prompt(items[2].caption)): [-2.0, -0.5]}  # false: wrong
-    s = run(FakeVLM(scores=scores), VsrData(items, tmp_path / "im"), tmp_path / "o", batch_size=2, progress=False)
+    s = run(FakeVLM(scores=scores), VsrData(items, tmp_path / "im"), tmp_path / "o", batch_size=2,
+            options=RunOptions(progress=False))
     assert s["accuracy"] == pytest.approx(1 / 3)
     assert s["relations"]["left of"]["accuracy"] == 0.5 and s["relations"]["above"]["accuracy"] == 0.0
     assert s["auc"] == pytest.approx(0.5)  # margins: pos 2.9, -1.5; neg 0.8
     texts = {(0, vsr_prompt(items[0].caption)): "True.", (0, vsr_prompt(items[1].caption)): "false"}
     g = run(FakeVLM(texts=texts, default_text="maybe"), VsrData(items, tmp_path / "im"), tmp_path / "g",
-            mode="generate", progress=False)
+            options=RunOptions(answer_mode="generate", progress=False))
     assert g["accuracy"] == pytest.approx(2 / 3) and g["unparseable"] == 1 and "auc" not in g
     assert (tmp_path / "g" / "vsr" / "predictions.jsonl").read_text().count("\n") == 3

@@ -21,9 +21,11 @@ import os
 import sys
 from pathlib import Path
 
-from vlm.config import ConfigError, WorldConfig, load_config
+from vlm.config import VLM_TASK_NAMES, ConfigError, WorldConfig, load_config
 
-VLM_TASKS = ("caption", "chair", "pope", "refcoco", "vsr")
+# The names of eval.tasks.VLM_TASKS (tests/eval/test_tasks.py checks they agree); read from the config
+# layer so `vlm --help` does not import torch through the eval registry.
+VLM_TASKS = VLM_TASK_NAMES
 
 
 def _offline() -> None:

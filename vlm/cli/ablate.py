@@ -11,9 +11,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval.encoder import REPORT_COLUMNS as ENCODER_COLUMNS
+from eval.encoder import run as run_encoder_eval
+from eval.harness import run_vlm_eval
+from eval.report import cached_json, metrics_table, write_json, write_text
+from eval.tasks import VLM_REPORT_COLUMNS
+from vlm.cli.demo import start_run
 from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, mean_ci, run_stage, timed
-from vlm.cli.report import ENCODER_COLUMNS, VLM_COLUMNS, markdown_table, pick_columns
-from vlm.config import AblateConfig, load_config, save_config
+from vlm.config import AblateConfig, load_config
+from vlm.world.export import ensure_world
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ CLAIMS = [
 
 
 def tower_name(objective: str, maskembed: bool) -> str:
+    """The grid's name of a tower: the objective, with "+maskembed" when post-trained."""
     return f"{objective}+maskembed" if maskembed else objective
 
 
@@ -91,19 +98,7 @@ def run_ablation(config_path: str, overrides: list[str] | None = None) -> Path:
     """Train and evaluate every cell of the grid; write ``out_dir/report.md`` and ``results.json``."""
     cfg = load_config(AblateConfig, config_path, list(overrides or []))
     stages, cells = plan(cfg)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "ablate.yaml")
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    timings = Timings(out / "timings.json")
-
-    from eval.encoder import run as run_encoder_eval
-    from eval.harness import run_vlm_eval
-    from vlm.world.export import ensure_world
-
+    out, timings = start_run(cfg, "ablate.yaml")
     world_dir = out / "world"
     timed("world", timings, ensure_world, world_dir, cfg.world)
     run_stage(stages["lm"], timings)
@@ -112,24 +107,25 @@ def run_ablation(config_path: str, overrides: list[str] | None = None) -> Path:
     for tower, level, seed, stage_name in cells:
         stage = stages[stage_name]
         run_stage(stage, timings)  # reuses the tower's stage-one/MaskEmbed run after the first cell
-        eval_dir = out / "eval" / stage_name.replace("/", "_")
-        summary_path = eval_dir / "cell_summary.json"
-        if summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-        elif level == "encoder":
-            text_from = None
-            if stage.recipe == "maskembed":
-                text_from = str(Path(stage.cfg.maskembed.teacher))
-            summary = timed(f"eval {stage_name}", timings, run_encoder_eval, str(stage.final), str(eval_dir),
-                            world=cfg.world, world_dir=str(world_dir), text_from=text_from, limit=cfg.eval_limit)
-        else:
-            summary = timed(f"eval {stage_name}", timings, run_vlm_eval, str(stage.final), list(cfg.vlm_tasks),
-                            str(eval_dir), world_dir=str(world_dir), limit=cfg.eval_limit)
-        summary_path.parent.mkdir(parents=True, exist_ok=True)
-        summary_path.write_text(json.dumps(summary, indent=2, default=str))
+        summary = evaluate_cell(cfg, stage, level, world_dir, timings)
         results.append({"tower": tower, "level": level, "seed": seed, "metrics": flatten_metrics(summary)})
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        write_json(out / "results.json", results, strict=False, newline=False)
     return write_report(out, cfg, results, timings)
+
+
+def evaluate_cell(cfg: AblateConfig, stage: Stage, level: str, world_dir: Path, timings: Timings) -> dict:
+    """One cell's summary: the encoder eval ("encoder" level; a MaskEmbed tower scored with its
+    teacher's text side) or the VLM evals, or the ``cell_summary.json`` an earlier run saved."""
+    summary_path = Path(cfg.out_dir) / "eval" / stage.name.replace("/", "_") / "cell_summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    eval_dir = str(summary_path.parent)
+    if level == "encoder":
+        text_from = str(Path(stage.cfg.maskembed.teacher)) if stage.recipe == "maskembed" else None
+        return timed(f"eval {stage.name}", timings, cached_json, summary_path, run_encoder_eval, str(stage.final),
+                     eval_dir, world=cfg.world, world_dir=str(world_dir), text_from=text_from, limit=cfg.eval_limit)
+    return timed(f"eval {stage.name}", timings, cached_json, summary_path, run_vlm_eval, str(stage.final),
+                 list(cfg.vlm_tasks), eval_dir, world_dir=str(world_dir), limit=cfg.eval_limit)
 
 
 def aggregate(results: list[dict]) -> dict[tuple[str, str], dict[str, tuple[float, float, float, int]]]:
@@ -173,6 +169,12 @@ def judge(claim: Claim, results: list[dict]) -> str:
             + (f" vs {level_b}" if level_b != claim.level else "") + ").")
 
 
+def _mean_pm(stats: tuple[float, float, float, int]) -> str:
+    """A table cell "mean ± CI half-width" (the mean alone for a single seed)."""
+    mean, lo, hi, n = stats
+    return f"{mean:.3f}" + (f" ± {(hi - lo) / 2:.3f}" if n > 1 else "")
+
+
 def write_report(out: Path, cfg: AblateConfig, results: list[dict], timings: Timings) -> Path:
     """``out/report.md``: one mean +/- CI table per level, then the claim statements."""
     agg = aggregate(results)
@@ -182,23 +184,11 @@ def write_report(out: Path, cfg: AblateConfig, results: list[dict], timings: Tim
              "over seeds; the headline metrics (every metric of every cell: `results.json`). Config: `ablate.yaml`; per-cell summaries: `eval/`.", ""]
     for level in sorted({lvl for _, lvl in agg}):
         rows = {t: m for (t, lvl), m in agg.items() if lvl == level}
-        metrics = pick_columns(rows, ENCODER_COLUMNS if level == "encoder" else VLM_COLUMNS)
-        lines += [f"## {level}", ""]
-        table_rows = []
-        for tower, m in rows.items():
-            cells = []
-            for k in metrics:
-                if k not in m:
-                    cells.append(None)
-                    continue
-                mean, lo, hi, n = m[k]
-                cells.append(f"{mean:.3f}" + (f" ± {(hi - lo) / 2:.3f}" if n > 1 else ""))
-            table_rows.append([tower, *cells])
-        lines += [markdown_table(["tower", *metrics], table_rows), ""]
+        lines += [f"## {level}", "",
+                  metrics_table("tower", rows, ENCODER_COLUMNS if level == "encoder" else VLM_REPORT_COLUMNS,
+                                cell=lambda m, k: _mean_pm(m[k]) if k in m else None), ""]
     lines += ["## Claims of the seed papers, as measured here", ""]
     lines += [judge(c, results) for c in CLAIMS]
     lines += ["", "## Wall time", "", f"Total {sum(timings.seconds.values()) / 60:.1f} min over {len(timings.seconds)} stages "
               "(`timings.json`)."]
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return write_text(out / "report.md", "\n".join(lines) + "\n")

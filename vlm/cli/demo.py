@@ -6,23 +6,20 @@ Every stage's config is resolved before the first one starts, so a bad value fai
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
-from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, run_stage, timed
-from vlm.cli.report import ENCODER_COLUMNS, VLM_COLUMNS, markdown_table, pick_columns, plot_training_curves
-from vlm.config import DemoConfig, load_config, save_config
+import torch
 
-def _cached_json(path: Path, fn, *args, **kwargs) -> dict:
-    """``fn(...)``'s summary, or the one already saved at ``path`` by an earlier run."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    summary = fn(*args, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+from eval.encoder import REPORT_COLUMNS as ENCODER_COLUMNS
+from eval.encoder import run as run_encoder_eval
+from eval.harness import run_vlm_eval
+from eval.report import cached_json, markdown_table, metrics_table, plot_training_curves, write_text
+from eval.tasks import VLM_REPORT_COLUMNS
+from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, run_stage, timed
+from vlm.config import DemoConfig, PipelineConfig, load_config, save_config
+from vlm.world.export import ensure_world
 
 
 def plan(cfg: DemoConfig) -> dict[str, Stage]:
@@ -44,69 +41,84 @@ def plan(cfg: DemoConfig) -> dict[str, Stage]:
     return stages
 
 
+def start_run(cfg: PipelineConfig, config_name: str) -> tuple[Path, Timings]:
+    """Create ``cfg.out_dir``, save ``cfg`` there as ``config_name``, apply ``cfg.threads`` -> (out dir,
+    the run's Timings)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / config_name)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return out, Timings(out / "timings.json")
+
+
 def run_demo(out: str | Path, config_path: str | None = None, overrides: list[str] | None = None) -> Path:
     """Run the whole pipeline into ``out`` and return the path of ``out/report.md``."""
     cfg = load_config(DemoConfig, config_path, [f"out_dir={out}", *(overrides or [])])
     stages = plan(cfg)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "demo.yaml")
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    timings = Timings(out / "timings.json")
+    out, timings = start_run(cfg, "demo.yaml")
     t_start = time.perf_counter()
-
-    from vlm.world.export import ensure_world
 
     world_dir = out / "world"
     timed("world", timings, ensure_world, world_dir, cfg.world)
     for stage in stages.values():
         run_stage(stage, timings)
+    encoder_rows, heatmaps = encoder_evals(cfg, stages, world_dir, timings)
+    vlm_rows = vlm_evals(cfg, stages, world_dir, timings)
+    curves = copy_figures(out, stages, world_dir)
+    total = time.perf_counter() - t_start
+    report = write_report(out, cfg, timings, total, encoder_rows, vlm_rows, curves, heatmaps)
+    print(report.read_text())
+    return report
 
-    # Encoder evals: every stage-one tower, and the MaskEmbed student beside its teacher.
-    from eval.encoder import run as run_encoder_eval
 
-    encoder_rows: dict[str, dict[str, float]] = {}
-    heatmaps = {}
+def encoder_evals(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path,
+                  timings: Timings) -> tuple[dict[str, dict[str, float]], dict[str, Path]]:
+    """Every stage-one tower and the MaskEmbed student (scored with its teacher's text side) ->
+    ({stage name: flat metrics}, {objective: heatmaps PNG copied under figures/})."""
+    out = Path(cfg.out_dir)
+    rows: dict[str, dict[str, float]] = {}
+    heatmaps: dict[str, Path] = {}
     for name, stage in stages.items():
         if stage.recipe not in ("stage1", "maskembed"):
             continue
         text_from = str(stages[f"stage1/{cfg.maskembed_teacher}"].final) if stage.recipe == "maskembed" else None
         eval_dir = out / "eval" / name.replace("/", "_")
-        summary = timed(f"eval encoder {name}", timings, _cached_json, eval_dir / "summary.json", run_encoder_eval,
+        summary = timed(f"eval encoder {name}", timings, cached_json, eval_dir / "summary.json", run_encoder_eval,
                         str(stage.final), str(eval_dir), world=cfg.world, world_dir=str(world_dir),
                         text_from=text_from, limit=cfg.eval_limit)
-        encoder_rows[name] = flatten_metrics(summary)
+        rows[name] = flatten_metrics(summary)
         obj = name.split("/", 1)[1]
         drawn = eval_dir / "heatmaps.png"  # the encoder eval draws the alignment heatmaps of every tower
         if stage.recipe == "stage1" and obj in cfg.heatmap_objectives and drawn.is_file():
             heatmaps[obj] = out / "figures" / f"heatmaps_{obj}.png"
             heatmaps[obj].parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(drawn, heatmaps[obj])
+    return rows, heatmaps
 
-    # VLM evals.
-    from eval.harness import run_vlm_eval
 
-    vlm_rows: dict[str, dict[str, float]] = {}
+def vlm_evals(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path,
+              timings: Timings) -> dict[str, dict[str, float]]:
+    """Every stage-two model on ``cfg.vlm_tasks`` -> {stage name: flat metrics}."""
+    rows: dict[str, dict[str, float]] = {}
     for name, stage in stages.items():
         if stage.recipe != "stage2":
             continue
-        eval_dir = out / "eval" / name.replace("/", "_")
-        summary = timed(f"eval vlm {name}", timings, _cached_json, eval_dir / "all_summary.json", run_vlm_eval,
+        eval_dir = Path(cfg.out_dir) / "eval" / name.replace("/", "_")
+        summary = timed(f"eval vlm {name}", timings, cached_json, eval_dir / "all_summary.json", run_vlm_eval,
                         str(stage.final), list(cfg.vlm_tasks), str(eval_dir), world_dir=str(world_dir),
                         limit=cfg.eval_limit)
-        vlm_rows[name] = flatten_metrics(summary)
+        rows[name] = flatten_metrics(summary)
+    return rows
 
+
+def copy_figures(out: Path, stages: dict[str, Stage], world_dir: Path) -> Path | None:
+    """Draw ``figures/training_curves.png`` (returned; None without curves) and copy the world's contact sheet."""
     curves = plot_training_curves({n: s.out_dir for n, s in stages.items()}, out / "figures" / "training_curves.png")
     if (world_dir / "contact_sheet.png").is_file():
         (out / "figures").mkdir(exist_ok=True)
         shutil.copy(world_dir / "contact_sheet.png", out / "figures" / "contact_sheet.png")
-    total = time.perf_counter() - t_start
-    report = write_report(out, cfg, timings, total, encoder_rows, vlm_rows, curves, heatmaps)
-    print(report.read_text())
-    return report
+    return curves
 
 
 def write_report(out: Path, cfg: DemoConfig, timings: Timings, total: float, encoder_rows: dict,
@@ -124,17 +136,22 @@ def write_report(out: Path, cfg: DemoConfig, timings: Timings, total: float, enc
         "",
         "## Encoders (stage one, MaskEmbed)",
         "",
+        metrics_table("tower", encoder_rows, ENCODER_COLUMNS),
+        "", "Per-example predictions and full summaries: `eval/<tower>/`.", "",
+        "## Vision-language models (stage two)", "",
+        metrics_table("model", vlm_rows, VLM_REPORT_COLUMNS),
+        "", "Per-task predictions (jsonl), summaries and tables: `eval/stage2_<bridge>/<task>/`.", "",
+        "## Wall time by stage", "",
+        markdown_table(["stage", "seconds"], [[k, v] for k, v in secs.items()], digits=3),
+        "", "## Figures", "",
     ]
-    cols = pick_columns(encoder_rows, ENCODER_COLUMNS)
-    lines.append(markdown_table(["tower", *cols], [[n, *[r.get(c) for c in cols]] for n, r in encoder_rows.items()]))
-    lines += ["", "Per-example predictions and full summaries: `eval/<tower>/`.", "",
-              "## Vision-language models (stage two)", ""]
-    cols = pick_columns(vlm_rows, VLM_COLUMNS)
-    lines.append(markdown_table(["model", *cols], [[n, *[r.get(c) for c in cols]] for n, r in vlm_rows.items()]))
-    lines += ["", "Per-task predictions (jsonl), summaries and tables: `eval/stage2_<bridge>/<task>/`.", "",
-              "## Wall time by stage", ""]
-    lines.append(markdown_table(["stage", "seconds"], [[k, v] for k, v in secs.items()]))
-    lines += ["", "## Figures", ""]
+    lines += figure_lines(out, curves, heatmaps)
+    return write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def figure_lines(out: Path, curves: Path | None, heatmaps: dict[str, Path]) -> list[str]:
+    """The report's figure section: training curves, heatmaps per objective, the contact sheet."""
+    lines = []
     if curves:
         lines += ["Training curves:", "", f"![training curves]({curves.relative_to(out)})", ""]
     for obj, png in heatmaps.items():
@@ -142,6 +159,4 @@ def write_report(out: Path, cfg: DemoConfig, timings: Timings, total: float, enc
                   f"![heatmaps {obj}]({png.relative_to(out)})", ""]
     if (out / "figures" / "contact_sheet.png").is_file():
         lines += ["The world (contact sheet with boxes and captions):", "", "![contact sheet](figures/contact_sheet.png)", ""]
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return lines

@@ -27,12 +27,13 @@ from typing import Optional, Sequence, Union
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
 
 from encoders.features import ImageFeatures, TextFeatures
 from encoders.towers import (ImageTransform, VisionTower, build_vision_tower, default_transform, load_vision_tower,
                              tower_forward, tower_width)
 from vlm.config import ConfigError, EncoderConfig, config_from_yaml_text, save_config
+from vlm.data.tokenizer import load_tokenizer
 
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "encoder.yaml"
@@ -66,13 +67,6 @@ def load_text_tower(path: Union[str, Path]) -> CLIPTextModel:
     if model_type not in ("clip", "clip_text_model"):
         raise ValueError(f"{directory}: model_type {model_type!r} is not a CLIP text model")
     return CLIPTextModel.from_pretrained(str(directory), attn_implementation="sdpa")
-
-
-def load_tokenizer(path: Union[str, Path]) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer`` from ``path/tokenizer`` (our checkpoints) or ``path``; local files only."""
-    path = Path(path)
-    directory = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
 def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],

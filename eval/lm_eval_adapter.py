@@ -32,7 +32,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eval.report import markdown_table, write_summary
 from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config
-from vlm.model.llm import load_llm, load_lora, load_tokenizer
+from vlm.data.tokenizer import load_tokenizer
+from vlm.model.llm import load_llm, load_lora
 from vlm.world.generator import world_corpus
 
 MODEL_NAME = "sparc-vlm-llm"

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from encoders.config import Stage1Config
 from encoders.objectives.base import ObjectiveConfig
-from encoders.dual_encoder import DualEncoder, load_tokenizer, tokenize_texts
+from encoders.dual_encoder import DualEncoder, tokenize_texts
 from encoders.registry import captions_for
 from encoders.stage1_model import Stage1Model
 from encoders.towers import ImageTransform
@@ -41,7 +41,7 @@ from training.data import ShardBatches, ShardSamples, world_dir_for
 from training.loop import check_out_dir, train
 from vlm.config import MaskEmbedRunConfig
 from vlm.data.shards import ShardStream
-from vlm.data.tokenizer import train_bpe_tokenizer
+from vlm.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from vlm.world.generator import world_corpus, world_split
 
 TOKENIZER_CORPUS_LIMIT = 200_000  # captions read from real shards to train a BPE when none is given

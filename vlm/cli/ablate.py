@@ -7,6 +7,7 @@ numbers say, including "does not hold" and "inconclusive" (the CI of the differe
 """
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,7 @@ from eval.encoder import run as run_encoder_eval
 from eval.harness import run_vlm_eval
 from eval.report import cached_json, metrics_table, write_json, write_text
 from eval.tasks import VLM_REPORT_COLUMNS
-from vlm.cli.demo import start_run
-from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, mean_ci, run_stage, timed
+from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, mean_ci, run_stage, start_run, timed
 from vlm.config import AblateConfig, load_config
 from vlm.world.export import ensure_world
 
@@ -192,3 +192,17 @@ def write_report(out: Path, cfg: AblateConfig, results: list[dict], timings: Tim
     lines += ["", "## Wall time", "", f"Total {sum(timings.seconds.values()) / 60:.1f} min over {len(timings.seconds)} stages "
               "(`timings.json`)."]
     return write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``vlm ablate [--config YAML] [overrides]``."""
+    parser.add_argument("--config", default="configs/ablate/backbones_world.yaml")
+    parser.add_argument("overrides", nargs="*", help="AblateConfig overrides")
+    parser.set_defaults(func=cmd_ablate)
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """``vlm ablate``: the backbone grid with seeds and 95% CIs."""
+    report = run_ablation(args.config, overrides=args.overrides)
+    print(f"report: {report}")
+    return 0

@@ -6,19 +6,18 @@ Every stage's config is resolved before the first one starts, so a bad value fai
 """
 from __future__ import annotations
 
+import argparse
 import shutil
 import time
 from pathlib import Path
-
-import torch
 
 from eval.encoder import REPORT_COLUMNS as ENCODER_COLUMNS
 from eval.encoder import run as run_encoder_eval
 from eval.harness import run_vlm_eval
 from eval.report import cached_json, markdown_table, metrics_table, plot_training_curves, write_text
 from eval.tasks import VLM_REPORT_COLUMNS
-from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, run_stage, timed
-from vlm.config import DemoConfig, PipelineConfig, load_config, save_config
+from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, run_stage, start_run, timed
+from vlm.config import DemoConfig, load_config
 from vlm.world.export import ensure_world
 
 
@@ -39,17 +38,6 @@ def plan(cfg: DemoConfig) -> dict[str, Stage]:
             f"stage2/{bridge}", "stage2", cfg.stage2_config.format(bridge=bridge), out / "stage2" / bridge, cfg,
             [f"model.vision_tower={tower}", f"model.llm={stages['lm'].final}"])
     return stages
-
-
-def start_run(cfg: PipelineConfig, config_name: str) -> tuple[Path, Timings]:
-    """Create ``cfg.out_dir``, save ``cfg`` there as ``config_name``, apply ``cfg.threads`` -> (out dir,
-    the run's Timings)."""
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / config_name)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return out, Timings(out / "timings.json")
 
 
 def run_demo(out: str | Path, config_path: str | None = None, overrides: list[str] | None = None) -> Path:
@@ -160,3 +148,18 @@ def figure_lines(out: Path, curves: Path | None, heatmaps: dict[str, Path]) -> l
     if (out / "figures" / "contact_sheet.png").is_file():
         lines += ["The world (contact sheet with boxes and captions):", "", "![contact sheet](figures/contact_sheet.png)", ""]
     return lines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``vlm demo [--out DIR] [--config YAML] [overrides]``."""
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--config", default=None, help="a DemoConfig YAML (default: built-in)")
+    parser.add_argument("overrides", nargs="*", help="DemoConfig overrides")
+    parser.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``vlm demo``: every recipe and eval on the world, into ``--out``/report.md."""
+    report = run_demo(args.out, config_path=args.config, overrides=args.overrides)
+    print(f"report: {report}")
+    return 0

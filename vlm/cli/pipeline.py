@@ -15,9 +15,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from training.recipes import RECIPES
 from vlm.cli.train import make_world
-from vlm.config import PipelineConfig, WorldConfig, load_config
+from vlm.config import PipelineConfig, WorldConfig, load_config, save_config
 
 
 @dataclass
@@ -152,3 +154,14 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = t975(n - 1) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+def start_run(cfg: PipelineConfig, config_name: str) -> tuple[Path, Timings]:
+    """Create ``cfg.out_dir``, save ``cfg`` there as ``config_name``, apply ``cfg.threads`` -> (out dir,
+    the run's Timings)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / config_name)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return out, Timings(out / "timings.json")

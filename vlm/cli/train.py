@@ -2,8 +2,8 @@
 
 The training library only reads data that exists; making the embedded synthetic world is the
 command line's job (``make_world``, used here and by the pipelines of ``vlm demo`` / ``vlm ablate``).
-Importing this module imports the training stacks (torch, transformers), so ``vlm.cli`` imports
-it only for ``vlm train``.
+Importing this module imports the training stacks (torch, transformers); ``vlm.cli`` imports it
+only for ``vlm train`` (and the pipelines of ``vlm demo`` / ``vlm ablate``).
 """
 from __future__ import annotations
 
@@ -56,7 +56,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_parsers(train: argparse.ArgumentParser, overrides_help: str) -> None:
+OVERRIDES_HELP = "dotted config overrides, e.g. optim.lr=1e-3 run.out_dir=runs/x"
+
+
+def add_arguments(train: argparse.ArgumentParser) -> None:
     """One sub-parser of ``vlm train`` per recipe in ``RECIPES``."""
     tsub = train.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
     for name, recipe in RECIPES.items():
@@ -66,8 +69,8 @@ def add_train_parsers(train: argparse.ArgumentParser, overrides_help: str) -> No
         t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         if name == "maskembed":
             t.add_argument("--teacher", default=None, help="vision tower to post-train (a checkpoint dir)")
-        t.add_argument("overrides", nargs="*", help=overrides_help)
+        t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
         t.set_defaults(func=cmd_train)
 
 
-__all__ = ["add_train_parsers", "cmd_train", "load_recipe_config", "make_world"]
+__all__ = ["add_arguments", "cmd_train", "load_recipe_config", "make_world"]

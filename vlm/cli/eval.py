@@ -1,0 +1,80 @@
+"""``vlm eval encoder | vlm | drift``: evaluate a vision tower, a VLM, or the LLM's language drift."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from eval.encoder import run as run_encoder_eval
+from eval.harness import run_vlm_eval
+from eval.lm_eval_adapter import run_language_drift
+from eval.tasks import VLM_TASKS
+from vlm.config import ConfigError, WorldConfig, load_config
+from vlm.world.export import ensure_world
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The three targets of ``vlm eval``, each with its own flags."""
+    sub = parser.add_subparsers(dest="target", required=True, metavar="TARGET")
+    e = sub.add_parser("encoder", help="zero-shot, retrieval, patch segmentation, heatmaps")
+    e.add_argument("--ckpt", required=True, help="a stage-one, MaskEmbed or HF vision checkpoint dir")
+    e.add_argument("--text-from", default=None, help="take the text tower from this stage-one ckpt")
+    e.add_argument("--world-dir", default="runs/world")
+    e.add_argument("--out", default=None, help="default CKPT/eval_encoder")
+    e.add_argument("--limit", type=int, default=None, help="evaluate on at most this many images")
+    e.set_defaults(func=cmd_eval_encoder)
+    names = ", ".join(VLM_TASKS)
+    e = sub.add_parser("vlm", help="captioning, CHAIR, POPE, RefCOCO, VSR")
+    e.add_argument("--ckpt", required=True, help="a stage-two checkpoint dir")
+    e.add_argument("--tasks", default=",".join(VLM_TASKS), help=f"comma list of {names}")
+    e.add_argument("--data", default=None, help="real data files (see README); default: the world")
+    e.add_argument("--world-dir", default="runs/world")
+    e.add_argument("--out", default=None, help="default CKPT/eval_vlm")
+    e.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    e.set_defaults(func=cmd_eval_vlm)
+    e = sub.add_parser("drift", help="lm-eval: the LLM's language ability before/after LoRA")
+    e.add_argument("--ckpt", required=True, help="a stage-two checkpoint dir")
+    e.add_argument("--world-dir", default="runs/world", help="held-out text: this world's eval-split texts")
+    e.add_argument("--out", default=None, help="default CKPT/eval_drift")
+    e.add_argument("--limit", type=int, default=None, help="at most this many documents")
+    e.set_defaults(func=cmd_eval_drift)
+
+
+def world_config_of(world_dir: str) -> WorldConfig:
+    """The WorldConfig an exported world was made with (its world.json), or the defaults."""
+    meta = Path(world_dir) / "world.json"
+    if meta.is_file():
+        saved = json.loads(meta.read_text()).get("config", {})
+        return load_config(WorldConfig, None, [f"{k}={v}" for k, v in saved.items()])
+    return WorldConfig()
+
+
+def cmd_eval_encoder(args: argparse.Namespace) -> int:
+    """``vlm eval encoder``: zero-shot, retrieval, patch segmentation and heatmaps on the world."""
+    world = world_config_of(args.world_dir)
+    ensure_world(args.world_dir, world)
+    out = args.out or str(Path(args.ckpt) / "eval_encoder")
+    summary = run_encoder_eval(args.ckpt, out, world=world, world_dir=args.world_dir,
+                               text_from=args.text_from, limit=args.limit)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval_vlm(args: argparse.Namespace) -> int:
+    """``vlm eval vlm``: the registered VLM tasks (``eval.tasks.VLM_TASKS``) of a stage-two checkpoint."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(tasks) - set(VLM_TASKS))
+    if unknown:
+        raise ConfigError(f"--tasks: unknown task(s) {unknown}; valid: {', '.join(VLM_TASKS)}")
+    out = args.out or str(Path(args.ckpt) / "eval_vlm")
+    summary = run_vlm_eval(args.ckpt, tasks, out, data=args.data, world_dir=args.world_dir, limit=args.limit)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_eval_drift(args: argparse.Namespace) -> int:
+    """``vlm eval drift``: the LLM's language ability before and after LoRA (lm-eval)."""
+    out = args.out or str(Path(args.ckpt) / "eval_drift")
+    result = run_language_drift(args.ckpt, out, limit=args.limit, world_dir=args.world_dir)
+    print(json.dumps(result, indent=2, default=str))
+    return 0

@@ -73,10 +73,11 @@ def run(cfg: MaskEmbedRunConfig) -> Path:
     model, transform = build_model(cfg)
     urls = resolve_shards(cfg)
     batches = MaskEmbedBatches(urls, cfg, transform, num_patches(model.teacher), info.rank, info.world_size)
-    # The same calibration batch on every rank: the first micro-batch of the single-process stream.
+    # The same calibration batches on every rank: the first maskembed.calibration_batches micro-batches
+    # of the single-process stream (calibrate takes that many; population std of their targets).
     single = replace(cfg, data=replace(cfg.data, num_workers=0))
     calibration = MaskEmbedBatches(urls, single, transform, num_patches(model.teacher))
-    scale = model.calibrate(next(iter(calibration.stream_batches(0)))["pixel_values"])
+    scale = model.calibrate(batch["pixel_values"] for batch in calibration.stream_batches(0))
     if info.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"maskembed: teacher {cfg.maskembed.teacher}, {len(urls)} shard(s), target scale {scale:.4f}, "

@@ -11,8 +11,8 @@
    samples of the deterministic stream), collated by ``maskembed_collate``;
 3. draws each micro-batch's patch masks from a generator seeded by (run.seed, rank, worker, data
    position), never from the global RNGs, so the masks of a resumed run are the uninterrupted run's;
-4. calibrates the target scale on the first micro-batch of the single-process stream (identical
-   on every rank and on resume), builds the model after ``torch.manual_seed(run.seed)`` and trains;
+4. calibrates the target scale (population std) on the first ``maskembed.calibration_batches``
+   micro-batches of the single-process stream (identical on every rank and on resume), builds the model after ``torch.manual_seed(run.seed)`` and trains;
 5. exports the student to ``out_dir/final`` as a plain HF vision-tower dir with the teacher's
    ``preprocessor_config.json``: stock ``CLIPVisionModel`` / ``SiglipVisionModel.from_pretrained``
    loads it, and so do stage two and ``eval.encoder``.
@@ -75,10 +75,11 @@ def run(cfg: MaskEmbedRunConfig) -> Path:
     model, transform = build_model(cfg)
     urls = resolve_shards(cfg)
     batches = maskembed_batches(urls, cfg, transform, num_patches(model.teacher), info.rank, info.world_size)
-    # The same calibration batch on every rank: the first micro-batch of the single-process stream.
+    # The same calibration batches on every rank: the first maskembed.calibration_batches micro-batches
+    # of the single-process stream (calibrate takes that many; population std of their targets).
     single = replace(cfg, data=replace(cfg.data, num_workers=0))
     calibration = maskembed_batches(urls, single, transform, num_patches(model.teacher))
-    scale = model.calibrate(next(iter(calibration.stream_batches(0)))["pixel_values"])
+    scale = model.calibrate(batch["pixel_values"] for batch in calibration.stream_batches(0))
     if info.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"maskembed: teacher {cfg.maskembed.teacher}, {len(urls)} shard(s), target scale {scale:.4f}, "

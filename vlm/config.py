@@ -274,11 +274,14 @@ class MaskEmbedConfig:
     teacher: str = ""  # checkpoint dir of ours (stage one) or a local HF CLIP/SigLIP vision model
     decoder_layers: int = 2
     decoder_heads: int = 4
-    teacher_layer: int = -2  # penultimate block's output tokens are the targets
+    teacher_layer: int = -2  # targets: the teacher minus its last -1-teacher_layer blocks, then its final norm
+    calibration_batches: int = 8  # micro-batches whose targets give the population std (target scale)
 
     def __post_init__(self) -> None:
         _check(self.decoder_layers >= 1, "maskembed.decoder_layers", "must be >= 1")
-        _positive(self, "maskembed", "decoder_heads")
+        _positive(self, "maskembed", "decoder_heads", "calibration_batches")
+        _check(self.teacher_layer <= -1, "maskembed.teacher_layer",
+               f"must be <= -1 (-2 = the last block removed), got {self.teacher_layer}")
 
 
 @dataclass

@@ -162,3 +162,32 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(setup, tmp_path, monke
     ref, got = CLIPVisionModel.from_pretrained(str(ref_final)), CLIPVisionModel.from_pretrained(str(final))
     for (name, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_calibration_reads_the_first_calibration_batches(setup, tmp_path, monkeypatch):
+    """Reference scripts/train.py get_baseline_loss (a pass of data -> population std): ``run`` hands
+    ``calibrate`` the single-process stream and it reads exactly maskembed.calibration_batches
+    micro-batches, the first ones of the data order."""
+    cfg = tiny_cfg(setup, tmp_path / "run")
+    cfg.maskembed.calibration_batches = 3
+    seen, original = [], maskembed.MaskEmbedModel.calibrate
+
+    class Stop(Exception):
+        pass
+
+    def recording(self, batches):
+        def tap():
+            for batch in batches:
+                seen.append(batch)
+                yield batch
+        original(self, tap())
+        raise Stop
+
+    monkeypatch.setattr(maskembed.MaskEmbedModel, "calibrate", recording)
+    with pytest.raises(Stop):
+        maskembed.run(cfg)
+    model, transform = maskembed.build_model(cfg)
+    expected = maskembed.MaskEmbedBatches(maskembed.resolve_shards(cfg), cfg, transform, model.num_patches)(0)
+    assert len(seen) == 3
+    for got in seen:
+        assert torch.equal(got, next(expected)["pixel_values"])

@@ -10,6 +10,9 @@ final LayerNorm, without CLS:
   the patch rows here.
 - SigLIP: there is no CLS token and ``last_hidden_state`` [B, P, w] is already post-LayerNorm.
 
+Stage two reads other features (``vision_features``, as HF LLaVA's ``get_image_features``):
+``hidden_states[vision_feature_layer]`` (before the final LayerNorm), CLS dropped or kept.
+
 ``ImageTransform`` reproduces ``CLIPImageProcessor`` (shortest-edge bicubic resize, centre crop,
 rescale to [0, 1], normalise) without torchvision and saves itself as a ``CLIPImageProcessor``
 config, so stock code preprocesses our towers' inputs identically.

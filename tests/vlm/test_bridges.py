@@ -122,6 +122,8 @@ def test_flamingo_zero_gates_reproduce_llm_exactly(flamingo, tiny_llm_dir):
 
 
 def test_flamingo_wraps_and_unwraps_decoder_layers(flamingo):
+    """OpenFlamingo ``flamingo_lm.FlamingoLayer``: the gated block runs before the wrapped decoder
+    layer (k=1 here: every layer); detaching restores the LLM's own layers."""
     layers = decoder_layers(flamingo.llm)
     wrapped = [i for i, l in enumerate(layers) if isinstance(l, GatedDecoderLayer)]
     assert wrapped == flamingo.bridge.layer_indices == list(range(len(layers)))
@@ -138,6 +140,9 @@ def test_flamingo_wraps_and_unwraps_decoder_layers(flamingo):
 
 
 def test_gated_block_formula_and_resampler_shapes():
+    """OpenFlamingo ``helpers.GatedCrossAttentionBlock.forward``: x + tanh(attn_gate) attn(x), then
+    + tanh(ff_gate) ff(x); no mask: every token attends. ``flamingo_lm.FlamingoLMMixin.init_flamingo``:
+    blocks where (layer_idx + 1) % k == 0."""
     torch.manual_seed(0)
     block = GatedCrossAttentionBlock(16, 2)
     with torch.no_grad():

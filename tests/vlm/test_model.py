@@ -120,6 +120,8 @@ def test_unfrozen_tower_is_saved(tiny_tower_dir, tiny_llm_dir, tmp_path):
 
 
 def test_generation_with_and_without_cache_is_identical(trained):
+    """transformers ``generate`` with and without its KV cache; for flamingo the cached steps attend
+    to the image as OpenFlamingo's ``use_cached_media`` (``helpers.MaskedCrossAttention``)."""
     images = random_images(2, seed=7)
     with_cache = trained.generate_ids(images, PROMPTS, max_new_tokens=8, min_new_tokens=8, use_cache=True)
     without = trained.generate_ids(images, PROMPTS, max_new_tokens=8, min_new_tokens=8, use_cache=False)
@@ -225,6 +227,8 @@ def test_score_matches_manual_log_probs(trained):
 
 
 def test_llm_without_image_token_and_with_chat_template(tiny_tower_dir, tmp_path):
+    """An LLM without ``<image>`` gets it as a special token (OpenFlamingo ``factory.create_model_and_transforms``
+    adds "<image>" too, for flamingo's media location)."""
     template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
     llm = save_tiny_llm(tmp_path / "llm", chat_template=template, image_token=False)

@@ -4,7 +4,10 @@ One class for both bridges. The image enters the LLM through the bridge's hooks
 (``vlm.model.bridges``): the VLM computes the image features, then runs the LLM inside
 ``bridge.conditioned(features)``. Training (``forward``), ``score`` and ``generate`` all call the
 LLM with token ids, so they see exactly the same model, and ``generate`` is the LLM's own
-(``transformers``) ``generate`` with or without its KV cache.
+(``transformers``) ``generate`` with or without its KV cache. The bridge reads the tower's
+``hidden_states[cfg.vision_feature_layer]`` with ``cfg.vision_feature_select_strategy`` (HF
+LLaVA's ``get_image_features``; ``vlm.model.tower``), so the projector VLM maps one-to-one onto
+``LlavaForConditionalGeneration``.
 
 Checkpoints (``save_pretrained(dir)``) hold only what was trained, plus the config:
 ``dir/vlm.yaml`` (the ``VLMConfig``; LLM and tower paths made absolute), ``dir/bridge.safetensors``,
@@ -13,7 +16,9 @@ trained. ``from_pretrained(dir)`` rebuilds the model from those and the referenc
 ``merge_and_save(dir)`` writes a standalone copy: ``dir/llm/`` (LoRA merged in, a plain
 transformers model + tokenizer), ``dir/vision/``, ``dir/bridge.safetensors`` and a ``vlm.yaml``
 naming ``llm`` and ``vision`` (paths in ``vlm.yaml`` that exist relative to the checkpoint dir
-are read relative to it, so merged checkpoints can be moved), loadable without peft.
+are read relative to it, so merged checkpoints can be moved), loadable without peft. A
+``vlm.yaml`` saved before ``vision_feature_layer`` existed loads with the features it was trained
+on (the tower's final post-norm patch tokens: ``vision_feature_layer: null``; ``_legacy_features``).
 """
 from __future__ import annotations
 

@@ -206,7 +206,8 @@ def test_checkpoint_saved_without_the_fields_keeps_its_features(tiny_tower_dir, 
 
 def test_old_flamingo_checkpoint_with_sparse_blocks_is_refused(tiny_tower_dir, tiny_llm_dir, tmp_path):
     """OpenFlamingo (``flamingo_lm.FlamingoLMMixin.init_flamingo``) puts blocks before layers with
-    (i+1) % k == 0; an old checkpoint with k > 1 had them at i % k == 0 and cannot be placed."""
+    (i+1) % k == 0; an old checkpoint with k > 1 had them at i % k == 0 and cannot be placed; with
+    k = 1 it loads but warns (trained without OpenFlamingo's media mask, ``helpers.MaskedCrossAttention``)."""
     cfg = vlm_config(tiny_tower_dir, tiny_llm_dir, "flamingo")
     cfg.bridge.xattn_every = 2
     VisionLanguageModel.build(cfg).save_pretrained(tmp_path / "ckpt")
@@ -214,3 +215,8 @@ def test_old_flamingo_checkpoint_with_sparse_blocks_is_refused(tiny_tower_dir, t
     _strip_feature_keys(tmp_path / "ckpt" / "vlm.yaml")
     with pytest.raises(ConfigError, match="xattn_every"):
         VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    cfg.bridge.xattn_every = 1  # k = 1: the same layers as before, loads with a warning
+    VisionLanguageModel.build(cfg).save_pretrained(tmp_path / "k1")
+    _strip_feature_keys(tmp_path / "k1" / "vlm.yaml")
+    with pytest.warns(UserWarning, match="media mask"):
+        VisionLanguageModel.from_pretrained(tmp_path / "k1")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -364,7 +365,8 @@ def _legacy_features(cfg: VLMConfig, cfg_path: Path, vision_path: Path) -> VLMCo
     (no CLS to drop). Saving the model again writes these values, so it stays what it was.
 
     Such a checkpoint's flamingo blocks sat before layers 0, k, 2k, ...; with ``xattn_every > 1``
-    today's rule ((i+1) % k == 0) would put them elsewhere, so that raises ``ConfigError``.
+    today's rule ((i+1) % k == 0) would put them elsewhere, so that raises ``ConfigError``. With
+    k = 1 it loads, with a warning: it was trained without the ``<image>`` id and media mask.
     """
     saved = OmegaConf.create(cfg_path.read_text())
     if "vision_feature_layer" in saved:
@@ -372,6 +374,10 @@ def _legacy_features(cfg: VLMConfig, cfg_path: Path, vision_path: Path) -> VLMCo
     if cfg.bridge.name == "flamingo" and cfg.bridge.xattn_every > 1:
         raise ConfigError(f"bridge.xattn_every: this flamingo checkpoint predates the (i+1) % k == 0 placement of "
                           f"its cross-attention blocks (k={cfg.bridge.xattn_every}); retrain it")
+    if cfg.bridge.name == "flamingo":
+        warnings.warn(f"{cfg_path}: this flamingo checkpoint was trained without the <image> id and the media "
+                      "mask (every token attended to the image); it now runs with both, so its outputs differ "
+                      "from before", stacklevel=3)
     strategy = "full" if tower_model_type(vision_path).startswith("siglip") else "default"
     return dataclasses.replace(cfg, vision_feature_layer=None, vision_feature_select_strategy=strategy)
 

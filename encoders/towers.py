@@ -10,6 +10,9 @@ final LayerNorm, without CLS:
   the patch rows here.
 - SigLIP: there is no CLS token and ``last_hidden_state`` [B, P, w] is already post-LayerNorm.
 
+Stage two reads other features (``vision_features``, as HF LLaVA's ``get_image_features``):
+``hidden_states[vision_feature_layer]`` (before the final LayerNorm), CLS dropped or kept.
+
 ``ImageTransform`` reproduces ``CLIPImageProcessor`` (shortest-edge bicubic resize, centre crop,
 rescale to [0, 1], normalise) without torchvision and saves itself as a ``CLIPImageProcessor``
 config, so stock code preprocesses our towers' inputs identically.
@@ -19,12 +22,13 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 import transformers
 from PIL import Image
+from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from vlm.config import VisionTowerConfig
@@ -255,3 +259,87 @@ def tower_forward(tower: VisionTower, pixel_values: torch.Tensor) -> tuple[torch
 def patch_tokens(tower: VisionTower, pixel_values: torch.Tensor) -> torch.Tensor:
     """pixel_values [B,3,H,W] -> patch tokens [B,P,w]: no CLS, after the final LayerNorm."""
     return tower_forward(tower, pixel_values)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage-two features (HF LLaVA's ``vision_feature_layer`` / ``vision_feature_select_strategy``)
+# ----------------------------------------------------------------------------------------------
+
+FEATURE_SELECT_STRATEGIES = ("default", "full")
+
+
+def _tower_parts(tower: VisionTower) -> tuple[nn.ModuleList, nn.Module, Optional[nn.Module]]:
+    """(encoder layers, final LayerNorm, SigLIP's pooling head or None) of a CLIP / SigLIP tower."""
+    core = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel
+    return core.encoder.layers, core.post_layernorm, getattr(core, "head", None)
+
+
+def feature_layer_index(tower: VisionTower, layer: Optional[int]) -> Optional[int]:
+    """``layer`` as a non-negative index into ``hidden_states`` (L+1 entries: embeddings, then each
+    of the L blocks' outputs); None stays None. Raises ``ValueError`` when out of range."""
+    if layer is None:
+        return None
+    n = len(_tower_parts(tower)[0]) + 1
+    if not -n <= layer < n:
+        raise ValueError(f"vision_feature_layer={layer} is out of range for a tower with {n - 1} blocks "
+                         f"(hidden_states has {n} entries: {-n}..{n - 1})")
+    return layer % n
+
+
+def vision_features(tower: VisionTower, pixel_values: torch.Tensor, layer: Optional[int] = -2,
+                    strategy: str = "default") -> torch.Tensor:
+    """pixel_values [B,3,H,W] -> image features [B,N,w] for a stage-two bridge, as HF LLaVA.
+
+    Follows ``transformers.models.llava.modeling_llava.LlavaModel.get_image_features``:
+    ``tower(pixel_values, output_hidden_states=True).hidden_states[layer]`` (index 0 is the
+    embedding output, -1 the last block's output, -2 the penultimate block's: all *before* the
+    tower's final LayerNorm), then ``strategy`` "default" drops the first token ``[:, 1:]`` and
+    "full" keeps every token.
+
+    - CLIP: token 0 is CLS, so "default" gives the P patch tokens and "full" 1+P tokens.
+    - SigLIP has no CLS token. HF applies ``[:, 1:]`` regardless of the tower, so "default"
+      drops SigLIP's first (top-left) *patch* (P-1 tokens); "full" keeps all P patches and is
+      what HF's SigLIP-tower LLaVA-style configs use. Both are reproduced exactly here.
+    - ``layer=None`` (checkpoints written before these options existed): the tower's final
+      output after its final LayerNorm (CLIP: ``post_layernorm`` on every row of the last block's
+      output; SigLIP: ``last_hidden_state``), then ``strategy`` as above. ``None`` with "default"
+      on CLIP and with "full" on SigLIP equals ``patch_tokens``.
+    """
+    if strategy not in FEATURE_SELECT_STRATEGIES:
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not one of {list(FEATURE_SELECT_STRATEGIES)}")
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values must be [B,3,H,W], got {tuple(pixel_values.shape)}")
+    index = feature_layer_index(tower, layer)
+    out = tower(pixel_values=pixel_values, output_hidden_states=True)
+    if index is None:
+        feats = _tower_parts(tower)[1](out.hidden_states[-1])
+    else:
+        feats = out.hidden_states[index]
+    return feats[:, 1:] if strategy == "default" else feats
+
+
+def num_feature_tokens(tower: VisionTower, strategy: str = "default") -> int:
+    """N, the tokens per image ``vision_features`` returns: P (+1 for CLIP's CLS), minus 1 for "default"."""
+    tokens = num_patches(tower) + (0 if isinstance(tower, SiglipVisionModel) else 1)
+    return tokens - 1 if strategy == "default" else tokens
+
+
+def unused_feature_parameters(tower: VisionTower, layer: Optional[int]) -> list[nn.Parameter]:
+    """Parameters that ``vision_features(tower, ., layer)`` never uses (they get no gradient).
+
+    The blocks after ``layer``, the final LayerNorm (unless ``layer`` is None) and SigLIP's
+    pooling head. A trainable tower freezes these, so every trainable parameter gets a gradient
+    (what DDP without ``find_unused_parameters`` needs).
+    """
+    layers, norm, head = _tower_parts(tower)
+    index = feature_layer_index(tower, layer)
+    unused: list[nn.Module] = [] if index is None else [*layers[index:], norm]
+    if head is not None:
+        unused.append(head)
+    return [p for m in unused for p in m.parameters()]
+
+
+def tower_model_type(path: Union[str, Path]) -> str:
+    """The ``model_type`` of the vision tower ``load_vision_tower(path)`` would load (e.g. "clip",
+    "siglip_vision_model"), read from its ``config.json`` without loading weights."""
+    return str(json.loads((_resolve_vision_dir(Path(path)) / "config.json").read_text()).get("model_type", ""))

@@ -325,10 +325,15 @@ class VLMConfig:
     load_in_4bit: bool = False  # QLoRA via bitsandbytes; needs CUDA
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (gpu extra)
     llm_dtype: str = "fp32"  # storage dtype of the frozen LLM weights: fp32 | bf16 (LoRA and bridge stay fp32)
+    # As HF LLaVA: hidden_states[layer] of the tower (-2: penultimate block, before the final norm;
+    # null: the tower's final post-norm output, what checkpoints saved before this field used)
+    vision_feature_layer: Optional[int] = -2
+    vision_feature_select_strategy: str = "default"  # default: drop the first (CLS) token | full: keep it
 
     def __post_init__(self) -> None:
         _check(bool(self.vision_tower), "model.vision_tower", "must name a checkpoint directory")
         _check(bool(self.llm), "model.llm", "must name a local LLM directory")
+        _one_of(self.vision_feature_select_strategy, "model.vision_feature_select_strategy", ("default", "full"))
         _one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
         _one_of(self.llm_dtype, "model.llm_dtype", ("fp32", "bf16"))
 

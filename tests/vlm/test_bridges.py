@@ -1,4 +1,10 @@
-"""Bridges: the projector's image tokens land at the placeholder; Flamingo with zero gates is the LLM."""
+"""Bridges: the projector's image tokens land at the placeholder; Flamingo with zero gates is the LLM,
+its blocks sit where OpenFlamingo puts them and its media mask is OpenFlamingo's.
+
+OpenFlamingo references (mlfoundations/open_flamingo): ``open_flamingo/src/helpers.py``
+``MaskedCrossAttention`` / ``GatedCrossAttentionBlock``, ``open_flamingo/src/flamingo_lm.py``
+``FlamingoLMMixin.init_flamingo``.
+"""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tiny_vlm import perturb_trainable, random_images, vlm_config
-from vlm.model.bridges.flamingo import FlamingoBridge, GatedCrossAttentionBlock, GatedDecoderLayer, PerceiverResampler
+from vlm.model.bridges.flamingo import (FlamingoBridge, GatedCrossAttentionBlock, GatedDecoderLayer, PerceiverResampler,
+                                        immediate_media_mask, xattn_layer_indices)
 from vlm.model.bridges.projector import merge_image_features
 from vlm.model.bridges import BRIDGES, build_bridge
 from vlm.config import BRIDGE_NAMES, BridgeConfig, ConfigError
@@ -89,7 +96,10 @@ def test_projector_tokens_land_at_placeholder(projector, padding):
 
 
 def test_flamingo_zero_gates_reproduce_llm_exactly(flamingo, tiny_llm_dir):
+    """OpenFlamingo ``helpers.GatedCrossAttentionBlock``: both tanh gates start at 0, so the VLM's
+    logits are the bare LLM's on the same ids (which keep one ``<image>`` id, the media location)."""
     model = flamingo
+    assert all(float(b.attn_gate.detach()) == 0.0 == float(b.ff_gate.detach()) for b in model.bridge.blocks)
     bare = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir)).eval()
     with torch.no_grad():  # the resampler is random; only the gates (and LoRA B) are still zero
         for p in model.bridge.resampler.parameters():
@@ -98,7 +108,7 @@ def test_flamingo_zero_gates_reproduce_llm_exactly(flamingo, tiny_llm_dir):
     for batch in (model.processor(images, ["Is there a red circle?", "Describe the image briefly please."]),
                   model.processor(images, ["q", "How many objects?"], ["Yes", "There are 2 objects."])):
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        assert not (ids == model.image_token_id).any()
+        assert ((ids == model.image_token_id).sum(1) == 1).all()
         with torch.no_grad():
             got = model.logits(batch["pixel_values"], ids, mask)
             want = bare(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
@@ -112,6 +122,8 @@ def test_flamingo_zero_gates_reproduce_llm_exactly(flamingo, tiny_llm_dir):
 
 
 def test_flamingo_wraps_and_unwraps_decoder_layers(flamingo):
+    """OpenFlamingo ``flamingo_lm.FlamingoLayer``: the gated block runs before the wrapped decoder
+    layer (k=1 here: every layer); detaching restores the LLM's own layers."""
     layers = decoder_layers(flamingo.llm)
     wrapped = [i for i, l in enumerate(layers) if isinstance(l, GatedDecoderLayer)]
     assert wrapped == flamingo.bridge.layer_indices == list(range(len(layers)))
@@ -128,6 +140,9 @@ def test_flamingo_wraps_and_unwraps_decoder_layers(flamingo):
 
 
 def test_gated_block_formula_and_resampler_shapes():
+    """OpenFlamingo ``helpers.GatedCrossAttentionBlock.forward``: x + tanh(attn_gate) attn(x), then
+    + tanh(ff_gate) ff(x); no mask: every token attends. ``flamingo_lm.FlamingoLMMixin.init_flamingo``:
+    blocks where (layer_idx + 1) % k == 0."""
     torch.manual_seed(0)
     block = GatedCrossAttentionBlock(16, 2)
     with torch.no_grad():
@@ -152,8 +167,9 @@ def test_gated_block_formula_and_resampler_shapes():
     assert torch.allclose(attn(xd, ld), attn.o(ref_attn), atol=1e-10)
     res = PerceiverResampler(vision_width=12, width=16, num_latents=3, num_layers=2, num_heads=2)
     assert res(torch.randn(4, 9, 12)).shape == (4, 3, 16)
+    # Blocks before layers i with (i+1) % k == 0 (OpenFlamingo), no longer 0, k, 2k (was [0, 2, 4]).
     cfg = BridgeConfig(name="flamingo", num_latents=3, xattn_every=2, num_heads=2)
-    assert FlamingoBridge(cfg, 12, 16, num_llm_layers=5).layer_indices == [0, 2, 4]
+    assert FlamingoBridge(cfg, 12, 16, num_llm_layers=5).layer_indices == [1, 3]
 
 
 def test_registry_keys_and_errors():
@@ -178,3 +194,110 @@ def test_perturbed_projector_still_places_tokens(tiny_tower_dir, tiny_llm_dir):
     assert not torch.allclose(a, b)  # the image reaches the logits
     with pytest.raises(RuntimeError, match="no image features"):
         model.llm(input_ids=batch["input_ids"])
+
+
+def test_xattn_layer_indices_follow_openflamingo():
+    """OpenFlamingo ``flamingo_lm.FlamingoLMMixin.init_flamingo``: a gated block for decoder layer
+    ``layer_idx`` iff ``(layer_idx + 1) % cross_attn_every_n_layers == 0``."""
+    assert xattn_layer_indices(5, 1) == [0, 1, 2, 3, 4]
+    assert xattn_layer_indices(5, 2) == [1, 3]
+    assert xattn_layer_indices(5, 3) == [2]
+    assert xattn_layer_indices(5, 6) == []
+    for k, want in ((1, 5), (2, 2), (3, 1)):
+        bridge = FlamingoBridge(BridgeConfig(name="flamingo", num_latents=2, xattn_every=k, num_heads=2), 8, 8, 5)
+        assert len(bridge.blocks) == want == len(bridge.layer_indices)
+
+
+def test_immediate_media_mask_cases():
+    """OpenFlamingo ``helpers.MaskedCrossAttention.forward`` (``only_attend_immediate_media``):
+    ``text_time = media_locations.cumsum(-1)``; text_time == 0 attends nothing; with cached media
+    (``use_cached_media``) every new token attends."""
+    img = 7
+    ids = torch.tensor([[7, 1, 2, 3], [1, 2, 3, 7], [1, 7, 2, 3], [0, 0, 7, 1]])
+    want = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(immediate_media_mask(ids, img, image_in_cache=False), want)
+    step = torch.tensor([[4], [5], [6], [1]])  # a cached decoding step: after the image
+    assert bool(immediate_media_mask(step, img, image_in_cache=True).all())
+    with pytest.raises(ValueError, match="no <image> id"):
+        immediate_media_mask(step, img, image_in_cache=False)
+    with pytest.raises(ValueError, match="exactly one"):
+        immediate_media_mask(torch.tensor([[7, 7, 1], [1, 7, 2]]), img, image_in_cache=False)
+    with pytest.raises(ValueError, match="exactly one"):
+        immediate_media_mask(torch.tensor([[7, 1, 1], [1, 2, 2]]), img, image_in_cache=False)
+
+
+def _masked_block_loop(block: GatedCrossAttentionBlock, x: torch.Tensor, lat: torch.Tensor, text_time: torch.Tensor,
+                       heads: int) -> torch.Tensor:
+    """float64 loop over batch, tokens, heads and latents: OpenFlamingo's masked cross-attention
+    (a token with text_time 0 gets no attention term) then the gated feed-forward on every token."""
+    B, T, d = x.shape
+    dh = d // heads
+    q, k, v = block.attn.q(block.norm(x)), block.attn.k(lat), block.attn.v(lat)
+    out = x.clone()
+    for b in range(B):
+        for t in range(T):
+            if text_time[b, t] == 0:
+                continue
+            mixed = torch.zeros(d, dtype=x.dtype)
+            for h in range(heads):
+                sl = slice(h * dh, (h + 1) * dh)
+                w = torch.softmax(torch.stack([q[b, t, sl] @ k[b, s, sl] for s in range(lat.shape[1])]) / dh ** 0.5, 0)
+                mixed[sl] = sum(w[s] * v[b, s, sl] for s in range(lat.shape[1]))
+            out[b, t] = x[b, t] + torch.tanh(block.attn_gate) * block.attn.o(mixed)
+    return out + torch.tanh(block.ff_gate) * block.ffn(out)
+
+
+def test_masked_cross_attention_matches_float64_loop():
+    """OpenFlamingo ``helpers.MaskedCrossAttention`` (only_attend_immediate_media) inside
+    ``helpers.GatedCrossAttentionBlock``: image first, in the middle, last, and after left padding."""
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(16, 2).double()
+    with torch.no_grad():
+        block.attn_gate.fill_(0.7)
+        block.ff_gate.fill_(-0.4)
+    img, B, T = 99, 4, 6
+    ids = torch.randint(0, 50, (B, T))
+    for b, pos in enumerate([0, 3, T - 1, 2]):
+        ids[b, pos] = img
+    ids[3, :2] = 0  # left padding before the image
+    x, lat = torch.randn(B, T, 16, dtype=torch.float64), torch.randn(B, 3, 16, dtype=torch.float64)
+    mask = immediate_media_mask(ids, img, image_in_cache=False)
+    with torch.no_grad():
+        got = block(x, lat, mask)
+        want = _masked_block_loop(block, x, lat, (ids == img).cumsum(-1), heads=2)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        block.ff_gate.zero_()  # feed-forward shut: tokens before the image are exactly unchanged
+        shut = block(x, lat, mask)
+    assert torch.equal(shut[~mask], x[~mask]) and not torch.allclose(shut[mask], x[mask])
+
+
+def test_flamingo_tokens_before_the_image_see_no_image(flamingo, tiny_llm_dir):
+    """OpenFlamingo ``helpers.MaskedCrossAttention``: text before any ``<image>`` gets no
+    cross-attention. With the attention gates open and the feed-forward gates shut, logits before
+    the image are the bare LLM's exactly; from the ``<image>`` token on they move with the image."""
+    model = flamingo
+    bare = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir)).eval()
+    batch = model.processor(random_images(2, seed=5), ["Describe the image briefly.\n<image>", "q\n<image>"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pos = (ids == model.image_token_id).int().argmax(1)
+    try:
+        with torch.no_grad():
+            for b in model.bridge.blocks:
+                b.attn_gate.fill_(0.8)
+            got = model.logits(batch["pixel_values"], ids, mask)
+            other = model.logits(batch["pixel_values"].flip(0), ids, mask)
+            want = bare(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    finally:
+        with torch.no_grad():
+            for b in model.bridge.blocks:
+                b.attn_gate.zero_()
+    for b in range(2):
+        real = mask[b].bool()
+        before = real & (torch.arange(ids.shape[1]) < pos[b])
+        assert before.any()
+        assert torch.equal(got[b, before], want[b, before])
+        assert not torch.allclose(got[b, pos[b]:], want[b, pos[b]:])
+        assert not torch.allclose(got[b, pos[b]:], other[b, pos[b]:])  # it is this image that matters
+    with pytest.raises(ValueError, match="no <image> id"):
+        with model.bridge.conditioned(model.image_features(batch["pixel_values"])):
+            model.llm(input_ids=ids.masked_fill(ids == model.image_token_id, 1))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tiny_vlm import perturb_trainable, random_images, save_tiny_llm, vlm_config
+from encoders.towers import unused_feature_parameters
 from vlm.config import config_from_yaml_text, VLMConfig
 from vlm.model.llm import base_model, check_4bit_available
 from vlm.model.vision_language_model import VisionLanguageModel
@@ -39,14 +40,21 @@ def _logits(model, images, prompts=PROMPTS):
 @pytest.mark.parametrize("bridge", BRIDGES)
 @pytest.mark.parametrize("freeze_vision", [True, False])
 def test_only_bridge_and_lora_receive_gradients(tiny_tower_dir, tiny_llm_dir, bridge, freeze_vision):
+    """An unfrozen tower trains only what its features use: with ``vision_feature_layer=-2`` (as
+    transformers ``modeling_llava.LlavaModel.get_image_features``) its last block and final norm
+    stay frozen (they would get no gradient)."""
     model = build(tiny_tower_dir, tiny_llm_dir, bridge, freeze_vision=freeze_vision)
     perturb_trainable(model)  # nonzero LoRA B and gates, so every trainable tensor gets signal
     batch = model.processor(random_images(2), PROMPTS, ["Yes", "2"])
     out = model(batch)
     assert out["num_tokens"] == batch["attention_mask"].sum()
     out["loss"].backward()
+    skipped = {id(p) for p in unused_feature_parameters(model.tower.tower, model.cfg.vision_feature_layer)}
+    assert skipped and any(n.startswith("tower.tower.encoder.layers.1.") for n, p in model.named_parameters()
+                           if id(p) in skipped)
     for name, p in model.named_parameters():
-        trainable = name.startswith("bridge.") or "lora_" in name or (name.startswith("tower.") and not freeze_vision)
+        tower_trains = name.startswith("tower.") and not freeze_vision and id(p) not in skipped
+        trainable = name.startswith("bridge.") or "lora_" in name or tower_trains
         assert p.requires_grad == trainable, name
         if trainable:
             assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
@@ -112,6 +120,8 @@ def test_unfrozen_tower_is_saved(tiny_tower_dir, tiny_llm_dir, tmp_path):
 
 
 def test_generation_with_and_without_cache_is_identical(trained):
+    """transformers ``generate`` with and without its KV cache; for flamingo the cached steps attend
+    to the image as OpenFlamingo's ``use_cached_media`` (``helpers.MaskedCrossAttention``)."""
     images = random_images(2, seed=7)
     with_cache = trained.generate_ids(images, PROMPTS, max_new_tokens=8, min_new_tokens=8, use_cache=True)
     without = trained.generate_ids(images, PROMPTS, max_new_tokens=8, min_new_tokens=8, use_cache=False)
@@ -119,6 +129,27 @@ def test_generation_with_and_without_cache_is_identical(trained):
     assert torch.equal(with_cache, without)
     texts = trained.generate(images, PROMPTS, max_new_tokens=4)
     assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_with_text_before_the_image(trained, use_cache):
+    """OpenFlamingo ``helpers.MaskedCrossAttention`` (``use_cached_media`` while decoding): with the
+    image after some prompt text, cached and uncached decoding give the tokens of step-by-step argmax."""
+    images = random_images(2, seed=12)
+    prompts = ["Describe the image briefly.\n<image>", "How many objects? <image>"]
+    got = trained.generate_ids(images, prompts, max_new_tokens=5, min_new_tokens=5, use_cache=use_cache)
+    pixels = trained.processor.pixel_values(images)
+    banned = [t for t in [trained.image_token_id, trained.tokenizer.eos_token_id] if t is not None and t >= 0]
+    for b, prompt in enumerate(prompts):
+        seq = trained.processor.encode_prompt(prompt)
+        assert seq.index(trained.image_token_id) > 1  # prompt text precedes the image
+        for _ in range(5):
+            ids = torch.tensor([seq])
+            with torch.no_grad():
+                last = trained.logits(pixels[b:b + 1], ids, torch.ones_like(ids))[0, -1]
+            last[banned] = float("-inf")
+            seq.append(int(last.argmax()))
+        assert got[b].tolist() == seq[-5:], b
 
 
 MIXED = ["Is there a red circle?", "q", "How many objects are in the image? Describe the image briefly please."]
@@ -196,6 +227,8 @@ def test_score_matches_manual_log_probs(trained):
 
 
 def test_llm_without_image_token_and_with_chat_template(tiny_tower_dir, tmp_path):
+    """An LLM without ``<image>`` gets it as a special token (OpenFlamingo ``factory.create_model_and_transforms``
+    adds "<image>" too, for flamingo's media location)."""
     template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
     llm = save_tiny_llm(tmp_path / "llm", chat_template=template, image_token=False)
@@ -205,8 +238,15 @@ def test_llm_without_image_token_and_with_chat_template(tiny_tower_dir, tmp_path
     batch = model.processor(random_images(2), PROMPTS, ["Yes", "2"])
     assert (batch["input_ids"] == model.image_token_id).sum() == 2 * model.tower.num_patches
     assert torch.isfinite(model(batch)["loss"])
+    # Flamingo keeps one <image> id as its media location (OpenFlamingo adds "<image>" to the
+    # tokenizer too); the new embedding row is the mean of the others, the same on every load.
     flamingo = build(tiny_tower_dir, llm, "flamingo")
-    assert flamingo.image_token_id == -1 and len(flamingo.tokenizer) == len(model.tokenizer) - 1
+    assert flamingo.image_token_id == model.image_token_id and len(flamingo.tokenizer) == len(model.tokenizer)
+    for m in (model, flamingo):
+        weight = base_model(m.llm).get_input_embeddings().weight
+        assert torch.equal(weight[m.image_token_id], weight[:m.image_token_id].mean(0))
+    batch = flamingo.processor(random_images(2), PROMPTS, ["Yes", "2"])
+    assert ((batch["input_ids"] == flamingo.image_token_id).sum(1) == 1).all()
 
 
 def test_clear_errors_for_missing_gpu_features(tiny_tower_dir, tiny_llm_dir, monkeypatch, tmp_path):

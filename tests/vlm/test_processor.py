@@ -97,7 +97,19 @@ def test_chat_template_targets_assistant_text(tok):
     assert tok.decode(prompt[-len(ids(tok, "<s>assistant: ")):]) == "<s>assistant: "
 
 
-def test_flamingo_mode_removes_placeholder(tok):
+def test_flamingo_keeps_one_image_id(tok):
+    """OpenFlamingo keeps ``<image>`` in the text (``media_locations = input_ids == media_token_id``,
+    ``open_flamingo/src/flamingo.py`` ``Flamingo._condition_media_locations``): one id, where the placeholder was."""
+    proc = make(tok, n_image=1)
+    img = proc.image_token_id
+    ids_, _ = proc.encode_conversation([("human", "Is there a red circle?"), ("gpt", "Yes")])
+    assert ids_[:2] == [tok.bos_token_id, img] and ids_.count(img) == 1
+    mid = proc.encode_prompt("Describe the image briefly.\n<image>")
+    assert mid.count(img) == 1 and mid.index(img) > 2
+
+
+def test_zero_image_tokens_removes_placeholder(tok):
+    """``num_image_tokens == 0`` (no bridge uses it since flamingo keeps its media location)."""
     proc = make(tok, n_image=0)
     ids_, labels = proc.encode_conversation([("human", "<image>\nIs there a red circle?"), ("gpt", "Yes")])
     assert ids_ == [tok.bos_token_id] + ids(tok, "Is there a red circle?\n") + ids(tok, "Yes") + [tok.eos_token_id]

@@ -1,7 +1,7 @@
 """Tiny stand-ins every VLM (and stage-two) test loads from disk through the same code real users use.
 
 A byte-level BPE (with ``<image>``) and a 2-layer ``LlamaForCausalLM`` saved together (the world's
-LLM layout: no chat template), and a 2-layer CLIP vision tower (32 px, 8 px patches: P = 16) saved
+LLM layout: no chat template), and a 2-layer CLIP (or SigLIP) vision tower (32 px, 8 px patches: P = 16) saved
 with its ``preprocessor_config.json``. The fixtures in conftest.py build them once per session.
 """
 from __future__ import annotations
@@ -50,10 +50,10 @@ def save_tiny_llm(directory: Path, chat_template: str | None = None, image_token
     return directory
 
 
-def save_tiny_tower(directory: Path) -> Path:
-    """A 2-layer CLIP vision tower (32 px, 8 px patches, width 32) + its preprocessor config."""
+def save_tiny_tower(directory: Path, arch: str = "clip") -> Path:
+    """A 2-layer CLIP (or SigLIP) vision tower (32 px, 8 px patches, width 32) + its preprocessor config."""
     torch.manual_seed(1)
-    tower = build_vision_tower(VisionTowerConfig(arch="clip", image_size=32, patch_size=8, hidden_size=32,
+    tower = build_vision_tower(VisionTowerConfig(arch=arch, image_size=32, patch_size=8, hidden_size=32,
                                                  num_layers=2, num_heads=2, mlp_ratio=2))
     tower.save_pretrained(str(directory))
     ImageTransform(32).save_pretrained(directory)
@@ -62,9 +62,10 @@ def save_tiny_tower(directory: Path) -> Path:
 
 def vlm_config(tower: Path, llm: Path, bridge: str = "projector", **kw) -> VLMConfig:
     """A tiny VLMConfig (LoRA r=4 on all linear layers; flamingo: 4 latents, 1 resampler layer)."""
+    kw.setdefault("lora", LoraConfig(r=4, alpha=8))
     return VLMConfig(vision_tower=str(tower), llm=str(llm),
                      bridge=BridgeConfig(name=bridge, num_latents=4, resampler_layers=1, xattn_every=1, num_heads=2),
-                     lora=LoraConfig(r=4, alpha=8), **kw)
+                     **kw)
 
 
 def random_images(n: int, seed: int = 0, size: int = 40) -> list[np.ndarray]:

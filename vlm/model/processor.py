@@ -10,7 +10,8 @@ Without a template (the world's LLM) the plain format is::
 (``<s>`` only when the tokenizer has a BOS token); the answer tokens and ``</s>`` are the targets.
 The conversation's ``<image>`` placeholder (prepended as ``<image>\\n`` to the first human turn
 when missing; at most one per conversation) becomes ``num_image_tokens`` copies of the image id
-(the projector: one per patch), or is removed when ``num_image_tokens == 0`` (flamingo).
+(the projector: one per vision token; flamingo: one, the media location its cross-attention mask
+reads, as OpenFlamingo's ``<image>``), or is removed when ``num_image_tokens == 0``.
 
 Segments (each turn's text) are tokenised separately and concatenated, so the prompt of a
 training example, of ``generate`` and of ``score`` are the same ids. Labels are -100 on prompt,
@@ -74,7 +75,8 @@ class VLMProcessor:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _place_image(self, turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """The first human turn carries the single ``<image>`` (prepended when absent); flamingo drops it."""
+        """The first human turn carries the single ``<image>`` (prepended when absent); removed when
+        ``num_image_tokens == 0``."""
         total = sum(text.count(self.image_token) for _, text in turns)
         if total > 1:
             raise ValueError(f"a conversation may hold one {self.image_token} (one image), found {total}")

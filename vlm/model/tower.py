@@ -2,35 +2,60 @@
 
 Accepts our stage-one checkpoints, MaskEmbed outputs and local HF CLIP / SigLIP (vision) dirs.
 Frozen towers run under ``torch.no_grad`` and stay in eval mode whatever the parent's mode.
+
+Which features the bridge gets follows HF LLaVA (``encoders.towers.vision_features``):
+``hidden_states[feature_layer]`` (default -2, the penultimate block, before the final norm), then
+``select_strategy`` "default" (drop token 0, CLIP's CLS) or "full" (keep it). A trainable tower
+freezes the parameters those features never use (later blocks, final norm, SigLIP's head), so
+every trainable parameter gets a gradient.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
+from transformers import SiglipVisionModel
 
-from encoders.towers import ImageTransform, load_vision_tower, num_patches, patch_tokens, tower_width
+from encoders.towers import (ImageTransform, feature_layer_index, load_vision_tower, num_feature_tokens, num_patches,
+                             tower_width, unused_feature_parameters, vision_features)
 
 
 class VLMVisionTower(nn.Module):
-    """Wraps a CLIP/SigLIP vision model: ``forward(pixel_values [B,3,H,W]) -> patch tokens [B,P,w]``."""
+    """Wraps a CLIP/SigLIP vision model: ``forward(pixel_values [B,3,H,W]) -> features [B,N,w]``.
 
-    def __init__(self, tower: nn.Module, transform: ImageTransform, freeze: bool = True):
+    feature_layer: index into the tower's ``hidden_states`` (None: the final post-norm output).
+    select_strategy: "default" (drop token 0) or "full". See ``encoders.towers.vision_features``.
+    """
+
+    def __init__(self, tower: nn.Module, transform: ImageTransform, freeze: bool = True,
+                 feature_layer: Optional[int] = -2, select_strategy: str = "default"):
         super().__init__()
         self.tower = tower
         self.transform = transform
         self.frozen = freeze
+        feature_layer_index(tower, feature_layer)  # range check
+        self.feature_layer = feature_layer
+        self.select_strategy = select_strategy
         for p in self.tower.parameters():
             p.requires_grad_(not freeze)
+        for p in unused_feature_parameters(tower, feature_layer):
+            p.requires_grad_(False)
         if freeze:
             self.tower.eval()
+        if isinstance(tower, SiglipVisionModel) and select_strategy == "default":
+            warnings.warn("vision_feature_select_strategy 'default' drops token 0, and a SigLIP tower has no CLS: "
+                          "its first (top-left) patch is dropped, exactly as HF LLaVA does; set 'full' to keep "
+                          "every patch (what HF's SigLIP-tower LLaVA configs use)", stacklevel=2)
 
     @classmethod
-    def load(cls, path: str | Path, freeze: bool = True) -> "VLMVisionTower":
+    def load(cls, path: str | Path, freeze: bool = True, feature_layer: Optional[int] = -2,
+             select_strategy: str = "default") -> "VLMVisionTower":
         """Load the tower (and its image transform) from a local directory."""
         tower, transform = load_vision_tower(path)
-        return cls(tower, transform, freeze=freeze)
+        return cls(tower, transform, freeze=freeze, feature_layer=feature_layer, select_strategy=select_strategy)
 
     @property
     def width(self) -> int:
@@ -42,6 +67,11 @@ class VLMVisionTower(nn.Module):
         """P, the number of patch tokens per image."""
         return num_patches(self.tower)
 
+    @property
+    def num_tokens(self) -> int:
+        """N, the feature tokens ``forward`` returns per image (CLIP: P, or 1+P with "full")."""
+        return num_feature_tokens(self.tower, self.select_strategy)
+
     def train(self, mode: bool = True) -> "VLMVisionTower":
         """Set the mode; a frozen tower stays in eval mode."""
         super().train(mode)
@@ -50,13 +80,11 @@ class VLMVisionTower(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B,3,H,W] -> patch tokens [B,P,w] (no CLS, post-LayerNorm)."""
+        """pixel_values [B,3,H,W] -> features [B,N,w] (``feature_layer`` / ``select_strategy``)."""
         dtype = next(self.tower.parameters()).dtype
         pixel_values = pixel_values.to(dtype)
-        if self.frozen:
-            with torch.no_grad():
-                return patch_tokens(self.tower, pixel_values)
-        return patch_tokens(self.tower, pixel_values)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return vision_features(self.tower, pixel_values, self.feature_layer, self.select_strategy)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the tower (stock ``transformers`` format) and its ``preprocessor_config.json``."""

@@ -4,7 +4,10 @@ One class for both bridges. The image enters the LLM through the bridge's hooks
 (``vlm.model.bridges``): the VLM computes the image features, then runs the LLM inside
 ``bridge.conditioned(features)``. Training (``forward``), ``score`` and ``generate`` all call the
 LLM with token ids, so they see exactly the same model, and ``generate`` is the LLM's own
-(``transformers``) ``generate`` with or without its KV cache.
+(``transformers``) ``generate`` with or without its KV cache. The bridge reads the tower's
+``hidden_states[cfg.vision_feature_layer]`` with ``cfg.vision_feature_select_strategy`` (HF
+LLaVA's ``get_image_features``; ``vlm.model.tower``), so the projector VLM maps one-to-one onto
+``LlavaForConditionalGeneration``.
 
 Checkpoints (``save_pretrained(dir)``) hold only what was trained, plus the config:
 ``dir/vlm.yaml`` (the ``VLMConfig``; LLM and tower paths made absolute), ``dir/bridge.safetensors``,
@@ -13,21 +16,26 @@ trained. ``from_pretrained(dir)`` rebuilds the model from those and the referenc
 ``merge_and_save(dir)`` writes a standalone copy: ``dir/llm/`` (LoRA merged in, a plain
 transformers model + tokenizer), ``dir/vision/``, ``dir/bridge.safetensors`` and a ``vlm.yaml``
 naming ``llm`` and ``vision`` (paths in ``vlm.yaml`` that exist relative to the checkpoint dir
-are read relative to it, so merged checkpoints can be moved), loadable without peft.
+are read relative to it, so merged checkpoints can be moved), loadable without peft. A
+``vlm.yaml`` saved before ``vision_feature_layer`` existed loads with the features it was trained
+on (the tower's final post-norm patch tokens: ``vision_feature_layer: null``; ``_legacy_features``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig
 
+from encoders.towers import tower_model_type
 from vlm.config import ConfigError, VLMConfig, config_from_yaml_text, save_config
 from vlm.data.prompts import IMAGE_TOKEN
 from vlm.data.tokenizer import load_tokenizer
@@ -77,7 +85,7 @@ class VisionLanguageModel(nn.Module):
             limits = [x for x in (getattr(base_model(llm).config, "max_position_embeddings", None),
                                   tokenizer.model_max_length) if isinstance(x, int) and 0 < x < 10**7]
             max_len = min(limits) if limits else 2048
-        self.processor = VLMProcessor(tokenizer, tower.transform, bridge.num_image_tokens(tower.num_patches),
+        self.processor = VLMProcessor(tokenizer, tower.transform, bridge.num_image_tokens(tower.num_tokens),
                                       max_len)
 
     # ------------------------------------------------------------------------------------------
@@ -105,6 +113,7 @@ class VisionLanguageModel(nn.Module):
         except ConfigError as e:
             raise ConfigError(f"{cfg_path}: {e}") from e
         vision = directory / VISION_DIR if (directory / VISION_DIR).is_dir() else _resolve(directory, cfg.vision_tower)
+        cfg = _legacy_features(cfg, cfg_path, vision)
         llm = _resolve(directory, cfg.llm)
         adapter = directory / ADAPTER_DIR if (directory / ADAPTER_DIR).is_dir() else None
         if cfg.lora.enabled and adapter is None:
@@ -117,14 +126,18 @@ class VisionLanguageModel(nn.Module):
     def _assemble(cls, cfg: VLMConfig, vision_path: Path, llm_path: Path, adapter_dir: Optional[Path],
                   bridge_state: Optional[dict], trainable: bool, max_len: Optional[int]) -> "VisionLanguageModel":
         check_llm_request(cfg, llm_path)  # fail on a bad path / missing GPU extra before loading anything
-        tower = VLMVisionTower.load(vision_path, freeze=cfg.freeze_vision or not trainable)
+        tower = VLMVisionTower.load(vision_path, freeze=cfg.freeze_vision or not trainable,
+                                    feature_layer=cfg.vision_feature_layer,
+                                    select_strategy=cfg.vision_feature_select_strategy)
         tokenizer = load_tokenizer(llm_path)
         llm = load_llm(cfg, llm_path)
         hidden = int(llm.config.hidden_size)
         bridge = build_bridge(cfg.bridge, tower.width, hidden, len(decoder_layers(llm)))
         image_token_id = -1
-        if bridge.num_image_tokens(tower.num_patches) > 0:
+        if bridge.num_image_tokens(tower.num_tokens) > 0:
+            rows = llm.get_input_embeddings().weight.shape[0]
             image_token_id = ensure_image_token(tokenizer, llm, IMAGE_TOKEN)
+            _fill_new_rows(llm, rows)
         if adapter_dir is not None:
             llm = load_lora(llm, adapter_dir, trainable=trainable)
         elif cfg.lora.enabled:
@@ -330,6 +343,43 @@ class VisionLanguageModel(nn.Module):
         cfg = dataclasses.replace(self.cfg, llm=LLM_DIR, vision_tower=VISION_DIR,
                                   lora=dataclasses.replace(self.cfg.lora, enabled=False))
         save_config(cfg, directory / CONFIG_FILE)
+
+
+@torch.no_grad()
+def _fill_new_rows(llm: nn.Module, old_rows: int) -> None:
+    """Embedding rows added for ``<image>`` (input and output) := the mean of the old rows.
+
+    ``resize_token_embeddings`` samples them at random; flamingo feeds the ``<image>`` embedding to
+    the LLM and ``score`` normalises over every output row, so a reloaded model must get the same
+    rows: the mean is deterministic (and frozen, like every LLM weight)."""
+    for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
+        weight = getattr(emb, "weight", None)
+        if weight is not None and weight.shape[0] > old_rows:
+            weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True).to(weight.dtype)
+
+
+def _legacy_features(cfg: VLMConfig, cfg_path: Path, vision_path: Path) -> VLMConfig:
+    """``cfg`` as saved, or, when ``vlm.yaml`` predates ``vision_feature_layer``, the features the
+    checkpoint was trained on: the tower's final post-norm patch tokens (``encoders.towers.patch_tokens``),
+    i.e. ``vision_feature_layer=None`` with "default" for CLIP (drop CLS) and "full" for SigLIP
+    (no CLS to drop). Saving the model again writes these values, so it stays what it was.
+
+    Such a checkpoint's flamingo blocks sat before layers 0, k, 2k, ...; with ``xattn_every > 1``
+    today's rule ((i+1) % k == 0) would put them elsewhere, so that raises ``ConfigError``. With
+    k = 1 it loads, with a warning: it was trained without the ``<image>`` id and media mask.
+    """
+    saved = OmegaConf.create(cfg_path.read_text())
+    if "vision_feature_layer" in saved:
+        return cfg
+    if cfg.bridge.name == "flamingo" and cfg.bridge.xattn_every > 1:
+        raise ConfigError(f"bridge.xattn_every: this flamingo checkpoint predates the (i+1) % k == 0 placement of "
+                          f"its cross-attention blocks (k={cfg.bridge.xattn_every}); retrain it")
+    if cfg.bridge.name == "flamingo":
+        warnings.warn(f"{cfg_path}: this flamingo checkpoint was trained without the <image> id and the media "
+                      "mask (every token attended to the image); it now runs with both, so its outputs differ "
+                      "from before", stacklevel=3)
+    strategy = "full" if tower_model_type(vision_path).startswith("siglip") else "default"
+    return dataclasses.replace(cfg, vision_feature_layer=None, vision_feature_select_strategy=strategy)
 
 
 def _llm_device(llm: nn.Module) -> torch.device:

@@ -3,12 +3,14 @@
 Every bridge is an ``nn.Module`` with the same small contract, so ``vlm.model.vision_language_model`` never branches on
 the kind of bridge:
 
-- ``forward(patch_tokens [B,P,w]) -> features`` (projector: [B,P,d] LLM-width tokens; flamingo:
-  [B,M,d] resampled latents).
-- ``num_image_tokens(P)``: how many ``<image>`` ids the processor writes for one image (projector:
-  P, one per patch; flamingo: 0, the placeholder is removed from the text).
+- ``forward(vision_features [B,N,w]) -> features`` (projector: [B,N,d] LLM-width tokens; flamingo:
+  [B,M,d] resampled latents). The N vision tokens are chosen by ``VLMConfig.vision_feature_layer``
+  / ``vision_feature_select_strategy`` (``vlm.model.tower``).
+- ``num_image_tokens(N)``: how many ``<image>`` ids the processor writes for one image of N
+  feature tokens (projector: N, one per token; flamingo: 1, the media location its mask reads).
 - ``attach(llm, image_token_id)`` / ``detach(llm)``: install / remove the bridge's hooks in the LLM
-  (an embedding forward hook for the projector, wrapped decoder layers for flamingo). Nothing in
+  (an embedding forward hook for the projector; wrapped decoder layers and an embedding pre-hook
+  that reads the ``<image>`` position for flamingo). Nothing in
   ``transformers`` is patched; only module instances are hooked or wrapped.
 - ``conditioned(features)``: a context manager that makes every LLM forward inside it (training,
   scoring, ``generate`` with or without KV cache) see ``features`` as the current images.
@@ -31,7 +33,7 @@ class Bridge(nn.Module):
         self._image_token_id = -1
 
     def num_image_tokens(self, num_patches: int) -> int:
-        """Number of ``<image>`` ids in the token sequence for one image of ``num_patches`` patches."""
+        """Number of ``<image>`` ids in the token sequence for one image of ``num_patches`` feature tokens."""
         raise NotImplementedError
 
     def attach(self, llm: nn.Module, image_token_id: int) -> None:

@@ -1,25 +1,36 @@
-"""The Flamingo bridge: a perceiver resampler and gated cross-attention blocks in the frozen LLM.
+"""The Flamingo bridge (OpenFlamingo): a perceiver resampler and gated cross-attention blocks in the frozen LLM.
 
 - ``PerceiverResampler``: the P patch tokens are projected to the LLM width d; M learned latents
   then go through ``resampler_layers`` blocks of (latents attend to [patch tokens; latents]) +
   FFN, each pre-LayerNorm and residual; output [B,M,d].
-- ``GatedCrossAttentionBlock``: ``x = x + tanh(alpha_attn) * xattn(LN(x), latents)`` then
-  ``x = x + tanh(alpha_ff) * ffn(LN(x))`` with both alphas initialised at 0, so at step 0 the
-  LLM's outputs are exactly unchanged.
-- ``GatedDecoderLayer``: the LLM's decoder layer i (every ``xattn_every``-th, from layer 0) is
-  replaced in its ``ModuleList`` by a wrapper holding the original layer; the wrapper runs the
-  gated block on the hidden states, then the original layer. The latents come from the bridge's
-  context (``Bridge.conditioned``), set by the VLM around each LLM call. Every text position
-  attends to all M latents (one image per sequence, so Flamingo's "only the preceding image"
-  mask has nothing to select). A position's cross-attention depends only on its own hidden state,
-  so ``generate`` with the KV cache needs no extra cache and gives the same tokens as without.
+- ``GatedCrossAttentionBlock`` (OpenFlamingo ``helpers.GatedCrossAttentionBlock``):
+  ``x = x + tanh(alpha_attn) * m * xattn(LN(x), latents)`` then ``x = x + tanh(alpha_ff) * ffn(LN(x))``
+  with both alphas initialised at 0, so at step 0 the LLM's outputs are exactly unchanged. ``m`` is
+  the media mask: 1 where a text token may attend to the image, 0 before it.
+- Placement (OpenFlamingo ``flamingo_lm.FlamingoLMMixin.init_flamingo``): a block runs before
+  decoder layer i when ``(i + 1) % xattn_every == 0`` (k=1: every layer; k=2 with 5 layers: 1, 3).
+  ``GatedDecoderLayer`` replaces that layer in its ``ModuleList`` by a wrapper holding the original
+  layer; the wrapper runs the gated block on the hidden states, then the original layer.
+- Media mask (OpenFlamingo ``helpers.MaskedCrossAttention`` with ``only_attend_immediate_media``):
+  the sequence keeps ONE ``<image>`` id where the image is (``num_image_tokens == 1``; the
+  processor writes it, as OpenFlamingo's text does); with ``text_time = cumsum(input_ids == <image>)``
+  a token attends to the latents of image ``text_time`` and tokens with ``text_time == 0`` (before
+  the image) get no cross-attention (exactly zero; the ``<image>`` token itself attends). As in
+  OpenFlamingo, the gated feed-forward still applies to every token. One image per sequence.
+  The mask is computed by a forward pre-hook on the LLM's input embeddings from each call's
+  ``input_ids`` (so the LLM must be called with ids, as ``VisionLanguageModel`` does). A call
+  without any ``<image>`` id inside ``conditioned`` continues a sequence whose earlier call held
+  the image (``generate`` with the KV cache, OpenFlamingo's ``use_cached_media``): every new
+  token comes after the image and attends. A position's cross-attention depends only on its own
+  hidden state and ``text_time``, so ``generate`` with and without the cache give the same tokens.
 
-The ``<image>`` placeholder is removed from the text (``num_image_tokens == 0``): the image
-enters only through cross-attention, and an LLM whose vocabulary lacks ``<image>`` needs no new
-token. The gated blocks belong to the bridge (its ``state_dict``); a wrapper refers to its block
+The gated blocks belong to the bridge (its ``state_dict``); a wrapper refers to its block
 without registering it again, so parameter names stay unique.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,8 +107,30 @@ class PerceiverResampler(nn.Module):
         return self.norm(latents)
 
 
+def immediate_media_mask(input_ids: torch.Tensor, image_token_id: int, image_in_cache: bool) -> torch.Tensor:
+    """input_ids [B,T] -> attend [B,T] bool: True where a token attends to its sequence's image.
+
+    OpenFlamingo's ``only_attend_immediate_media`` for one image per sequence: ``text_time =
+    cumsum(input_ids == image_token_id)`` and a token attends iff ``text_time >= 1`` (the ``<image>``
+    token included). Every row must hold exactly one ``<image>`` id, or no row any: then the
+    call continues cached sequences whose image came earlier (``image_in_cache`` must be True)
+    and every token attends. Raises ``ValueError`` otherwise.
+    """
+    is_image = input_ids == image_token_id
+    counts = is_image.sum(dim=1)
+    if not bool(counts.any()):
+        if not image_in_cache:
+            raise ValueError("no <image> id in the input and no earlier call held one; flamingo needs the "
+                             "image's position (build inputs with the model's VLMProcessor)")
+        return torch.ones_like(is_image)
+    if not bool((counts == 1).all()):
+        raise ValueError(f"each sequence needs exactly one <image> id (one image per sequence), got counts "
+                         f"{counts.tolist()}")
+    return is_image.cumsum(dim=1) > 0
+
+
 class GatedCrossAttentionBlock(nn.Module):
-    """x [B,T,d], latents [B,M,d] -> x + tanh(a_attn) xattn(LN x, latents), then + tanh(a_ff) ffn(LN x)."""
+    """x [B,T,d], latents [B,M,d], mask [B,T] -> x + tanh(a_attn) mask xattn(LN x, latents), then + tanh(a_ff) ffn(LN x)."""
 
     def __init__(self, width: int, num_heads: int):
         super().__init__()
@@ -107,12 +140,16 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ffn = _ffn(width)  # begins with its own LayerNorm
         self.ff_gate = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """x [B,T,d] (any float dtype), latents [B,M,d] -> [B,T,d] in x's dtype."""
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, media_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B,T,d] (any float dtype), latents [B,M,d], media_mask [B,T] bool (None: all attend)
+        -> [B,T,d] in x's dtype. Masked-out tokens get no cross-attention term (exactly)."""
         dtype = self.attn_gate.dtype
         h = x.to(dtype)
         latents = latents.to(dtype)
-        h = h + torch.tanh(self.attn_gate) * self.attn(self.norm(h), latents)
+        attended = self.attn(self.norm(h), latents)
+        if media_mask is not None:
+            attended = attended.masked_fill(~media_mask.unsqueeze(-1), 0.0)
+        h = h + torch.tanh(self.attn_gate) * attended
         h = h + torch.tanh(self.ff_gate) * self.ffn(h)
         return h.to(x.dtype)
 
@@ -145,36 +182,75 @@ class GatedDecoderLayer(nn.Module):
         if latents is not None:
             if latents.shape[0] != hidden_states.shape[0]:
                 raise ValueError(f"{latents.shape[0]} images for a batch of {hidden_states.shape[0]} sequences")
-            hidden_states = self._block(hidden_states, latents)
+            mask = self._bridge.media_mask
+            if mask is None or mask.shape != hidden_states.shape[:2]:
+                raise RuntimeError("no media mask for this call: call the LLM with input_ids (not inputs_embeds) "
+                                   "inside bridge.conditioned(features)")
+            hidden_states = self._block(hidden_states, latents, mask)
         return self.layer(hidden_states, *args, **kwargs)
 
 
+def xattn_layer_indices(num_layers: int, every: int) -> list[int]:
+    """Decoder layers preceded by a gated block: i with (i + 1) % every == 0 (OpenFlamingo)."""
+    return [i for i in range(num_layers) if (i + 1) % every == 0]
+
+
 class FlamingoBridge(Bridge):
-    """``forward(patch_tokens [B,P,w]) -> latents [B,M,d]``; gated blocks before every k-th layer."""
+    """``forward(patch_tokens [B,P,w]) -> latents [B,M,d]``; gated blocks before layers (i+1) % k == 0."""
 
     def __init__(self, cfg: BridgeConfig, vision_width: int, llm_width: int, num_llm_layers: int):
         super().__init__()
         if llm_width % cfg.num_heads:
             raise ValueError(f"bridge.num_heads={cfg.num_heads} does not divide the LLM width {llm_width}")
         self.xattn_every = cfg.xattn_every
-        self.layer_indices = list(range(0, num_llm_layers, cfg.xattn_every))
+        self.layer_indices = xattn_layer_indices(num_llm_layers, cfg.xattn_every)
         self.resampler = PerceiverResampler(vision_width, llm_width, cfg.num_latents, cfg.resampler_layers,
                                             cfg.num_heads)
         self.blocks = nn.ModuleList(GatedCrossAttentionBlock(llm_width, cfg.num_heads) for _ in self.layer_indices)
         self._attached = False
+        self._hook = None
+        self._media_mask: Optional[torch.Tensor] = None
+        self._image_in_cache = False
 
     def num_image_tokens(self, num_patches: int) -> int:
-        """0: the placeholder is removed; the image enters only through cross-attention."""
-        return 0
+        """1: one ``<image>`` id marks where the image is (the media location); it is not replaced."""
+        return 1
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """patch_tokens [B,P,w] -> latents [B,M,d]."""
         return self.resampler(patch_tokens.to(self.resampler.proj.weight.dtype))
 
-    def attach(self, llm: nn.Module, image_token_id: int = -1) -> None:
-        """Wrap decoder layers ``layer_indices`` of ``llm`` in ``GatedDecoderLayer``s."""
+    @property
+    def media_mask(self) -> Optional[torch.Tensor]:
+        """attend [B,T] bool of the current LLM call (see ``immediate_media_mask``); None outside one."""
+        return self._media_mask
+
+    @contextlib.contextmanager
+    def conditioned(self, features: Optional[torch.Tensor]) -> Iterator[None]:
+        """As ``Bridge.conditioned``; the media mask and the cached-image state live within the block."""
+        saved = (self._media_mask, self._image_in_cache)
+        self._media_mask, self._image_in_cache = None, False
+        try:
+            with super().conditioned(features):
+                yield
+        finally:
+            self._media_mask, self._image_in_cache = saved
+
+    def _embedding_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        input_ids = args[0] if args else None
+        if self._features is None or input_ids is None:
+            self._media_mask = None
+            return
+        self._media_mask = immediate_media_mask(input_ids, self._image_token_id, self._image_in_cache)
+        self._image_in_cache = True
+
+    def attach(self, llm: nn.Module, image_token_id: int) -> None:
+        """Wrap decoder layers ``layer_indices`` of ``llm`` in ``GatedDecoderLayer``s and hook its
+        input embeddings to read the ``<image>`` (id ``image_token_id``) positions."""
         if self._attached:
             raise RuntimeError("the flamingo bridge is already attached to an LLM")
+        if image_token_id < 0:
+            raise ValueError("the flamingo bridge needs the <image> token id (the media location)")
         layers = decoder_layers(llm)
         if self.layer_indices and self.layer_indices[-1] >= len(layers):
             raise ValueError(f"the bridge was built for >= {self.layer_indices[-1] + 1} decoder layers, "
@@ -184,16 +260,20 @@ class FlamingoBridge(Bridge):
                 raise RuntimeError(f"decoder layer {i} is already wrapped")
             layers[i] = GatedDecoderLayer(layers[i], block, self)
         self._image_token_id = int(image_token_id)
+        self._hook = llm.get_input_embeddings().register_forward_pre_hook(self._embedding_pre_hook)
         self._attached = True
 
     def detach(self, llm: nn.Module) -> None:
-        """Put the original decoder layers back."""
+        """Put the original decoder layers back and remove the embedding hook."""
         if not self._attached:
             return
         layers = decoder_layers(llm)
         for i in self.layer_indices:
             if isinstance(layers[i], GatedDecoderLayer):
                 layers[i] = layers[i].layer
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         self._attached = False
 
     def gates(self) -> torch.Tensor:

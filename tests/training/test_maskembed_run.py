@@ -187,7 +187,7 @@ def test_calibration_reads_the_first_calibration_batches(setup, tmp_path, monkey
     with pytest.raises(Stop):
         maskembed.run(cfg)
     model, transform = maskembed.build_model(cfg)
-    expected = maskembed.MaskEmbedBatches(maskembed.resolve_shards(cfg), cfg, transform, model.num_patches)(0)
+    expected = maskembed.maskembed_batches(maskembed.resolve_shards(cfg), cfg, transform, model.num_patches)(0)
     assert len(seen) == 3
     for got in seen:
         assert torch.equal(got, next(expected)["pixel_values"])

@@ -56,6 +56,11 @@ class Stage1Model(nn.Module):
         out["num_tokens"] = batch["attention_mask"].sum()
         return out
 
+    def after_optimizer_step(self) -> None:
+        """The training loop's post-step hook: the objective clamps its learned scales in place
+        (open_clip's ``logit_scale.clamp_(0, math.log(100))`` after ``optimizer.step()``)."""
+        self.objective.after_optimizer_step()
+
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """The encoder's checkpoint plus ``objective.safetensors`` (learned temperature / bias, FLAIR's
         pooling) and ``objective.yaml`` (its config, e.g. a ``SparcConfig``)."""

@@ -2,7 +2,9 @@
 
 A recipe supplies a model whose ``forward(batch)`` returns a dict with ``"loss"`` (and any other
 scalar terms to log), a ``make_batches(start)`` that yields micro-batches from data position
-``start``; the final model is written with its own ``save_pretrained(dir)``. ``train`` does the rest,
+``start``; the final model is written with its own ``save_pretrained(dir)``. A model may define
+``after_optimizer_step()``, called after every optimizer step (``Stage1Model`` clamps its learned
+logit scale there, as open_clip does). ``train`` does the rest,
 top to bottom: device placement and DDP/FSDP wrapping, AdamW with warmup + cosine decay, gradient
 accumulation and clipping, bf16 autocast on CUDA, a NaN guard, logging (console, metrics.jsonl,
 TensorBoard, optionally W&B), atomic checkpoints with exact resume, and the final export.
@@ -284,10 +286,20 @@ def _accumulate(r: _Run) -> Optional[dict[str, torch.Tensor]]:
     return sums
 
 
+def _after_optimizer_step(r: _Run) -> None:
+    """Call the model's ``after_optimizer_step()`` when it defines one (e.g. ``Stage1Model``: the
+    objective clamps its learned logit scale in place, as open_clip after ``optimizer.step()``).
+    Runs on every rank on the unwrapped module; under FSDP (``use_orig_params``) its parameters are
+    this rank's shards, so the hook must be elementwise."""
+    hook = getattr(parallel.unwrap(r.wrapped), "after_optimizer_step", None)
+    if callable(hook):
+        hook()
+
+
 def _step(r: _Run) -> Optional[_StepOut]:
     """One optimiser step: accumulate, refuse non-finite terms or gradient norm on any rank
-    (``NonFiniteLossError``, before updating), clip, step optimiser and schedule. None when the
-    data ran out."""
+    (``NonFiniteLossError``, before updating), clip, step optimiser (then the model's post-step
+    hook) and schedule. None when the data ran out."""
     sums = _accumulate(r)
     if sums is None:
         return None
@@ -304,6 +316,7 @@ def _step(r: _Run) -> Optional[_StepOut]:
                                      what="gradient norm", clipping=clipping)
     lr = r.opt.param_groups[0]["lr"]
     r.opt.step()
+    _after_optimizer_step(r)
     r.sched.step()
     r.opt.zero_grad(set_to_none=True)
     r.step += 1

@@ -38,7 +38,7 @@ class ObjectiveConfig:
     """
 
     name: str = ""  # registry key; each subclass's default, which must not change
-    max_logit_scale: float = 100.0  # ceiling of the learned logit scale
+    max_logit_scale: float = 100.0  # ceiling of the learned logit scale (clamped after each optimizer step)
     gather_with_grad: bool = True  # distributed global terms: all-gather with gradients
 
     encoder_defaults: ClassVar[dict[str, Any]] = {"pool": "cls", "global_mlp": False, "local_heads": False}
@@ -47,24 +47,37 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         own = type(self).name  # the dataclass default of ``name``
         require(self.name == own, "objective.name", f"{self.name!r} does not match {type(self).__name__} ({own!r})")
-        require(self.max_logit_scale > 0, "objective.max_logit_scale", f"must be > 0, got {self.max_logit_scale}")
+        require(self.max_logit_scale >= 1, "objective.max_logit_scale",
+                f"must be >= 1 (the log-scale is clamped to [0, ln max]), got {self.max_logit_scale}")
 
 
 class LogScale(nn.Module):
-    """A positive learnable scale held as exp(log_scale), clamped at ``max_value`` (as CLIP).
+    """A positive learnable scale held as exp(log_scale), as CLIP's ``logit_scale``.
 
-    ``forward() -> scalar tensor``; the clamp stops the gradient once the scale hits the ceiling.
+    ``forward() -> exp(log_scale)``, a scalar tensor, never clamped: a clamp inside forward would
+    stop the gradient once the scale reaches the bound. The bound is kept instead by ``clamp_()``,
+    which the training loop calls after every optimizer step (``Objective.after_optimizer_step``),
+    as open_clip does: ``log_scale`` is clamped in place to [ln min_value, ln max_value]
+    (default [0, ln max_value], open_clip's ``clamp_(0, math.log(100))``).
     """
 
-    def __init__(self, init_value: float, max_value: float) -> None:
+    def __init__(self, init_value: float, max_value: float, min_value: float = 1.0) -> None:
         super().__init__()
-        if not 0 < init_value <= max_value:
-            raise ValueError(f"init scale {init_value} must be in (0, max {max_value}]")
+        if not 0 < min_value <= init_value <= max_value:
+            raise ValueError(f"init scale {init_value} must be in [min {min_value}, max {max_value}] (min > 0)")
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_value)))
+        self.min_value = float(min_value)
         self.max_value = float(max_value)
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=self.max_value)
+        return self.log_scale.exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp ``log_scale`` in place to [ln min_value, ln max_value] (call after the optimizer step).
+
+        Elementwise, so it also works on an FSDP shard of the parameter (``use_orig_params``)."""
+        self.log_scale.clamp_(math.log(self.min_value), math.log(self.max_value))
 
 
 def check_global_pair(image_emb: torch.Tensor, text_emb: torch.Tensor) -> None:
@@ -93,7 +106,8 @@ class Objective(nn.Module):
 
     Subclasses set ``config_class`` and implement ``forward(img: ImageFeatures, txt: TextFeatures,
     batch: dict) -> dict`` of scalar terms with ``"loss"``. ``captions_for`` tells the data pipeline
-    which texts a sample needs; the default is the caption alone.
+    which texts a sample needs; the default is the caption alone. ``after_optimizer_step`` keeps
+    every ``LogScale`` within its bounds (the loop calls it after each step).
     """
 
     config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
@@ -114,3 +128,12 @@ class Objective(nn.Module):
         A classmethod so the data pipeline can ask before any model is built.
         """
         return [caption]
+
+    def after_optimizer_step(self) -> None:
+        """Called by the training loop after every optimizer step (through ``Stage1Model``): clamps
+        each ``LogScale`` of this objective in place to its bounds, as open_clip clamps
+        ``logit_scale`` after ``optimizer.step()``. Subclasses holding other bounded parameters
+        extend it (calling ``super()``)."""
+        for module in self.modules():
+            if isinstance(module, LogScale):
+                module.clamp_()

@@ -27,7 +27,9 @@ class ClipConfig(ObjectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(0 < self.init_temperature < 10, "objective.init_temperature", "must be in (0, 10)")
+        require(1 / self.max_logit_scale <= self.init_temperature <= 1, "objective.init_temperature",
+                f"must be in [1/max_logit_scale, 1] = [{1 / self.max_logit_scale:g}, 1] (the logit scale 1/tau "
+                f"is kept in [1, max_logit_scale]), got {self.init_temperature}")
 
 
 def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
@@ -56,7 +58,8 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
 
 
 class ClipObjective(Objective):
-    """CLIP objective: holds the learnable logit scale (1 / tau, clamped at max_logit_scale).
+    """CLIP objective: holds the learnable logit scale (1 / tau; ``after_optimizer_step`` clamps it to
+    [1, max_logit_scale]).
 
     ``forward(img, txt, batch) -> {"loss", "logit_scale"}`` using ``img.global_emb`` and
     ``txt.global_emb`` [B, d].

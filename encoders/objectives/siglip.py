@@ -52,7 +52,8 @@ def siglip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
 
 
 class SiglipObjective(Objective):
-    """SigLIP objective: holds t = exp(t') (t' init log 10, clamped at max_logit_scale) and b.
+    """SigLIP objective: holds t = exp(t') (t' init log 10; ``after_optimizer_step`` clamps t' to
+    [0, ln max_logit_scale]) and b.
 
     ``forward(img, txt, batch) -> {"loss", "logit_scale", "logit_bias"}`` on the global embeddings.
     """

@@ -38,7 +38,9 @@ class SparcConfig(ObjectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(0 < self.init_temperature < 10, "objective.init_temperature", "must be in (0, 10)")
+        require(1 / self.max_logit_scale <= self.init_temperature <= 1, "objective.init_temperature",
+                f"must be in [1/max_logit_scale, 1] = [{1 / self.max_logit_scale:g}, 1] (the logit scale 1/tau "
+                f"is kept in [1, max_logit_scale]), got {self.init_temperature}")
         require(self.lambda_global >= 0, "objective.lambda_global", "must be >= 0")
         require(self.lambda_fine >= 0, "objective.lambda_fine", "must be >= 0")
         if self.sparsity_threshold is not None:
@@ -133,7 +135,8 @@ def sparc_loss(image_global: torch.Tensor, text_global: torch.Tensor, patch_emb:
 
 
 class SparcObjective(Objective):
-    """SPARC objective: holds the shared logit scale (1 / tau, clamped at max_logit_scale).
+    """SPARC objective: holds the shared logit scale (1 / tau; ``after_optimizer_step`` clamps it to
+    [1, max_logit_scale]).
 
     ``forward(img, txt, batch) -> {"loss", "loss_global", "loss_fine", "logit_scale"}`` using the
     global embeddings, ``img.patch_emb`` [B,P,d], ``txt.token_emb`` [B,L,d], ``txt.token_mask``.

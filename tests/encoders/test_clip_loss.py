@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from encoders.features import ImageFeatures, TextFeatures
+from encoders.objectives.base import LogScale
 from encoders.objectives.clip import ClipConfig, ClipObjective, clip_loss
+from vlm.config import ConfigError
 
 
 def open_clip_loss_module():
@@ -73,14 +75,50 @@ def test_clip_objective_scale_and_terms():
     assert out["loss"].item() == pytest.approx(clip_loss(img.global_emb, txt.global_emb, 20.0).item(), rel=1e-6)
     out["loss"].backward()
     assert obj.logit_scale.log_scale.grad is not None and img.global_emb.grad is not None
-    # past the ceiling the scale is clamped and gets no gradient
+    # The scale is no longer clamped in forward (the old code returned exp().clamp(max), which zeroed
+    # its gradient at the bound); as open_clip, after_optimizer_step clamps log_scale in place to
+    # [0, ln max_logit_scale] after the optimizer step.
     with torch.no_grad():
         obj.logit_scale.log_scale.fill_(math.log(1000.0))
     obj.zero_grad()
     out = obj(img, txt, {})
-    assert out["logit_scale"].item() == pytest.approx(30.0)
+    assert out["logit_scale"].item() == pytest.approx(1000.0, rel=1e-5)
     out["loss"].backward()
-    assert obj.logit_scale.log_scale.grad.item() == 0.0
+    assert obj.logit_scale.log_scale.grad.item() != 0.0
+    obj.after_optimizer_step()
+    assert obj.logit_scale.log_scale.item() == pytest.approx(math.log(30.0))
+    assert obj(img, txt, {})["logit_scale"].item() == pytest.approx(30.0, rel=1e-6)
+    with torch.no_grad():
+        obj.logit_scale.log_scale.fill_(-2.0)
+    obj.after_optimizer_step()
+    assert obj.logit_scale.log_scale.item() == 0.0  # the floor: ln 1
+
+
+def test_logit_scale_gradient_at_the_bound_float64():
+    """At log_scale = ln 100 (the bound) the gradient is d loss / d log_scale, not zero."""
+    scale = LogScale(100.0, 100.0).double()
+    with torch.no_grad():
+        scale.log_scale.fill_(math.log(100.0))  # exactly, in float64 (the init is stored in float32)
+    g = torch.Generator().manual_seed(3)
+    img, txt = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64)
+    clip_loss(img, txt, scale()).backward()
+    h = 1e-6
+    numeric = (clip_loss(img, txt, math.exp(math.log(100.0) + h)) - clip_loss(img, txt, math.exp(math.log(100.0) - h))) / (2 * h)
+    assert scale.log_scale.grad.item() != 0.0
+    assert scale.log_scale.grad.item() == pytest.approx(numeric.item(), rel=1e-6)
+    scale.clamp_()  # at the bound: unchanged
+    assert scale.log_scale.item() == math.log(100.0)
+
+
+def test_log_scale_bounds():
+    with pytest.raises(ValueError, match="init scale"):
+        LogScale(0.5, 100.0)  # below the floor exp(0) = 1
+    with pytest.raises(ValueError, match="init scale"):
+        LogScale(200.0, 100.0)
+    with pytest.raises(ConfigError, match="init_temperature"):
+        ClipConfig(init_temperature=2.0)
+    with pytest.raises(ConfigError, match="max_logit_scale"):
+        ClipConfig(max_logit_scale=0.5)
 
 
 def test_clip_bad_shapes():

@@ -78,3 +78,19 @@ def test_siglip_objective_init_and_grads():
     assert out["loss"].item() == pytest.approx(siglip_loss(img.global_emb, txt.global_emb, 10.0, -10.0).item(), rel=1e-5)
     out["loss"].backward()
     assert obj.logit_bias.grad is not None and obj.logit_scale.log_scale.grad is not None
+
+
+def test_siglip_scale_clamped_after_the_step_not_in_forward():
+    """t' is clamped in place to [0, ln max_logit_scale] by after_optimizer_step (open_clip), never in forward."""
+    obj = SiglipObjective(SiglipConfig(), embed_dim=4, vision_width=4)
+    img = ImageFeatures(torch.randn(3, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 3))
+    txt = TextFeatures(torch.randn(3, 4), torch.randn(3, 2, 4), torch.ones(3, 2, dtype=torch.bool))
+    with torch.no_grad():
+        obj.logit_scale.log_scale.fill_(math.log(500.0))
+    out = obj(img, txt, {})
+    assert out["logit_scale"].item() == pytest.approx(500.0, rel=1e-5)
+    out["loss"].backward()
+    assert obj.logit_scale.log_scale.grad.item() != 0.0
+    obj.after_optimizer_step()
+    assert obj.logit_scale.log_scale.item() == pytest.approx(math.log(100.0))
+    assert obj.logit_bias.item() == -10.0  # the bias is not bounded

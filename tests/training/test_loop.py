@@ -203,3 +203,36 @@ def test_bad_model_outputs_and_frozen_models_fail_clearly(tmp_path):
     frozen = Linear().requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         train(frozen, batches, OptimConfig(max_steps=2, warmup_steps=0), run_cfg(tmp_path / "b"))
+
+
+def test_after_optimizer_step_hook_clamps_the_logit_scale(tmp_path):
+    """The loop calls model.after_optimizer_step() after each optimizer step: a step that pushes the
+    learned logit scale past its bound is followed by the in-place clamp (open_clip's
+    ``logit_scale.clamp_(0, math.log(100))`` after ``optimizer.step()``), never a clamp in forward."""
+    from encoders.objectives.clip import ClipConfig, ClipObjective
+
+    class ScaleUp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.objective = ClipObjective(ClipConfig(max_logit_scale=30.0), embed_dim=2, vision_width=2)
+            self.before_clamp = []
+
+        def forward(self, batch):
+            scale = self.objective.logit_scale()
+            return {"loss": -scale * batch["x"].mean(), "logit_scale": scale.detach()}
+
+        def after_optimizer_step(self):
+            self.before_clamp.append(self.objective.logit_scale.log_scale.item())
+            self.objective.after_optimizer_step()
+
+    x = torch.ones(16, 1)
+    batches = ResumableBatches(len(x), 4, lambda ids: {"x": x[ids]}, seed=0)
+    model = ScaleUp()
+    res = train(model, batches, OptimConfig(lr=1.0, warmup_steps=0, max_steps=3, weight_decay=0.0, grad_clip=0.0),
+                run_cfg(tmp_path, log_every=1))
+    bound = math.log(30.0)
+    assert len(model.before_clamp) == 3 and all(v > bound + 0.1 for v in model.before_clamp)  # pushed past it
+    assert model.objective.logit_scale.log_scale.item() == pytest.approx(bound)               # clamped after
+    logged = [row["logit_scale"] for row in res.history]
+    assert logged[0] == pytest.approx(1 / 0.07, rel=1e-5)
+    assert logged[1:] == pytest.approx([30.0, 30.0], rel=1e-5)  # every forward after a step sees the bound

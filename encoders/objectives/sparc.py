@@ -18,8 +18,6 @@ from encoders.features import ImageFeatures, TextFeatures
 from encoders.objectives.base import LogScale, Objective, ObjectiveConfig, full_precision, no_autocast, require
 from encoders.objectives.clip import clip_loss
 
-MINMAX_EPS = 1e-6
-
 
 @dataclass
 class SparcConfig(ObjectiveConfig):
@@ -64,14 +62,18 @@ def sparc_similarity(patch_emb: torch.Tensor, token_emb: torch.Tensor) -> torch.
 
 
 def sparc_alignment_weights(patch_emb: torch.Tensor, token_emb: torch.Tensor, token_mask: torch.Tensor,
-                            threshold: Optional[float] = None, eps: float = MINMAX_EPS) -> torch.Tensor:
+                            threshold: Optional[float] = None) -> torch.Tensor:
     """SPARC alignment weights a_ijk. patch_emb [B,P,d], token_emb [B,L,d], token_mask [B,L] -> [B,L,P].
 
-    Min-max normalise the similarities over patches with an epsilon guard,
-    ŝ = (s - min + eps) / (max - min + eps), so the best patch gets exactly 1 and a token whose
-    similarities are all equal gets 1 everywhere (uniform weights); zero those below
-    ``threshold`` (sigma, default 1/P; sigma <= 1 so every token keeps its max patch); renormalise
-    each row to sum 1. Padded tokens get all-zero rows. These weights are what heatmaps draw.
+    As the paper's equations: min-max normalise the similarities over patches,
+    ŝ = (s - min) / (max - min), so the best patch gets exactly 1 and the worst exactly 0; zero
+    those below ``threshold`` (sigma, default 1/P; sigma <= 1 so every token keeps its best patch);
+    renormalise each row to sum 1. Padded tokens get all-zero rows. These weights are what
+    heatmaps draw.
+
+    The only guard is for a zero range (max == min: every patch ties as the best): there ŝ = 1 for
+    every patch, so the token keeps them all with uniform weights 1/P. No epsilon shifts the
+    normalised values otherwise.
     """
     _check_local(patch_emb, token_emb, token_mask)
     num_patches = patch_emb.shape[1]
@@ -80,10 +82,12 @@ def sparc_alignment_weights(patch_emb: torch.Tensor, token_emb: torch.Tensor, to
         raise ValueError(f"sparsity threshold must be in [0, 1], got {sigma}")
     sim = sparc_similarity(patch_emb, token_emb)                                  # [B,L,P]
     sim_min = sim.min(dim=-1, keepdim=True).values
-    sim_max = sim.max(dim=-1, keepdim=True).values
-    norm = (sim - sim_min + eps) / (sim_max - sim_min + eps)
+    span = sim.max(dim=-1, keepdim=True).values - sim_min                        # [B,L,1], >= 0
+    tied = span <= 0
+    norm = (sim - sim_min) / torch.where(tied, torch.ones_like(span), span)
+    norm = torch.where(tied, torch.ones_like(norm), norm)                         # all tie: every patch is the best
     sparse = torch.where(norm >= sigma, norm, torch.zeros_like(norm))
-    weights = sparse / sparse.sum(dim=-1, keepdim=True)                         # row sum >= 1
+    weights = sparse / sparse.sum(dim=-1, keepdim=True)                         # row sum >= 1 (the max is 1)
     return weights * token_mask.to(weights.dtype).unsqueeze(-1)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from encoders.features import ImageFeatures, TextFeatures
 from encoders.objectives.clip import clip_loss
-from encoders.objectives.sparc import (MINMAX_EPS, SparcConfig, SparcObjective, sparc_alignment_weights,
+from encoders.objectives.sparc import (SparcConfig, SparcObjective, sparc_alignment_weights,
                                        sparc_fine_grained_loss, sparc_grouped_embeddings, sparc_loss,
                                        sparc_similarity)
 
@@ -17,7 +17,7 @@ def dot(a, b):
 
 def unit(v):
     n = math.sqrt(dot(v, v))
-    return [x / n for x in v]
+    return [x / max(n, 1e-12) for x in v]  # as F.normalize: a zero vector stays zero
 
 
 def loop_weights(patches, tokens, mask, sigma):
@@ -29,7 +29,8 @@ def loop_weights(patches, tokens, mask, sigma):
             continue
         s = [dot(t, v) for v in patches]
         lo, hi = min(s), max(s)
-        norm = [(x - lo + MINMAX_EPS) / (hi - lo + MINMAX_EPS) for x in s]
+        # The paper's min-max normalisation; a zero range (all patches tie) makes every patch the best.
+        norm = [(x - lo) / (hi - lo) for x in s] if hi > lo else [1.0] * len(s)
         sparse = [x if x >= sigma else 0.0 for x in norm]
         total = sum(sparse)
         out.append([x / total for x in sparse])
@@ -101,26 +102,59 @@ def test_threshold_one_is_argmax_and_zero_keeps_all_but_min():
     expected = torch.nn.functional.one_hot(sim.argmax(-1), patch.shape[1]).double() * mask.unsqueeze(-1)
     assert torch.equal(one_hot, expected)
     dense = sparc_alignment_weights(patch, token, mask, threshold=0.0)
-    assert (dense[mask] > 0).all()
-    assert (dense[mask].min(-1).values < 1e-6).all()  # the min patch only keeps the epsilon
+    # Without the old epsilon shift (s - min + eps) / (max - min + eps) the worst patch normalises to
+    # exactly 0: kept by sigma = 0 but with weight 0; every other patch has a positive weight.
+    sim_min = sim.argmin(-1, keepdim=True)
+    assert (dense.gather(-1, sim_min).squeeze(-1) == 0).all()
+    assert ((dense > 0).sum(-1)[mask] == patch.shape[1] - 1).all()
 
 
-def test_all_equal_similarities_give_uniform_weights_and_finite_loss():
-    patch, token, mask = random_case(3)
-    token = token.clone()
-    token[0, 1] = 0.0                      # a zero token: every similarity 0, zero min-max range
-    patch = patch.clone()
-    patch[1] = patch[1, :1].expand_as(patch[1])  # identical patches: every token ties
+def test_min_max_is_the_papers_without_an_epsilon_shift():
+    """sims [0, 1, 2, 3] -> ŝ = [0, 1/3, 2/3, 1] exactly; sigma = 1/4 drops the first -> [0, 1, 2, 3] / 6."""
+    patch = torch.tensor([[[0.0], [1.0], [2.0], [3.0]]], dtype=torch.float64)
+    token = torch.tensor([[[1.0]]], dtype=torch.float64)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    got = sparc_alignment_weights(patch, token, mask)
+    assert torch.allclose(got[0, 0], torch.tensor([0.0, 1 / 6, 2 / 6, 3 / 6], dtype=torch.float64), rtol=0, atol=1e-15)
+    # sigma = 0.4 drops ŝ = 1/3 as well -> [0, 0, 2/3, 1] / (5/3)
+    got = sparc_alignment_weights(patch, token, mask, threshold=0.4)
+    assert torch.allclose(got[0, 0], torch.tensor([0.0, 0.0, 0.4, 0.6], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def degenerate_case(seed):
+    """B = 3 with padding (lengths 5, 1, 3), pair 0 token 1 a zero vector (all its similarities 0)
+    and pair 2 with identical patches (every token's similarities tie): zero min-max ranges."""
+    patch, token, mask = random_case(seed)
+    token, patch = token.clone(), patch.clone()
+    token[0, 1] = 0.0
+    patch[2] = patch[2, :1].expand_as(patch[2])
+    return patch, token, mask
+
+
+def test_zero_range_gives_uniform_weights_against_the_loop_reference():
+    """Float64 loop reference from the paper's equations (sigma = 1/P, B > 1, padded tokens), with
+    tokens whose similarities are all equal: the zero-range guard gives them uniform weights 1/P
+    (every patch ties as the best, ŝ = 1), the only defined reading of "every token keeps its best patch"."""
+    patch, token, mask = degenerate_case(3)
+    p = patch.shape[1]
     weights = sparc_alignment_weights(patch, token, mask)
-    uniform = torch.full((patch.shape[1],), 1 / patch.shape[1], dtype=torch.float64)
-    assert torch.allclose(weights[0, 1], uniform)
-    assert torch.allclose(weights[1, 0], uniform)
-    token.requires_grad_(True)
+    for i in range(patch.shape[0]):
+        ref = loop_weights(patch[i].tolist(), token[i].tolist(), mask[i].tolist(), 1 / p)
+        assert torch.allclose(weights[i], torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-12)
+    uniform = torch.full((p,), 1 / p, dtype=torch.float64)
+    assert torch.allclose(weights[0, 1], uniform, rtol=0, atol=1e-15)
+    for j in range(3):  # every real token of pair 2
+        assert torch.allclose(weights[2, j], uniform, rtol=0, atol=1e-15)
+    assert (weights[~mask] == 0).all() and torch.isfinite(weights).all()
+    assert torch.allclose(weights[mask].sum(-1), torch.ones(int(mask.sum()), dtype=torch.float64))
+
+
+def test_zero_range_loss_matches_loop_and_has_finite_gradients():
+    patch, token, mask = degenerate_case(3)
     patch.requires_grad_(True)
-    token_unit = token + 0.0
-    token_unit.data[0, 1] = 1e-3  # the loss L2-normalises tokens; a non-zero but tiny token ties too
-    loss = sparc_fine_grained_loss(patch, token_unit, mask, 0.1)
-    ref = loop_fine_loss(patch.detach(), token_unit.detach(), mask, 0.1, 1 / patch.shape[1])
+    token.requires_grad_(True)
+    loss = sparc_fine_grained_loss(patch, token, mask, 0.1)
+    ref = loop_fine_loss(patch.detach(), token.detach(), mask, 0.1, 1 / patch.shape[1])
     assert loss.item() == pytest.approx(ref, rel=1e-9)
     loss.backward()
     assert torch.isfinite(token.grad).all() and torch.isfinite(patch.grad).all()

@@ -7,9 +7,12 @@ Embeddings (all raw, un-normalised; objectives normalise what they need):
   ``global_mlp`` one Linear+GELU layer (SPARC's non-linear layer) precedes the linear projection.
 - Text global ``[B,d]``: "cls" takes the last real token (the tokenizer appends ``</s>``, so this is
   CLIP's EOS pooling), "mean" averages every non-padding token; then a linear projection.
-- Patch / token embeddings ``[B,P,d]`` / ``[B,L,d]``: with ``local_heads`` separate linear
-  adapters (SPARC's local projections); without, the global heads applied per token, which gives
-  CLIP-like encoders a dense embedding in the shared space (as MaskCLIP-style dense evaluation).
+- Patch / token embeddings ``[B,P,d]`` / ``[B,L,d]``: without ``local_heads`` (the default, and
+  the SPARC paper's) the global LINEAR projections g_v, g_t applied per token:
+  v_ik = g_v(f_v(x_ik)), t_ij = g_t(f_t(x_ij)). The ``global_mlp`` layer h_v belongs to the global
+  vision path only (v̄_i = g_v(h_v(pool f_v(x)))): patches never go through it. For CLIP-like
+  encoders this gives a dense embedding in the shared space (as MaskCLIP-style dense evaluation).
+  With ``local_heads`` separate linear adapters instead (an ablation).
 - ``token_mask`` ``[B,L]`` is True on word tokens only: padding and the tokenizer's special
   tokens (``<s>``, ``</s>``) are excluded, because SPARC aligns words with patches.
 
@@ -105,6 +108,8 @@ class DualEncoder(nn.Module):
         self.text = text if text is not None else build_text_tower(cfg, tokenizer)
         self.transform = transform or default_transform(self.vision)
         w, wt, d = tower_width(self.vision), int(self.text.config.hidden_size), cfg.embed_dim
+        # image_global = [h_v (Linear+GELU, with global_mlp)] + g_v (the last Linear, shared with the
+        # patches unless local_heads); the state-dict keys are those of earlier checkpoints.
         heads = {
             "image_global": nn.Sequential(*([nn.Linear(w, w), nn.GELU()] if cfg.global_mlp else []),
                                           nn.Linear(w, d, bias=False)),
@@ -134,9 +139,19 @@ class DualEncoder(nn.Module):
         """pixel_values [B,3,H,W] -> ImageFeatures(global_emb [B,d], patch_emb [B,P,d], patch_tokens [B,P,w])."""
         patches, pooled = tower_forward(self.vision, pixel_values)
         pooled = patches.mean(dim=1) if self.cfg.pool == "mean" else pooled
-        global_emb = self.heads["image_global"](pooled)
-        local = self.heads["image_local"] if self.cfg.local_heads else self.heads["image_global"]
-        return ImageFeatures(global_emb=global_emb, patch_emb=local(patches), patch_tokens=patches)
+        global_emb = self.heads["image_global"](pooled)                          # g_v(h_v(pool))
+        return ImageFeatures(global_emb=global_emb, patch_emb=self.image_local_head(patches), patch_tokens=patches)
+
+    @property
+    def image_local_head(self) -> nn.Module:
+        """The patch projection: ``heads["image_local"]`` with ``local_heads``, else g_v, the global
+        path's final Linear, WITHOUT the ``global_mlp`` layer h_v (v_ik = g_v(f_v(x_ik)), SPARC)."""
+        return self.heads["image_local"] if self.cfg.local_heads else self.heads["image_global"][-1]
+
+    @property
+    def text_local_head(self) -> nn.Module:
+        """The token projection: ``heads["text_local"]`` with ``local_heads``, else g_t (t_ij = g_t(f_t(x_ij)))."""
+        return self.heads["text_local"] if self.cfg.local_heads else self.heads["text_global"]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
         """input_ids, attention_mask [B,L] -> TextFeatures(global_emb [B,d], token_emb [B,L,d],
@@ -155,9 +170,8 @@ class DualEncoder(nn.Module):
             last = attention_mask.long().sum(dim=1) - 1
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         global_emb = self.heads["text_global"](pooled)
-        local = self.heads["text_local"] if self.cfg.local_heads else self.heads["text_global"]
         special = torch.isin(input_ids, self._special_ids.to(input_ids.device))
-        return TextFeatures(global_emb=global_emb, token_emb=local(hidden), token_mask=mask & ~special)
+        return TextFeatures(global_emb=global_emb, token_emb=self.text_local_head(hidden), token_mask=mask & ~special)
 
     def encode_texts(self, texts: Sequence[str], max_len: Optional[int] = None) -> TextFeatures:
         """Convenience: tokenize on the model's device, then ``encode_text``."""

@@ -1,6 +1,8 @@
 """DualEncoder: features, pooling, masks, checkpoints that stock transformers loads, Stage1Model."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import CLIPVisionModel, SiglipVisionModel
@@ -47,7 +49,7 @@ def test_saved_encoder_yaml_holds_the_resolved_choices(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("arch,pool,mlp,local", [("clip", "cls", False, False), ("clip", "mean", True, True),
-                                                 ("siglip", "cls", False, False)])
+                                                 ("clip", "mean", True, False), ("siglip", "cls", False, False)])
 def test_feature_shapes_and_pooling(tokenizer, arch, pool, mlp, local):
     enc = make_encoder(tokenizer, arch, pool=pool, global_mlp=mlp, local_heads=local)
     x = torch.randn(3, 3, 32, 32)
@@ -66,8 +68,23 @@ def test_feature_shapes_and_pooling(tokenizer, arch, pool, mlp, local):
         torch.testing.assert_close(txt.global_emb[b], enc.heads["text_global"](pooled))
     if pool == "mean":
         torch.testing.assert_close(img.global_emb, enc.heads["image_global"](img.patch_tokens.mean(1)))
-    local_head = enc.heads["image_local" if local else "image_global"]
-    torch.testing.assert_close(img.patch_emb, local_head(img.patch_tokens))
+    if local:
+        torch.testing.assert_close(img.patch_emb, enc.heads["image_local"](img.patch_tokens))
+        torch.testing.assert_close(txt.token_emb, enc.heads["text_local"](hidden))
+    else:
+        # Shared heads (SPARC's paper): v_ik = g_v(f_v(x_ik)) with g_v the global path's final Linear,
+        # never the global_mlp layer h_v; t_ij = g_t(f_t(x_ij)). (Before this fix the patches went
+        # through the whole image_global head, h_v included.)
+        g_v = enc.heads["image_global"][-1]
+        assert isinstance(g_v, torch.nn.Linear) and enc.image_local_head is g_v
+        torch.testing.assert_close(img.patch_emb, g_v(img.patch_tokens))
+        torch.testing.assert_close(txt.token_emb, enc.heads["text_global"](hidden))
+        if mlp:
+            with torch.no_grad():
+                through_mlp = enc.heads["image_global"](img.patch_tokens)
+            assert not torch.allclose(img.patch_emb, through_mlp)
+            # the global embedding still is g_v(h_v(mean pool))
+            torch.testing.assert_close(img.global_emb, g_v(enc.heads["image_global"][:-1](img.patch_tokens.mean(1))))
 
 
 def test_token_mask_excludes_padding_and_specials(tokenizer):
@@ -123,10 +140,11 @@ def test_save_load_round_trip_and_stock_vision(tmp_path, tokenizer, arch, stock)
     torch.testing.assert_close(stock_out.last_hidden_state, ours_out.last_hidden_state)
 
 
-@pytest.mark.parametrize("name", ["clip", "siglip", "sparc", "flair"])
-def test_stage1_model_forward_backward_and_save(tmp_path, tokenizer, name):
+@pytest.mark.parametrize("name,local", [("clip", False), ("siglip", False), ("sparc", False), ("sparc", True),
+                                        ("flair", False)])
+def test_stage1_model_forward_backward_and_save(tmp_path, tokenizer, name, local):
     enc = make_encoder(tokenizer, pool="mean" if name == "sparc" else "cls", global_mlp=name == "sparc",
-                       local_heads=name == "sparc")
+                       local_heads=local)
     ocfg = objective_config_class(name)(**({"num_subcaptions": 2, "num_heads": 2} if name == "flair" else {}))
     model = Stage1Model.build(enc, ocfg).train()
     ids, mask = enc.tokenize(["a red circle.", "two green stars.", "a blue square"])
@@ -142,7 +160,27 @@ def test_stage1_model_forward_backward_and_save(tmp_path, tokenizer, name):
     assert not model.ddp_find_unused_parameters
     model.save_pretrained(tmp_path / name)
     again = Stage1Model.from_pretrained(tmp_path / name)
+    assert again.encoder.cfg.local_heads == local
     for (k, v), (k2, v2) in zip(model.objective.state_dict().items(), again.objective.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     with pytest.raises(KeyError, match="pixel_values"):
         model({"input_ids": ids, "attention_mask": mask})
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "sparc", "flair"])
+def test_stage1_model_after_optimizer_step_clamps_the_logit_scale(tokenizer, name):
+    """Every objective's learned scale is clamped in place to [0, ln max_logit_scale] by the
+    post-step hook (the training loop calls it after optimizer.step()), never inside forward."""
+    enc = make_encoder(tokenizer, pool="mean" if name == "sparc" else "cls", global_mlp=name == "sparc")
+    ocfg = objective_config_class(name)(**({"num_subcaptions": 2, "num_heads": 2} if name == "flair" else {}))
+    model = Stage1Model.build(enc, ocfg)
+    log_scale = model.objective.logit_scale.log_scale
+    with torch.no_grad():
+        log_scale.fill_(math.log(10 * ocfg.max_logit_scale))
+    assert model.objective.logit_scale().item() == pytest.approx(10 * ocfg.max_logit_scale, rel=1e-5)
+    model.after_optimizer_step()
+    assert log_scale.item() == pytest.approx(math.log(ocfg.max_logit_scale))
+    with torch.no_grad():
+        log_scale.fill_(-1.0)
+    model.after_optimizer_step()
+    assert log_scale.item() == 0.0

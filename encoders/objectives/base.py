@@ -39,7 +39,9 @@ class ObjectiveConfig:
 
     name: str = ""  # registry key; each subclass's default, which must not change
     max_logit_scale: float = 100.0  # ceiling of the learned logit scale (clamped after each optimizer step)
-    gather_with_grad: bool = True  # distributed global terms: all-gather with gradients
+    # Distributed global terms: all-gather with gradients. False gathers without them: only the local
+    # slice gets gradient, which biases the gradient (not the concatenated-batch one); see gather.py.
+    gather_with_grad: bool = True
 
     encoder_defaults: ClassVar[dict[str, Any]] = {"pool": "cls", "global_mlp": False, "local_heads": False}
     uses_local_embeddings: ClassVar[bool] = False

@@ -7,8 +7,12 @@
   shape, a mixed one its dominant shape. Each class is the prompt ``"a photo of a {shape}."``; the
   prediction is the prompt whose global text embedding has the highest cosine with the image's
   global embedding.
-  Every objective is scored through its global embeddings (FLAIR's is the one its multi-positive
-  sigmoid loss trains; its text-conditioned pooling is not used here).
+  A FLAIR checkpoint (its ``objective.yaml`` names flair) is scored by default as the reference's
+  ``--inference-with-flair``: each (image, text) pair by cos(v_{i|t}, t), v_{i|t} the image's patch
+  embeddings pooled by the text (the objective's learned pooling, ``objective.safetensors``);
+  ``flair_scoring="global"`` scores it through the global embeddings instead, as every other
+  objective (``summary["scoring"]``: "flair_conditioned" | "global"). The same score serves
+  retrieval.
 - **Retrieval** (image->text and text->image Recall@1/5/10) over the eval images and their
   ``short`` and ``detailed`` captions (two per image; an image's own captions are its positives).
   Ranks count ties against the query (``first_relevant_rank``): an encoder that scores
@@ -51,7 +55,8 @@ keys joined by "/"), ``heatmaps.png`` (with a text side: SPARC alignment heatmap
 images, ``eval.heatmaps``), ``predictions.jsonl`` (one line per eval image: zero-shot label and prediction,
 its image->text rank, its captions' text->image ranks, per-image patch accuracy of the zero-shot and
 probe segmentations). The summary: run facts (``ckpt``, ``mode``, ``text_from``, ``n_eval``,
-``n_probe_train``, ``image_source``, ``probe_steps``, ``heatmaps``: "heatmaps.png" or null) and the groups ``zero_shot`` {top1},
+``n_probe_train``, ``image_source``, ``probe_steps``, ``scoring``: how zero-shot and retrieval score a pair,
+"global" | "flair_conditioned" | null without a text side, ``heatmaps``: "heatmaps.png" or null) and the groups ``zero_shot`` {top1},
 ``retrieval`` {i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10}, ``segmentation`` {zero_shot_miou,
 probe_miou, zero_shot_class_embedding}, ``multilabel`` {precision, recall, f1}, ``per_class_iou``
 {zero_shot, probe: {class name: IoU}}; metrics that do not apply are null (n/a in the table).
@@ -65,16 +70,21 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from encoders.dual_encoder import CONFIG_FILE, DualEncoder
+from encoders.objectives.flair import conditioned_similarity
+from encoders.registry import build_objective, objective_config_class
+from encoders.stage1_model import OBJECTIVE_CONFIG_FILE, OBJECTIVE_STATE_FILE
 from encoders.towers import ImageTransform, VisionTower, load_vision_tower, tower_forward
 from eval.heatmaps import alignment_heatmaps
 from eval.report import jsonable, summary_markdown, write_jsonl
 from eval.report import write_summary as write_summary_files
-from vlm.config import WorldConfig
+from vlm.config import WorldConfig, config_from_yaml_text
 from vlm.world.generator import generate_sample, world_split
 from vlm.world.vocab import CLASS_NAMES, SHAPES
 
@@ -246,12 +256,28 @@ def train_probe(features: torch.Tensor, targets: torch.Tensor, num_classes: int,
 @dataclass
 class LoadedEncoder:
     """What an eval can use: the vision tower and its transform, and the DualEncoder (None for a
-    plain tower) whose heads and text tower score it. ``mode``: dual_encoder | vision_tower | text_from."""
+    plain tower) whose heads and text tower score it. ``mode``: dual_encoder | vision_tower | text_from.
+    ``flair_pooling``: the text-conditioned pooling of a FLAIR checkpoint (the DualEncoder's dir
+    holds its objective), else None."""
 
     vision: VisionTower
     transform: ImageTransform
     dual: Optional[DualEncoder]
     mode: str
+    flair_pooling: Optional[nn.Module] = None
+
+
+def load_flair_pooling(directory: Union[str, Path], dual: DualEncoder) -> Optional[nn.Module]:
+    """The learned ``TextConditionedPooling`` of a FLAIR checkpoint dir (``objective.yaml`` names
+    flair, ``objective.safetensors`` holds it), in eval mode; None for any other directory."""
+    directory = Path(directory)
+    cfg_path = directory / OBJECTIVE_CONFIG_FILE
+    if not cfg_path.is_file() or str(OmegaConf.create(cfg_path.read_text()).get("name", "")) != "flair":
+        return None
+    cfg = config_from_yaml_text(objective_config_class("flair"), cfg_path.read_text())
+    objective = build_objective(cfg, dual.cfg.embed_dim, dual.vision_width)
+    objective.load_state_dict(load_file(str(directory / OBJECTIVE_STATE_FILE)), strict=True)
+    return objective.pooling.eval()
 
 
 def load_encoder(ckpt: Union[str, Path], text_from: Optional[Union[str, Path]] = None) -> LoadedEncoder:
@@ -261,7 +287,7 @@ def load_encoder(ckpt: Union[str, Path], text_from: Optional[Union[str, Path]] =
         if text_from is not None:
             raise ValueError(f"{ckpt} is a DualEncoder checkpoint; text_from is only for plain vision towers")
         dual = DualEncoder.from_pretrained(ckpt).eval()
-        return LoadedEncoder(dual.vision, dual.transform, dual, "dual_encoder")
+        return LoadedEncoder(dual.vision, dual.transform, dual, "dual_encoder", load_flair_pooling(ckpt, dual))
     vision, transform = load_vision_tower(ckpt)
     if text_from is None:
         return LoadedEncoder(vision.eval(), transform, None, "vision_tower")
@@ -274,7 +300,7 @@ def load_encoder(ckpt: Union[str, Path], text_from: Optional[Union[str, Path]] =
         raise ValueError(f"{ckpt} is a {type(vision).__name__}, text_from's tower a {type(dual.vision).__name__}")
     dual.vision = vision.eval()
     dual.transform = transform
-    return LoadedEncoder(vision.eval(), transform, dual, "text_from")
+    return LoadedEncoder(vision.eval(), transform, dual, "text_from", load_flair_pooling(text_from, dual))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,17 +417,38 @@ def _empty_summary(ckpt, loaded: LoadedEncoder, text_from, n_eval: int, n_train:
     """The summary's run facts and its metric groups, every metric None until measured."""
     return {"ckpt": str(ckpt), "mode": loaded.mode, "text_from": str(text_from) if text_from else None,
             "n_eval": n_eval, "n_probe_train": n_train, "image_source": source,
-            "probe_steps": probe_steps,
+            "probe_steps": probe_steps, "scoring": None,
             "zero_shot": {"top1": None},
             "retrieval": {f"{d}_r{k}": None for d in ("i2t", "t2i") for k in RECALL_KS},
             "segmentation": {"zero_shot_miou": None, "probe_miou": None},
             "multilabel": {}, "per_class_iou": {}}
 
 
-def _zero_shot(dual: DualEncoder, ev: _Split, img_global: torch.Tensor, summary: dict, records: list[dict]) -> None:
-    """Zero-shot shape classification of the eval images (img_global [N,d], normalised)."""
-    shape_emb = F.normalize(class_embeddings(dual, SHAPES, local=False).cpu().float(), dim=-1)
-    zs_pred = (img_global @ shape_emb.T).argmax(1)
+class _Scorer:
+    """Scores of the eval images against texts: ``scorer(text_emb [M,d] raw) -> [N,M]``. Global:
+    cosine with the global image embeddings; FLAIR conditioned (``pooling`` given): cos(v_{i|t}, t)
+    with the images' patch embeddings pooled by each text (``conditioned_similarity``)."""
+
+    def __init__(self, img_global: torch.Tensor, patch_emb: torch.Tensor, pooling: Optional[nn.Module],
+                 device: torch.device, batch_size: int) -> None:
+        self.img_global = F.normalize(img_global.float(), dim=-1)
+        self.patch_emb, self.pooling, self.device, self.batch_size = patch_emb, pooling, device, batch_size
+        self.name = "flair_conditioned" if pooling is not None else "global"
+
+    @torch.no_grad()
+    def __call__(self, text_emb: torch.Tensor) -> torch.Tensor:
+        if self.pooling is None:
+            return self.img_global @ F.normalize(text_emb.cpu().float(), dim=-1).T
+        pooling = self.pooling.to(self.device).float()
+        text = text_emb.to(self.device).float()
+        rows = [conditioned_similarity(pooling, self.patch_emb[i:i + self.batch_size].to(self.device).float(), text)
+                for i in range(0, len(self.patch_emb), self.batch_size)]
+        return torch.cat(rows).cpu()
+
+
+def _zero_shot(dual: DualEncoder, ev: _Split, score: _Scorer, summary: dict, records: list[dict]) -> None:
+    """Zero-shot shape classification of the eval images (``score``: see ``_Scorer``)."""
+    zs_pred = score(class_embeddings(dual, SHAPES, local=False)).argmax(1)
     labelled = [i for i, lab in enumerate(ev.labels) if lab is not None]
     if labelled:
         summary["zero_shot"]["top1"] = top1_accuracy(zs_pred[labelled], torch.tensor([ev.labels[i] for i in labelled]))
@@ -410,15 +457,14 @@ def _zero_shot(dual: DualEncoder, ev: _Split, img_global: torch.Tensor, summary:
         rec["zero_shot_pred"] = SHAPES[int(zs_pred[i])]
 
 
-def _retrieval(dual: DualEncoder, ev: _Split, img_global: torch.Tensor, batch_size: int, summary: dict,
+def _retrieval(dual: DualEncoder, ev: _Split, score: _Scorer, batch_size: int, summary: dict,
                records: list[dict]) -> None:
-    """Image->text and text->image Recall@k over the eval images [N,d] and their captions."""
+    """Image->text and text->image Recall@k over the eval images (``score``) and their captions."""
     texts = [c for caps in ev.captions for c in caps]
     if not texts:
         return
     owner = torch.tensor([i for i, caps in enumerate(ev.captions) for _ in caps])
-    txt_global = F.normalize(_text_features(dual, texts, batch_size).float(), dim=-1)
-    sim = img_global @ txt_global.T  # [N_img, N_txt]
+    sim = score(_text_features(dual, texts, batch_size))  # [N_img, N_txt]
     relevant = owner.unsqueeze(0) == torch.arange(len(records)).unsqueeze(1)
     for direction, (s, r) in {"i2t": (sim, relevant), "t2i": (sim.T, relevant.T)}.items():
         for k, recall in recall_at_k(s, r).items():
@@ -483,13 +529,18 @@ def _heatmaps(dual: DualEncoder, world: WorldConfig, world_dir: Optional[Path], 
 def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
         world_dir: Optional[Union[str, Path]] = None, probe_steps: int = 300, limit: Optional[int] = None,
         text_from: Optional[Union[str, Path]] = None, probe_images: int = 512, batch_size: int = 64,
-        progress: bool = True, device: str = "auto", heatmap_images: int = 4) -> dict:
+        progress: bool = True, device: str = "auto", heatmap_images: int = 4,
+        flair_scoring: str = "conditioned") -> dict:
     """Evaluate ``ckpt`` (see the module docstring); writes ``out_dir/{summary.json,summary.md,
     predictions.jsonl}`` and returns the summary dict (None for metrics that do not apply).
     ``device``: auto (CUDA when available) | cpu | cuda; the encoder and the probes run there.
     With a text side and ``heatmap_images`` > 0 it also draws the SPARC alignment heatmaps of the
     first ``heatmap_images`` eval images and their short captions (``eval.heatmaps``) to
-    ``out_dir/heatmaps.png`` (``summary["heatmaps"]``; None when not drawn)."""
+    ``out_dir/heatmaps.png`` (``summary["heatmaps"]``; None when not drawn).
+    ``flair_scoring``: conditioned (default, the reference's ``--inference-with-flair``) | global;
+    how a FLAIR checkpoint's zero-shot and retrieval score a pair (other objectives: global)."""
+    if flair_scoring not in ("conditioned", "global"):
+        raise ValueError(f"flair_scoring must be conditioned or global, got {flair_scoring!r}")
     if probe_steps < 1 or probe_images < 1:
         raise ValueError(f"probe_steps and probe_images must be >= 1, got {probe_steps}, {probe_images}")
     out_dir = Path(out_dir)
@@ -515,9 +566,11 @@ def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
 
     zs_seg_pred = None
     if dual is not None:  # zero-shot classification, retrieval and segmentation need the text side
-        img_global = F.normalize(ev_feats["global_emb"].float(), dim=-1)
-        _zero_shot(dual, ev, img_global, summary, records)
-        _retrieval(dual, ev, img_global, batch_size, summary, records)
+        pooling = loaded.flair_pooling if flair_scoring == "conditioned" else None
+        score = _Scorer(ev_feats["global_emb"], ev_feats["patch_emb"], pooling, dev, batch_size)
+        summary["scoring"] = score.name
+        _zero_shot(dual, ev, score, summary, records)
+        _retrieval(dual, ev, score, batch_size, summary, records)
         zs_seg_pred = _zero_shot_segmentation(dual, ev, ev_feats["patch_emb"], summary)
     probe_pred = _probes(tr, ev, tr_feats["patch_tokens"], ev_feats["patch_tokens"], probe_steps, dev, summary)
     for i, rec in enumerate(records):
@@ -533,5 +586,5 @@ def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
 
 
 __all__ = ["REPORT_COLUMNS", "LoadedEncoder", "class_embeddings", "confusion_matrix", "dominant_shape",
-           "first_relevant_rank", "load_encoder", "majority_downsample", "mean_iou", "multilabel_prf",
+           "first_relevant_rank", "load_encoder", "load_flair_pooling", "majority_downsample", "mean_iou", "multilabel_prf",
            "patch_presence", "recall_at_k", "run", "top1_accuracy", "train_probe", "write_summary"]

@@ -101,8 +101,11 @@ def stage1_collate(samples: list[tuple[int, dict]], worker: int = 0, *, tokenize
                    transform: ImageTransform, objective: ObjectiveConfig, max_text_len: int, seed: int,
                    rank: int = 0) -> dict:
     """(position, sample) pairs -> one stage-one micro-batch of B = len(samples):
-    ``pixel_values`` [B,3,H,W] float, ``input_ids`` / ``attention_mask`` [B,L] long and, when the
-    objective samples sub-captions (FLAIR), ``sub_input_ids`` / ``sub_attention_mask`` [B,K,L].
+    ``pixel_values`` [B,3,H,W] float and ``input_ids`` / ``attention_mask`` long: [B,L], the
+    captions, or, when the objective samples K sub-captions (FLAIR), [B*K,L], the sub-captions
+    image-major (sub-caption k of image i is row i*K + k). The caption itself is then not
+    tokenised: no FLAIR loss uses it (as the reference, which encodes only the sampled captions),
+    so the text tower runs once per sub-caption and never on the caption.
     Sample i's captions are drawn by ``random.Random(f"{seed}:{rank}:{worker}:{position}")``."""
     pixels, captions, subs = [], [], []
     for position, sample in samples:
@@ -111,13 +114,8 @@ def stage1_collate(samples: list[tuple[int, dict]], worker: int = 0, *, tokenize
         pixels.append(transform(sample["image"]))
         captions.append(texts[0])
         subs.extend(texts[1:])
-    ids, mask = tokenize_texts(tokenizer, captions, max_text_len)
-    batch = {"pixel_values": torch.stack(pixels), "input_ids": ids, "attention_mask": mask}
-    if subs:
-        sub_ids, sub_mask = tokenize_texts(tokenizer, subs, max_text_len)
-        shape = (len(samples), len(subs) // len(samples), -1)
-        batch["sub_input_ids"], batch["sub_attention_mask"] = sub_ids.view(shape), sub_mask.view(shape)
-    return batch
+    ids, mask = tokenize_texts(tokenizer, subs if subs else captions, max_text_len)
+    return {"pixel_values": torch.stack(pixels), "input_ids": ids, "attention_mask": mask}
 
 
 def stage1_batches(urls: list[str], cfg: Stage1Config, tokenizer: PreTrainedTokenizerBase, transform: ImageTransform,

@@ -1,20 +1,33 @@
 """FLAIR (Xiao et al., CVPR 2025): text-conditioned attention pooling (../shared/METHODS.md, "FLAIR").
 
-Data contract. Every sample carries its caption and K sub-captions sampled from its long caption
-(``FlairObjective.captions_for`` returns ``[caption, sub_1, ..., sub_K]``). The stage-one model
-encodes the caption as usual (``txt``) and the sub-captions ``batch["sub_input_ids"]`` /
-``batch["sub_attention_mask"]`` [B, K, L], flattened to [B*K, L] image-major (sub-caption k of
-image i is row i*K + k), and passes the result as ``batch["sub_text"]``: a ``TextFeatures`` whose
-``global_emb`` is [B*K, d]. The loss uses only the sub-captions (as METHODS and the reference);
-the caption is not part of it.
+Checked against the reference code (ExplainableML/flair): src/flair/loss.py (``FlairLoss``,
+``downsample_text_features``), transformer.py (``PureAttentionPoolingBlock``), model.py
+(``FLAIR.forward``: ``image_post`` projects both the global token and the patch tokens) and
+data.py (``sample_dict``, ``split_caption``, ``random_sample_from_list``).
 
-Negatives of the text-conditioned loss: for image i and every other image j of the (global)
-batch, one of j's K sub-captions, index ``neg_index[i, j]``. ``batch["flair_neg_index"]``
-([B, N*B] long) fixes them; otherwise they are drawn uniformly with torch's global RNG, as the
-reference does.
+Data contract. Every sample carries K sub-captions sampled from its long caption
+(``FlairObjective.captions_for`` returns ``[caption, sub_1, ..., sub_K]``; the caption is not part
+of any loss, as in the reference). ``training.stage1.stage1_collate`` therefore sends only the
+sub-captions through the text tower: ``input_ids`` / ``attention_mask`` are [B*K, L], image-major
+(sub-caption k of image i is row i*K + k), so ``txt.global_emb`` is [B*K, d]. A batch may instead
+carry ``batch["sub_text"]`` (``Stage1Model`` encodes ``sub_input_ids`` [B,K,L] there); it is then
+used and ``txt`` is ignored.
 
-Normalisation follows METHODS: L_tcs is averaged over images (the reference sums over images),
-L_mps is divided by B*K (as the reference).
+Keys / values of the pooling are ``img.patch_emb``: the patch tokens after the tower's final norm
+and the global image projection (the ``DualEncoder`` applies the global head per patch when there
+are no separate local heads, which ``Stage1Config`` refuses for FLAIR), i.e. the reference's
+``image_post(local_image_tokens)`` in the joint space of width D.
+
+Negatives of the text-conditioned loss: for image i and every other image j of this rank's batch,
+one of j's K sub-captions (the reference's ``random_offsets``), ``neg_index[i, m]`` for the m-th
+other image (j != i in increasing order), [B, B-1] long. ``batch["flair_neg_index"]`` fixes them;
+otherwise they are drawn uniformly with torch's global RNG, as the reference does. With several
+ranks every rank's [B, B+K-1] rows of texts are gathered and image i of a rank is also pooled with
+row i of every other rank, all negatives (the reference's neighbour exchange, here through
+``gather_features``).
+
+Normalisation as the reference: L_tcs is summed over the images and divided by the texts per
+image B+K-1 (each other rank's chunk the same), L_mps is divided by B*K.
 """
 
 from __future__ import annotations
@@ -30,16 +43,17 @@ from torch import nn
 
 from encoders.features import ImageFeatures, TextFeatures
 from encoders.objectives.base import LogScale, Objective, ObjectiveConfig, full_precision, no_autocast, require
-from encoders.objectives.gather import gather_features, local_offset
+from encoders.objectives.gather import gather_features, local_offset, world_info
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_SENTENCE_SPLIT = re.compile(r"\n|</s>|[.]")  # the reference's split_caption
 
 
 @dataclass
 class FlairConfig(ObjectiveConfig):
     """``objective.*`` of FLAIR. Encoder as the reference: CLS / EOS global embeddings, linear
-    projections, no local heads (the pooling reads the tower's patch tokens; inherited
-    ``encoder_defaults``)."""
+    projections, no local heads: the pooling reads ``patch_emb``, the global image projection
+    applied per patch (inherited ``encoder_defaults``; separate local heads would give the pooling
+    another projection than the reference's shared ``image_post``)."""
 
     name: str = "flair"
     num_subcaptions: int = 8  # K per image
@@ -56,58 +70,68 @@ class FlairConfig(ObjectiveConfig):
 
 
 def split_sentences(text: str) -> list[str]:
-    """Split a long caption into sentences on '.', '!' or '?' followed by whitespace."""
-    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+    """Sentences of a long caption as the reference's ``split_caption``: split on '.', newlines and
+    '</s>', stripped, empty pieces dropped (the periods are removed; ``'. '`` joins them again)."""
+    return [s.strip() for s in _SENTENCE_SPLIT.split(text) if s.strip()]
 
 
 def sample_subcaptions(long_caption: str, k: int, max_merge: int, rng: random.Random) -> list[str]:
-    """K sub-captions of a long caption, each merging 1..max_merge of its sentences.
+    """K sub-captions of a long caption, as the reference's ``sample_dict`` (diverse sampling).
 
-    Even-numbered sub-captions take a run of consecutive sentences, odd-numbered ones a random
-    subset (kept in caption order), so half are consecutive and half random. Deterministic for a
-    given ``rng`` state. -> list of K strings.
+    For each: m = randint(1, max_merge) sentences. m = 1: one random sentence. Otherwise a coin
+    flip (``rng.random() < 0.5``): consecutive sentences (``random_sample_from_list``: all of them
+    joined when m >= n, else a window starting at one of 0..n-m-1, the reference's
+    ``draw_numbers(n - m, 1)``), or m random sentences in sampled order (``random.sample`` without
+    replacement when n >= m, else m draws with replacement). Joined with '. '. Deterministic for a
+    given ``rng`` state (the reference's calls, in its order, on ``rng``). -> list of K strings.
     """
     if k < 1 or max_merge < 1:
         raise ValueError(f"k and max_merge must be >= 1, got k={k}, max_merge={max_merge}")
     sentences = split_sentences(long_caption)
     if not sentences:
         raise ValueError("cannot sample sub-captions from an empty caption")
+    n = len(sentences)
     out = []
-    for i in range(k):
-        n = rng.randint(1, min(max_merge, len(sentences)))
-        if i % 2 == 0:
-            start = rng.randint(0, len(sentences) - n)
-            picked = sentences[start:start + n]
-        else:
-            picked = [sentences[j] for j in sorted(rng.sample(range(len(sentences)), n))]
-        out.append(" ".join(picked))
+    for _ in range(k):
+        m = rng.randint(1, max_merge)
+        if m == 1:
+            out.append(rng.choice(sentences))
+        elif rng.random() < 0.5:  # consecutive sentences
+            if m >= n:
+                out.append(". ".join(sentences))
+            else:
+                start = rng.sample(range(n - m), 1)[0]
+                out.append(". ".join(sentences[start:start + m]))
+        else:  # random sentences, unordered
+            picked = rng.sample(sentences, m) if n >= m else [rng.choice(sentences) for _ in range(m)]
+            out.append(". ".join(picked))
     return out
 
 
 class TextConditionedPooling(nn.Module):
-    """Attention pooling of an image's patch tokens, queried by text embeddings (FLAIR).
+    """Attention pooling of an image's patch embeddings, queried by text embeddings (FLAIR).
 
-    Multi-head attention (``num_heads``) with query = the projected global text embedding
-    (width d) and keys / values = the vision tower's patch tokens (width w), a LayerNorm on each
-    of q, k and v and a zero attention slot, as the reference. ``forward(text_emb [B,T,d],
-    patch_tokens [B,P,w]) -> [B,T,d]``: image b pooled once for each of its T texts.
+    The reference's ``PureAttentionPoolingBlock``: ``nn.MultiheadAttention(D, num_heads,
+    add_zero_attn=True)`` with a LayerNorm on each of q, k and v, everything in the joint space of
+    width D. ``forward(text_emb [B,T,D], patch_emb [B,P,D]) -> [B,T,D]``: image b pooled once for
+    each of its T texts.
     """
 
-    def __init__(self, embed_dim: int, token_width: int, num_heads: int = 8) -> None:
+    def __init__(self, embed_dim: int, num_heads: int = 8) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.ln_q = nn.LayerNorm(embed_dim)
-        self.ln_k = nn.LayerNorm(token_width)
-        self.ln_v = nn.LayerNorm(token_width)
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads, kdim=token_width, vdim=token_width,
+        self.ln_k = nn.LayerNorm(embed_dim)
+        self.ln_v = nn.LayerNorm(embed_dim)
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, kdim=embed_dim, vdim=embed_dim,
                                           batch_first=True, add_zero_attn=True)
 
-    def forward(self, text_emb: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
-        if text_emb.dim() != 3 or patch_tokens.dim() != 3 or text_emb.shape[0] != patch_tokens.shape[0]:
-            raise ValueError(f"expected text_emb [B,T,d] and patch_tokens [B,P,w], got "
-                             f"{tuple(text_emb.shape)} and {tuple(patch_tokens.shape)}")
-        q, k, v = self.ln_q(text_emb), self.ln_k(patch_tokens), self.ln_v(patch_tokens)
+    def forward(self, text_emb: torch.Tensor, patch_emb: torch.Tensor) -> torch.Tensor:
+        if text_emb.dim() != 3 or patch_emb.dim() != 3 or text_emb.shape[0] != patch_emb.shape[0]:
+            raise ValueError(f"expected text_emb [B,T,D] and patch_emb [B,P,D], got "
+                             f"{tuple(text_emb.shape)} and {tuple(patch_emb.shape)}")
+        q, k, v = self.ln_q(text_emb), self.ln_k(patch_emb), self.ln_v(patch_emb)
         return self.attn(q, k, v, need_weights=False)[0]
 
 
@@ -116,38 +140,56 @@ def _check_sub(sub_text_emb: torch.Tensor, batch: int) -> None:
         raise ValueError(f"sub_text_emb must be [B={batch}, K, d], got {tuple(sub_text_emb.shape)}")
 
 
-def flair_tcs_loss(patch_tokens: torch.Tensor, sub_text_emb: torch.Tensor, pooling: nn.Module,
+def sampled_texts(sub_text_emb: torch.Tensor, neg_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Image i's K own sub-captions then one of every other image's: [B,K,d] -> [B, K+B-1, d].
+
+    neg_index [B, B-1] long: the sub-caption of the m-th other image (j != i, increasing), drawn
+    uniformly when None (the reference's ``downsample_text_features``; it sorts the columns, which
+    changes no loss value).
+    """
+    batch, num_sub, dim = sub_text_emb.shape
+    device = sub_text_emb.device
+    if neg_index is None:
+        neg_index = torch.randint(0, num_sub, (batch, batch - 1), device=device)
+    neg_index = neg_index.to(device)
+    if neg_index.shape != (batch, batch - 1):
+        raise ValueError(f"neg_index must be [B, B-1] = [{batch}, {batch - 1}], got {tuple(neg_index.shape)}")
+    if bool(((neg_index < 0) | (neg_index >= num_sub)).any()):
+        raise ValueError(f"neg_index values must be in [0, K={num_sub})")
+    idx = torch.arange(batch, device=device)
+    others = idx.expand(batch, batch)[idx[:, None] != idx[None, :]].view(batch, batch - 1)   # [B,B-1]
+    negatives = sub_text_emb[others, neg_index]                                            # [B,B-1,d]
+    return torch.cat([sub_text_emb, negatives], dim=1)
+
+
+def flair_tcs_loss(patch_emb: torch.Tensor, sub_text_emb: torch.Tensor, pooling: nn.Module,
                    logit_scale: Union[torch.Tensor, float], logit_bias: Union[torch.Tensor, float],
                    neg_index: Optional[torch.Tensor] = None, gather: bool = True,
                    gather_with_grad: bool = True) -> torch.Tensor:
-    """Text-conditioned sigmoid loss. patch_tokens [B,P,w], sub_text_emb [B,K,d] raw -> scalar.
+    """Text-conditioned sigmoid loss. patch_emb [B,P,D], sub_text_emb [B,K,D] raw -> scalar.
 
     Image i is scored against its K sub-captions (z = +1) and one sub-caption of each other image
-    j of the global batch (index neg_index[i, j], neg_index [B, N*B] long; z = -1): T = N*B + K - 1
-    texts, each with image i pooled for it, v_{i|j} = pooling(t_j, patches_i). Per image
-    -(1/T) sum_j log sigmoid(z_ij (t <v_{i|j}, t_j> + b)) (normalised vectors), averaged over images.
+    of this rank (``neg_index`` [B, B-1], see ``sampled_texts``; z = -1): T = B + K - 1 texts, each
+    with image i pooled for it, v_{i|j} = pooling(t_j, patches_i). Loss
+    -(1/T) sum_i sum_j log sigmoid(z_ij (t <v_{i|j}, t_j> + b)) (normalised vectors), as the
+    reference's ``-logsigmoid(labels * logits).sum() / text_features.shape[1]``. With N ranks
+    every rank's [B, T, D] texts are gathered and row i of each other rank is added for image i,
+    all negatives, each chunk also divided by T (the reference's ``negative_only`` chunks).
     """
-    _check_sub(sub_text_emb, patch_tokens.shape[0])
+    _check_sub(sub_text_emb, patch_emb.shape[0])
     batch, num_sub, dim = sub_text_emb.shape
-    all_sub = gather_features(sub_text_emb, gather_with_grad) if gather else sub_text_emb  # [Bt,K,d]
-    total = all_sub.shape[0]
-    own = torch.arange(batch, device=sub_text_emb.device) + (local_offset(batch) if gather else 0)
-    if neg_index is None:
-        neg_index = torch.randint(0, num_sub, (batch, total), device=sub_text_emb.device)
-    if neg_index.shape != (batch, total):
-        raise ValueError(f"neg_index must be [B, N*B] = [{batch}, {total}], got {tuple(neg_index.shape)}")
-    if bool(((neg_index < 0) | (neg_index >= num_sub)).any()):
-        raise ValueError(f"neg_index values must be in [0, K={num_sub})")
-    cols = torch.arange(total, device=sub_text_emb.device)
-    negatives = all_sub[cols.expand(batch, total), neg_index.to(sub_text_emb.device)]  # [B,Bt,d]
-    others = cols[None, :] != own[:, None]
-    negatives = negatives[others].view(batch, total - 1, dim)
-    texts = torch.cat([sub_text_emb, negatives], dim=1)                                 # [B,T,d]
-    pooled = pooling(texts, patch_tokens)                                               # [B,T,d]
+    texts = sampled_texts(sub_text_emb, neg_index)                                       # [B,T,D]
+    per_image = texts.shape[1]
+    rank, world = world_info() if gather else (0, 1)
+    if world > 1:
+        chunks = gather_features(texts, gather_with_grad).view(world, batch, per_image, dim)
+        others = torch.cat([chunks[:rank], chunks[rank + 1:]], dim=0)                     # [N-1,B,T,D]
+        texts = torch.cat([texts, others.permute(1, 0, 2, 3).reshape(batch, -1, dim)], dim=1)
+    pooled = pooling(texts, patch_emb)                                                   # [B,N*T,D]
     logits = logit_scale * (F.normalize(pooled, dim=-1) * F.normalize(texts, dim=-1)).sum(-1) + logit_bias
     z = torch.full_like(logits, -1.0)
     z[:, :num_sub] = 1.0
-    return -F.logsigmoid(z * logits).mean(dim=1).mean()
+    return -F.logsigmoid(z * logits).sum() / per_image
 
 
 def flair_mps_loss(image_emb: torch.Tensor, sub_text_emb: torch.Tensor,
@@ -157,7 +199,8 @@ def flair_mps_loss(image_emb: torch.Tensor, sub_text_emb: torch.Tensor,
 
     Each global image embedding against all B*K sub-captions (its own K are positives):
     -(1/(B*K)) sum_{i,c} log sigmoid(z_ic (t <v_i, t_c> + b)). Distributed: local rows against
-    all N*B*K captions, divided by the local B*K.
+    all N*B*K captions, divided by the local B*K (the reference adds the other ranks' captions as
+    negative-only chunks, each divided by B*K: the same sum).
     """
     _check_sub(sub_text_emb, image_emb.shape[0])
     batch, num_sub, dim = sub_text_emb.shape
@@ -171,27 +214,41 @@ def flair_mps_loss(image_emb: torch.Tensor, sub_text_emb: torch.Tensor,
     return -F.logsigmoid(z * logits).sum() / (batch * num_sub)
 
 
-def flair_loss(image_emb: torch.Tensor, patch_tokens: torch.Tensor, sub_text_emb: torch.Tensor,
+def flair_loss(image_emb: torch.Tensor, patch_emb: torch.Tensor, sub_text_emb: torch.Tensor,
                pooling: nn.Module, logit_scale: Union[torch.Tensor, float],
                logit_bias: Union[torch.Tensor, float], neg_index: Optional[torch.Tensor] = None,
                gather_with_grad: bool = True) -> dict[str, torch.Tensor]:
-    """FLAIR total (L_tcs + L_mps) / 2. image_emb [B,d], patch_tokens [B,P,w], sub_text_emb [B,K,d].
+    """FLAIR total (L_tcs + L_mps) / 2. image_emb [B,D], patch_emb [B,P,D], sub_text_emb [B,K,D].
 
     Returns {"loss", "loss_tcs", "loss_mps"}; the same t and b serve both terms.
     """
-    tcs = flair_tcs_loss(patch_tokens, sub_text_emb, pooling, logit_scale, logit_bias, neg_index,
+    tcs = flair_tcs_loss(patch_emb, sub_text_emb, pooling, logit_scale, logit_bias, neg_index,
                          gather_with_grad=gather_with_grad)
     mps = flair_mps_loss(image_emb, sub_text_emb, logit_scale, logit_bias, gather_with_grad=gather_with_grad)
     return {"loss": (tcs + mps) / 2, "loss_tcs": tcs, "loss_mps": mps}
+
+
+@torch.no_grad()
+def conditioned_similarity(pooling: nn.Module, patch_emb: torch.Tensor, text_emb: torch.Tensor,
+                           chunk: int = 256) -> torch.Tensor:
+    """Eval score of every (image, text) pair: cos(v_{i|t}, t), the reference's
+    ``--inference-with-flair``. patch_emb [N,P,D], text_emb [M,D] -> [N,M] (texts in chunks)."""
+    out = []
+    for start in range(0, text_emb.shape[0], chunk):
+        t = text_emb[start:start + chunk]
+        queries = t.unsqueeze(0).expand(patch_emb.shape[0], -1, -1)
+        pooled = pooling(queries, patch_emb)                                               # [N,c,D]
+        out.append((F.normalize(pooled, dim=-1) * F.normalize(t, dim=-1).unsqueeze(0)).sum(-1))
+    return torch.cat(out, dim=1)
 
 
 class FlairObjective(Objective):
     """FLAIR objective: scale t (init 1/0.07, clamped at max_logit_scale), bias b, the pooling.
 
     ``forward(img, txt, batch) -> {"loss", "loss_tcs", "loss_mps", "logit_scale", "logit_bias"}``
-    with ``batch["sub_text"]`` a TextFeatures of the K sub-captions per image, global_emb
-    [B*K, d] image-major (see the module docstring); uses ``img.global_emb`` and
-    ``img.patch_tokens`` [B,P,w].
+    with the K sub-captions per image as ``txt`` (global_emb [B*K, D], image-major) or
+    ``batch["sub_text"]`` (see the module docstring); uses ``img.global_emb`` and
+    ``img.patch_emb`` [B,P,D].
     """
 
     config_class = FlairConfig
@@ -200,29 +257,31 @@ class FlairObjective(Objective):
         super().__init__(cfg, embed_dim, vision_width)
         self.logit_scale = LogScale(cfg.init_scale, cfg.max_logit_scale)
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_bias)))
-        self.pooling = TextConditionedPooling(embed_dim, vision_width, cfg.num_heads)
+        self.pooling = TextConditionedPooling(embed_dim, cfg.num_heads)
 
     @classmethod
     def captions_for(cls, cfg: FlairConfig, caption: str, long_caption: Optional[str] = None,
                      rng: Optional[random.Random] = None) -> list[str]:
-        """``[caption, sub_1, ..., sub_K]``: K sub-captions of ``long_caption`` (else of ``caption``)."""
+        """``[caption, sub_1, ..., sub_K]``: K sub-captions of ``long_caption`` (else of ``caption``).
+        Only the sub-captions are encoded (``stage1_collate``)."""
         if rng is None:
             raise ValueError("FLAIR samples sub-captions: pass a seeded random.Random as rng")
         source = long_caption if long_caption else caption
         return [caption, *sample_subcaptions(source, cfg.num_subcaptions, cfg.max_merge, rng)]
 
     def forward(self, img: ImageFeatures, txt: TextFeatures, batch: dict) -> dict:
-        sub = batch.get("sub_text")
+        sub = batch.get("sub_text", txt)
         if not isinstance(sub, TextFeatures):
-            raise KeyError('FLAIR needs batch["sub_text"]: TextFeatures of the sub-captions, global_emb [B*K, d]')
+            raise KeyError('FLAIR needs the sub-captions: txt or batch["sub_text"], TextFeatures with global_emb '
+                           '[B*K, d]')
         num_images, num_sub = img.global_emb.shape[0], self.cfg.num_subcaptions
         if sub.global_emb.shape[0] != num_images * num_sub:
-            raise ValueError(f'batch["sub_text"].global_emb has {sub.global_emb.shape[0]} rows, expected '
-                             f"B*K = {num_images}*{num_sub}")
+            raise ValueError(f"the sub-captions have {sub.global_emb.shape[0]} rows, expected B*K = "
+                             f"{num_images}*{num_sub} (txt holds the sub-captions, image-major)")
         sub_emb = full_precision(sub.global_emb).reshape(num_images, num_sub, -1)
         with no_autocast(img.global_emb.device):
             scale = self.logit_scale()
-            out = flair_loss(full_precision(img.global_emb), full_precision(img.patch_tokens), sub_emb,
+            out = flair_loss(full_precision(img.global_emb), full_precision(img.patch_emb), sub_emb,
                              self.pooling, scale, self.logit_bias, batch.get("flair_neg_index"),
                              self.cfg.gather_with_grad)
         out.update(logit_scale=scale.detach(), logit_bias=self.logit_bias.detach())

@@ -317,3 +317,82 @@ def test_class_embeddings_local_uses_the_name_tokens(dual_dir):
         sel = list(range(1 + n_prefix, 1 + n_prefix + n_name))
         torch.testing.assert_close(emb[i], feats.token_emb[i, sel].mean(0))
     torch.testing.assert_close(glob, feats.global_emb)
+
+
+@pytest.fixture(scope="module")
+def flair_dir(tmp_path_factory, world):
+    """An untrained FLAIR stage-one checkpoint: the DualEncoder plus objective.yaml / .safetensors."""
+    from encoders.dual_encoder import DualEncoder
+    from encoders.objectives.flair import FlairConfig
+    from encoders.stage1_model import Stage1Model
+    from vlm.config import EncoderConfig, TextTowerConfig, VisionTowerConfig
+    from vlm.data.tokenizer import train_bpe_tokenizer
+    from vlm.world.generator import generate_sample
+    from vlm.world.vocab import CLASS_NAMES
+
+    corpus = [t for i in range(24) for t in generate_sample(i, world.seed, world).captions.values()]
+    corpus += [f"a photo of a {n}." for n in CLASS_NAMES]
+    tok = train_bpe_tokenizer(corpus * 3, vocab_size=300, add_eos=True)
+    torch.manual_seed(1)
+    cfg = EncoderConfig(vision=VisionTowerConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1,
+                                                 num_heads=2, mlp_ratio=2),
+                        text=TextTowerConfig(hidden_size=32, num_layers=1, num_heads=2, max_len=48),
+                        embed_dim=16, pool="cls", global_mlp=False, local_heads=False)
+    model = Stage1Model.build(DualEncoder(cfg, tok), FlairConfig(num_subcaptions=2, num_heads=8))
+    for ln in (model.objective.pooling.ln_q, model.objective.pooling.ln_k, model.objective.pooling.ln_v):
+        torch.nn.init.normal_(ln.weight, 1.0, 0.3)  # a pooling that is not the identity-ish init
+    out = tmp_path_factory.mktemp("flair") / "ckpt"
+    model.save_pretrained(out)
+    return out
+
+
+def test_flair_scores_with_the_text_conditioned_embedding(flair_dir, world, tmp_path):
+    """Default: zero-shot and retrieval score each pair by cos(v_{i|t}, t), as the reference's
+    ``--inference-with-flair`` (src/flair/train.py ``compute_similarity_scores_attn_pool``:
+    ``visual_proj(text_tokens, image_post(tokens), ...)``, normalised, dot with the text);
+    ``flair_scoring="global"`` gives the global matching of a checkpoint without its objective."""
+    import shutil
+
+    from encoders.stage1_model import Stage1Model
+    from encoders.towers import num_patches
+    import torch.nn.functional as F
+
+    from vlm.world.vocab import CLASS_NAMES, SHAPES
+
+    cond = enc_eval.run(flair_dir, tmp_path / "cond", world, probe_steps=5, limit=8, probe_images=8,
+                        progress=False, heatmap_images=0)
+    glob_ = enc_eval.run(flair_dir, tmp_path / "glob", world, probe_steps=5, limit=8, probe_images=8,
+                         progress=False, heatmap_images=0, flair_scoring="global")
+    assert cond["scoring"] == "flair_conditioned" and glob_["scoring"] == "global"
+    bare = tmp_path / "bare"
+    shutil.copytree(flair_dir, bare)
+    (bare / "objective.yaml").unlink()
+    plain = enc_eval.run(bare, tmp_path / "plain", world, probe_steps=5, limit=8, probe_images=8, progress=False,
+                         heatmap_images=0)
+    assert plain["scoring"] == "global"
+    for key in ("zero_shot/top1", "retrieval/i2t_r1", "retrieval/t2i_r5"):
+        assert get(glob_, key) == get(plain, key), key
+    # The conditioned ranks and predictions against a per-pair loop over the pooling.
+    model = Stage1Model.from_pretrained(flair_dir).eval()
+    enc, pool = model.encoder, model.objective.pooling
+    from vlm.world.generator import world_split
+
+    ev, _ = enc_eval._load_split(list(world_split(world)[1])[:8], world, None, enc.transform, 8, len(CLASS_NAMES), True,
+                                False, "")
+    with torch.no_grad():
+        feats = enc.encode_image(ev.pixels)
+        assert feats.patch_emb.shape == (8, num_patches(enc.vision), 16)
+        texts = [c for caps in ev.captions for c in caps] + [enc_eval.PROMPT.format(s) for s in SHAPES]
+        t = enc.encode_texts(texts).global_emb
+        sim = torch.tensor([[float(F.cosine_similarity(pool(t[j][None, None], feats.patch_emb[i:i + 1])[0, 0], t[j],
+                                                       dim=0)) for j in range(len(texts))] for i in range(8)])
+    n_cap = sum(len(c) for c in ev.captions)
+    owner = torch.tensor([i for i, caps in enumerate(ev.captions) for _ in caps])
+    relevant = owner[None, :] == torch.arange(8)[:, None]
+    preds = [json.loads(line) for line in (tmp_path / "cond" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["i2t_rank"] for p in preds] == first_relevant_rank(sim[:, :n_cap], relevant).tolist()
+    assert [p["zero_shot_pred"] for p in preds] == [SHAPES[int(k)] for k in sim[:, n_cap:].argmax(1)]
+    global_preds = [json.loads(line) for line in (tmp_path / "glob" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["i2t_rank"] for p in preds] != [p["i2t_rank"] for p in global_preds]  # not vacuous
+    with pytest.raises(ValueError, match="flair_scoring"):
+        enc_eval.run(flair_dir, tmp_path / "x", world, flair_scoring="pooled", progress=False)

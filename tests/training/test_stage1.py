@@ -127,15 +127,15 @@ def test_batches_are_deterministic_and_start_anywhere(shards, tmp_path, objectiv
         for k in a:
             assert torch.equal(a[k], b[k]), k
     b0 = first[0]
-    assert b0["pixel_values"].shape == (8, 3, 32, 32) and b0["input_ids"].shape[0] == 8
+    # FLAIR: input_ids are the K = 2 sub-captions of each image (the caption is not encoded)
+    assert b0["pixel_values"].shape == (8, 3, 32, 32) and b0["input_ids"].shape[0] == (16 if objective == "flair" else 8)
     assert b0["attention_mask"].shape == b0["input_ids"].shape
     # Epoch two is shuffled differently from epoch one.
     assert not torch.equal(first[0]["pixel_values"], first[8]["pixel_values"])
-    if objective == "flair":
-        assert b0["sub_input_ids"].shape[:2] == (8, 2) and b0["sub_attention_mask"].shape == b0["sub_input_ids"].shape
+    assert "sub_input_ids" not in b0
     # The tokenizer appends </s>: CLIP-style pooling reads the last real token, which is EOS.
     last = b0["attention_mask"].sum(1) - 1
-    assert bool((b0["input_ids"][torch.arange(8), last] == tokenizer.eos_token_id).all())
+    assert bool((b0["input_ids"][torch.arange(len(last)), last] == tokenizer.eos_token_id).all())
 
 
 def test_tiny_run_lowers_loss_and_exports_stock_tower(shards, tmp_path):
@@ -183,7 +183,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(shards, tmp_path, monk
 
 def test_composed_batches_equal_a_direct_computation(shards, tmp_path):
     """ShardSamples + stage1_collate give the batches of the stream read by hand: epoch 0 shuffled
-    with seed * 1_000_003, consecutive samples, FLAIR captions drawn per position."""
+    with seed * 1_000_003, consecutive samples, FLAIR captions drawn per position. Updated: FLAIR's
+    input_ids are now only the sub-captions [B*K, L] (it used to also encode the caption, which no
+    loss reads, and send the sub-captions as sub_input_ids)."""
     cfg = tiny_cfg(shards, tmp_path / "run", "flair")
     urls = stage1.resolve_shards(cfg)
     tokenizer = stage1.build_tokenizer(cfg, urls, resuming=False)
@@ -196,11 +198,11 @@ def test_composed_batches_equal_a_direct_computation(shards, tmp_path):
                               random.Random(f"{cfg.run.seed}:0:0:{b * 8 + i}"))
                  for i, s in enumerate(samples[b * 8:(b + 1) * 8])]
         pixels = torch.stack([transform(s["image"]) for s in samples[b * 8:(b + 1) * 8]])
-        ids, mask = tokenize_texts(tokenizer, [t[0] for t in texts], 24)
-        sub_ids, _ = tokenize_texts(tokenizer, [c for t in texts for c in t[1:]], 24)
+        assert all(len(t) == 3 for t in texts)  # [caption, sub_1, sub_2]
+        ids, mask = tokenize_texts(tokenizer, [c for t in texts for c in t[1:]], 24)
         assert torch.equal(batch["pixel_values"], pixels) and torch.equal(batch["input_ids"], ids)
-        assert torch.equal(batch["attention_mask"], mask)
-        assert torch.equal(batch["sub_input_ids"], sub_ids.view(8, 2, -1))
+        assert torch.equal(batch["attention_mask"], mask) and ids.shape[0] == 16
+        assert set(batch) == {"pixel_values", "input_ids", "attention_mask"}
 
 
 def test_missing_world_is_a_clear_error(tmp_path):

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--world-dir", default="runs/world")
     e.add_argument("--out", default=None, help="default CKPT/eval_encoder")
     e.add_argument("--limit", type=int, default=None, help="evaluate on at most this many images")
+    e.add_argument("--flair-scoring", choices=["conditioned", "global"], default="conditioned",
+                   help="FLAIR towers: text-conditioned embedding (the reference's default) or global matching")
     e.set_defaults(func=cmd_eval_encoder)
     names = ", ".join(VLM_TASKS)
     e = sub.add_parser("vlm", help="captioning, CHAIR, POPE, RefCOCO, VSR")
@@ -55,7 +57,7 @@ def cmd_eval_encoder(args: argparse.Namespace) -> int:
     ensure_world(args.world_dir, world)
     out = args.out or str(Path(args.ckpt) / "eval_encoder")
     summary = run_encoder_eval(args.ckpt, out, world=world, world_dir=args.world_dir,
-                               text_from=args.text_from, limit=args.limit)
+                               text_from=args.text_from, limit=args.limit, flair_scoring=args.flair_scoring)
     print(json.dumps(summary, indent=2))
     return 0
 

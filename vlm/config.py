@@ -130,6 +130,9 @@ class WorldConfig:
     min_objects: int = 1
     max_objects: int = 4
     texture_prob: float = 0.5  # chance of a textured background
+    # An object's square side as a fraction of the image side, [lo, hi], per size word.
+    small_size: list[float] = field(default_factory=lambda: [0.16, 0.22])
+    large_size: list[float] = field(default_factory=lambda: [0.30, 0.40])
     n_train: int = 20000
     n_eval: int = 500
     seed: int = 0
@@ -139,6 +142,12 @@ class WorldConfig:
         _check(1 <= self.min_objects <= self.max_objects <= 8, "world.min_objects/max_objects",
                "need 1 <= min_objects <= max_objects <= 8")
         _check(0 <= self.texture_prob <= 1, "world.texture_prob", "must be in [0, 1]")
+        for key in ("small_size", "large_size"):
+            lo_hi = list(getattr(self, key))
+            _check(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1, f"world.{key}",
+                   f"must be [lo, hi] with 0 < lo <= hi <= 1, got {lo_hi}")
+        _check(self.small_size[1] <= self.large_size[0], "world.small_size/large_size",
+               "small objects must not be larger than large ones")
         _check(self.n_train > 0 and self.n_eval >= 0, "world.n_train/n_eval", "n_train > 0, n_eval >= 0")
 
 

@@ -88,6 +88,9 @@ class ImageTransform:
         return image
 
     def __call__(self, image: Union[Image.Image, np.ndarray]) -> torch.Tensor:
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (self.image_size, self.image_size, 3):
+            x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # no resize: as PIL
+            return (x - self._mean) / self._std
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"expected a uint8 array [H,W,3], got {image.dtype} {image.shape}")

@@ -6,13 +6,13 @@ import pytest
 
 from encoders.config import Stage1Config
 from encoders.objectives import ClipConfig, FlairConfig, SiglipConfig, SparcConfig
-from vlm.config import (AblateConfig, ConfigError, DemoConfig, LMConfig, MaskEmbedRunConfig, Stage2Config,
+from vlm.config import (AblateConfig, ConfigError, DemoConfig, LMConfig, MaskEmbedRunConfig, Stage2Config, TowerPretrainConfig,
                         config_from_yaml_text, load_config, save_config, to_yaml)
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = [Stage1Config, Stage2Config, LMConfig, MaskEmbedRunConfig, DemoConfig, AblateConfig]
+RECIPES = [Stage1Config, Stage2Config, LMConfig, MaskEmbedRunConfig, TowerPretrainConfig, DemoConfig, AblateConfig]
 CLASS_OF_DIR = {"stage1": Stage1Config, "stage2": Stage2Config, "lm": LMConfig, "posttrain": MaskEmbedRunConfig,
-                "ablate": AblateConfig}
+                "ablate": AblateConfig, "tower": TowerPretrainConfig}
 
 
 @pytest.mark.parametrize("cls", RECIPES, ids=lambda c: c.__name__)

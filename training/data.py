@@ -13,6 +13,10 @@ skips ``start * batch_size`` samples (decoded, not collated), which is what make
 With ``num_workers = W > 0`` DataLoader worker j reads its own share and makes the micro-batches
 g = i * W + j, yielded in order of g (so the order depends on W: resume with the same W).
 
+For the embedded world, ``ArrayBatches`` reads the pre-decoded train arrays (``vlm.world.arrays``)
+instead: ``ResumableBatches`` over the rows, plus, with a twin fraction, each micro-batch's first rows'
+twins (image-side hard negatives) appended to it.
+
 ``world_dir_for`` checks that an exported world is on disk before a recipe reads it; the library
 never exports one (``vlm train`` / ``vlm demo`` do, see ``vlm.cli.train``).
 """
@@ -30,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm.config import ShardDataConfig, WorldConfig
 from vlm.data.shards import ShardStream
+from vlm.world.arrays import TrainArrays
 from vlm.world.export import FORMAT_VERSION
 
 # (position, sample) pairs -> one micro-batch; ``worker`` is the DataLoader worker (0 in-process).
@@ -91,6 +96,41 @@ class ResumableBatches:
         if self.num_workers == 0:
             return (self.make_batch(ids) for ids in self.index_batches(start))
         return iter(DataLoader(_RoundRobinBatches(self, start), batch_size=None, num_workers=self.num_workers))
+
+
+def twin_pairs(batch_size: int, twin_fraction: float) -> int:
+    """How many rows of a micro-batch of ``batch_size`` get their twin beside them: twins make up
+    ``twin_fraction`` of the batch (rounded down to whole pairs)."""
+    return int(batch_size * twin_fraction) // 2
+
+
+class ArrayBatches:
+    """``make_batches(start)`` over the world's pre-decoded train arrays (``TrainArrays``).
+
+    Micro-batch b holds ``batch_size - T`` rows drawn by ``ResumableBatches`` (epoch-wise shuffle,
+    sharded by rank) followed by the twins of its first T rows, T = ``twin_pairs(batch_size,
+    twin_fraction)``; ``collate`` gets (position, sample) pairs with position ``b * batch_size + j``.
+    The same samples as ``ShardBatches`` would give, as shard-style dicts with uint8 images.
+    """
+
+    def __init__(self, arrays: TrainArrays, batch_size: int, collate: Collate, seed: int, rank: int = 0,
+                 world_size: int = 1, twin_fraction: float = 0.0) -> None:
+        self.pairs = twin_pairs(batch_size, twin_fraction)
+        if self.pairs and arrays.twin_images is None:
+            raise ValueError(f"data.twin_fraction={twin_fraction} needs twins: export the world with world.twins=true")
+        self.arrays, self.batch_size, self.collate = arrays, batch_size, collate
+        self.rows = ResumableBatches(len(arrays), batch_size - self.pairs, lambda ids: {}, seed=seed, rank=rank,
+                                     world_size=world_size)
+
+    def samples(self, ids: list[int]) -> list[dict]:
+        """The samples of rows ``ids`` followed by the twins of the first ``self.pairs`` of them."""
+        return [self.arrays.sample(i) for i in ids] + [self.arrays.sample(i, twin=True) for i in ids[:self.pairs]]
+
+    def __call__(self, start: int = 0) -> Iterator[dict]:
+        """Micro-batches from position ``start`` (a ``make_batches`` for ``training.loop.train``)."""
+        for b, ids in enumerate(self.rows.index_batches(start), start=start):
+            pairs = [(b * self.batch_size + j, s) for j, s in enumerate(self.samples(ids))]
+            yield self.collate(pairs, 0)
 
 
 class _RoundRobinBatches(IterableDataset):

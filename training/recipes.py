@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from encoders.config import Stage1Config
-from training import lm, maskembed, stage1, stage2
-from vlm.config import LMConfig, MaskEmbedRunConfig, Stage2Config
+from training import lm, maskembed, stage1, stage2, tower
+from vlm.config import LMConfig, MaskEmbedRunConfig, Stage2Config, TowerPretrainConfig
 
 
 def _no_world(cfg: Any) -> Optional[Path]:
@@ -25,6 +25,11 @@ def _no_world(cfg: Any) -> Optional[Path]:
 def _shard_world(cfg: Stage1Config | MaskEmbedRunConfig) -> Optional[Path]:
     """``data.world_dir`` when ``data.shards`` is empty (the embedded world's train shards)."""
     return None if cfg.data.shards else Path(cfg.data.world_dir)
+
+
+def _array_world(cfg: TowerPretrainConfig) -> Optional[Path]:
+    """``data.world_dir``: the embedded world's pre-decoded train arrays and labels."""
+    return Path(cfg.data.world_dir)
 
 
 def _llava_world(cfg: Stage2Config) -> Optional[Path]:
@@ -43,6 +48,7 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
+    "tower": Recipe(TowerPretrainConfig, tower.run, "configs/tower/resnet_world.yaml", _array_world),
     "stage1": Recipe(Stage1Config, stage1.run, "configs/stage1/sparc_tiny.yaml", _shard_world),
     "lm": Recipe(LMConfig, lm.run, "configs/lm/tiny_world.yaml"),
     "maskembed": Recipe(MaskEmbedRunConfig, maskembed.run, "configs/posttrain/maskembed_tiny.yaml", _shard_world),

@@ -8,7 +8,9 @@ run reuses it), builds the model with ``torch.manual_seed(run.seed)`` and hands
 (``out_dir/final``) is the ``DualEncoder`` checkpoint plus the objective's learned state
 (``Stage1Model.save_pretrained``).
 
-Data order: ``training.data.ShardBatches`` over ``ShardSamples`` (every process reads its own share
+Data order on the embedded world: ``training.data.ArrayBatches`` over its pre-decoded train arrays
+(``data.world_arrays``, the default; with ``data.twin_fraction`` image-side twins in every batch).
+Data order on shards: ``training.data.ShardBatches`` over ``ShardSamples`` (every process reads its own share
 of the shards, epoch after epoch; consecutive samples form micro-batches of ``optim.batch_size``;
 ``make_batches(start)`` skips ``start * batch_size`` samples, which makes resume exact; with
 ``data.num_workers = W`` resume with the same W). ``stage1_collate`` turns samples into a batch;
@@ -37,11 +39,12 @@ from encoders.registry import captions_for
 from encoders.stage1_model import Stage1Model
 from encoders.towers import ImageTransform
 from training import distributed
-from training.data import ShardBatches, ShardSamples, world_dir_for
+from training.data import ArrayBatches, Collate, ShardBatches, ShardSamples, world_dir_for
 from training.loop import check_out_dir, train
 from vlm.config import MaskEmbedRunConfig
 from vlm.data.shards import ShardStream
 from vlm.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from vlm.world.arrays import TrainArrays
 from vlm.world.generator import world_corpus, world_split
 
 TOKENIZER_CORPUS_LIMIT = 200_000  # captions read from real shards to train a BPE when none is given
@@ -118,14 +121,33 @@ def stage1_collate(samples: list[tuple[int, dict]], worker: int = 0, *, tokenize
     return {"pixel_values": torch.stack(pixels), "input_ids": ids, "attention_mask": mask}
 
 
+def uses_world_arrays(cfg: Stage1Config) -> bool:
+    """Whether stage one reads the embedded world's pre-decoded arrays (no ``data.shards`` given and
+    ``data.world_arrays``) rather than shards."""
+    return not cfg.data.shards and cfg.data.world_arrays
+
+
 def stage1_batches(urls: list[str], cfg: Stage1Config, tokenizer: PreTrainedTokenizerBase, transform: ImageTransform,
-                   max_text_len: int, rank: int = 0, world_size: int = 1) -> ShardBatches:
-    """``make_batches(start)`` for stage one: this rank's shard samples collated by ``stage1_collate``
-    into micro-batches of ``optim.batch_size`` (see the module docstring for the order)."""
-    samples = ShardSamples(urls, cfg.data, cfg.run.seed, rank, world_size, name="stage1")
+                   max_text_len: int, rank: int = 0, world_size: int = 1) -> ShardBatches | ArrayBatches:
+    """``make_batches(start)`` for stage one: this rank's samples (the world's arrays, or shard samples)
+    collated by ``stage1_collate`` into micro-batches of ``optim.batch_size`` (see the module
+    docstring for the order)."""
     collate = functools.partial(stage1_collate, tokenizer=tokenizer, transform=transform, objective=cfg.objective,
                                 max_text_len=max_text_len, seed=cfg.run.seed, rank=rank)
+    if uses_world_arrays(cfg):
+        return world_array_batches(cfg, collate, rank, world_size)
+    if cfg.data.twin_fraction:
+        raise ValueError("data.twin_fraction needs the world's arrays (data.world_arrays=true, no data.shards)")
+    samples = ShardSamples(urls, cfg.data, cfg.run.seed, rank, world_size, name="stage1")
     return ShardBatches(samples, cfg.optim.batch_size, collate)
+
+
+def world_array_batches(cfg: Stage1Config, collate: Collate, rank: int = 0, world_size: int = 1) -> ArrayBatches:
+    """``make_batches(start)`` over the embedded world's pre-decoded train arrays (with
+    ``data.twin_fraction`` of each batch made of image-side twins)."""
+    world_dir = world_dir_for(cfg.data.world_dir, cfg.world, "train arrays", "data.shards")
+    return ArrayBatches(TrainArrays(world_dir), cfg.optim.batch_size, collate, cfg.run.seed, rank, world_size,
+                        cfg.data.twin_fraction)
 
 
 def build_model(cfg: Stage1Config, tokenizer: PreTrainedTokenizerBase) -> Stage1Model:

@@ -16,6 +16,8 @@ pope/{random,popular,adversarial}.jsonl   POPE questions on the eval split (``vl
 refcoco/refs.json + instances.json        one ref per eval object; eval images split val/testA/testB
 vsr/{train,test}.jsonl            the true/false statements of the train / eval split
 contact_sheet.png                 16 train images, upscaled, with boxes and short captions
+arrays/                           the train images pre-decoded from those JPEGs, with their texts and,
+                                  with ``world.twins``, their twins (``vlm.world.arrays``)
 ```
 Everything is a deterministic function of the WorldConfig.
 """
@@ -38,14 +40,15 @@ from vlm.config import WorldConfig
 from vlm.data.formats import (LlavaRecord, RefExpr, VsrItem, write_coco_captions, write_coco_instances,
                               write_llava, write_pope, write_refcoco, write_vsr)
 from vlm.data.pope import build_pope
-from vlm.world.generator import generate_sample, world_split
+from vlm.world.arrays import TrainArrayWriter
+from vlm.world.generator import generate_sample, generate_twin, world_split
 from vlm.world.text import llava_conversations
 from vlm.world.types import WorldSample
 from vlm.world.vocab import SHAPES
 
 REFCOCO_SPLITS = ("val", "testA", "testB")
 CAPTION_STYLES = ("short", "detailed", "counting")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: arrays/
 
 
 def jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
@@ -77,7 +80,7 @@ def _shard_json(sample: WorldSample, cfg: WorldConfig, jpg: bytes) -> dict:
 
 def _clear_previous(out: Path) -> None:
     """Remove what an earlier export may have left (stale shards would otherwise be read)."""
-    for pattern in ("world.json", "shards/train-*.tar", "images/*.jpg", "masks/*.png"):
+    for pattern in ("world.json", "shards/train-*.tar", "images/*.jpg", "masks/*.png", "arrays/*"):
         for p in out.glob(pattern):
             p.unlink()
 
@@ -114,6 +117,7 @@ class _Collected:
     pope_objects: dict[str, set[str]] = dataclasses.field(default_factory=dict)
     sheet_samples: list[WorldSample] = dataclasses.field(default_factory=list)
     n_objects: dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
+    arrays: Any = None  # the TrainArrayWriter of the train split
 
 
 def _vsr_items(sample: WorldSample, file_name: str) -> list[VsrItem]:
@@ -129,8 +133,25 @@ def _add_train(sample: WorldSample, jpg: bytes, file_name: str, cfg: WorldConfig
     for k, conv in enumerate(llava_conversations(sample, cfg.seed, cfg.image_size)):
         c.llava.append(LlavaRecord(id=f"{sample.key}-{k}", image=file_name, conversations=conv))
     c.vsr["train"] += _vsr_items(sample, file_name)
+    _add_train_arrays(sample, jpg, cfg, c.arrays)
     if len(c.sheet_samples) < 16:
         c.sheet_samples.append(sample)
+
+
+def _add_train_arrays(sample: WorldSample, jpg: bytes, cfg: WorldConfig, arrays: TrainArrayWriter) -> None:
+    """Row ``sample.index`` of the pre-decoded train arrays (and its twin with ``cfg.twins``)."""
+    twin = None
+    if cfg.twins:
+        twin_sample, _k, attr = generate_twin(sample.index, cfg.seed, cfg)
+        twin = (jpeg_bytes(twin_sample.image), shard_caption(twin_sample), twin_sample.long_caption, attr,
+                _object_attributes(twin_sample))
+    arrays.add(sample.index, sample.key, jpg, shard_caption(sample), sample.long_caption,
+               _object_attributes(sample), twin)
+
+
+def _object_attributes(sample: WorldSample) -> list[list[str]]:
+    """[shape, colour, size] of each object."""
+    return [[o.shape, o.color, o.size] for o in sample.objects]
 
 
 def _add_eval(sample: WorldSample, file_name: str, cfg: WorldConfig, out: Path, c: _Collected) -> None:
@@ -212,7 +233,7 @@ def export_world(out_dir: str | Path, cfg: WorldConfig, progress: bool = True,
     _clear_previous(out)
     train_idx, eval_idx = world_split(cfg)
     total = len(train_idx) + len(eval_idx)
-    collected = _Collected()
+    collected = _Collected(arrays=TrainArrayWriter(out, len(train_idx), cfg.image_size, cfg.twins))
     bar = tqdm(total=total, desc="world export", unit="img", disable=not progress)
     writer = wds.ShardWriter(str(out / "shards" / "train-%06d.tar"), maxcount=samples_per_shard, verbose=0)
     try:
@@ -222,6 +243,7 @@ def export_world(out_dir: str | Path, cfg: WorldConfig, progress: bool = True,
     finally:
         writer.close()
         bar.close()
+    collected.arrays.close()
     pope = _write_formats(out, cfg, collected, total)
     counts = _counts(out, len(train_idx), len(eval_idx), collected, pope)
     meta = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "counts": counts}

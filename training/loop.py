@@ -17,7 +17,8 @@ calls ``make_batches(step * grad_accum)``. Together with the restored trainable 
 optimiser, scheduler and RNG states, a resumed run ends with the same parameters as an
 uninterrupted one, provided ``make_batches`` is deterministic in ``start`` and does not draw from
 the global RNGs (``training.data.ResumableBatches`` has its own generator) and the recipe rebuilds
-the frozen part of the model identically.
+the frozen part of the model identically. ``optim.accum_freq`` may change on resume: it changes
+neither the data order nor (beyond rounding) the gradient.
 
 Output-directory rule. ``out_dir/checkpoints`` holding a complete checkpoint and ``run.resume``
 false is an error (never silently overwritten): pass ``run.resume=true`` to continue or pick a new

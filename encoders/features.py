@@ -5,7 +5,9 @@ All embeddings are raw (not L2-normalised); each objective normalises what it ne
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Sequence, TypeVar, Union
 
 import torch
 
@@ -36,3 +38,14 @@ class TextFeatures:
     global_emb: torch.Tensor
     token_emb: torch.Tensor
     token_mask: torch.Tensor
+
+
+Features = TypeVar("Features", bound=Union[ImageFeatures, TextFeatures])
+
+
+def cat_features(parts: Sequence[Features]) -> Features:
+    """Concatenate the features of consecutive row blocks (``ImageFeatures`` or ``TextFeatures``):
+    every field [b_i, ...] -> [sum_i b_i, ...] along dim 0."""
+    first = parts[0]
+    return type(first)(**{f.name: torch.cat([getattr(p, f.name) for p in parts], dim=0)
+                          for f in dataclasses.fields(first)})

@@ -4,7 +4,9 @@ A recipe supplies a model whose ``forward(batch)`` returns a dict with ``"loss"`
 scalar terms to log), a ``make_batches(start)`` that yields micro-batches from data position
 ``start``; the final model is written with its own ``save_pretrained(dir)``. A model may define
 ``after_optimizer_step()``, called after every optimizer step (``Stage1Model`` clamps its learned
-logit scale there, as open_clip does). ``train`` does the rest,
+logit scale there, as open_clip does). A model with ``supports_cached_accumulation`` (``Stage1Model``)
+also takes ``optim.accum_freq > 1``: each batch is split into micro-batches whose features are cached
+(``cached_forward_backward``). ``train`` does the rest,
 top to bottom: device placement and DDP/FSDP wrapping, AdamW with warmup + cosine decay, gradient
 accumulation and clipping, bf16 autocast on CUDA, a NaN guard, logging (console, metrics.jsonl,
 TensorBoard, optionally W&B), atomic checkpoints with exact resume, and the final export.
@@ -15,7 +17,8 @@ calls ``make_batches(step * grad_accum)``. Together with the restored trainable 
 optimiser, scheduler and RNG states, a resumed run ends with the same parameters as an
 uninterrupted one, provided ``make_batches`` is deterministic in ``start`` and does not draw from
 the global RNGs (``training.data.ResumableBatches`` has its own generator) and the recipe rebuilds
-the frozen part of the model identically.
+the frozen part of the model identically. ``optim.accum_freq`` may change on resume: it changes
+neither the data order nor (beyond rounding) the gradient.
 
 Output-directory rule. ``out_dir/checkpoints`` holding a complete checkpoint and ``run.resume``
 false is an error (never silently overwritten): pass ``run.resume=true`` to continue or pick a new
@@ -187,6 +190,9 @@ def _start(model: nn.Module, make_batches: MakeBatches, optim: OptimConfig, run:
            config: Any) -> _Run:
     """Set up a run: process group, output directory, seeds, device and wrapping, optimiser,
     resume from the latest checkpoint, logging, and the data iterator at the resumed position."""
+    if optim.accum_freq > 1 and not getattr(model, "supports_cached_accumulation", False):
+        raise ValueError(f"optim.accum_freq={optim.accum_freq} needs a model with cached accumulation "
+                         f"(stage one's Stage1Model), not {type(model).__name__}; use optim.grad_accum")
     info = distrib.setup(run.device)
     out_dir = Path(run.out_dir)
     latest = check_out_dir(out_dir, run)
@@ -240,17 +246,43 @@ def _resume(r: _Run, latest: ckpt.CheckpointInfo) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward_backward(r: _Run, batch: dict, sync: bool) -> dict:
-    """Forward one micro-batch (autocast), backward ``loss / grad_accum``; returns the model's output
-    dict. Gradients are all-reduced only when ``sync``."""
-    with parallel.grad_sync(r.wrapped, sync):
-        with r.autocast:
-            out = r.wrapped(batch)
+def forward_backward(wrapped: nn.Module, batch: dict, sync: bool, loss_scale: float = 1.0,
+                     autocast: Optional[ContextManager] = None, **model_kwargs: Any) -> dict:
+    """Forward ``wrapped(batch, **model_kwargs)`` (under ``autocast``), backward ``loss * loss_scale``;
+    returns the model's output dict. Gradients are all-reduced only when ``sync``."""
+    with parallel.grad_sync(wrapped, sync):
+        with autocast or contextlib.nullcontext():
+            out = wrapped(batch, **model_kwargs)
         if not isinstance(out, dict) or "loss" not in out:
             raise TypeError(f"model(batch) must return a dict with 'loss', got {type(out).__name__}"
                             + (f" with keys {list(out)}" if isinstance(out, dict) else ""))
-        (out["loss"].float() / r.optim.grad_accum).backward()
+        (out["loss"].float() * loss_scale).backward()
     return out
+
+
+def cached_forward_backward(wrapped: nn.Module, batch: dict, accum_freq: int, sync: bool, loss_scale: float = 1.0,
+                            autocast: Optional[ContextManager] = None) -> dict:
+    """open_clip's ``accum_freq`` on one batch: ``wrapped(batch, split=accum_freq)`` under no_grad
+    encodes its ``accum_freq`` micro-batches into a cache; then pass j backpropagates
+    ``wrapped(micro_j, cache=cache, index=j)``, the whole batch's loss with micro-batch j
+    re-encoded with grad (``encoders.stage1_model``: the passes' gradients add up to the whole
+    batch's). Gradients are all-reduced in the last pass only, and only when ``sync``. Returns the
+    last pass's output (the whole batch's loss terms)."""
+    with torch.no_grad(), autocast or contextlib.nullcontext():
+        cache = wrapped(batch, split=accum_freq)
+    last = len(cache.micro_batches) - 1
+    for j, micro in enumerate(cache.micro_batches):
+        out = forward_backward(wrapped, micro, sync and j == last, loss_scale, autocast, cache=cache, index=j)
+    return out
+
+
+def _forward_backward(r: _Run, batch: dict, sync: bool) -> dict:
+    """Forward and backward one batch with loss scale 1 / grad_accum, directly or, with
+    ``optim.accum_freq > 1``, through ``cached_forward_backward``; returns the model's output."""
+    scale = 1.0 / r.optim.grad_accum
+    if r.optim.accum_freq > 1:
+        return cached_forward_backward(r.wrapped, batch, r.optim.accum_freq, sync, scale, r.autocast)
+    return forward_backward(r.wrapped, batch, sync, scale, r.autocast)
 
 
 def _add_terms(r: _Run, sums: dict[str, torch.Tensor], out: dict) -> None:

@@ -13,7 +13,9 @@ Data order on the embedded world: ``training.data.ArrayBatches`` over its pre-de
 Data order on shards: ``training.data.ShardBatches`` over ``ShardSamples`` (every process reads its own share
 of the shards, epoch after epoch; consecutive samples form micro-batches of ``optim.batch_size``;
 ``make_batches(start)`` skips ``start * batch_size`` samples, which makes resume exact; with
-``data.num_workers = W`` resume with the same W). ``stage1_collate`` turns samples into a batch;
+``data.num_workers = W`` resume with the same W). With ``optim.accum_freq = a`` the loop encodes
+each batch in ``a`` micro-batches against cached features (``encoders.stage1_model``): the same data
+order, the same loss and gradient, less activation memory. ``stage1_collate`` turns samples into a batch;
 its per-sample randomness (FLAIR's sub-caption sampling) comes from a ``random.Random`` seeded by
 (seed, rank, worker, sample position), never from the global RNGs.
 Runs unchanged under ``torchrun`` (gloo on CPU, NCCL on CUDA).

@@ -75,7 +75,12 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     batch_size: int = 64  # per process, per micro-step
+    # Adds up grad_accum batches of batch_size: a contrastive loss sees each batch's negatives only.
     grad_accum: int = 1
+    # Stage one only: each batch of batch_size is split into accum_freq micro-batches, as open_clip's
+    # accum_freq (features of all cached without grad, each recomputed with grad against the rest), so
+    # the loss and gradient are the whole batch's with 1/accum_freq of the towers' activation memory.
+    accum_freq: int = 1
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -88,6 +93,9 @@ class OptimConfig:
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
         _check(self.batch_size > 0, "optim.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.grad_accum > 0, "optim.grad_accum", "must be > 0")
+        _check(self.accum_freq > 0, "optim.accum_freq", f"must be > 0, got {self.accum_freq}")
+        _check(self.batch_size % self.accum_freq == 0, "optim.accum_freq",
+               f"must divide optim.batch_size={self.batch_size}, got {self.accum_freq}")
 
 
 @dataclass

@@ -108,7 +108,8 @@ class Objective(nn.Module):
 
     Subclasses set ``config_class`` and implement ``forward(img: ImageFeatures, txt: TextFeatures,
     batch: dict) -> dict`` of scalar terms with ``"loss"``. ``captions_for`` tells the data pipeline
-    which texts a sample needs; the default is the caption alone. ``after_optimizer_step`` keeps
+    which texts a sample needs; the default is the caption alone. ``fixed_random_inputs`` draws
+    the randomness of ``forward`` up front (for accumulation). ``after_optimizer_step`` keeps
     every ``LogScale`` within its bounds (the loop calls it after each step).
     """
 
@@ -130,6 +131,13 @@ class Objective(nn.Module):
         A classmethod so the data pipeline can ask before any model is built.
         """
         return [caption]
+
+    def fixed_random_inputs(self, batch: dict, num_images: int, device: torch.device) -> dict:
+        """Random inputs ``forward`` would otherwise draw itself, drawn once for a whole batch of
+        ``num_images`` images and merged into ``batch`` (keys the batch already holds are never
+        drawn), so that every pass of a cached accumulation step (``optim.accum_freq``, see
+        ``Stage1Model``) scores the same loss. None by default; FLAIR draws its negatives."""
+        return {}
 
     def after_optimizer_step(self) -> None:
         """Called by the training loop after every optimizer step (through ``Stage1Model``): clamps

@@ -140,6 +140,12 @@ def _check_sub(sub_text_emb: torch.Tensor, batch: int) -> None:
         raise ValueError(f"sub_text_emb must be [B={batch}, K, d], got {tuple(sub_text_emb.shape)}")
 
 
+def draw_negatives(batch: int, num_sub: int, device: torch.device) -> torch.Tensor:
+    """neg_index [B, B-1] long: for each image, one of the K sub-captions of every other image,
+    uniform, from torch's global RNG (the reference's ``random_offsets``)."""
+    return torch.randint(0, num_sub, (batch, batch - 1), device=device)
+
+
 def sampled_texts(sub_text_emb: torch.Tensor, neg_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Image i's K own sub-captions then one of every other image's: [B,K,d] -> [B, K+B-1, d].
 
@@ -150,7 +156,7 @@ def sampled_texts(sub_text_emb: torch.Tensor, neg_index: Optional[torch.Tensor] 
     batch, num_sub, dim = sub_text_emb.shape
     device = sub_text_emb.device
     if neg_index is None:
-        neg_index = torch.randint(0, num_sub, (batch, batch - 1), device=device)
+        neg_index = draw_negatives(batch, num_sub, device)
     neg_index = neg_index.to(device)
     if neg_index.shape != (batch, batch - 1):
         raise ValueError(f"neg_index must be [B, B-1] = [{batch}, {batch - 1}], got {tuple(neg_index.shape)}")
@@ -268,6 +274,13 @@ class FlairObjective(Objective):
             raise ValueError("FLAIR samples sub-captions: pass a seeded random.Random as rng")
         source = long_caption if long_caption else caption
         return [caption, *sample_subcaptions(source, cfg.num_subcaptions, cfg.max_merge, rng)]
+
+    def fixed_random_inputs(self, batch: dict, num_images: int, device: torch.device) -> dict:
+        """``{"flair_neg_index": [B, B-1]}`` drawn once for a batch of B = ``num_images`` (unless the
+        batch fixes it), so every pass of a cached accumulation step samples the same negatives."""
+        if "flair_neg_index" in batch:
+            return {}
+        return {"flair_neg_index": draw_negatives(num_images, self.cfg.num_subcaptions, device)}
 
     def forward(self, img: ImageFeatures, txt: TextFeatures, batch: dict) -> dict:
         sub = batch.get("sub_text", txt)

@@ -54,7 +54,7 @@ def test_overrides_apply_in_order(tmp_path):
     (Stage1Config, "objective.name=flair objective.flair_num_heads=2", "objective.flair_num_heads"),  # old key
     (Stage1Config, "objective.name=clip objective.lambda_fine=2", "objective.lambda_fine"),  # another objective's
     (Stage1Config, "objective.lambda_fine=-1", "objective.lambda_fine"),
-    (Stage1Config, "model.pool=max", "model.pool"),
+    (Stage1Config, "model.pool=median", "model.pool"),
     (Stage1Config, "world.image_size=8", "world.image_size"),
     (Stage1Config, "world.max_objects=9", "world.min_objects/max_objects"),
     (Stage1Config, "run.device=tpu", "run.device"),

@@ -150,7 +150,7 @@ def test_stage1_round_trips_with_each_objective(name, tmp_path):
 # paper (local embeddings through the shared global linear heads, no separate local heads).
 RECIPE_ENCODERS = {"clip_tiny": ("cls", False, False), "siglip_tiny": ("cls", False, False),
                    "sparc_tiny": ("mean", True, False), "flair_tiny": ("cls", False, False),
-                   "sparc_vitb16": ("mean", True, False)}
+                   "sparc_vitb16": ("mean", True, False), "sparc_resnet_tiny": ("max", True, False)}
 
 
 def test_shipped_stage1_recipes_keep_their_encoders():

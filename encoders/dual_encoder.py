@@ -23,8 +23,9 @@ Embeddings (all raw, un-normalised; objectives normalise what they need):
 
 The text tower is a stock ``CLIPTextModel`` (causal attention, right padding). Checkpoint layout
 written by ``save_pretrained(dir)``: ``dir/vision`` (the stock tower: ``CLIPVisionModel``,
-``SiglipVisionModel``, ``ResNetModel`` or ``ConvNextModel``, plus ``preprocessor_config.json``), ``dir/text``, ``dir/tokenizer``, ``dir/heads.safetensors``,
-``dir/encoder.yaml``. No pickle anywhere.
+``SiglipVisionModel``, ``ResNetModel`` or ``ConvNextModel``, plus ``preprocessor_config.json``),
+``dir/text``, ``dir/tokenizer``, ``dir/heads.safetensors``, ``dir/encoder.yaml``. No pickle
+anywhere.
 """
 from __future__ import annotations
 

@@ -43,9 +43,9 @@ student's final norm is ConvNeXt's ``layernorm`` (ResNet has none to re-initiali
 patch is the ``patch_size`` (total stride) square of pixels behind its grid cell.
 
 The student is exported as a plain ``CLIPVisionModel`` / ``SiglipVisionModel`` / ``ResNetModel`` /
-``ConvNextModel`` directory (its re-initialised-then-trained final norm included). SigLIP's attention-pooling head plays no
-part (the reference sets ``attn_pool = None``); it stays frozen, equal to the teacher's, so the
-export remains a stock tower.
+``ConvNextModel`` directory (its re-initialised-then-trained final norm included). SigLIP's
+attention-pooling head plays no part (the reference sets ``attn_pool = None``); it stays frozen,
+equal to the teacher's, so the export remains a stock tower.
 """
 from __future__ import annotations
 
@@ -146,7 +146,8 @@ def _drop_last_conv_blocks(tower: VisionTower, skip_blocks: int) -> VisionTower:
     stage = tower.encoder.stages[-1]
     depth = len(stage.layers)
     if not 0 <= skip_blocks < depth:
-        raise ValueError(f"skip_blocks must be in [0, {depth - 1}] for a last stage of {depth} blocks, got {skip_blocks}")
+        raise ValueError(f"skip_blocks must be in [0, {depth - 1}] for a last stage of {depth} blocks, "
+                         f"got {skip_blocks}")
     if skip_blocks:
         stage.layers = stage.layers[:depth - skip_blocks]
         tower.config.depths = [*tower.config.depths[:-1], depth - skip_blocks]

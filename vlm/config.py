@@ -312,7 +312,8 @@ class MaskEmbedConfig:
     teacher: str = ""  # checkpoint dir of ours (stage one) or a local HF CLIP/SigLIP vision model
     decoder_layers: int = 2
     decoder_heads: int = 4
-    teacher_layer: int = -2  # targets: the teacher minus its last -1-teacher_layer blocks, then its final norm
+    # targets: the teacher minus its last -1-teacher_layer blocks (a conv tower: of its last stage), then its final norm
+    teacher_layer: int = -2
     calibration_batches: int = 8  # micro-batches whose targets give the population std (target scale)
 
     def __post_init__(self) -> None:

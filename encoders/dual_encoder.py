@@ -3,10 +3,15 @@
 Embeddings (all raw, un-normalised; objectives normalise what they need):
 
 - Image global ``[B,d]``: ``pool`` = "cls" takes the tower's pooled output (CLIP: post-LayerNorm
-  CLS; SigLIP: its attention-pooling head), "mean" averages the patch tokens (SPARC: no CLS). With
-  ``global_mlp`` one Linear+GELU layer (SPARC's non-linear layer) precedes the linear projection.
+  CLS; SigLIP: its attention-pooling head; a conv tower has no CLS and refuses it), "mean" averages
+  the patch tokens (SPARC: no CLS), "max" takes their channel-wise max, "map" attention-pools them
+  with ``heads["image_pool"]``, transformers' ``SiglipMultiheadAttentionPoolingHead`` (SigLIP's MAP
+  head: a learned probe, ``model.map_heads`` heads, LayerNorm + MLP of 4w) owned by the encoder, so
+  it saves in ``heads.safetensors``. With ``global_mlp`` one Linear+GELU layer (SPARC's non-linear
+  layer) precedes the linear projection.
 - Text global ``[B,d]``: "cls" takes the last real token (the tokenizer appends ``</s>``, so this is
-  CLIP's EOS pooling), "mean" averages every non-padding token; then a linear projection.
+  CLIP's EOS pooling); every other ``pool`` averages the non-padding tokens ("max" and "map" pool
+  the image's patch grid only); then a linear projection.
 - Patch / token embeddings ``[B,P,d]`` / ``[B,L,d]``: without ``local_heads`` (the default, and
   the SPARC paper's) the global LINEAR projections g_v, g_t applied per token:
   v_ik = g_v(f_v(x_ik)), t_ij = g_t(f_t(x_ij)). The ``global_mlp`` layer h_v belongs to the global
@@ -17,9 +22,10 @@ Embeddings (all raw, un-normalised; objectives normalise what they need):
   tokens (``<s>``, ``</s>``) are excluded, because SPARC aligns words with patches.
 
 The text tower is a stock ``CLIPTextModel`` (causal attention, right padding). Checkpoint layout
-written by ``save_pretrained(dir)``: ``dir/vision`` (stock ``CLIPVisionModel``/``SiglipVisionModel``
-plus ``preprocessor_config.json``), ``dir/text``, ``dir/tokenizer``, ``dir/heads.safetensors``,
-``dir/encoder.yaml``. No pickle anywhere.
+written by ``save_pretrained(dir)``: ``dir/vision`` (the stock tower: ``CLIPVisionModel``,
+``SiglipVisionModel``, ``ResNetModel`` or ``ConvNextModel``, plus ``preprocessor_config.json``),
+``dir/text``, ``dir/tokenizer``, ``dir/heads.safetensors``, ``dir/encoder.yaml``. No pickle
+anywhere.
 """
 from __future__ import annotations
 
@@ -30,11 +36,12 @@ from typing import Optional, Sequence, Union
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase, SiglipVisionConfig
+from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
 
 from encoders.features import ImageFeatures, TextFeatures
-from encoders.towers import (ImageTransform, VisionTower, build_vision_tower, default_transform, load_vision_tower,
-                             tower_forward, tower_width)
+from encoders.towers import (ImageTransform, VisionTower, build_vision_tower, default_transform, is_conv_tower,
+                             load_vision_tower, tower_forward, tower_width)
 from vlm.config import ConfigError, EncoderConfig, config_from_yaml_text, save_config
 from vlm.data.tokenizer import load_tokenizer
 
@@ -70,6 +77,15 @@ def load_text_tower(path: Union[str, Path]) -> CLIPTextModel:
     if model_type not in ("clip", "clip_text_model"):
         raise ValueError(f"{directory}: model_type {model_type!r} is not a CLIP text model")
     return CLIPTextModel.from_pretrained(str(directory), attn_implementation="sdpa")
+
+
+def map_pooling_head(width: int, num_heads: int) -> SiglipMultiheadAttentionPoolingHead:
+    """SigLIP's attention-pooling (MAP) head for tokens of width w: [B,P,w] -> [B,w] (a learned
+    probe attends over the tokens with ``num_heads`` heads, then LayerNorm and a 4w MLP, residual)."""
+    if width % num_heads:
+        raise ConfigError(f"model.map_heads: {num_heads} heads do not divide the vision width {width}")
+    config = SiglipVisionConfig(hidden_size=width, num_attention_heads=num_heads, intermediate_size=4 * width)
+    return SiglipMultiheadAttentionPoolingHead(config)
 
 
 def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
@@ -115,6 +131,11 @@ class DualEncoder(nn.Module):
                                           nn.Linear(w, d, bias=False)),
             "text_global": nn.Linear(wt, d, bias=False),
         }
+        if cfg.pool == "cls" and is_conv_tower(self.vision):
+            raise ConfigError(f"model.pool: 'cls' with a {type(self.vision).__name__} tower, which has no CLS token; "
+                              "set model.pool to mean, max or map")
+        if cfg.pool == "map":
+            heads["image_pool"] = map_pooling_head(w, cfg.map_heads)
         if cfg.local_heads:
             heads["image_local"] = nn.Linear(w, d)
             heads["text_local"] = nn.Linear(wt, d)
@@ -138,9 +159,25 @@ class DualEncoder(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
         """pixel_values [B,3,H,W] -> ImageFeatures(global_emb [B,d], patch_emb [B,P,d], patch_tokens [B,P,w])."""
         patches, pooled = tower_forward(self.vision, pixel_values)
-        pooled = patches.mean(dim=1) if self.cfg.pool == "mean" else pooled
-        global_emb = self.heads["image_global"](pooled)                          # g_v(h_v(pool))
+        global_emb = self.heads["image_global"](self.pool_image(patches, pooled))  # g_v(h_v(pool))
         return ImageFeatures(global_emb=global_emb, patch_emb=self.image_local_head(patches), patch_tokens=patches)
+
+    def pool_image(self, patches: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The ``pool`` of patch tokens [B,P,w] (or the tower's own pooled output [B,w] for "cls") -> [B,w]."""
+        if self.cfg.pool == "cls":
+            return pooled
+        if self.cfg.pool == "mean":
+            return patches.mean(dim=1)
+        if self.cfg.pool == "max":
+            return patches.amax(dim=1)
+        return self.heads["image_pool"](patches)
+
+    @property
+    def unused_tower_head(self) -> bool:
+        """True when the tower has a pooling head (SigLIP's) that ``pool`` != "cls" never reads: its
+        parameters get no gradient, so DDP must look for unused parameters."""
+        core = getattr(self.vision, "vision_model", self.vision)  # transformers 5 flattened the ViTs
+        return self.cfg.pool != "cls" and getattr(core, "head", None) is not None
 
     @property
     def image_local_head(self) -> nn.Module:
@@ -163,7 +200,7 @@ class DualEncoder(nn.Module):
             raise ValueError("a caption has no tokens (attention_mask row of zeros)")
         hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B,L,wt]
         mask = attention_mask.bool()
-        if self.cfg.pool == "mean":
+        if self.cfg.pool != "cls":
             m = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1)
         else:

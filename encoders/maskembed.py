@@ -37,10 +37,15 @@ and sum of squared deviations in float64 (Chan's merge) and stores the std in th
 ``target_scale``; it is deterministic given the teacher and the batches, so a resumed run
 recomputes the same value. ``forward`` refuses to run uncalibrated.
 
-The student is exported as a plain ``CLIPVisionModel`` / ``SiglipVisionModel`` directory (its
-re-initialised-then-trained ``post_layernorm`` included). SigLIP's attention-pooling head plays no
-part (the reference sets ``attn_pool = None``); it stays frozen, equal to the teacher's, so the
-export remains a stock tower.
+Conv towers (ResNet, ConvNeXt) take the same path on their patch grid: no prefix token, the
+teacher loses the last residual blocks of its last stage, targets are its ``patch_tokens``, the
+student's final norm is ConvNeXt's ``layernorm`` (ResNet has none to re-initialise), and a dropped
+patch is the ``patch_size`` (total stride) square of pixels behind its grid cell.
+
+The student is exported as a plain ``CLIPVisionModel`` / ``SiglipVisionModel`` / ``ResNetModel`` /
+``ConvNextModel`` directory (its re-initialised-then-trained final norm included). SigLIP's
+attention-pooling head plays no part (the reference sets ``attn_pool = None``); it stays frozen,
+equal to the teacher's, so the export remains a stock tower.
 """
 from __future__ import annotations
 
@@ -56,7 +61,8 @@ from torch import nn
 from transformers import SiglipVisionModel
 from transformers.activations import ACT2FN
 
-from encoders.towers import ImageTransform, VisionTower, tower_width
+from encoders.towers import (ImageTransform, VisionTower, final_norm, is_conv_tower, num_patches, patch_tokens,
+                             tower_patch_size, tower_width)
 from vlm.config import MaskEmbedConfig
 
 CALIBRATION_SEED = 1234
@@ -105,8 +111,8 @@ def _core(tower: VisionTower) -> nn.Module:
 
 
 def num_prefix_tokens(tower: VisionTower) -> int:
-    """Tokens before the patch tokens: CLIP's CLS (1); SigLIP has none (0)."""
-    return 0 if isinstance(tower, SiglipVisionModel) else 1
+    """Tokens before the patch tokens: CLIP's CLS (1); SigLIP and conv towers have none (0)."""
+    return 0 if isinstance(tower, SiglipVisionModel) or is_conv_tower(tower) else 1
 
 
 def siglip_pooling_head(tower: VisionTower) -> Optional[nn.Module]:
@@ -120,7 +126,11 @@ def siglip_pooling_head(tower: VisionTower) -> Optional[nn.Module]:
 def drop_last_blocks(tower: VisionTower, skip_blocks: int) -> VisionTower:
     """Remove the tower's last ``skip_blocks`` transformer blocks IN PLACE and return it (reference
     ``convert_to_teacher_model``: ``model.blocks = model.blocks[:-skip_blocks]``). The config's
-    ``num_hidden_layers`` follows. ``skip_blocks = 0`` leaves the tower unchanged."""
+    ``num_hidden_layers`` follows. ``skip_blocks = 0`` leaves the tower unchanged. A conv tower
+    loses the last residual blocks of its last stage (its first block stays: the patch grid does
+    not change) and ``config.depths[-1]`` follows."""
+    if is_conv_tower(tower):
+        return _drop_last_conv_blocks(tower, skip_blocks)
     encoder = _core(tower).encoder
     depth = len(encoder.layers)
     if not 0 <= skip_blocks < depth:
@@ -131,14 +141,30 @@ def drop_last_blocks(tower: VisionTower, skip_blocks: int) -> VisionTower:
     return tower
 
 
+def _drop_last_conv_blocks(tower: VisionTower, skip_blocks: int) -> VisionTower:
+    """``drop_last_blocks`` for a ResNet / ConvNeXt: the last stage's ``layers`` lose their tail."""
+    stage = tower.encoder.stages[-1]
+    depth = len(stage.layers)
+    if not 0 <= skip_blocks < depth:
+        raise ValueError(f"skip_blocks must be in [0, {depth - 1}] for a last stage of {depth} blocks, "
+                         f"got {skip_blocks}")
+    if skip_blocks:
+        stage.layers = stage.layers[:depth - skip_blocks]
+        tower.config.depths = [*tower.config.depths[:-1], depth - skip_blocks]
+    return tower
+
+
 def final_tokens(tower: VisionTower, pixel_values: torch.Tensor) -> torch.Tensor:
     """pixels [B,3,H,W] -> every token after the tower's blocks and its final norm: [B, prefix+P, w].
 
     embeddings (+ CLIP's ``pre_layrnorm``) -> all blocks of ``encoder.layers`` -> ``post_layernorm``
     on every row (timm's ``forward_features``). CLIP: CLS row first; SigLIP: patch rows only. The
-    SigLIP pooling head is not run."""
+    SigLIP pooling head is not run. A conv tower: its ``patch_tokens`` (the last stage's grid after
+    its final norm, ConvNeXt's layernorm or ResNet's none), [B, P, w]."""
     if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
         raise ValueError(f"pixel_values must be [B,3,H,W], got {tuple(pixel_values.shape)}")
+    if is_conv_tower(tower):
+        return patch_tokens(tower, pixel_values)
     core = _core(tower)
     hidden = core.embeddings(pixel_values)
     pre = getattr(core, "pre_layrnorm", None)
@@ -245,7 +271,9 @@ class MaskEmbedModel(nn.Module):
         self.transform = transform  # the teacher's preprocessing, saved beside the student
         self.student = copy.deepcopy(teacher)
         self.student.requires_grad_(True)
-        _core(self.student).post_layernorm.reset_parameters()  # student_utils: reset output norms
+        norm = final_norm(self.student)  # student_utils: reset output norms (ResNet has none)
+        if hasattr(norm, "reset_parameters"):
+            norm.reset_parameters()
         pooling_head = siglip_pooling_head(self.student)
         if pooling_head is not None:
             pooling_head.requires_grad_(False)  # the reference drops attn_pool; kept frozen for export
@@ -254,8 +282,8 @@ class MaskEmbedModel(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         width = tower_width(teacher)
-        self.patch_size = int(teacher.config.patch_size)
-        self.num_patches = (int(teacher.config.image_size) // self.patch_size) ** 2
+        self.patch_size = tower_patch_size(teacher)
+        self.num_patches = num_patches(teacher)
         self.num_prefix = num_prefix_tokens(teacher)
         self.student_head = nn.Linear(width, width)  # student_utils: model.head, zero-initialised
         nn.init.zeros_(self.student_head.weight)

@@ -100,8 +100,10 @@ class Stage1Model(nn.Module):
         self.encoder = encoder
         self.objective = objective
         # Separate local heads go unused by an objective that reads no local embeddings (Stage1Config
-        # forbids it; a model assembled by hand may still do it): DDP must then skip them.
-        self.ddp_find_unused_parameters = bool(encoder.cfg.local_heads and not objective.cfg.uses_local_embeddings)
+        # forbids it; a model assembled by hand may still do it), and so does SigLIP's pooling head
+        # under any pool but "cls": DDP must then skip them.
+        self.ddp_find_unused_parameters = bool(encoder.cfg.local_heads and not objective.cfg.uses_local_embeddings
+                                               or encoder.unused_tower_head)
 
     @classmethod
     def build(cls, encoder: DualEncoder, objective_cfg: ObjectiveConfig) -> "Stage1Model":

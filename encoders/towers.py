@@ -1,17 +1,27 @@
 """Vision towers: build one from sizes, load one from a local directory, read its patch tokens.
 
-Towers are stock ``transformers`` models (``CLIPVisionModel`` or ``SiglipVisionModel``), so a
-tower saved here loads with stock code and any local HF CLIP / SigLIP checkpoint loads here.
+Towers are stock ``transformers`` models, so a tower saved here loads with stock code and any local
+HF checkpoint of these classes loads here: ViTs (``CLIPVisionModel``, ``SiglipVisionModel``) and
+convolutional towers (``ResNetModel``, ``ConvNextModel``).
 
 Patch tokens (``patch_tokens``) are the last layer's per-patch hidden states after the tower's
-final LayerNorm, without CLS:
+final norm, without CLS:
 - CLIP: ``last_hidden_state`` is [B, 1+P, w] *before* ``post_layernorm`` (stock CLIP applies that
   norm to the pooled CLS only), so the CLS row is dropped and ``post_layernorm`` is applied to
   the patch rows here.
 - SigLIP: there is no CLS token and ``last_hidden_state`` [B, P, w] is already post-LayerNorm.
+- Conv towers: the last stage's feature map [B, C, h, w] flattened row-major to [B, h*w, C] (so
+  patch k is grid cell (k // w, k % w), as a ViT's), then the tower's final norm. ConvNeXt has one:
+  its stock ``layernorm`` over channels, which stock code applies to the pooled vector only (as
+  CLIP's ``post_layernorm``), applied here to every patch. ResNet has none (its blocks end in
+  BatchNorm, residual add, ReLU); its final norm is the identity, so the tower's own weights are the
+  whole patch path and stage one, the evals, MaskEmbed and stage two read the same tokens from a
+  stock ``ResNetModel``. A conv tower's total stride is its ``patch_size`` (``tower_patch_size``);
+  ``config.json`` carries ``image_size`` (ConvNeXt's own field; an extra key for ResNet).
 
 Stage two reads other features (``vision_features``, as HF LLaVA's ``get_image_features``):
-``hidden_states[vision_feature_layer]`` (before the final LayerNorm), CLS dropped or kept.
+``hidden_states[vision_feature_layer]`` (before the final norm), CLS dropped or kept. A conv
+tower's ``hidden_states`` are the stem's output then each stage's (NCHW, flattened here).
 
 ``ImageTransform`` reproduces ``CLIPImageProcessor`` (shortest-edge bicubic resize, centre crop,
 rescale to [0, 1], normalise) without torchvision and saves itself as a ``CLIPImageProcessor``
@@ -29,17 +39,25 @@ import torch
 import transformers
 from PIL import Image
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import (CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel, ResNetConfig, ResNetModel,
+                          SiglipVisionConfig, SiglipVisionModel)
 
-from vlm.config import VisionTowerConfig
+from vlm.config import CONV_STEM_STRIDE, VisionTowerConfig
 
-VisionTower = Union[CLIPVisionModel, SiglipVisionModel]
+VisionTower = Union[CLIPVisionModel, SiglipVisionModel, ResNetModel, ConvNextModel]
+ConvTower = Union[ResNetModel, ConvNextModel]
+CONV_TOWERS = (ResNetModel, ConvNextModel)
+# config.json model_type -> stock class (a full CLIP / SigLIP dir loads its vision half)
+TOWER_CLASSES = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel, "siglip": SiglipVisionModel,
+                 "siglip_vision_model": SiglipVisionModel, "resnet": ResNetModel, "convnext": ConvNextModel}
 
 # OpenAI CLIP's statistics; SigLIP towers use 0.5 / 0.5 (what their checkpoints ship with).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what HF's ResNet / ConvNeXt processors ship with
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
@@ -163,14 +181,8 @@ class ImageTransform:
         return cls(int(side), mean, std, resample=int(cfg.get("resample", 3)), square_resize=square)
 
 
-def build_vision_tower(cfg: VisionTowerConfig) -> VisionTower:
-    """A randomly initialised (or, with ``cfg.pretrained``, loaded) vision tower.
-
-    arch "clip" -> ``CLIPVisionModel``; "siglip" -> ``SiglipVisionModel`` (with its attention-
-    pooling head, which SigLIP uses instead of a CLS token). Attention: ``sdpa``.
-    """
-    if cfg.pretrained:
-        return load_vision_tower(cfg.pretrained)[0]
+def _build_vit(cfg: VisionTowerConfig) -> VisionTower:
+    """``CLIPVisionModel`` or ``SiglipVisionModel`` (with its attention-pooling head) from sizes; sdpa."""
     common = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * cfg.mlp_ratio,
                   num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_channels=3,
                   image_size=cfg.image_size, patch_size=cfg.patch_size)
@@ -178,17 +190,86 @@ def build_vision_tower(cfg: VisionTowerConfig) -> VisionTower:
         config = CLIPVisionConfig(**common, hidden_act="quick_gelu")
         config._attn_implementation = "sdpa"
         return CLIPVisionModel(config)
-    if cfg.arch == "siglip":
-        config = SiglipVisionConfig(**common, vision_use_head=True)
-        config._attn_implementation = "sdpa"
-        return SiglipVisionModel(config)
-    raise ValueError(f"unknown vision arch {cfg.arch!r}; valid: ['clip', 'siglip']")
+    config = SiglipVisionConfig(**common, vision_use_head=True)
+    config._attn_implementation = "sdpa"
+    return SiglipVisionModel(config)
+
+
+def _build_resnet(cfg: VisionTowerConfig) -> ResNetModel:
+    """``ResNetModel`` with basic blocks (ResNet-18 style): stem of width ``stage_widths[0]``, then
+    ``stage_depths[i]`` blocks of ``stage_widths[i]`` channels per stage. ``image_size`` is an extra
+    ``config.json`` key (ResNetConfig has none; stock ``from_pretrained`` keeps it)."""
+    config = ResNetConfig(embedding_size=cfg.stage_widths[0], hidden_sizes=list(cfg.stage_widths),
+                          depths=list(cfg.stage_depths), layer_type="basic", image_size=cfg.image_size)
+    return ResNetModel(config)
+
+
+def _build_convnext(cfg: VisionTowerConfig) -> ConvNextModel:
+    """``ConvNextModel``: a 4x4 stride-4 patchify stem, then ``stage_depths[i]`` ConvNeXt blocks of
+    ``stage_widths[i]`` channels per stage (stock init: LayerScale 1e-6, no stochastic depth)."""
+    config = ConvNextConfig(patch_size=CONV_STEM_STRIDE, num_stages=len(cfg.stage_widths),
+                            hidden_sizes=list(cfg.stage_widths), depths=list(cfg.stage_depths),
+                            image_size=cfg.image_size)
+    return ConvNextModel(config)
+
+
+TOWER_BUILDERS = {"clip": _build_vit, "siglip": _build_vit, "resnet": _build_resnet, "convnext": _build_convnext}
+
+
+def build_vision_tower(cfg: VisionTowerConfig) -> VisionTower:
+    """A randomly initialised (or, with ``cfg.pretrained``, loaded) vision tower, by ``cfg.arch``:
+    clip -> ``CLIPVisionModel``, siglip -> ``SiglipVisionModel``, resnet -> ``ResNetModel``,
+    convnext -> ``ConvNextModel``."""
+    if cfg.pretrained:
+        return load_vision_tower(cfg.pretrained)[0]
+    if cfg.arch not in TOWER_BUILDERS:
+        raise ValueError(f"unknown vision arch {cfg.arch!r}; valid: {sorted(TOWER_BUILDERS)}")
+    tower = TOWER_BUILDERS[cfg.arch](cfg)
+    if tower_patch_size(tower) != cfg.patch_size:
+        raise ValueError(f"vision.patch_size={cfg.patch_size} but the built {cfg.arch} tower has total stride "
+                         f"{tower_patch_size(tower)}")
+    return tower
+
+
+def is_conv_tower(tower: nn.Module) -> bool:
+    """True for a convolutional tower (``ResNetModel``, ``ConvNextModel``): no CLS, NCHW feature maps."""
+    return isinstance(tower, CONV_TOWERS)
+
+
+def _conv_strides(tower: ConvTower) -> list[int]:
+    """Stride in pixels of each entry of a conv tower's ``hidden_states``: the stem's output, then
+    each stage's. ResNet's stem is a stride-2 conv and a stride-2 max-pool; ConvNeXt's a patchify
+    conv of stride ``config.patch_size``; each later stage (and, with ``downsample_in_first_stage``,
+    ResNet's first) halves the grid."""
+    c = tower.config
+    if isinstance(tower, ResNetModel):
+        stem, halvings = 4, [i + int(c.downsample_in_first_stage) for i in range(len(c.depths))]
+    else:
+        stem, halvings = int(c.patch_size), list(range(int(c.num_stages)))
+    return [stem] + [stem * 2 ** k for k in halvings]
+
+
+def tower_patch_size(tower: VisionTower) -> int:
+    """Pixels per patch-grid cell: a ViT's ``patch_size``, a conv tower's total stride."""
+    return _conv_strides(tower)[-1] if is_conv_tower(tower) else int(tower.config.patch_size)
+
+
+def tower_image_size(tower: VisionTower) -> int:
+    """The input side the tower is built for (``config.image_size``)."""
+    size = getattr(tower.config, "image_size", None)
+    if size is None:
+        raise ValueError(f"{type(tower).__name__} config has no image_size; ours write it to config.json (a "
+                         "stock checkpoint needs a preprocessor_config.json beside it to give the size)")
+    return int(size)
 
 
 def default_transform(tower: VisionTower) -> ImageTransform:
-    """The tower's input size with the usual statistics of its family (CLIP or SigLIP)."""
+    """The tower's input size with the usual statistics of its family (CLIP, SigLIP, or ImageNet's
+    for ResNet / ConvNeXt), CLIP-style resize and crop except SigLIP's square resize."""
     if isinstance(tower, SiglipVisionModel):
         return ImageTransform(tower.config.image_size, SIGLIP_MEAN, SIGLIP_STD, resample=2, square_resize=True)
+    if is_conv_tower(tower):
+        return ImageTransform(tower_image_size(tower), IMAGENET_MEAN, IMAGENET_STD)
     return ImageTransform(tower.config.image_size, CLIP_MEAN, CLIP_STD)
 
 
@@ -199,68 +280,104 @@ def _resolve_vision_dir(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     raise FileNotFoundError(f"{path}: no config.json here or in {path / 'vision'}; expected a stage-one / "
-                            "MaskEmbed checkpoint dir or a local HF CLIP/SigLIP (vision) model dir")
+                            "MaskEmbed checkpoint dir or a local HF CLIP/SigLIP/ResNet/ConvNeXt (vision) model dir")
 
 
 def load_vision_tower(path: Union[str, Path]) -> tuple[VisionTower, ImageTransform]:
     """Load a tower and its preprocessing from a local directory.
 
     Accepts our stage-one checkpoint (``path/vision``), a MaskEmbed output dir (a plain vision
-    dir), or any local HF ``clip`` / ``clip_vision_model`` / ``siglip`` / ``siglip_vision_model``
-    directory (a full CLIP/SigLIP dir loads its vision half). The transform comes from
-    ``preprocessor_config.json`` when present, else the family default at the config's size.
-    Never executes remote code.
+    dir), or any local HF directory whose ``model_type`` is in ``TOWER_CLASSES`` (clip,
+    clip_vision_model, siglip, siglip_vision_model, resnet, convnext; a full CLIP/SigLIP dir loads
+    its vision half). The transform comes from ``preprocessor_config.json`` when present, else the
+    family default at the config's size; a stock ResNet dir without our ``image_size`` key takes the
+    preprocessor's size. Never executes remote code.
     """
     directory = _resolve_vision_dir(Path(path))
     model_type = json.loads((directory / "config.json").read_text()).get("model_type", "")
-    kwargs = dict(attn_implementation="sdpa")
-    if model_type in ("clip", "clip_vision_model"):
-        tower = CLIPVisionModel.from_pretrained(str(directory), **kwargs)
-    elif model_type in ("siglip", "siglip_vision_model"):
-        tower = SiglipVisionModel.from_pretrained(str(directory), **kwargs)
-    else:
-        raise ValueError(f"{directory}/config.json: model_type {model_type!r} is not a CLIP or SigLIP "
-                         "vision model (supported: clip, clip_vision_model, siglip, siglip_vision_model)")
-    if (directory / PREPROCESSOR_FILE).is_file():
-        transform = ImageTransform.from_pretrained(directory)
-    else:
-        transform = default_transform(tower)
-    if transform.image_size != tower.config.image_size:
+    if model_type not in TOWER_CLASSES:
+        raise ValueError(f"{directory}/config.json: model_type {model_type!r} is not a supported vision tower "
+                         f"(supported: {', '.join(TOWER_CLASSES)})")
+    tower_cls = TOWER_CLASSES[model_type]
+    kwargs = {} if tower_cls in CONV_TOWERS else dict(attn_implementation="sdpa")
+    tower = tower_cls.from_pretrained(str(directory), **kwargs)
+    transform = ImageTransform.from_pretrained(directory) if (directory / PREPROCESSOR_FILE).is_file() else None
+    if getattr(tower.config, "image_size", None) is None and transform is not None:
+        tower.config.image_size = transform.image_size
+    transform = transform or default_transform(tower)
+    if transform.image_size != tower_image_size(tower):
         raise ValueError(f"{directory}: preprocessor size {transform.image_size} != tower image_size "
-                         f"{tower.config.image_size}")
+                         f"{tower_image_size(tower)}")
+    if tower_image_size(tower) % tower_patch_size(tower):
+        raise ValueError(f"{directory}: image_size {tower_image_size(tower)} is not a multiple of the tower's "
+                         f"patch size (total stride) {tower_patch_size(tower)}")
     return tower, transform
 
 
 def tower_width(tower: VisionTower) -> int:
-    """Hidden width w of the tower's tokens."""
-    return int(tower.config.hidden_size)
+    """Hidden width w of the tower's tokens (a conv tower's last-stage channels)."""
+    return int(tower.config.hidden_sizes[-1]) if is_conv_tower(tower) else int(tower.config.hidden_size)
+
+
+def grid_side(tower: VisionTower) -> int:
+    """Patches per side of the grid: image_size / patch_size (total stride for a conv tower)."""
+    return tower_image_size(tower) // tower_patch_size(tower)
 
 
 def num_patches(tower: VisionTower) -> int:
     """Number of patch tokens P = (image_size / patch_size)^2."""
-    return (tower.config.image_size // tower.config.patch_size) ** 2
+    return grid_side(tower) ** 2
+
+
+def final_norm(tower: VisionTower) -> nn.Module:
+    """The norm the tower's patch tokens end with: CLIP's / SigLIP's ``post_layernorm``, ConvNeXt's
+    ``layernorm`` (over channels), and for ResNet, which has none after its last stage, the identity."""
+    if isinstance(tower, ResNetModel):
+        return nn.Identity()
+    if isinstance(tower, ConvNextModel):
+        return tower.layernorm
+    return getattr(tower, "vision_model", tower).post_layernorm  # transformers 5 flattened CLIPVisionModel
+
+
+def grid_tokens(tower: VisionTower, feature_map: torch.Tensor) -> torch.Tensor:
+    """A conv tower's feature map [B,C,h,w] -> tokens [B,h*w,C] (row-major, as a ViT's patch order).
+    Raises ``ValueError`` unless h = w = ``grid_side(tower)`` (inputs of ``image_size`` pixels)."""
+    side = grid_side(tower)
+    if feature_map.dim() != 4 or tuple(feature_map.shape[-2:]) != (side, side):
+        raise ValueError(f"feature map {tuple(feature_map.shape)} is not the tower's {side}x{side} patch grid "
+                         f"(image_size {tower_image_size(tower)} / patch_size {tower_patch_size(tower)}); "
+                         f"feed {tower_image_size(tower)}-px images")
+    return feature_map.flatten(2).transpose(1, 2)
+
+
+def _check_pixels(pixel_values: torch.Tensor) -> None:
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values must be [B,3,H,W], got {tuple(pixel_values.shape)}")
 
 
 def tower_forward(tower: VisionTower, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass -> (patch_tokens [B,P,w] post-LayerNorm without CLS, pooled [B,w]).
+    """One pass -> (patch_tokens [B,P,w] after the final norm without CLS, pooled [B,w]).
 
     pooled is the tower's own pooled output: CLIP's post-LayerNorm CLS token, SigLIP's
-    attention-pooling head (zeros-free mean of patch tokens if the head is disabled).
+    attention-pooling head (the mean of patch tokens if the head is disabled), a conv tower's
+    ``pooler_output`` (ResNet: the average of the last feature map; ConvNeXt: its layernorm of
+    that average).
     """
-    if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-        raise ValueError(f"pixel_values must be [B,3,H,W], got {tuple(pixel_values.shape)}")
+    _check_pixels(pixel_values)
     out = tower(pixel_values=pixel_values)
+    if is_conv_tower(tower):
+        patches = final_norm(tower)(grid_tokens(tower, out.last_hidden_state))
+        return patches, out.pooler_output.flatten(1)
     if isinstance(tower, SiglipVisionModel):
         patches = out.last_hidden_state
         pooled = out.pooler_output if out.pooler_output is not None else patches.mean(dim=1)
         return patches, pooled
-    core = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel
-    patches = core.post_layernorm(out.last_hidden_state[:, 1:, :])
+    patches = final_norm(tower)(out.last_hidden_state[:, 1:, :])
     return patches, out.pooler_output
 
 
 def patch_tokens(tower: VisionTower, pixel_values: torch.Tensor) -> torch.Tensor:
-    """pixel_values [B,3,H,W] -> patch tokens [B,P,w]: no CLS, after the final LayerNorm."""
+    """pixel_values [B,3,H,W] -> patch tokens [B,P,w]: no CLS, after the final norm."""
     return tower_forward(tower, pixel_values)[0]
 
 
@@ -272,20 +389,32 @@ FEATURE_SELECT_STRATEGIES = ("default", "full")
 
 
 def _tower_parts(tower: VisionTower) -> tuple[nn.ModuleList, nn.Module, Optional[nn.Module]]:
-    """(encoder layers, final LayerNorm, SigLIP's pooling head or None) of a CLIP / SigLIP tower."""
+    """(blocks whose outputs are ``hidden_states[1:]``, final norm, SigLIP's pooling head or None):
+    a ViT's encoder layers, a conv tower's stages."""
+    if is_conv_tower(tower):
+        return tower.encoder.stages, final_norm(tower), None
     core = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel
     return core.encoder.layers, core.post_layernorm, getattr(core, "head", None)
 
 
 def feature_layer_index(tower: VisionTower, layer: Optional[int]) -> Optional[int]:
     """``layer`` as a non-negative index into ``hidden_states`` (L+1 entries: embeddings, then each
-    of the L blocks' outputs); None stays None. Raises ``ValueError`` when out of range."""
+    of the L blocks' outputs; a conv tower's: the stem's, then each stage's); None stays None.
+    Raises ``ValueError`` when out of range, or, for a conv tower, when that entry's grid is not the
+    patch grid (the stage-two token count is P)."""
     if layer is None:
         return None
     n = len(_tower_parts(tower)[0]) + 1
     if not -n <= layer < n:
         raise ValueError(f"vision_feature_layer={layer} is out of range for a tower with {n - 1} blocks "
                          f"(hidden_states has {n} entries: {-n}..{n - 1})")
+    if is_conv_tower(tower):
+        strides = _conv_strides(tower)
+        if strides[layer] != strides[-1]:
+            side = tower_image_size(tower) // strides[layer]
+            raise ValueError(f"vision_feature_layer={layer} selects a {side}x{side} feature map of this "
+                             f"{type(tower).__name__}, not its {grid_side(tower)}x{grid_side(tower)} patch grid; "
+                             "use -1 (the last stage's output) or a layer with the same stride")
     return layer % n
 
 
@@ -303,17 +432,25 @@ def vision_features(tower: VisionTower, pixel_values: torch.Tensor, layer: Optio
     - SigLIP has no CLS token. HF applies ``[:, 1:]`` regardless of the tower, so "default"
       drops SigLIP's first (top-left) *patch* (P-1 tokens); "full" keeps all P patches and is
       what HF's SigLIP-tower LLaVA-style configs use. Both are reproduced exactly here.
+    - Conv towers (no HF LLaVA counterpart): ``hidden_states`` are the stem's and each stage's
+      feature maps, flattened to [B, h*w, C]; -1 is the last stage's output (before ConvNeXt's
+      final layernorm), -2 the stage before, accepted only when its grid is the patch grid
+      (``feature_layer_index``). There is no CLS token, so both strategies keep all P patches.
     - ``layer=None`` (checkpoints written before these options existed): the tower's final
-      output after its final LayerNorm (CLIP: ``post_layernorm`` on every row of the last block's
-      output; SigLIP: ``last_hidden_state``), then ``strategy`` as above. ``None`` with "default"
-      on CLIP and with "full" on SigLIP equals ``patch_tokens``.
+      output after its final norm (CLIP: ``post_layernorm`` on every row of the last block's
+      output; SigLIP: ``last_hidden_state``; conv: ``patch_tokens``), then ``strategy`` as above.
+      ``None`` with "default" on CLIP, with "full" on SigLIP and with either on a conv tower
+      equals ``patch_tokens``.
     """
     if strategy not in FEATURE_SELECT_STRATEGIES:
         raise ValueError(f"vision_feature_select_strategy {strategy!r} is not one of {list(FEATURE_SELECT_STRATEGIES)}")
-    if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-        raise ValueError(f"pixel_values must be [B,3,H,W], got {tuple(pixel_values.shape)}")
+    _check_pixels(pixel_values)
     index = feature_layer_index(tower, layer)
     out = tower(pixel_values=pixel_values, output_hidden_states=True)
+    if is_conv_tower(tower):
+        if index is None:
+            return final_norm(tower)(grid_tokens(tower, out.hidden_states[-1]))
+        return grid_tokens(tower, out.hidden_states[index])
     if index is None:
         feats = _tower_parts(tower)[1](out.hidden_states[-1])
     else:
@@ -322,7 +459,10 @@ def vision_features(tower: VisionTower, pixel_values: torch.Tensor, layer: Optio
 
 
 def num_feature_tokens(tower: VisionTower, strategy: str = "default") -> int:
-    """N, the tokens per image ``vision_features`` returns: P (+1 for CLIP's CLS), minus 1 for "default"."""
+    """N, the tokens per image ``vision_features`` returns: P (+1 for CLIP's CLS), minus 1 for
+    "default"; a conv tower's P for either strategy."""
+    if is_conv_tower(tower):
+        return num_patches(tower)
     tokens = num_patches(tower) + (0 if isinstance(tower, SiglipVisionModel) else 1)
     return tokens - 1 if strategy == "default" else tokens
 
@@ -330,9 +470,9 @@ def num_feature_tokens(tower: VisionTower, strategy: str = "default") -> int:
 def unused_feature_parameters(tower: VisionTower, layer: Optional[int]) -> list[nn.Parameter]:
     """Parameters that ``vision_features(tower, ., layer)`` never uses (they get no gradient).
 
-    The blocks after ``layer``, the final LayerNorm (unless ``layer`` is None) and SigLIP's
-    pooling head. A trainable tower freezes these, so every trainable parameter gets a gradient
-    (what DDP without ``find_unused_parameters`` needs).
+    The blocks (a conv tower's stages) after ``layer``, the final norm (unless ``layer`` is None)
+    and SigLIP's pooling head. A trainable tower freezes these, so every trainable parameter gets
+    a gradient (what DDP without ``find_unused_parameters`` needs).
     """
     layers, norm, head = _tower_parts(tower)
     index = feature_layer_index(tower, layer)
@@ -344,5 +484,5 @@ def unused_feature_parameters(tower: VisionTower, layer: Optional[int]) -> list[
 
 def tower_model_type(path: Union[str, Path]) -> str:
     """The ``model_type`` of the vision tower ``load_vision_tower(path)`` would load (e.g. "clip",
-    "siglip_vision_model"), read from its ``config.json`` without loading weights."""
+    "siglip_vision_model", "resnet"), read from its ``config.json`` without loading weights."""
     return str(json.loads((_resolve_vision_dir(Path(path)) / "config.json").read_text()).get("model_type", ""))

@@ -80,7 +80,8 @@ from encoders.dual_encoder import CONFIG_FILE, DualEncoder
 from encoders.objectives.flair import conditioned_similarity
 from encoders.registry import build_objective, objective_config_class
 from encoders.stage1_model import OBJECTIVE_CONFIG_FILE, OBJECTIVE_STATE_FILE
-from encoders.towers import ImageTransform, VisionTower, load_vision_tower, tower_forward
+from encoders.towers import (ImageTransform, VisionTower, load_vision_tower, tower_forward, tower_image_size,
+                             tower_patch_size, tower_width)
 from eval.heatmaps import alignment_heatmaps
 from eval.report import jsonable, summary_markdown, write_jsonl
 from eval.report import write_summary as write_summary_files
@@ -292,8 +293,8 @@ def load_encoder(ckpt: Union[str, Path], text_from: Optional[Union[str, Path]] =
     if text_from is None:
         return LoadedEncoder(vision.eval(), transform, None, "vision_tower")
     dual = DualEncoder.from_pretrained(text_from).eval()
-    for key in ("hidden_size", "image_size", "patch_size"):
-        a, b = getattr(vision.config, key), getattr(dual.vision.config, key)
+    for key, size in (("hidden_size", tower_width), ("image_size", tower_image_size), ("patch_size", tower_patch_size)):
+        a, b = size(vision), size(dual.vision)
         if a != b:
             raise ValueError(f"{ckpt} has {key}={a} but the text_from encoder's tower has {b}; they must match")
     if type(vision) is not type(dual.vision):
@@ -548,7 +549,7 @@ def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
     dev = _resolve_device(device)
     loaded = load_encoder(ckpt, text_from)
     (loaded.dual if loaded.dual is not None else loaded.vision).to(dev)
-    patch_size, num_classes = int(loaded.vision.config.patch_size), len(CLASS_NAMES)
+    patch_size, num_classes = tower_patch_size(loaded.vision), len(CLASS_NAMES)
     train_idx, eval_idx = world_split(world)
     train_idx, eval_idx = list(train_idx)[:probe_images], list(eval_idx)[:limit]
     if not eval_idx:

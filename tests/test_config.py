@@ -54,7 +54,7 @@ def test_overrides_apply_in_order(tmp_path):
     (Stage1Config, "objective.name=flair objective.flair_num_heads=2", "objective.flair_num_heads"),  # old key
     (Stage1Config, "objective.name=clip objective.lambda_fine=2", "objective.lambda_fine"),  # another objective's
     (Stage1Config, "objective.lambda_fine=-1", "objective.lambda_fine"),
-    (Stage1Config, "model.pool=max", "model.pool"),
+    (Stage1Config, "model.pool=median", "model.pool"),
     (Stage1Config, "world.image_size=8", "world.image_size"),
     (Stage1Config, "world.max_objects=9", "world.min_objects/max_objects"),
     (Stage1Config, "run.device=tpu", "run.device"),
@@ -150,7 +150,7 @@ def test_stage1_round_trips_with_each_objective(name, tmp_path):
 # paper (local embeddings through the shared global linear heads, no separate local heads).
 RECIPE_ENCODERS = {"clip_tiny": ("cls", False, False), "siglip_tiny": ("cls", False, False),
                    "sparc_tiny": ("mean", True, False), "flair_tiny": ("cls", False, False),
-                   "sparc_vitb16": ("mean", True, False)}
+                   "sparc_vitb16": ("mean", True, False), "sparc_resnet_tiny": ("max", True, False)}
 
 
 def test_shipped_stage1_recipes_keep_their_encoders():

@@ -30,7 +30,10 @@ T = TypeVar("T")
 # Registry keys are checked here (not by importing the registries, which live higher up) so that a
 # typo fails before any model is built. Tests check these tuples equal the registries' keys.
 OBJECTIVE_NAMES = ("clip", "siglip", "sparc", "flair")  # the pipelines' objective lists
-VISION_ARCHS = ("clip", "siglip")
+VISION_ARCHS = ("clip", "siglip", "resnet", "convnext")
+CONV_ARCHS = ("resnet", "convnext")  # convolutional towers: no CLS token, a stem of stride CONV_STEM_STRIDE
+CONV_STEM_STRIDE = 4  # ResNet: stride-2 conv + stride-2 max-pool; ConvNeXt: a 4x4 stride-4 patchify conv
+POOLS = ("cls", "mean", "max", "map")
 BRIDGE_NAMES = ("projector", "flamingo")
 PRECISIONS = ("fp32", "bf16")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -222,25 +225,51 @@ class TextDataConfig:
 
 @dataclass
 class VisionTowerConfig:
-    """A ViT built from sizes, or loaded from a local HF checkpoint directory."""
+    """A vision tower built from sizes, or loaded from a local HF checkpoint directory.
 
-    arch: str = "clip"  # clip -> transformers.CLIPVisionModel, siglip -> SiglipVisionModel
+    ViTs (arch clip -> ``CLIPVisionModel``, siglip -> ``SiglipVisionModel``) read ``hidden_size``,
+    ``num_layers``, ``num_heads``, ``mlp_ratio``. Convolutional towers (resnet -> ``ResNetModel`` with
+    basic blocks, convnext -> ``ConvNextModel``) read ``stage_widths`` / ``stage_depths`` (channels and
+    residual blocks per stage): a stem of stride 4, then every stage after the first halves the grid,
+    so the total stride is 4 * 2^(stages - 1) and must equal ``patch_size`` (8 px: two stages; a
+    64-px image then gives an 8x8 patch grid). The patch grid is image_size / patch_size per side.
+    """
+
+    arch: str = "clip"  # clip | siglip | resnet | convnext
     pretrained: str = ""  # local path; when set, the sizes below are ignored
     image_size: int = 64
-    patch_size: int = 8
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    mlp_ratio: int = 4
+    patch_size: int = 8  # ViT: the patch side; conv towers: the total stride (pixels per grid cell)
+    hidden_size: int = 128  # ViT only
+    num_layers: int = 4  # ViT only
+    num_heads: int = 4  # ViT only
+    mlp_ratio: int = 4  # ViT only
+    stage_widths: list[int] = field(default_factory=lambda: [64, 128])  # conv towers only
+    stage_depths: list[int] = field(default_factory=lambda: [2, 2])  # conv towers only
 
     def __post_init__(self) -> None:
         _one_of(self.arch, "vision.arch", VISION_ARCHS)
-        if not self.pretrained:
-            _positive(self, "vision", "image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_ratio")
-            _check(self.image_size % self.patch_size == 0, "vision.patch_size",
-                   f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.pretrained:
+            return
+        _positive(self, "vision", "image_size", "patch_size")
+        _check(self.image_size % self.patch_size == 0, "vision.patch_size",
+               f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.arch in CONV_ARCHS:
+            self._check_stages()
+        else:
+            _positive(self, "vision", "hidden_size", "num_layers", "num_heads", "mlp_ratio")
             _check(self.hidden_size % self.num_heads == 0, "vision.num_heads",
                    "hidden_size must be divisible by num_heads")
+
+    def _check_stages(self) -> None:
+        n = len(self.stage_widths)
+        _check(n >= 1 and len(self.stage_depths) == n, "vision.stage_widths/stage_depths",
+               f"need one width and one depth per stage, got {list(self.stage_widths)} / {list(self.stage_depths)}")
+        _check(min(self.stage_widths) > 0 and min(self.stage_depths) > 0, "vision.stage_widths/stage_depths",
+               "must all be > 0")
+        stride = CONV_STEM_STRIDE * 2 ** (n - 1)
+        _check(self.patch_size == stride, "vision.patch_size",
+               f"a {self.arch} tower with {n} stage(s) has total stride {CONV_STEM_STRIDE} * 2^{n - 1} = {stride}, "
+               f"not {self.patch_size}; set patch_size={stride} or change the number of stages")
 
 
 @dataclass
@@ -277,7 +306,12 @@ class EncoderConfig:
     # Global embeddings. "cls": the vision tower's pooled output (CLIP: post-LayerNorm CLS; SigLIP:
     # its attention-pooling head) and the text's last real token (CLIP's EOS pooling); "mean":
     # average of the patch tokens / of the non-padding text tokens (SPARC: no CLS).
+    # "max": the max over patch tokens; "map": an attention-pooling head as SigLIP's (a learned probe
+    # attending over the patch tokens, owned by the DualEncoder's heads). The text side pools with
+    # its last token for "cls" and the mean of its tokens otherwise. A conv tower has no CLS token,
+    # so "cls" with vision.arch resnet / convnext is an error.
     pool: Optional[str] = None
+    map_heads: int = 4  # attention heads of the "map" pooling head (must divide the tower width)
     global_mlp: Optional[bool] = None  # one non-linear layer (Linear+GELU) before the image global projection
     # Separate per-patch / per-token linear adapters. False: the global heads are applied per token,
     # so patch_emb / token_emb still live in the shared space.
@@ -285,8 +319,12 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.pool is not None:
-            _one_of(self.pool, "model.pool", ("cls", "mean"))
+            _one_of(self.pool, "model.pool", POOLS)
+        _check(not (self.pool == "cls" and self.vision.arch in CONV_ARCHS), "model.pool",
+               f"'cls' with vision.arch={self.vision.arch}: a convolutional tower has no CLS token; set "
+               "model.pool to mean, max or map")
         _check(self.embed_dim > 0, "model.embed_dim", "must be > 0")
+        _check(self.map_heads > 0, "model.map_heads", "must be > 0")
 
     def unset(self) -> list[str]:
         """Keys of the objective-dependent choices still null, e.g. ``["model.pool"]``."""
@@ -300,7 +338,8 @@ class MaskEmbedConfig:
     teacher: str = ""  # checkpoint dir of ours (stage one) or a local HF CLIP/SigLIP vision model
     decoder_layers: int = 2
     decoder_heads: int = 4
-    teacher_layer: int = -2  # targets: the teacher minus its last -1-teacher_layer blocks, then its final norm
+    # targets: the teacher minus its last -1-teacher_layer blocks (a conv tower: of its last stage), then its final norm
+    teacher_layer: int = -2
     calibration_batches: int = 8  # micro-batches whose targets give the population std (target scale)
 
     def __post_init__(self) -> None:

@@ -74,7 +74,7 @@ def test_load_full_clip_dir_and_bad_dirs(tmp_path):
         load_vision_tower(tmp_path / "missing")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match="not a CLIP or SigLIP"):
+    with pytest.raises(ValueError, match="not a supported vision tower"):
         load_vision_tower(tmp_path / "bert")
 
 

@@ -1,13 +1,16 @@
 """The VLM's vision tower: any tower ``encoders.towers.load_vision_tower`` reads, frozen by default.
 
-Accepts our stage-one checkpoints, MaskEmbed outputs and local HF CLIP / SigLIP (vision) dirs.
+Accepts our stage-one checkpoints, MaskEmbed outputs and local HF CLIP / SigLIP (vision) / ResNet /
+ConvNeXt dirs.
 Frozen towers run under ``torch.no_grad`` and stay in eval mode whatever the parent's mode.
 
 Which features the bridge gets follows HF LLaVA (``encoders.towers.vision_features``):
 ``hidden_states[feature_layer]`` (default -2, the penultimate block, before the final norm), then
-``select_strategy`` "default" (drop token 0, CLIP's CLS) or "full" (keep it). A trainable tower
-freezes the parameters those features never use (later blocks, final norm, SigLIP's head), so
-every trainable parameter gets a gradient.
+``select_strategy`` "default" (drop token 0, CLIP's CLS) or "full" (keep it). A conv tower's
+layers are its stages (-1: the last stage's output; an earlier one only when its grid is the patch
+grid) and, without a CLS token, both strategies keep every patch. A trainable tower freezes the
+parameters those features never use (later blocks or stages, final norm, SigLIP's head), so every
+trainable parameter gets a gradient.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from encoders.towers import (ImageTransform, feature_layer_index, load_vision_to
 
 
 class VLMVisionTower(nn.Module):
-    """Wraps a CLIP/SigLIP vision model: ``forward(pixel_values [B,3,H,W]) -> features [B,N,w]``.
+    """Wraps a vision tower: ``forward(pixel_values [B,3,H,W]) -> features [B,N,w]``.
 
     feature_layer: index into the tower's ``hidden_states`` (None: the final post-norm output).
     select_strategy: "default" (drop token 0) or "full". See ``encoders.towers.vision_features``.

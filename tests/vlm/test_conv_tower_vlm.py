@@ -1,0 +1,63 @@
+"""Stage two with a convolutional tower: both bridges read a ResNet / ConvNeXt patch grid."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_vlm import perturb_trainable, random_images, vlm_config
+from encoders.towers import ImageTransform, build_vision_tower, final_norm, num_patches
+from vlm.config import VisionTowerConfig
+from vlm.model.vision_language_model import VisionLanguageModel
+
+PROMPTS = ["Is there a red circle?", "How many objects are in the image?"]
+
+
+def save_conv_tower(directory: Path, arch: str) -> Path:
+    """A 32-px conv tower (stride 8: a 4x4 grid, P = 16) saved with its preprocessor config."""
+    torch.manual_seed(2)
+    tower = build_vision_tower(VisionTowerConfig(arch=arch, image_size=32, patch_size=8, stage_widths=[16, 32],
+                                                 stage_depths=[1, 1]))
+    tower.save_pretrained(str(directory))
+    ImageTransform(32).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["resnet", "convnext"])
+def conv_tower_dir(request, tmp_path_factory) -> Path:
+    return save_conv_tower(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.mark.parametrize("bridge", ["projector", "flamingo"])
+def test_bridge_trains_on_a_conv_tower_and_round_trips(conv_tower_dir, tiny_llm_dir, tmp_path, bridge):
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(vlm_config(conv_tower_dir, tiny_llm_dir, bridge, vision_feature_layer=-1,
+                                                 freeze_vision=False))
+    assert model.tower.num_tokens == num_patches(model.tower.tower) == 16
+    perturb_trainable(model)
+    batch = model.processor(random_images(2), PROMPTS, ["Yes", "2"])
+    out = model(batch)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    norm = {id(p) for p in final_norm(model.tower.tower).parameters()}  # -1 is before the final norm
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+        assert not (id(p) in norm and p.requires_grad), name
+    tower_grads = [p.grad for n, p in model.named_parameters() if n.startswith("tower.") and p.requires_grad]
+    assert tower_grads and any(g.abs().sum() > 0 for g in tower_grads)
+    model.eval()
+    model.save_pretrained(tmp_path / "vlm")
+    again = VisionLanguageModel.from_pretrained(tmp_path / "vlm").eval()
+    batch = model.processor(random_images(2, seed=3), PROMPTS)
+    with torch.no_grad():
+        a = model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        b = again.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(a, b)
+
+
+def test_default_feature_layer_needs_the_patch_grid(conv_tower_dir, tiny_llm_dir):
+    """-2 is the stem's 8x8 output, not the 4x4 patch grid: a clear error, naming the fix."""
+    with pytest.raises(ValueError, match="use -1"):
+        VisionLanguageModel.build(vlm_config(conv_tower_dir, tiny_llm_dir, "projector"))

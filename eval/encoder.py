@@ -18,8 +18,8 @@
   any shape present (that lenient protocol's ceiling is 1).
 - **Single-object zero-shot** (shape and colour top-1): ``single_images`` held-out images of one
   object each (``single_object_world``: the same WorldConfig with min_objects = max_objects = 1, at
-  indices after the eval split, so no image repeats a train or eval one; always from the
-  generator), scored like the multi-object protocol (FLAIR conditioned, as above) against the 64
+  indices after the eval split, so no image repeats a train or eval one; from the generator,
+  through the export's JPEG encoding as the training images), scored like the multi-object protocol (FLAIR conditioned, as above) against the 64
   prompts ``PROMPT`` with "{colour} {shape}" (``pair_prompts``). The shape prediction is the argmax
   over shapes of the mean over colours of the score, the colour prediction symmetrically
   (``marginal_predictions``). Ceiling 1, chance 1/8 each.
@@ -83,6 +83,7 @@ apply are null (n/a in the table).
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -106,6 +107,7 @@ from eval.pointing import patch_centre_classes, point_words, pointing_records, p
 from eval.report import jsonable, summary_markdown, write_jsonl
 from eval.report import write_summary as write_summary_files
 from vlm.config import WorldConfig, config_from_yaml_text
+from vlm.world.export import jpeg_bytes
 from vlm.world.generator import generate_sample, world_split
 from vlm.world.vocab import CLASS_NAMES, COLORS, SHAPES
 
@@ -575,7 +577,8 @@ def _zero_shot_single(loaded: LoadedEncoder, world: WorldConfig, n: int, pooling
     -> one record per image (index, shape, colour, predictions)."""
     single, indices = single_object_world(world, n)
     samples = [generate_sample(i, single.seed, single) for i in indices]
-    pixels = torch.stack([loaded.transform(s.image) for s in samples])
+    # Through the export's JPEG encoding, as every image the encoders were trained on.
+    pixels = torch.stack([loaded.transform(Image.open(io.BytesIO(jpeg_bytes(s.image))).convert("RGB")) for s in samples])
     feats = _image_features(loaded, pixels, batch_size, progress, "encode single-object")
     score = _Scorer(feats["global_emb"], feats["patch_emb"], pooling, dev, batch_size)
     shape_pred, color_pred = marginal_predictions(score(_text_features(loaded.dual, pair_prompts(), batch_size)),

@@ -418,6 +418,11 @@ def test_flair_scores_with_the_text_conditioned_embedding(flair_dir, world, tmp_
     # The conditioned ranks and predictions against a per-pair loop over the pooling.
     model = Stage1Model.from_pretrained(flair_dir).eval()
     enc, pool = model.encoder, model.objective.pooling
+    import io
+
+    from PIL import Image
+
+    from vlm.world.export import jpeg_bytes
     from vlm.world.generator import generate_sample, world_split
 
     ev, _ = enc_eval._load_split(list(world_split(world)[1])[:8], world, None, enc.transform, 8, len(CLASS_NAMES), True,
@@ -439,7 +444,8 @@ def test_flair_scores_with_the_text_conditioned_embedding(flair_dir, world, tmp_
     single, indices = enc_eval.single_object_world(world, 6)
     samples = [generate_sample(i, single.seed, single) for i in indices]
     with torch.no_grad():
-        patches = enc.encode_image(torch.stack([enc.transform(s_.image) for s_ in samples])).patch_emb
+        images = [Image.open(io.BytesIO(jpeg_bytes(s_.image))) for s_ in samples]  # as the export stores them
+        patches = enc.encode_image(torch.stack([enc.transform(im.convert("RGB")) for im in images])).patch_emb
         pair = enc.encode_texts(enc_eval.pair_prompts()).global_emb
         pair_sim = torch.tensor([[float(F.cosine_similarity(pool(pair[j][None, None], patches[i:i + 1])[0, 0], pair[j],
                                                             dim=0)) for j in range(len(pair))] for i in range(6)])

@@ -12,7 +12,21 @@
   embeddings pooled by the text (the objective's learned pooling, ``objective.safetensors``);
   ``flair_scoring="global"`` scores it through the global embeddings instead, as every other
   objective (``summary["scoring"]``: "flair_conditioned" | "global"). The same score serves
-  retrieval.
+  retrieval. ``zero_shot_multi_ceiling`` states this protocol's ceiling for a classifier that knows
+  which shapes are present but not which dominates (the mean of 1/k over images with k shapes;
+  ``presence_ceiling``), and ``zero_shot_multi_any_present`` is the fraction of predictions naming
+  any shape present (that lenient protocol's ceiling is 1).
+- **Single-object zero-shot** (shape and colour top-1): ``single_images`` held-out images of one
+  object each (``single_object_world``: the same WorldConfig with min_objects = max_objects = 1, at
+  indices after the eval split, so no image repeats a train or eval one; from the generator,
+  through the export's JPEG encoding as the training images), scored like the multi-object protocol (FLAIR conditioned, as above) against the 64
+  prompts ``PROMPT`` with "{colour} {shape}" (``pair_prompts``). The shape prediction is the argmax
+  over shapes of the mean over colours of the score, the colour prediction symmetrically
+  (``marginal_predictions``). Ceiling 1, chance 1/8 each.
+- **Pointing accuracy** (``eval.pointing``): each shape word of the eval captions (the same
+  ``short`` and ``detailed`` ones) points at the patch whose ``patch_emb`` has the largest dot
+  product with its ``token_emb`` (averaged over the word's tokens); a hit when that patch's centre
+  lies in an object of that shape. Reported with the number of words and the chance rate.
 - **Retrieval** (image->text and text->image Recall@1/5/10) over the eval images and their
   ``short`` and ``detailed`` captions (two per image; an image's own captions are its positives).
   Ranks count ties against the query (``first_relevant_rank``): an encoder that scores
@@ -54,16 +68,23 @@ Outputs in ``out_dir``: ``summary.json``, ``summary.md`` (a Markdown table of ev
 keys joined by "/"), ``heatmaps.png`` (with a text side: SPARC alignment heatmaps of the first eval
 images, ``eval.heatmaps``), ``predictions.jsonl`` (one line per eval image: zero-shot label and prediction,
 its image->text rank, its captions' text->image ranks, per-image patch accuracy of the zero-shot and
-probe segmentations). The summary: run facts (``ckpt``, ``mode``, ``text_from``, ``n_eval``,
+probe segmentations; ``pointing``: its pointed words, each {caption, word, shape, patch, hit}),
+``predictions_single.jsonl`` (one line per single-object image: index, shape, color, shape_pred,
+color_pred). The summary: run facts (``ckpt``, ``mode``, ``text_from``, ``n_eval``,
 ``n_probe_train``, ``image_source``, ``probe_steps``, ``scoring``: how zero-shot and retrieval score a pair,
 "global" | "flair_conditioned" | null without a text side, ``heatmaps``: "heatmaps.png" or null) and the groups ``zero_shot`` {top1},
 ``retrieval`` {i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10}, ``segmentation`` {zero_shot_miou,
 probe_miou, zero_shot_class_embedding}, ``multilabel`` {precision, recall, f1}, ``per_class_iou``
-{zero_shot, probe: {class name: IoU}}; metrics that do not apply are null (n/a in the table).
+{zero_shot, probe: {class name: IoU}}, and flat keys: ``patch_miou`` (= segmentation/zero_shot_miou),
+``pointing_acc``, ``pointing_words``, ``pointing_chance``, ``zero_shot_single_top1`` (shape),
+``zero_shot_single_color_top1``, ``zero_shot_single_n``, ``zero_shot_multi_ceiling``,
+``zero_shot_multi_any_present``, ``zero_shot_multi_ceiling_note`` (a sentence); metrics that do not
+apply are null (n/a in the table).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -83,11 +104,13 @@ from encoders.stage1_model import OBJECTIVE_CONFIG_FILE, OBJECTIVE_STATE_FILE
 from encoders.towers import (ImageTransform, VisionTower, load_vision_tower, tower_forward, tower_image_size,
                              tower_patch_size, tower_width)
 from eval.heatmaps import alignment_heatmaps
+from eval.pointing import patch_centre_classes, point_words, pointing_records, pointing_summary
 from eval.report import jsonable, summary_markdown, write_jsonl
 from eval.report import write_summary as write_summary_files
 from vlm.config import WorldConfig, config_from_yaml_text
+from vlm.world.export import jpeg_bytes
 from vlm.world.generator import generate_sample, world_split
-from vlm.world.vocab import CLASS_NAMES, SHAPES
+from vlm.world.vocab import CLASS_NAMES, COLORS, SHAPES
 
 PROMPT = "a photo of a {}."
 RETRIEVAL_CAPTION_KEYS = ("short", "detailed")
@@ -96,9 +119,15 @@ PROBE_HIDDEN = 128
 # The headline metrics of the demo / ablation tables (every metric stays in summary.json).
 REPORT_COLUMNS = [
     "zero_shot/top1", "retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retrieval/t2i_r5",
-    "segmentation/zero_shot_miou", "segmentation/probe_miou", "multilabel/f1", "multilabel/precision",
+    "segmentation/zero_shot_miou", "segmentation/probe_miou", "pointing_acc", "pointing_chance",
+    "zero_shot_single_top1", "zero_shot_single_color_top1", "multilabel/f1", "multilabel/precision",
     "multilabel/recall",
 ]
+SINGLE_IMAGES = 256  # held-out single-object images of the single-object zero-shot
+MULTI_CEILING_NOTE = ("zero_shot/top1 labels a 1-4 object image by its dominant shape (most visible pixels); "
+                      "a classifier that knows exactly which shapes are present but not which dominates, "
+                      "picking uniformly among them, scores zero_shot_multi_ceiling on average; "
+                      "zero_shot_single_top1 (one object per image) has ceiling 1")
 
 # ----------------------------------------------------------------------------------------------
 # Pure metrics
@@ -216,6 +245,38 @@ def dominant_shape(class_mask: np.ndarray, num_shapes: int) -> Optional[int]:
     """Index into ``SHAPES`` of the shape with most visible pixels (ties: the smaller), None if no object."""
     counts = np.bincount(np.asarray(class_mask).reshape(-1), minlength=num_shapes + 1)[1:num_shapes + 1]
     return int(counts.argmax()) if counts.sum() > 0 else None
+
+
+def presence_ceiling(present: torch.Tensor) -> float:
+    """present [N,S] bool (the shapes in each image; every row has one) -> mean of 1/k over images,
+    k = shapes present: the expected top-1 of the multi-object protocol for a classifier that
+    knows which shapes are present but not which dominates (it picks uniformly among them)."""
+    counts = present.bool().sum(dim=1).double()
+    if present.dim() != 2 or present.shape[0] == 0 or bool((counts == 0).any()):
+        raise ValueError("presence_ceiling needs [N,S] with N >= 1 and a shape in every row")
+    return float((1.0 / counts).mean())
+
+
+def pair_prompts() -> list[str]:
+    """The single-object zero-shot prompts: ``PROMPT`` with "{colour} {shape}" for every pair,
+    shape-major (prompt s * len(COLORS) + c is colour c, shape s)."""
+    return [PROMPT.format(f"{color} {shape}") for shape in SHAPES for color in COLORS]
+
+
+def marginal_predictions(scores: torch.Tensor, n_shapes: int, n_colors: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [N, n_shapes * n_colors] over shape-major pairs -> (shape [N]: argmax over shapes of
+    the mean over colours; colour [N]: argmax over colours of the mean over shapes)."""
+    grid = scores.reshape(scores.shape[0], n_shapes, n_colors)
+    return grid.mean(dim=2).argmax(dim=1), grid.mean(dim=1).argmax(dim=1)
+
+
+def single_object_world(world: WorldConfig, n: int) -> tuple[WorldConfig, range]:
+    """The held-out single-object images: ``world`` with min_objects = max_objects = 1, at indices
+    n_train + n_eval .. n_train + n_eval + n - 1 of the same seed. No train or eval image has such
+    an index, and a sample's randomness is ``default_rng([seed, index])``, so none of these images
+    repeats one the encoder was trained (or probed) on."""
+    start = world.n_train + world.n_eval
+    return replace(world, min_objects=1, max_objects=1), range(start, start + n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,6 +405,7 @@ class _Split:
     presence: torch.Tensor  # [N,P,C] bool
     labels: list[Optional[int]]  # dominant shape per image
     captions: list[list[str]]
+    centre_classes: torch.Tensor  # [N,P] long: the class at each patch centre (eval.pointing)
 
 
 def _world_image(sample, world_dir: Optional[Path]):
@@ -359,7 +421,7 @@ def _load_split(indices: list[int], world: WorldConfig, world_dir: Optional[Path
     """The world images at ``indices`` through ``transform`` with their patch-grid labels (and captions
     when ``with_text``) -> (split, "world_dir" when any image came from the export else "generator")."""
     size = transform.image_size
-    pixels, seg, presence, labels, captions = [], [], [], [], []
+    pixels, seg, presence, labels, captions, centres = [], [], [], [], [], []
     source = "generator"
     for index in tqdm(indices, desc=desc, disable=not progress, leave=False):
         sample = generate_sample(index, world.seed, world)
@@ -375,9 +437,11 @@ def _load_split(indices: list[int], world: WorldConfig, world_dir: Optional[Path
         seg.append(majority_downsample(mask, patch_size, num_classes))
         presence.append(patch_presence(mask, patch_size, num_classes))
         labels.append(dominant_shape(sample.class_mask, len(SHAPES)))
+        centres.append(patch_centre_classes(sample.class_mask, size // patch_size, size // patch_size))
         if with_text:
             captions.append([sample.captions[k] for k in RETRIEVAL_CAPTION_KEYS if sample.captions.get(k)])
-    split = _Split(indices, torch.stack(pixels), torch.stack(seg), torch.stack(presence), labels, captions)
+    split = _Split(indices, torch.stack(pixels), torch.stack(seg), torch.stack(presence), labels, captions,
+                   torch.stack(centres))
     return split, source
 
 
@@ -422,6 +486,10 @@ def _empty_summary(ckpt, loaded: LoadedEncoder, text_from, n_eval: int, n_train:
             "zero_shot": {"top1": None},
             "retrieval": {f"{d}_r{k}": None for d in ("i2t", "t2i") for k in RECALL_KS},
             "segmentation": {"zero_shot_miou": None, "probe_miou": None},
+            "patch_miou": None, "pointing_acc": None, "pointing_words": None, "pointing_chance": None,
+            "zero_shot_single_top1": None, "zero_shot_single_color_top1": None, "zero_shot_single_n": None,
+            "zero_shot_multi_ceiling": None, "zero_shot_multi_any_present": None,
+            "zero_shot_multi_ceiling_note": MULTI_CEILING_NOTE,
             "multilabel": {}, "per_class_iou": {}}
 
 
@@ -453,6 +521,9 @@ def _zero_shot(dual: DualEncoder, ev: _Split, score: _Scorer, summary: dict, rec
     labelled = [i for i, lab in enumerate(ev.labels) if lab is not None]
     if labelled:
         summary["zero_shot"]["top1"] = top1_accuracy(zs_pred[labelled], torch.tensor([ev.labels[i] for i in labelled]))
+        present = ev.presence.any(dim=1)[labelled, 1:len(SHAPES) + 1]  # [N_labelled, S]
+        summary["zero_shot_multi_ceiling"] = presence_ceiling(present)
+        summary["zero_shot_multi_any_present"] = float(present.gather(1, zs_pred[labelled].unsqueeze(1)).double().mean())
     for i, rec in enumerate(records):
         rec["zero_shot_label"] = SHAPES[ev.labels[i]] if ev.labels[i] is not None else None
         rec["zero_shot_pred"] = SHAPES[int(zs_pred[i])]
@@ -488,6 +559,37 @@ def _zero_shot_segmentation(dual: DualEncoder, ev: _Split, patch_emb: torch.Tens
     summary["per_class_iou"]["zero_shot"] = dict(zip(CLASS_NAMES, per_class))
     summary["segmentation"]["zero_shot_class_embedding"] = "local tokens of the class name" if local else "global prompt"
     return pred
+
+
+def _pointing(dual: DualEncoder, ev: _Split, patch_emb: torch.Tensor, batch_size: int, summary: dict,
+              records: list[dict]) -> None:
+    """Pointing accuracy of the eval captions' shape words over the images' patches [N,P,d] (``eval.pointing``)."""
+    words, in_mask = point_words(dual, ev.captions, patch_emb, ev.centre_classes, ev.presence.any(dim=1), batch_size)
+    result = pointing_summary(torch.tensor([w.hit for w in words], dtype=torch.bool), in_mask)
+    summary.update(pointing_acc=result["acc"], pointing_words=result["words"], pointing_chance=result["chance"])
+    for rec, pointed in zip(records, pointing_records(words, len(records))):
+        rec["pointing"] = pointed
+
+
+def _zero_shot_single(loaded: LoadedEncoder, world: WorldConfig, n: int, pooling: Optional[nn.Module],
+                      dev: torch.device, batch_size: int, progress: bool, summary: dict) -> list[dict]:
+    """Shape and colour zero-shot on ``n`` held-out single-object images (``single_object_world``),
+    scored as the multi-object protocol (``_Scorer`` with ``pooling``) against ``pair_prompts``;
+    -> one record per image (index, shape, colour, predictions)."""
+    single, indices = single_object_world(world, n)
+    samples = [generate_sample(i, single.seed, single) for i in indices]
+    # Through the export's JPEG encoding, as every image the encoders were trained on.
+    pixels = torch.stack([loaded.transform(Image.open(io.BytesIO(jpeg_bytes(s.image))).convert("RGB")) for s in samples])
+    feats = _image_features(loaded, pixels, batch_size, progress, "encode single-object")
+    score = _Scorer(feats["global_emb"], feats["patch_emb"], pooling, dev, batch_size)
+    shape_pred, color_pred = marginal_predictions(score(_text_features(loaded.dual, pair_prompts(), batch_size)),
+                                                  len(SHAPES), len(COLORS))
+    shapes = torch.tensor([SHAPES.index(s.objects[0].shape) for s in samples])
+    colors = torch.tensor([list(COLORS).index(s.objects[0].color) for s in samples])
+    summary.update(zero_shot_single_top1=top1_accuracy(shape_pred, shapes),
+                   zero_shot_single_color_top1=top1_accuracy(color_pred, colors), zero_shot_single_n=n)
+    return [{"index": i, "shape": s.objects[0].shape, "color": s.objects[0].color, "shape_pred": SHAPES[int(sp)],
+             "color_pred": list(COLORS)[int(cp)]} for i, s, sp, cp in zip(indices, samples, shape_pred, color_pred)]
 
 
 def _probes(tr: _Split, ev: _Split, tr_tokens: torch.Tensor, ev_tokens: torch.Tensor, steps: int,
@@ -531,7 +633,7 @@ def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
         world_dir: Optional[Union[str, Path]] = None, probe_steps: int = 300, limit: Optional[int] = None,
         text_from: Optional[Union[str, Path]] = None, probe_images: int = 512, batch_size: int = 64,
         progress: bool = True, device: str = "auto", heatmap_images: int = 4,
-        flair_scoring: str = "conditioned") -> dict:
+        flair_scoring: str = "conditioned", single_images: int = SINGLE_IMAGES) -> dict:
     """Evaluate ``ckpt`` (see the module docstring); writes ``out_dir/{summary.json,summary.md,
     predictions.jsonl}`` and returns the summary dict (None for metrics that do not apply).
     ``device``: auto (CUDA when available) | cpu | cuda; the encoder and the probes run there.
@@ -539,11 +641,14 @@ def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
     first ``heatmap_images`` eval images and their short captions (``eval.heatmaps``) to
     ``out_dir/heatmaps.png`` (``summary["heatmaps"]``; None when not drawn).
     ``flair_scoring``: conditioned (default, the reference's ``--inference-with-flair``) | global;
-    how a FLAIR checkpoint's zero-shot and retrieval score a pair (other objectives: global)."""
+    how a FLAIR checkpoint's zero-shot and retrieval score a pair (other objectives: global).
+    ``single_images``: how many held-out single-object images the single-object zero-shot uses
+    (0: skip it); their predictions go to ``out_dir/predictions_single.jsonl``."""
     if flair_scoring not in ("conditioned", "global"):
         raise ValueError(f"flair_scoring must be conditioned or global, got {flair_scoring!r}")
-    if probe_steps < 1 or probe_images < 1:
-        raise ValueError(f"probe_steps and probe_images must be >= 1, got {probe_steps}, {probe_images}")
+    if probe_steps < 1 or probe_images < 1 or single_images < 0:
+        raise ValueError(f"probe_steps and probe_images must be >= 1 and single_images >= 0, got {probe_steps}, "
+                         f"{probe_images}, {single_images}")
     out_dir = Path(out_dir)
     world_dir = Path(world_dir) if world_dir is not None else None
     dev = _resolve_device(device)
@@ -573,6 +678,12 @@ def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
         _zero_shot(dual, ev, score, summary, records)
         _retrieval(dual, ev, score, batch_size, summary, records)
         zs_seg_pred = _zero_shot_segmentation(dual, ev, ev_feats["patch_emb"], summary)
+        summary["patch_miou"] = summary["segmentation"]["zero_shot_miou"]
+        _pointing(dual, ev, ev_feats["patch_emb"], batch_size, summary, records)
+        if single_images:
+            single_records = _zero_shot_single(loaded, world, single_images, pooling, dev, batch_size, progress,
+                                               summary)
+            write_jsonl(out_dir / "predictions_single.jsonl", single_records)
     probe_pred = _probes(tr, ev, tr_feats["patch_tokens"], ev_feats["patch_tokens"], probe_steps, dev, summary)
     for i, rec in enumerate(records):
         if zs_seg_pred is not None:
@@ -587,5 +698,6 @@ def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
 
 
 __all__ = ["REPORT_COLUMNS", "LoadedEncoder", "class_embeddings", "confusion_matrix", "dominant_shape",
-           "first_relevant_rank", "load_encoder", "load_flair_pooling", "majority_downsample", "mean_iou", "multilabel_prf",
-           "patch_presence", "recall_at_k", "run", "top1_accuracy", "train_probe", "write_summary"]
+           "first_relevant_rank", "load_encoder", "load_flair_pooling", "majority_downsample", "marginal_predictions",
+           "mean_iou", "multilabel_prf", "pair_prompts", "patch_presence", "presence_ceiling", "recall_at_k", "run",
+           "single_object_world", "top1_accuracy", "train_probe", "write_summary"]

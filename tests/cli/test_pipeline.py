@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from vlm.cli.ablate import Claim, aggregate, judge, plan as ablate_plan
+from vlm.cli.ablate import CLAIMS, Claim, aggregate, judge, plan as ablate_plan
 from vlm.cli.demo import plan as demo_plan
 from vlm.cli.pipeline import Timings, flatten_metrics, mean_ci, t975, world_overrides
 from vlm.config import AblateConfig, ConfigError, DemoConfig, WorldConfig, load_config
@@ -52,6 +52,47 @@ def test_judge_verdicts_follow_paired_differences():
     # Lower is better: a CI of the difference that straddles 0 is inconclusive, one above 0 is the opposite.
     assert "inconclusive" in judge(lower, _results([0.4, 0.6, 0.5], [0.5, 0.5, 0.5]))
     assert "does not hold" in judge(lower, _results([0.6, 0.7, 0.65], [0.5, 0.6, 0.56]))
+
+
+def test_ablation_reaches_a_verdict_on_pointing_accuracy():
+    """The encoder grid (clip vs sparc, 3 seeds) carries ``pointing_acc`` in each cell's flattened
+    summary, and a claim judges it like the others."""
+    claim = next(c for c in CLAIMS if c.metric == "pointing_acc" and c.a == "sparc")
+    assert (claim.b, claim.level, claim.lower_is_better) == ("clip", "encoder", False)
+
+    def cell(tower, seed, acc):
+        summary = {"segmentation": {"zero_shot_miou": 0.1}, "pointing_acc": acc, "pointing_words": 600,
+                   "pointing_chance": 0.08, "zero_shot_multi_ceiling_note": "text"}
+        return {"tower": tower, "level": "encoder", "seed": seed, "metrics": flatten_metrics(summary)}
+
+    results = [cell("sparc", s, a) for s, a in enumerate([0.5, 0.55, 0.6])]
+    results += [cell("clip", s, a) for s, a in enumerate([0.1, 0.12, 0.09])]
+    assert results[0]["metrics"]["pointing_acc"] == 0.5
+    verdict = judge(claim, results)
+    assert "holds at this scale" in verdict and "over 3 seeds" in verdict and "`pointing_acc`" in verdict
+    assert "inconclusive" in judge(claim, [cell("sparc", s, a) for s, a in enumerate([0.1, 0.2, 0.1])]
+                                   + [cell("clip", s, a) for s, a in enumerate([0.15, 0.1, 0.15])])
+
+
+def test_stale_encoder_cell_summaries_are_evaluated_again(tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    from vlm.cli import ablate
+
+    calls = []
+    monkeypatch.setattr(ablate, "run_encoder_eval", lambda *a, **k: calls.append(a) or {"pointing_acc": 0.3,
+                                                                                          "zero_shot_single_top1": 0.2})
+    cfg = SimpleNamespace(out_dir=str(tmp_path), world=WorldConfig(), eval_limit=10)
+    stage = SimpleNamespace(name="stage1/clip/seed0", final=tmp_path / "final", recipe="stage1", cfg=None)
+    path = tmp_path / "eval" / "stage1_clip_seed0" / "cell_summary.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"zero_shot": {"top1": 0.5}}))  # saved before pointing accuracy existed
+    timings = Timings(tmp_path / "timings.json")
+    assert ablate.evaluate_cell(cfg, stage, "encoder", tmp_path / "world", timings)["pointing_acc"] == 0.3
+    assert len(calls) == 1 and json.loads(path.read_text())["pointing_acc"] == 0.3
+    assert ablate.evaluate_cell(cfg, stage, "encoder", tmp_path / "world", timings)["pointing_acc"] == 0.3
+    assert len(calls) == 1  # a current summary is reused
 
 
 def test_aggregate_groups_by_tower_and_level():

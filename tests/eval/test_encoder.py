@@ -190,6 +190,31 @@ def test_metrics_on_hand_computed_values():
     assert top1_accuracy([2, 0, 1], [2, 1, 1]) == pytest.approx(2 / 3)
 
 
+def test_zero_shot_helpers_by_hand():
+    from vlm.config import WorldConfig
+    from vlm.world.generator import generate_sample, world_split
+    from vlm.world.vocab import COLORS, SHAPES
+
+    present = torch.tensor([[True, False, False], [True, True, False], [True, True, True], [False, True, False]])
+    assert enc_eval.presence_ceiling(present) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1) / 4)
+    with pytest.raises(ValueError):
+        enc_eval.presence_ceiling(torch.tensor([[True, False], [False, False]]))
+    # 2 shapes x 3 colours, shape-major: image 0 wins on shape 1 by its mean, though its best pair is (0, 0).
+    scores = torch.tensor([[0.9, 0.0, 0.0, 0.5, 0.5, 0.5],
+                           [0.1, 0.2, 0.0, 0.0, 0.3, 0.0]])
+    shape, color = enc_eval.marginal_predictions(scores, 2, 3)
+    assert shape.tolist() == [1, 0] and color.tolist() == [0, 1]
+    prompts = enc_eval.pair_prompts()
+    assert len(prompts) == len(SHAPES) * len(COLORS) == 64
+    assert prompts[len(COLORS) + 2] == enc_eval.PROMPT.format(f"{list(COLORS)[2]} {SHAPES[1]}")
+    world = WorldConfig(image_size=32, n_train=24, n_eval=12, seed=3)
+    single, indices = enc_eval.single_object_world(world, 5)
+    train, evals = world_split(world)
+    assert set(indices).isdisjoint(train) and set(indices).isdisjoint(evals) and len(indices) == 5
+    assert (single.min_objects, single.max_objects, single.seed, single.image_size) == (1, 1, 3, 32)
+    assert all(len(generate_sample(i, single.seed, single).objects) == 1 for i in indices)
+
+
 # ----------------------------------------------------------------------------------------------
 # The run, end to end on a tiny untrained encoder and a tiny world
 # ----------------------------------------------------------------------------------------------
@@ -259,6 +284,20 @@ def test_run_dual_encoder_end_to_end(dual_dir, world, tmp_path):
     assert summary["zero_shot"]["top1"] == pytest.approx(
         np.mean([p["zero_shot_pred"] == p["zero_shot_label"] for p in labelled]))
     assert all(len(p["t2i_ranks"]) == len(p["captions"]) for p in preds)
+    # Pointing and the single-object zero-shot, traceable to their per-example predictions.
+    pointed = [w for p in preds for w in p["pointing"]]
+    assert summary["pointing_words"] == len(pointed) > 0
+    assert summary["pointing_acc"] == pytest.approx(np.mean([w["hit"] for w in pointed]))
+    assert 0.0 < summary["pointing_chance"] < 1.0
+    assert all(w["shape"] in w["word"].lower() and w["caption"] < len(p["captions"]) for p in preds for w in p["pointing"])
+    assert summary["patch_miou"] == summary["segmentation"]["zero_shot_miou"]
+    single = [json.loads(line) for line in (tmp_path / "out" / "predictions_single.jsonl").read_text().splitlines()]
+    assert len(single) == summary["zero_shot_single_n"] == enc_eval.SINGLE_IMAGES
+    assert summary["zero_shot_single_top1"] == pytest.approx(np.mean([r["shape_pred"] == r["shape"] for r in single]))
+    assert summary["zero_shot_single_color_top1"] == pytest.approx(
+        np.mean([r["color_pred"] == r["color"] for r in single]))
+    assert 0.0 < summary["zero_shot_multi_ceiling"] <= 1.0 and 0.0 <= summary["zero_shot_multi_any_present"] <= 1.0
+    assert summary["zero_shot_multi_any_present"] >= summary["zero_shot"]["top1"]
     # The alignment heatmaps of the first eval images are drawn next to the summary.
     from PIL import Image
 
@@ -279,7 +318,8 @@ def test_run_plain_tower_and_text_from(dual_dir, world, tmp_path):
     assert summary["mode"] == "vision_tower"
     assert summary["zero_shot"]["top1"] is None and summary["retrieval"]["i2t_r1"] is None
     assert summary["segmentation"]["zero_shot_miou"] is None
-    assert "| zero_shot/top1 | n/a |" in md
+    assert summary["pointing_acc"] is None and summary["zero_shot_single_top1"] is None
+    assert "| zero_shot/top1 | n/a |" in md and "| pointing_acc | n/a |" in md
     assert summary["heatmaps"] is None and not (tmp_path / "plain" / "heatmaps.png").exists()  # no text side
     # The same tower scored with the DualEncoder's own heads (text_from) gives the DualEncoder's numbers.
     a = enc_eval.run(tmp_path / "tower", tmp_path / "tf", world, probe_steps=10, limit=6, probe_images=8,
@@ -289,6 +329,9 @@ def test_run_plain_tower_and_text_from(dual_dir, world, tmp_path):
     for key in ("zero_shot/top1", "retrieval/i2t_r1", "retrieval/t2i_r10", "segmentation/zero_shot_miou",
                 "segmentation/probe_miou", "multilabel/f1"):
         assert get(a, key) == pytest.approx(get(b, key)), key
+    for key in ("pointing_acc", "pointing_words", "pointing_chance", "zero_shot_single_top1",
+                "zero_shot_single_color_top1"):
+        assert a[key] == pytest.approx(b[key]), key
     # Probe metrics agree with the plain-tower run (same frozen features, same seed).
     for key in ("segmentation/probe_miou", "multilabel/precision", "multilabel/recall", "multilabel/f1"):
         assert get(summary, key) == pytest.approx(get(b, key)), key
@@ -360,7 +403,7 @@ def test_flair_scores_with_the_text_conditioned_embedding(flair_dir, world, tmp_
     from vlm.world.vocab import CLASS_NAMES, SHAPES
 
     cond = enc_eval.run(flair_dir, tmp_path / "cond", world, probe_steps=5, limit=8, probe_images=8,
-                        progress=False, heatmap_images=0)
+                        progress=False, heatmap_images=0, single_images=6)
     glob_ = enc_eval.run(flair_dir, tmp_path / "glob", world, probe_steps=5, limit=8, probe_images=8,
                          progress=False, heatmap_images=0, flair_scoring="global")
     assert cond["scoring"] == "flair_conditioned" and glob_["scoring"] == "global"
@@ -375,7 +418,12 @@ def test_flair_scores_with_the_text_conditioned_embedding(flair_dir, world, tmp_
     # The conditioned ranks and predictions against a per-pair loop over the pooling.
     model = Stage1Model.from_pretrained(flair_dir).eval()
     enc, pool = model.encoder, model.objective.pooling
-    from vlm.world.generator import world_split
+    import io
+
+    from PIL import Image
+
+    from vlm.world.export import jpeg_bytes
+    from vlm.world.generator import generate_sample, world_split
 
     ev, _ = enc_eval._load_split(list(world_split(world)[1])[:8], world, None, enc.transform, 8, len(CLASS_NAMES), True,
                                 False, "")
@@ -392,6 +440,17 @@ def test_flair_scores_with_the_text_conditioned_embedding(flair_dir, world, tmp_
     preds = [json.loads(line) for line in (tmp_path / "cond" / "predictions.jsonl").read_text().splitlines()]
     assert [p["i2t_rank"] for p in preds] == first_relevant_rank(sim[:, :n_cap], relevant).tolist()
     assert [p["zero_shot_pred"] for p in preds] == [SHAPES[int(k)] for k in sim[:, n_cap:].argmax(1)]
+    # The single-object zero-shot scores its 64 pair prompts the same conditioned way.
+    single, indices = enc_eval.single_object_world(world, 6)
+    samples = [generate_sample(i, single.seed, single) for i in indices]
+    with torch.no_grad():
+        images = [Image.open(io.BytesIO(jpeg_bytes(s_.image))) for s_ in samples]  # as the export stores them
+        patches = enc.encode_image(torch.stack([enc.transform(im.convert("RGB")) for im in images])).patch_emb
+        pair = enc.encode_texts(enc_eval.pair_prompts()).global_emb
+        pair_sim = torch.tensor([[float(F.cosine_similarity(pool(pair[j][None, None], patches[i:i + 1])[0, 0], pair[j],
+                                                            dim=0)) for j in range(len(pair))] for i in range(6)])
+    single_preds = [json.loads(line) for line in (tmp_path / "cond" / "predictions_single.jsonl").read_text().splitlines()]
+    assert [r["shape_pred"] for r in single_preds] == [SHAPES[int(k)] for k in pair_sim.view(6, 8, 8).mean(2).argmax(1)]
     global_preds = [json.loads(line) for line in (tmp_path / "glob" / "predictions.jsonl").read_text().splitlines()]
     assert [p["i2t_rank"] for p in preds] != [p["i2t_rank"] for p in global_preds]  # not vacuous
     with pytest.raises(ValueError, match="flair_scoring"):

@@ -40,7 +40,11 @@ class Claim:
 CLAIMS = [
     Claim("SPARC patch segmentation (zero-shot) mIoU > CLIP", "segmentation/zero_shot_miou", "sparc", "clip"),
     Claim("SPARC patch segmentation (linear probe) mIoU > CLIP", "segmentation/probe_miou", "sparc", "clip"),
+    Claim("SPARC points its words at their objects (pointing accuracy) better than CLIP", "pointing_acc", "sparc",
+          "clip"),
+    Claim("FLAIR pointing accuracy > CLIP", "pointing_acc", "flair", "clip"),
     Claim("SPARC keeps CLIP's zero-shot classification (>=)", "zero_shot/top1", "sparc", "clip"),
+    Claim("SPARC keeps CLIP's single-object zero-shot classification (>=)", "zero_shot_single_top1", "sparc", "clip"),
     Claim("SPARC retrieval R@1 (image->text) >= CLIP", "retrieval/i2t_r1", "sparc", "clip"),
     Claim("FLAIR retrieval R@1 (text->image) > CLIP", "retrieval/t2i_r1", "flair", "clip"),
     Claim("FLAIR patch segmentation (zero-shot) mIoU > CLIP", "segmentation/zero_shot_miou", "flair", "clip"),
@@ -113,12 +117,20 @@ def run_ablation(config_path: str, overrides: list[str] | None = None) -> Path:
     return write_report(out, cfg, results, timings)
 
 
+# An encoder cell summary saved without these keys predates them: the cell is evaluated again.
+ENCODER_CELL_KEYS = ("pointing_acc", "zero_shot_single_top1")
+
+
 def evaluate_cell(cfg: AblateConfig, stage: Stage, level: str, world_dir: Path, timings: Timings) -> dict:
     """One cell's summary: the encoder eval ("encoder" level; a MaskEmbed tower scored with its
-    teacher's text side) or the VLM evals, or the ``cell_summary.json`` an earlier run saved."""
+    teacher's text side) or the VLM evals, or the ``cell_summary.json`` an earlier run saved (for
+    an encoder cell, only when it has every ``ENCODER_CELL_KEYS``)."""
     summary_path = Path(cfg.out_dir) / "eval" / stage.name.replace("/", "_") / "cell_summary.json"
     if summary_path.is_file():
-        return json.loads(summary_path.read_text())
+        cached = json.loads(summary_path.read_text())
+        if level != "encoder" or all(k in cached for k in ENCODER_CELL_KEYS):
+            return cached
+        summary_path.unlink()
     eval_dir = str(summary_path.parent)
     if level == "encoder":
         text_from = str(Path(stage.cfg.maskembed.teacher)) if stage.recipe == "maskembed" else None

@@ -16,7 +16,7 @@ from vlm.world.export import ensure_world
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The three targets of ``vlm eval``, each with its own flags."""
     sub = parser.add_subparsers(dest="target", required=True, metavar="TARGET")
-    e = sub.add_parser("encoder", help="zero-shot, retrieval, patch segmentation, heatmaps")
+    e = sub.add_parser("encoder", help="zero-shot, retrieval, patch segmentation, pointing, heatmaps")
     e.add_argument("--ckpt", required=True, help="a stage-one, MaskEmbed or HF vision checkpoint dir")
     e.add_argument("--text-from", default=None, help="take the text tower from this stage-one ckpt")
     e.add_argument("--world-dir", default="runs/world")
@@ -52,7 +52,7 @@ def world_config_of(world_dir: str) -> WorldConfig:
 
 
 def cmd_eval_encoder(args: argparse.Namespace) -> int:
-    """``vlm eval encoder``: zero-shot, retrieval, patch segmentation and heatmaps on the world."""
+    """``vlm eval encoder``: zero-shot, retrieval, patch segmentation, pointing and heatmaps on the world."""
     world = world_config_of(args.world_dir)
     ensure_world(args.world_dir, world)
     out = args.out or str(Path(args.ckpt) / "eval_encoder")

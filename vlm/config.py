@@ -317,7 +317,7 @@ class BridgeConfig:
 class VLMConfig:
     """Stage two: vision tower + bridge + frozen causal LLM with LoRA."""
 
-    vision_tower: str = "runs/stage1/sparc/final"  # our stage-one/MaskEmbed ckpt or a local HF vision dir
+    vision_tower: str = "runs/stage1/sparc/final"  # our stage-one/MaskEmbed ckpt, a local HF vision dir, or "oracle"
     llm: str = "runs/lm/final"  # any local AutoModelForCausalLM directory
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -329,9 +329,12 @@ class VLMConfig:
     # null: the tower's final post-norm output, what checkpoints saved before this field used)
     vision_feature_layer: Optional[int] = -2
     vision_feature_select_strategy: str = "default"  # default: drop the first (CLS) token | full: keep it
+    # vision_tower=oracle (vlm.model.oracle): the world export whose annotations it reads ("" = stage
+    # two's data.world_dir)
+    oracle_world: str = ""
 
     def __post_init__(self) -> None:
-        _check(bool(self.vision_tower), "model.vision_tower", "must name a checkpoint directory")
+        _check(bool(self.vision_tower), "model.vision_tower", "must name a checkpoint directory or be 'oracle'")
         _check(bool(self.llm), "model.llm", "must name a local LLM directory")
         _one_of(self.vision_feature_select_strategy, "model.vision_feature_select_strategy", ("default", "full"))
         _one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))

@@ -144,7 +144,7 @@ def run(model, data: PopeData, out_dir: str | Path, limit: Optional[int] = None,
             split_records: list[dict] = []
             margins: list[float] = []
             for chunk in batched(qs, batch_size):
-                pixels = pixel_batch(model, [Path(data.image_root) / q.image for q in chunk], cache)
+                pixels = pixel_batch(model, [Path(data.image_root) / q.image for q in chunk], cache, blank=options.blank_image)
                 answers, outputs, m = answer_batch(model, pixels, chunk, mode)
                 margins += m
                 split_records += [{"id": q.question_id, "split": split, "image": q.image,

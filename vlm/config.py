@@ -435,6 +435,12 @@ class DemoConfig(PipelineConfig):
     stage2_tower: str = "sparc"  # which stage-one tower stage two uses
     bridges: list[str] = field(default_factory=lambda: ["projector"])
     heatmap_objectives: list[str] = field(default_factory=lambda: ["clip", "sparc"])
+    # Controls of the headline VLM: the same model with blank images, and the oracle-tower VLM
+    # (model.vision_tower=oracle, the stage-two recipe of oracle_bridge plus oracle_overrides)
+    blank_tasks: list[str] = field(default_factory=lambda: ["pope", "vsr", "refcoco"])
+    oracle_bridge: Optional[str] = "projector"  # null: no oracle stage
+    oracle_tasks: list[str] = field(default_factory=lambda: ["pope", "vsr"])
+    oracle_overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -442,8 +448,18 @@ class DemoConfig(PipelineConfig):
             _one_of(o, "objectives", OBJECTIVE_NAMES)
         _one_of(self.maskembed_teacher, "maskembed_teacher", tuple(self.objectives))
         _one_of(self.stage2_tower, "stage2_tower", tuple(self.objectives))
+        _check(bool(self.bridges), "bridges", "must list at least one bridge")
         for b in self.bridges:
             _one_of(b, "bridges", BRIDGE_NAMES)
+        if self.oracle_bridge is not None:
+            _one_of(self.oracle_bridge, "oracle_bridge", BRIDGE_NAMES)
+        for t in [*self.blank_tasks, *self.oracle_tasks]:
+            _one_of(t, "blank_tasks/oracle_tasks", VLM_TASK_NAMES)
+
+    @property
+    def headline_bridge(self) -> str:
+        """The bridge of the report's headline VLM: the projector when it is run, else the first."""
+        return "projector" if "projector" in self.bridges else self.bridges[0]
 
 
 @dataclass

@@ -398,7 +398,8 @@ def run(model, data: ChairData, out_dir: str | Path, limit: Optional[int] = None
     have = {i: options.captions[i] for i in ids if i in options.captions}
     todo = [i for i in ids if i not in have]
     if todo:
-        have.update(generate_captions(model, data.images, todo, batch_size, progress=options.progress, desc=TASK))
+        have.update(generate_captions(model, data.images, todo, batch_size, progress=options.progress, desc=TASK,
+                                       blank=options.blank_image))
     summary, records = score({i: have[i] for i in ids}, data)
     for r in records:
         r["prompt"] = CAPTION_PROMPT

@@ -94,7 +94,8 @@ def _run_tasks(model, task_data: dict[str, Any], out_dir: Path, limit: Optional[
 
 def run_vlm_eval(ckpt_or_model, tasks: list[str], out_dir: str | Path, data: Optional[str | Path] = None,
                  world_dir: str | Path = "runs/world", world_cfg=None, limit: Optional[int] = None,
-                 batch_size: int = 16, answer_mode: str = "score", progress: bool = True) -> dict[str, Any]:
+                 batch_size: int = 16, answer_mode: str = "score", progress: bool = True,
+                 blank_image: bool = False) -> dict[str, Any]:
     """Evaluate a VLM on ``tasks`` and write per-task and combined outputs under ``out_dir``.
 
     ckpt_or_model  a stage-two checkpoint dir (``VisionLanguageModel.from_pretrained``) or a model
@@ -104,7 +105,10 @@ def run_vlm_eval(ckpt_or_model, tasks: list[str], out_dir: str | Path, data: Opt
     batch_size     images per model call ([B,3,H,W] pixels)
     answer_mode    POPE / VSR answers: "score" (single-forward log-prob comparison, with AUC) or
                    "generate" (generated text parsed the reference way)
-    Returns {task: summary, ..., "wall_s": {task: seconds}, "data": ..., "checkpoint": ..., "limit": ...}.
+    blank_image    the image-ablation control: every image replaced by a uniform one of the processor's
+                   mean colour at the same size (``eval.io.blank_like``); write it to its own ``out_dir``
+    Returns {task: summary, ..., "wall_s": {task: seconds}, "data": ..., "checkpoint": ..., "limit": ...,
+    "blank_image": bool}.
     """
     tasks = list(dict.fromkeys(tasks))
     _check_arguments(tasks, answer_mode, limit)
@@ -117,11 +121,12 @@ def run_vlm_eval(ckpt_or_model, tasks: list[str], out_dir: str | Path, data: Opt
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary, wall = _run_tasks(model, task_data, out_dir, limit, batch_size,
-                               RunOptions(progress=progress, answer_mode=answer_mode))
+                               RunOptions(progress=progress, answer_mode=answer_mode, blank_image=blank_image))
     summary["wall_s"] = wall
     summary["data"] = "world" if src.kind == "world" else str(src.root)
     summary["checkpoint"] = ckpt_name
     summary["limit"] = limit
+    summary["blank_image"] = blank_image
     write_summary(out_dir, summary, combined_markdown(summary, tasks))
     return summary
 
@@ -133,7 +138,8 @@ def combined_markdown(summary: dict[str, Any], tasks: list[str]) -> str:
     for t in tasks:
         flat = flatten(summary[t])
         rows += [[t, k, flat[k]] for k in VLM_TASKS[t].HEADLINE if k in flat]
-    lines = [f"# VLM evaluation ({summary['data']})", "", f"checkpoint: `{summary['checkpoint']}`", "",
+    blank = " with every image blanked (the image-ablation control)" if summary.get("blank_image") else ""
+    lines = [f"# VLM evaluation ({summary['data']}){blank}", "", f"checkpoint: `{summary['checkpoint']}`", "",
              markdown_table(["task", "metric", "value"], rows), "", "## Wall time", "",
              markdown_table(["task", "seconds"], [[t, summary["wall_s"][t]] for t in tasks], digits=1), "",
              "Per-example predictions: `<task>/predictions.jsonl`.", ""]

@@ -17,12 +17,15 @@ class RunOptions:
     """What every task's ``run(model, data, out_dir, limit, batch_size, options)`` may read besides
     its data: ``progress`` (tqdm bars), ``answer_mode`` for yes/no and true/false answers ("score":
     single-forward log-prob comparison, with AUC; "generate": generated text parsed the reference
-    way) and ``captions`` (image_id -> caption), filled by the captioning task and reused by CHAIR
-    so the same captions are not generated twice."""
+    way), ``captions`` (image_id -> caption), filled by the captioning task and reused by CHAIR
+    so the same captions are not generated twice, and ``blank_image``: the image-ablation control,
+    every image replaced by a uniform one of the processor's mean colour at the same size
+    (``blank_like``), so the score is what the model gets from priors alone."""
 
     progress: bool = True
     answer_mode: str = "score"
     captions: dict[int, str] = field(default_factory=dict)
+    blank_image: bool = False
 
     def __post_init__(self) -> None:
         if self.answer_mode not in ANSWER_MODES:
@@ -49,11 +52,23 @@ def load_image(path: str | Path) -> Image.Image:
         raise OSError(f"cannot read image {path}: {e}") from e
 
 
-def pixel_batch(model, paths: Sequence[str | Path], cache: dict | None = None) -> torch.Tensor:
+def mean_colour(transform) -> tuple[int, int, int]:
+    """The processor's mean colour as RGB 0..255 (``transform.mean``; mid-grey when it has none)."""
+    mean = getattr(transform, "mean", (0.5, 0.5, 0.5))
+    return tuple(int(round(255 * float(m))) for m in mean)
+
+
+def blank_like(image: Image.Image, transform) -> Image.Image:
+    """A uniform RGB image of ``transform``'s mean colour with ``image``'s size (the blank-image control)."""
+    return Image.new("RGB", image.size, mean_colour(transform))
+
+
+def pixel_batch(model, paths: Sequence[str | Path], cache: dict | None = None, blank: bool = False) -> torch.Tensor:
     """Images at ``paths`` through ``model.image_transform`` -> float [B, 3, H, W] on the model's device.
 
     ``cache`` (path -> [3, H, W]) avoids re-decoding an image asked about several times (POPE asks
-    ~6 questions per image).
+    ~6 questions per image). ``blank``: each image is replaced by ``blank_like(image)`` (same size, the
+    processor's mean colour) before the transform.
     """
     transform: Callable = model.image_transform
     tensors = []
@@ -62,7 +77,8 @@ def pixel_batch(model, paths: Sequence[str | Path], cache: dict | None = None) -
         if cache is not None and key in cache:
             tensors.append(cache[key])
             continue
-        t = transform(load_image(p))
+        image = load_image(p)
+        t = transform(blank_like(image, transform) if blank else image)
         if cache is not None:
             cache[key] = t
         tensors.append(t)

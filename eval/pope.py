@@ -4,7 +4,7 @@ Answers come from single-forward scoring (``model.score`` with the choices ``vlm
 ``NO``: yes iff log P(Yes) > log P(No); the margin log P(Yes) - log P(No) also gives an AUC) or,
 with ``mode="generate"``, from generated text parsed the reference way (``parse_yes_no``).
 Per split: accuracy, precision, recall, F1 (positive = yes), yes-ratio; over splits: the mean
-F1 (``f1_avg``, as LLaVA-1.5 reports) and the mean accuracy.
+F1 (``f1_avg``, as LLaVA-1.5 reports), the mean accuracy and the mean yes-ratio.
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
 
 
 def pope_summary(per_split: dict[str, tuple[list[bool], list[bool], Optional[list[float]]]]) -> dict[str, Any]:
-    """split -> (predicted yes, gold yes, margins or None) -> {split: metrics (+ auc)}, f1_avg, accuracy_avg."""
+    """split -> (predicted yes, gold yes, margins or None) -> {split: metrics (+ auc)}, f1_avg, accuracy_avg,
+    yes_ratio_avg."""
     out: dict[str, Any] = {}
     for split, (pred, gold, margin) in per_split.items():
         m = binary_metrics(pred, gold)
@@ -88,6 +89,7 @@ def pope_summary(per_split: dict[str, tuple[list[bool], list[bool], Optional[lis
     if per_split:
         out["f1_avg"] = sum(out[s]["f1"] for s in per_split) / len(per_split)
         out["accuracy_avg"] = sum(out[s]["accuracy"] for s in per_split) / len(per_split)
+        out["yes_ratio_avg"] = sum(out[s]["yes_ratio"] for s in per_split) / len(per_split)
     return out
 
 
@@ -144,7 +146,7 @@ def run(model, data: PopeData, out_dir: str | Path, limit: Optional[int] = None,
             split_records: list[dict] = []
             margins: list[float] = []
             for chunk in batched(qs, batch_size):
-                pixels = pixel_batch(model, [Path(data.image_root) / q.image for q in chunk], cache)
+                pixels = pixel_batch(model, [Path(data.image_root) / q.image for q in chunk], cache, blank=options.blank_image)
                 answers, outputs, m = answer_batch(model, pixels, chunk, mode)
                 margins += m
                 split_records += [{"id": q.question_id, "split": split, "image": q.image,

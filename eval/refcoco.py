@@ -120,7 +120,7 @@ def run(model, data: RefcocoData, out_dir: str | Path, limit: Optional[int] = No
     records: list[dict] = []
     with tqdm(total=len(examples), desc=TASK, disable=not options.progress) as bar:
         for chunk in batched(examples, batch_size):
-            pixels = pixel_batch(model, [Path(data.image_root) / r.file_name for r, _ in chunk], cache)
+            pixels = pixel_batch(model, [Path(data.image_root) / r.file_name for r, _ in chunk], cache, blank=options.blank_image)
             prompts = [grounding_prompt(s) for _, s in chunk]
             texts = model.generate(pixels, prompts, max_new_tokens=MAX_NEW_TOKENS)
             for (r, _), prompt, text in zip(chunk, prompts, texts):

@@ -93,7 +93,7 @@ def run(model, data: VsrData, out_dir: str | Path, limit: Optional[int] = None, 
     margins: list[float] = []
     with tqdm(total=len(items), desc=TASK, disable=not options.progress) as bar:
         for chunk in batched(items, batch_size):
-            pixels = pixel_batch(model, [Path(data.image_root) / it.image for it in chunk], cache)
+            pixels = pixel_batch(model, [Path(data.image_root) / it.image for it in chunk], cache, blank=options.blank_image)
             answers, outputs, m = answer_batch(model, pixels, chunk, mode)
             margins += m
             for it, o, a in zip(chunk, outputs, answers):

@@ -10,10 +10,12 @@ with ``data.num_workers`` DataLoader workers, in the same order), each micro-bat
 ``LlavaExamples.make_batch`` with ``VLMProcessor.conversations`` (every gpt turn is a target;
 text-only records, without an ``image``, are left out: the VLM takes exactly one image per
 sequence). The final artifact is ``VisionLanguageModel.save_pretrained`` (bridge, LoRA adapter,
-``vlm.yaml``).
+``vlm.yaml``). With ``model.vision_tower=oracle`` the oracle tower (``vlm.model.oracle``) reads
+``model.oracle_world``, by default the world in ``data.world_dir``.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -24,8 +26,9 @@ from PIL import Image
 from training import distributed
 from training.data import ResumableBatches, world_dir_for
 from training.loop import check_out_dir, train
-from vlm.config import Stage2Config
+from vlm.config import ConfigError, Stage2Config, VLMConfig
 from vlm.data.formats import read_llava
+from vlm.model.oracle import is_oracle
 from vlm.model.vision_language_model import VisionLanguageModel
 from vlm.model.processor import VLMProcessor
 
@@ -78,6 +81,17 @@ class LlavaExamples:
                                             [list(r.conversations) for r in recs])
 
 
+def oracle_world_filled(cfg: Stage2Config) -> VLMConfig:
+    """``cfg.model``, with ``oracle_world`` set to the world stage two reads (``data.world_dir``) when
+    the tower is the oracle and names no world; ``ConfigError`` when it trains on other data."""
+    model = cfg.model
+    if not is_oracle(model.vision_tower) or model.oracle_world:
+        return model
+    if cfg.data.json:
+        raise ConfigError("model.oracle_world: the oracle tower reads a world export; set it (data.json is no world)")
+    return dataclasses.replace(model, oracle_world=str(cfg.data.world_dir))
+
+
 def run(cfg: Stage2Config) -> Path:
     """Train stage two with ``cfg``; returns ``out_dir/final`` (a ``VisionLanguageModel`` checkpoint)."""
     info = distributed.setup(cfg.run.device)
@@ -88,7 +102,7 @@ def run(cfg: Stage2Config) -> Path:
     if not records:
         raise ValueError(f"{json_path} has no records with an image")
     torch.manual_seed(cfg.run.seed)
-    model = VisionLanguageModel.build(cfg.model, max_len=cfg.data.max_len)
+    model = VisionLanguageModel.build(oracle_world_filled(cfg), max_len=cfg.data.max_len)
     examples = LlavaExamples(records, image_root, model.processor)
     batches = ResumableBatches(len(records), cfg.optim.batch_size, examples.make_batch, seed=cfg.run.seed,
                                rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers)

@@ -382,7 +382,7 @@ class BridgeConfig:
 class VLMConfig:
     """Stage two: vision tower + bridge + frozen causal LLM with LoRA."""
 
-    vision_tower: str = "runs/stage1/sparc/final"  # our stage-one/MaskEmbed ckpt or a local HF vision dir
+    vision_tower: str = "runs/stage1/sparc/final"  # our stage-one/MaskEmbed ckpt, a local HF vision dir, or "oracle"
     llm: str = "runs/lm/final"  # any local AutoModelForCausalLM directory
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -394,9 +394,12 @@ class VLMConfig:
     # null: the tower's final post-norm output, what checkpoints saved before this field used)
     vision_feature_layer: Optional[int] = -2
     vision_feature_select_strategy: str = "default"  # default: drop the first (CLS) token | full: keep it
+    # vision_tower=oracle (vlm.model.oracle): the world export whose annotations it reads ("" = stage
+    # two's data.world_dir)
+    oracle_world: str = ""
 
     def __post_init__(self) -> None:
-        _check(bool(self.vision_tower), "model.vision_tower", "must name a checkpoint directory")
+        _check(bool(self.vision_tower), "model.vision_tower", "must name a checkpoint directory or be 'oracle'")
         _check(bool(self.llm), "model.llm", "must name a local LLM directory")
         _one_of(self.vision_feature_select_strategy, "model.vision_feature_select_strategy", ("default", "full"))
         _one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
@@ -514,6 +517,12 @@ class DemoConfig(PipelineConfig):
     stage2_tower: str = "sparc"  # which stage-one tower stage two uses
     bridges: list[str] = field(default_factory=lambda: ["projector"])
     heatmap_objectives: list[str] = field(default_factory=lambda: ["clip", "sparc"])
+    # Controls of the headline VLM: the same model with blank images, and the oracle-tower VLM
+    # (model.vision_tower=oracle, the stage-two recipe of oracle_bridge plus oracle_overrides)
+    blank_tasks: list[str] = field(default_factory=lambda: ["pope", "vsr", "refcoco"])
+    oracle_bridge: Optional[str] = "projector"  # null: no oracle stage
+    oracle_tasks: list[str] = field(default_factory=lambda: ["pope", "vsr"])
+    oracle_overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -521,8 +530,18 @@ class DemoConfig(PipelineConfig):
             _one_of(o, "objectives", OBJECTIVE_NAMES)
         _one_of(self.maskembed_teacher, "maskembed_teacher", tuple(self.objectives))
         _one_of(self.stage2_tower, "stage2_tower", tuple(self.objectives))
+        _check(bool(self.bridges), "bridges", "must list at least one bridge")
         for b in self.bridges:
             _one_of(b, "bridges", BRIDGE_NAMES)
+        if self.oracle_bridge is not None:
+            _one_of(self.oracle_bridge, "oracle_bridge", BRIDGE_NAMES)
+        for t in [*self.blank_tasks, *self.oracle_tasks]:
+            _one_of(t, "blank_tasks/oracle_tasks", VLM_TASK_NAMES)
+
+    @property
+    def headline_bridge(self) -> str:
+        """The bridge of the report's headline VLM: the projector when it is run, else the first."""
+        return "projector" if "projector" in self.bridges else self.bridges[0]
 
 
 @dataclass

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vlm"))
 tiny_vlm = pytest.importorskip("tiny_vlm")
@@ -44,3 +45,23 @@ def test_language_drift_on_real_checkpoint(ckpt, tmp_path):
     res = run_language_drift(ckpt, tmp_path / "drift", texts=texts)
     assert all(math.isfinite(v) for side in ("before", "after") for v in res[side].values())
     assert res["after"]["bits_per_byte"] != res["before"]["bits_per_byte"]  # the perturbed LoRA is active
+
+
+def test_blank_image_reaches_the_model(ckpt, tmp_path):
+    """--blank-image: the tower sees uniform pixels of the processor's mean colour, in every task."""
+    from vlm.model.vision_language_model import VisionLanguageModel
+
+    model = VisionLanguageModel.from_pretrained(ckpt)
+    seen = []
+    model.tower.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().cpu()))
+    mean = (model.image_transform.mean, model.image_transform.std)
+    expected = [(round(255 * m) / 255 - m) / s for m, s in zip(*mean)]
+    s = run_vlm_eval(model, ["pope", "vsr", "refcoco"], tmp_path / "out", world_dir=tmp_path / "world",
+                     world_cfg=WorldConfig(n_train=4, n_eval=3), limit=2, batch_size=2, progress=False,
+                     blank_image=True)
+    assert s["blank_image"] is True and len(seen) >= 5  # 3 POPE splits, VSR, RefCOCO
+    for pixels in seen:
+        assert pixels.shape[1:] == (3, 32, 32)
+        flat = pixels.flatten(2)
+        assert torch.equal(flat.amax(-1), flat.amin(-1))  # constant per channel
+        assert torch.allclose(flat[:, :, 0], torch.tensor(expected).expand(len(pixels), 3), atol=1e-5)

@@ -1,7 +1,9 @@
 """``vlm demo``: from nothing to a results table on the synthetic world.
 
 Order: world -> tiny LLM -> stage one (every objective) -> MaskEmbed (one tower) -> stage two
-(one tower, each bridge) -> encoder evals, heatmaps, VLM evals -> ``DIR/report.md``.
+(one tower, each bridge; and the oracle tower, ``vlm.model.oracle``) -> encoder evals, heatmaps,
+VLM evals, the controls (the headline VLM with blank images; the oracle VLM) -> ``DIR/results.json``
+(the headline numbers, ``vlm.cli.results``) and ``DIR/report.md``.
 Every stage's config is resolved before the first one starts, so a bad value fails at once.
 """
 from __future__ import annotations
@@ -14,11 +16,18 @@ from pathlib import Path
 from eval.encoder import REPORT_COLUMNS as ENCODER_COLUMNS
 from eval.encoder import run as run_encoder_eval
 from eval.harness import run_vlm_eval
-from eval.report import cached_json, markdown_table, metrics_table, plot_training_curves, write_text
+from eval.report import (cached_json, jsonable, markdown_table, metrics_table, plot_training_curves, write_json,
+                         write_text)
 from eval.tasks import VLM_REPORT_COLUMNS
 from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, run_stage, start_run, timed
+from vlm.cli.results import chance_levels, headline_results, majority_rate, pointing_chance, results_markdown
 from vlm.config import DemoConfig, load_config
+from vlm.data.formats import read_vsr
+from vlm.model.oracle import ORACLE
 from vlm.world.export import ensure_world
+from vlm.world.generator import world_split
+
+ORACLE_STAGE = "stage2/oracle"
 
 
 def plan(cfg: DemoConfig) -> dict[str, Stage]:
@@ -37,6 +46,10 @@ def plan(cfg: DemoConfig) -> dict[str, Stage]:
         stages[f"stage2/{bridge}"] = make_stage(
             f"stage2/{bridge}", "stage2", cfg.stage2_config.format(bridge=bridge), out / "stage2" / bridge, cfg,
             [f"model.vision_tower={tower}", f"model.llm={stages['lm'].final}"])
+    if cfg.oracle_bridge:
+        stages[ORACLE_STAGE] = make_stage(
+            ORACLE_STAGE, "stage2", cfg.stage2_config.format(bridge=cfg.oracle_bridge), out / "stage2" / "oracle",
+            cfg, [f"model.vision_tower={ORACLE}", f"model.llm={stages['lm'].final}", *cfg.oracle_overrides])
     return stages
 
 
@@ -53,9 +66,14 @@ def run_demo(out: str | Path, config_path: str | None = None, overrides: list[st
         run_stage(stage, timings)
     encoder_rows, heatmaps = encoder_evals(cfg, stages, world_dir, timings)
     vlm_rows = vlm_evals(cfg, stages, world_dir, timings)
+    sources = {"encoder": encoder_rows.get(f"stage1/{cfg.stage2_tower}", {}),
+               "vlm": vlm_rows.get(f"stage2/{cfg.headline_bridge}", {}),
+               **control_evals(cfg, stages, world_dir, timings), "lm": lm_rows(cfg, stages)}
     curves = copy_figures(out, stages, world_dir)
     total = time.perf_counter() - t_start
-    report = write_report(out, cfg, timings, total, encoder_rows, vlm_rows, curves, heatmaps)
+    results = write_results(out, cfg, sources, encoder_rows, vlm_rows, total, timings)
+    report = write_report(out, cfg, timings, total, encoder_rows, {**vlm_rows, **control_rows(cfg, sources)}, curves,
+                          heatmaps, headline_section(cfg, stages, world_dir, results, sources))
     print(report.read_text())
     return report
 
@@ -90,14 +108,72 @@ def vlm_evals(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path,
     """Every stage-two model on ``cfg.vlm_tasks`` -> {stage name: flat metrics}."""
     rows: dict[str, dict[str, float]] = {}
     for name, stage in stages.items():
-        if stage.recipe != "stage2":
+        if stage.recipe != "stage2" or name == ORACLE_STAGE:
             continue
-        eval_dir = Path(cfg.out_dir) / "eval" / name.replace("/", "_")
-        summary = timed(f"eval vlm {name}", timings, cached_json, eval_dir / "all_summary.json", run_vlm_eval,
-                        str(stage.final), list(cfg.vlm_tasks), str(eval_dir), world_dir=str(world_dir),
-                        limit=cfg.eval_limit)
-        rows[name] = flatten_metrics(summary)
+        rows[name] = vlm_eval(cfg, stage, name, list(cfg.vlm_tasks), world_dir, timings)
     return rows
+
+
+def vlm_eval(cfg: DemoConfig, stage: Stage, name: str, tasks: list[str], world_dir: Path, timings: Timings,
+             blank: bool = False) -> dict[str, float]:
+    """One stage-two model on ``tasks`` (``blank``: every image blanked) into ``eval/<name>/`` -> flat metrics."""
+    eval_dir = Path(cfg.out_dir) / "eval" / name.replace("/", "_")
+    summary = timed(f"eval vlm {name}", timings, cached_json, eval_dir / "all_summary.json", run_vlm_eval,
+                    str(stage.final), tasks, str(eval_dir), world_dir=str(world_dir), limit=cfg.eval_limit,
+                    blank_image=blank)
+    return flatten_metrics(summary)
+
+
+def control_evals(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path,
+                  timings: Timings) -> dict[str, dict[str, float]]:
+    """The headline VLM with blank images (``cfg.blank_tasks``) and the oracle VLM (``cfg.oracle_tasks``)
+    -> {"vlm_blank": flat metrics, "oracle": flat metrics} (an empty row for a control not run)."""
+    rows: dict[str, dict[str, float]] = {"vlm_blank": {}, "oracle": {}}
+    headline = f"stage2/{cfg.headline_bridge}"
+    if cfg.blank_tasks:
+        rows["vlm_blank"] = vlm_eval(cfg, stages[headline], f"{headline}_blank", list(cfg.blank_tasks), world_dir,
+                                     timings, blank=True)
+    if ORACLE_STAGE in stages and cfg.oracle_tasks:
+        rows["oracle"] = vlm_eval(cfg, stages[ORACLE_STAGE], ORACLE_STAGE, list(cfg.oracle_tasks), world_dir, timings)
+    return rows
+
+
+def control_rows(cfg: DemoConfig, sources: dict) -> dict[str, dict[str, float]]:
+    """The controls that ran, as rows of the report's VLM table."""
+    rows = {f"stage2/{cfg.headline_bridge} (blank images)": sources["vlm_blank"], ORACLE_STAGE: sources["oracle"]}
+    return {name: row for name, row in rows.items() if row}
+
+
+def lm_rows(cfg: DemoConfig, stages: dict[str, Stage]) -> dict[str, float]:
+    """The LLM's own text-only eval (``results.RESULT_KEYS`` source "lm", e.g. ``text_probe/pope_acc``).
+    No stage produces one yet: wire its flat metrics here when it exists."""
+    return {}
+
+
+def write_results(out: Path, cfg: DemoConfig, sources: dict, encoder_rows: dict, vlm_rows: dict, total: float,
+                  timings: Timings) -> dict:
+    """Write ``out/results.json`` (``vlm.cli.results.headline_results``) and return it."""
+    by_objective = {name.split("/", 1)[1]: row for name, row in encoder_rows.items() if name.startswith("stage1/")}
+    by_bridge = {name.split("/", 1)[1]: row for name, row in vlm_rows.items()}
+    results = headline_results(sources, by_objective, by_bridge, total, timings.seconds)
+    write_json(out / "results.json", jsonable(results))
+    return results
+
+
+def headline_section(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path, results: dict,
+                     sources: dict) -> list[str]:
+    """The report's headline table: each number with its chance level (data-dependent ones measured here)."""
+    patch = stages[f"stage1/{cfg.stage2_tower}"].cfg.model.vision.patch_size
+    eval_ids = list(world_split(cfg.world)[1])[: cfg.eval_limit]
+    vsr_path = world_dir / "vsr" / "test.jsonl"
+    measured = {"pointing_acc": sources["encoder"].get("pointing/chance",
+                                                       pointing_chance(cfg.world, eval_ids, patch))}
+    if vsr_path.is_file():
+        measured["vsr_acc"] = majority_rate([it.label for it in read_vsr(vsr_path)][: cfg.eval_limit])
+    return [f"## Headline (`results.json`): the `{cfg.stage2_tower}` tower, the `{cfg.headline_bridge}` VLM", "",
+            "Blank: the same VLM with every image replaced by a uniform one of the processor's mean colour. "
+            "Oracle: stage two on the world's own annotation of each image (`model.vision_tower=oracle`).", "",
+            results_markdown(results, chance_levels(measured))]
 
 
 def copy_figures(out: Path, stages: dict[str, Stage], world_dir: Path) -> Path | None:
@@ -110,8 +186,8 @@ def copy_figures(out: Path, stages: dict[str, Stage], world_dir: Path) -> Path |
 
 
 def write_report(out: Path, cfg: DemoConfig, timings: Timings, total: float, encoder_rows: dict,
-                 vlm_rows: dict, curves: Path | None, heatmaps: dict[str, Path]) -> Path:
-    """Write ``out/report.md``: timings, encoder and VLM tables, and links to the figures."""
+                 vlm_rows: dict, curves: Path | None, heatmaps: dict[str, Path], headline: list[str]) -> Path:
+    """Write ``out/report.md``: timings, the headline section, encoder and VLM tables, links to the figures."""
     secs = timings.seconds
     top = sorted(secs.items(), key=lambda kv: -kv[1])[:3]
     lines = [
@@ -122,6 +198,7 @@ def write_report(out: Path, cfg: DemoConfig, timings: Timings, total: float, enc
         + (f" (reused: {', '.join(timings.reused)})" if timings.reused else "") + ".",
         "Dominant stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in top) + ".",
         "",
+        *headline,
         "## Encoders (stage one, MaskEmbed)",
         "",
         metrics_table("tower", encoder_rows, ENCODER_COLUMNS),

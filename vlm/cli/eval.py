@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--world-dir", default="runs/world")
     e.add_argument("--out", default=None, help="default CKPT/eval_vlm")
     e.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    e.add_argument("--blank-image", action="store_true",
+                   help="image-ablation control: every image replaced by a uniform one of the processor's mean colour")
     e.set_defaults(func=cmd_eval_vlm)
     e = sub.add_parser("drift", help="lm-eval: the LLM's language ability before/after LoRA")
     e.add_argument("--ckpt", required=True, help="a stage-two checkpoint dir")
@@ -68,8 +70,9 @@ def cmd_eval_vlm(args: argparse.Namespace) -> int:
     unknown = sorted(set(tasks) - set(VLM_TASKS))
     if unknown:
         raise ConfigError(f"--tasks: unknown task(s) {unknown}; valid: {', '.join(VLM_TASKS)}")
-    out = args.out or str(Path(args.ckpt) / "eval_vlm")
-    summary = run_vlm_eval(args.ckpt, tasks, out, data=args.data, world_dir=args.world_dir, limit=args.limit)
+    out = args.out or str(Path(args.ckpt) / ("eval_vlm_blank" if args.blank_image else "eval_vlm"))
+    summary = run_vlm_eval(args.ckpt, tasks, out, data=args.data, world_dir=args.world_dir, limit=args.limit,
+                           blank_image=args.blank_image)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -19,6 +19,8 @@ naming ``llm`` and ``vision`` (paths in ``vlm.yaml`` that exist relative to the 
 are read relative to it, so merged checkpoints can be moved), loadable without peft. A
 ``vlm.yaml`` saved before ``vision_feature_layer`` existed loads with the features it was trained
 on (the tower's final post-norm patch tokens: ``vision_feature_layer: null``; ``_legacy_features``).
+With ``vision_tower: oracle`` the tower is ``vlm.model.oracle.OracleTower`` (the world's own
+annotation of each image as the patch grid; ``oracle_world`` names the world export).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from vlm.model.bridges.base import Bridge
 from vlm.model.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, ensure_image_token,
                            load_llm, load_lora)
 from vlm.model.processor import IGNORE_INDEX, VLMProcessor
+from vlm.model.oracle import ORACLE, OracleTower, is_oracle
 from vlm.model.tower import VLMVisionTower
 
 CONFIG_FILE = "vlm.yaml"
@@ -70,7 +73,7 @@ class VisionLanguageModel(nn.Module):
 
     ddp_find_unused_parameters = False
 
-    def __init__(self, cfg: VLMConfig, tower: VLMVisionTower, bridge: Bridge, llm: nn.Module, tokenizer,
+    def __init__(self, cfg: VLMConfig, tower: VLMVisionTower | OracleTower, bridge: Bridge, llm: nn.Module, tokenizer,
                  image_token_id: int, llm_path: Path, vision_path: Path, max_len: Optional[int] = None):
         super().__init__()
         self.cfg = cfg
@@ -113,7 +116,8 @@ class VisionLanguageModel(nn.Module):
         except ConfigError as e:
             raise ConfigError(f"{cfg_path}: {e}") from e
         vision = directory / VISION_DIR if (directory / VISION_DIR).is_dir() else _resolve(directory, cfg.vision_tower)
-        cfg = _legacy_features(cfg, cfg_path, vision)
+        if not is_oracle(cfg.vision_tower):
+            cfg = _legacy_features(cfg, cfg_path, vision)
         llm = _resolve(directory, cfg.llm)
         adapter = directory / ADAPTER_DIR if (directory / ADAPTER_DIR).is_dir() else None
         if cfg.lora.enabled and adapter is None:
@@ -126,9 +130,7 @@ class VisionLanguageModel(nn.Module):
     def _assemble(cls, cfg: VLMConfig, vision_path: Path, llm_path: Path, adapter_dir: Optional[Path],
                   bridge_state: Optional[dict], trainable: bool, max_len: Optional[int]) -> "VisionLanguageModel":
         check_llm_request(cfg, llm_path)  # fail on a bad path / missing GPU extra before loading anything
-        tower = VLMVisionTower.load(vision_path, freeze=cfg.freeze_vision or not trainable,
-                                    feature_layer=cfg.vision_feature_layer,
-                                    select_strategy=cfg.vision_feature_select_strategy)
+        tower = load_tower(cfg, vision_path, trainable)
         tokenizer = load_tokenizer(llm_path)
         llm = load_llm(cfg, llm_path)
         hidden = int(llm.config.hidden_size)
@@ -321,9 +323,8 @@ class VisionLanguageModel(nn.Module):
                 self.llm.save_pretrained(str(directory / ADAPTER_DIR))
         if not self.tower.frozen:
             self.tower.save_pretrained(directory / VISION_DIR)
-        cfg = dataclasses.replace(self.cfg, llm=str(self.llm_path.resolve()),
-                                  vision_tower=VISION_DIR if not self.tower.frozen else str(self.vision_path.resolve()))
-        save_config(cfg, directory / CONFIG_FILE)
+        vision = VISION_DIR if not self.tower.frozen else str(self.vision_path.resolve())
+        save_config(self._saved_config(llm=str(self.llm_path.resolve()), vision_tower=vision), directory / CONFIG_FILE)
 
     def merge_and_save(self, directory: Union[str, Path]) -> None:
         """Write a standalone checkpoint: LoRA merged into a plain LLM (``dir/llm``), the tower
@@ -340,9 +341,16 @@ class VisionLanguageModel(nn.Module):
         self._tokenizer.save_pretrained(str(directory / LLM_DIR))
         self.tower.save_pretrained(directory / VISION_DIR)
         save_file(self._bridge_state(), str(directory / BRIDGE_FILE))
-        cfg = dataclasses.replace(self.cfg, llm=LLM_DIR, vision_tower=VISION_DIR,
-                                  lora=dataclasses.replace(self.cfg.lora, enabled=False))
+        cfg = self._saved_config(llm=LLM_DIR, vision_tower=VISION_DIR,
+                                 lora=dataclasses.replace(self.cfg.lora, enabled=False))
         save_config(cfg, directory / CONFIG_FILE)
+
+    def _saved_config(self, **changes) -> VLMConfig:
+        """``self.cfg`` with ``changes``, as ``vlm.yaml`` records it: an oracle tower stays ``oracle``
+        (with its world dir made absolute), whatever ``vision_tower`` the caller would write."""
+        if isinstance(self.tower, OracleTower):
+            changes.update(vision_tower=ORACLE, oracle_world=str(self.tower.index.world_dir.resolve()))
+        return dataclasses.replace(self.cfg, **changes)
 
 
 @torch.no_grad()
@@ -380,6 +388,18 @@ def _legacy_features(cfg: VLMConfig, cfg_path: Path, vision_path: Path) -> VLMCo
                       "from before", stacklevel=3)
     strategy = "full" if tower_model_type(vision_path).startswith("siglip") else "default"
     return dataclasses.replace(cfg, vision_feature_layer=None, vision_feature_select_strategy=strategy)
+
+
+def load_tower(cfg: VLMConfig, vision_path: Path, trainable: bool) -> VLMVisionTower | OracleTower:
+    """The VLM's tower: the oracle (``cfg.vision_tower == "oracle"``, reading ``cfg.oracle_world``)
+    or a loaded tower, frozen unless ``trainable`` and ``cfg.freeze_vision`` is false."""
+    if is_oracle(cfg.vision_tower):
+        if not cfg.oracle_world:
+            raise ConfigError("model.oracle_world: the oracle tower needs the world export it reads")
+        return OracleTower(cfg.oracle_world)
+    return VLMVisionTower.load(vision_path, freeze=cfg.freeze_vision or not trainable,
+                               feature_layer=cfg.vision_feature_layer,
+                               select_strategy=cfg.vision_feature_select_strategy)
 
 
 def _llm_device(llm: nn.Module) -> torch.device:

@@ -150,7 +150,10 @@ def test_stage1_round_trips_with_each_objective(name, tmp_path):
 # paper (local embeddings through the shared global linear heads, no separate local heads).
 RECIPE_ENCODERS = {"clip_tiny": ("cls", False, False), "siglip_tiny": ("cls", False, False),
                    "sparc_tiny": ("mean", True, False), "flair_tiny": ("cls", False, False),
-                   "sparc_vitb16": ("mean", True, False), "sparc_resnet_tiny": ("max", True, False)}
+                   "sparc_vitb16": ("mean", True, False), "sparc_resnet_tiny": ("max", True, False),
+                   # the demo's recipe: a ResNet tower max-pooled for every objective
+                   "clip_resnet_tiny": ("max", False, False), "siglip_resnet_tiny": ("max", False, False),
+                   "flair_resnet_tiny": ("max", False, False)}
 
 
 def test_shipped_stage1_recipes_keep_their_encoders():

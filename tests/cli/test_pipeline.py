@@ -106,8 +106,18 @@ def test_plans_resolve_every_stage_config_up_front(tmp_path):
     stages = demo_plan(cfg)
     assert {"lm", "stage1/sparc", "stage1/clip", "maskembed/sparc", "stage2/projector"} <= set(stages)
     assert stages["stage2/projector"].cfg.model.llm == str(tmp_path / "lm" / "final")
-    assert stages["stage1/flair"].cfg.objective.name == "flair"
     assert stages["stage1/clip"].cfg.world.n_train == cfg.world.n_train
+    # every objective starts from the shared pretrained tower; the from-scratch run from random weights
+    tower_final = str(tmp_path / "tower" / "final")
+    assert stages["stage1/clip"].cfg.model.vision.pretrained == tower_final
+    assert stages["stage1/sparc"].cfg.model.vision.pretrained == tower_final
+    assert stages["stage1/sparc_scratch"].cfg.model.vision.pretrained == ""
+    assert stages["stage1/sparc_scratch"].cfg.model.vision.arch == stages["tower"].cfg.model.arch == "resnet"
+    assert stages["stage2/projector"].cfg.model.vision_feature_layer == -1  # a conv tower's last grid
+    every = demo_plan(load_config(DemoConfig, None, [f"out_dir={tmp_path}", "objectives=[clip,siglip,sparc,flair]"]))
+    assert every["stage1/flair"].cfg.objective.name == "flair"
+    with pytest.raises(ConfigError, match="from_scratch"):
+        load_config(DemoConfig, None, ["tower_config=null"])
     acfg = load_config(AblateConfig, "configs/ablate/backbones_world.yaml", [f"out_dir={tmp_path}"])
     stages, cells = ablate_plan(acfg)
     assert len({c[2] for c in cells}) >= 3

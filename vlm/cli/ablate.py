@@ -17,7 +17,8 @@ from eval.encoder import run as run_encoder_eval
 from eval.harness import run_vlm_eval
 from eval.report import cached_json, metrics_table, write_json, write_text
 from eval.tasks import VLM_REPORT_COLUMNS
-from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, mean_ci, run_stage, start_run, timed
+from vlm.cli.pipeline import (Stage, Timings, flatten_metrics, make_stage, mean_ci, run_stage, stage1_init, stage2_features,
+                              start_run, timed, tower_stage)
 from vlm.config import AblateConfig, load_config
 from vlm.world.export import ensure_world
 
@@ -70,29 +71,32 @@ def plan(cfg: AblateConfig) -> tuple[dict[str, Stage], list[tuple[str, str, int,
     """All stages (configs resolved, ConfigError now) and the cells: (tower, level, seed, stage name)."""
     out = Path(cfg.out_dir)
     stages = {"lm": make_stage("lm", "lm", cfg.lm_config, out / "lm", cfg, [])}
+    pretrained = tower_stage(cfg, out)  # one shared starting point for every objective and seed
+    if pretrained is not None:
+        stages["tower"] = pretrained
     cells = []
     for seed in cfg.seeds:
         for obj in cfg.objectives:
             s1 = make_stage(f"stage1/{obj}/seed{seed}", "stage1", cfg.stage1_config.format(objective=obj),
-                            out / "stage1" / obj / f"seed{seed}", cfg, [f"run.seed={seed}"])
+                            out / "stage1" / obj / f"seed{seed}", cfg, [f"run.seed={seed}", *stage1_init(pretrained)])
             stages[s1.name] = s1
             for me in cfg.maskembed:
-                tower_stage = s1
+                cell_stage = s1
                 if me:
-                    tower_stage = make_stage(f"maskembed/{obj}/seed{seed}", "maskembed", cfg.maskembed_config,
+                    cell_stage = make_stage(f"maskembed/{obj}/seed{seed}", "maskembed", cfg.maskembed_config,
                                              out / "maskembed" / obj / f"seed{seed}", cfg,
                                              [f"run.seed={seed}", f"maskembed.teacher={s1.final}"])
-                    stages[tower_stage.name] = tower_stage
+                    stages[cell_stage.name] = cell_stage
                 tower = tower_name(obj, me)
-                cells.append((tower, "encoder", seed, tower_stage.name))
+                cells.append((tower, "encoder", seed, cell_stage.name))
                 if not cfg.stage2:
                     continue
                 for bridge in cfg.bridges:
                     s2 = make_stage(f"stage2/{tower}/{bridge}/seed{seed}", "stage2",
                                     cfg.stage2_config.format(bridge=bridge),
                                     out / "stage2" / tower / bridge / f"seed{seed}", cfg,
-                                    [f"run.seed={seed}", f"model.vision_tower={tower_stage.final}",
-                                     f"model.llm={stages['lm'].final}"])
+                                    [f"run.seed={seed}", f"model.vision_tower={cell_stage.final}",
+                                     f"model.llm={stages['lm'].final}", *stage2_features(s1)])
                     stages[s2.name] = s2
                     cells.append((tower, bridge, seed, s2.name))
     return stages, cells

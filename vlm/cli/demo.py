@@ -1,6 +1,7 @@
 """``vlm demo``: from nothing to a results table on the synthetic world.
 
-Order: world -> tiny LLM -> stage one (every objective) -> MaskEmbed (one tower) -> stage two
+Order: world -> tiny LLM -> the shared tower pretraining (``tower_config``) -> stage one (each objective
+from that tower, and ``from_scratch`` ones again from random weights) -> MaskEmbed (one tower) -> stage two
 (one tower, each bridge; and the oracle tower, ``vlm.model.oracle``) -> encoder evals, heatmaps,
 VLM evals, the controls (the headline VLM with blank images; the oracle VLM) -> ``DIR/results.json``
 (the headline numbers, ``vlm.cli.results``) and ``DIR/report.md``.
@@ -19,7 +20,8 @@ from eval.harness import run_vlm_eval
 from eval.report import (cached_json, jsonable, markdown_table, metrics_table, plot_training_curves, write_json,
                          write_text)
 from eval.tasks import VLM_REPORT_COLUMNS
-from vlm.cli.pipeline import Stage, Timings, flatten_metrics, make_stage, run_stage, start_run, timed
+from vlm.cli.pipeline import (Stage, Timings, flatten_metrics, make_stage, run_stage, stage1_init, stage2_features,
+                              start_run, timed, tower_stage)
 from vlm.cli.results import chance_levels, headline_results, majority_rate, pointing_chance, results_markdown
 from vlm.config import DemoConfig, load_config
 from vlm.data.formats import read_vsr
@@ -34,18 +36,25 @@ def plan(cfg: DemoConfig) -> dict[str, Stage]:
     """Every stage of the demo with its resolved config (raises ConfigError before any work)."""
     out = Path(cfg.out_dir)
     stages: dict[str, Stage] = {"lm": make_stage("lm", "lm", cfg.lm_config, out / "lm", cfg, [])}
+    tower = tower_stage(cfg, out)
+    if tower is not None:
+        stages["tower"] = tower
     for obj in cfg.objectives:
         stages[f"stage1/{obj}"] = make_stage(f"stage1/{obj}", "stage1", cfg.stage1_config.format(objective=obj),
-                                             out / "stage1" / obj, cfg, [])
+                                             out / "stage1" / obj, cfg, stage1_init(tower))
+    for obj in cfg.from_scratch:
+        stages[f"stage1/{obj}_scratch"] = make_stage(f"stage1/{obj}_scratch", "stage1",
+                                                     cfg.stage1_config.format(objective=obj),
+                                                     out / "stage1" / f"{obj}_scratch", cfg, [])
     teacher = stages[f"stage1/{cfg.maskembed_teacher}"]
     stages[f"maskembed/{cfg.maskembed_teacher}"] = make_stage(
         f"maskembed/{cfg.maskembed_teacher}", "maskembed", cfg.maskembed_config,
         out / "maskembed" / cfg.maskembed_teacher, cfg, [f"maskembed.teacher={teacher.final}"])
-    tower = stages[f"stage1/{cfg.stage2_tower}"].final
+    headline = stages[f"stage1/{cfg.stage2_tower}"]
     for bridge in cfg.bridges:
         stages[f"stage2/{bridge}"] = make_stage(
             f"stage2/{bridge}", "stage2", cfg.stage2_config.format(bridge=bridge), out / "stage2" / bridge, cfg,
-            [f"model.vision_tower={tower}", f"model.llm={stages['lm'].final}"])
+            [f"model.vision_tower={headline.final}", f"model.llm={stages['lm'].final}", *stage2_features(headline)])
     if cfg.oracle_bridge:
         stages[ORACLE_STAGE] = make_stage(
             ORACLE_STAGE, "stage2", cfg.stage2_config.format(bridge=cfg.oracle_bridge), out / "stage2" / "oracle",
@@ -166,7 +175,7 @@ def headline_section(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path,
     patch = stages[f"stage1/{cfg.stage2_tower}"].cfg.model.vision.patch_size
     eval_ids = list(world_split(cfg.world)[1])[: cfg.eval_limit]
     vsr_path = world_dir / "vsr" / "test.jsonl"
-    measured = {"pointing_acc": sources["encoder"].get("pointing/chance",
+    measured = {"pointing_acc": sources["encoder"].get("pointing_chance",
                                                        pointing_chance(cfg.world, eval_ids, patch))}
     if vsr_path.is_file():
         measured["vsr_acc"] = majority_rate([it.label for it in read_vsr(vsr_path)][: cfg.eval_limit])

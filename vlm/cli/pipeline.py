@@ -78,10 +78,29 @@ def make_stage(name: str, recipe: str, yaml_path: str, out_dir: Path, pipe: Pipe
     """Resolve a recipe's config (YAML <- world <- out_dir <- overrides); raises ConfigError now."""
     world_dir = Path(pipe.out_dir) / "world"
     base = [*world_overrides(pipe.world), f"data.world_dir={world_dir}", f"run.out_dir={out_dir}"]
-    extra = {"lm": pipe.lm_overrides, "stage1": pipe.stage1_overrides,
+    extra = {"tower": pipe.tower_overrides, "lm": pipe.lm_overrides, "stage1": pipe.stage1_overrides,
              "maskembed": pipe.maskembed_overrides, "stage2": pipe.stage2_overrides}[recipe]
     cfg = load_config(RECIPES[recipe].config_class, yaml_path, [*base, *extra, *overrides])
     return Stage(name=name, recipe=recipe, cfg=cfg, out_dir=Path(out_dir))
+
+
+def tower_stage(pipe: PipelineConfig, out: Path) -> Stage | None:
+    """The shared tower pretraining stage of ``pipe.tower_config`` (None without one)."""
+    if pipe.tower_config is None:
+        return None
+    return make_stage("tower", "tower", pipe.tower_config, out / "tower", pipe, [])
+
+
+def stage1_init(tower: Stage | None) -> list[str]:
+    """Stage-one overrides that start the vision tower from ``tower``'s weights (none: random)."""
+    return [] if tower is None else [f"model.vision.pretrained={tower.final}"]
+
+
+def stage2_features(stage1: Stage) -> list[str]:
+    """Stage-two overrides for a conv tower (no CLS, no penultimate grid): the last stage's full grid."""
+    if stage1.cfg.model.vision.arch in ("resnet", "convnext"):
+        return ["model.vision_feature_layer=-1", "model.vision_feature_select_strategy=full"]
+    return []
 
 
 def has_checkpoint(out_dir: Path) -> bool:

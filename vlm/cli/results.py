@@ -28,9 +28,9 @@ from vlm.world.vocab import COLORS, SHAPES
 # key -> (source, path in that source's flat metrics)
 RESULT_KEYS: dict[str, tuple[str, str]] = {
     "zero_shot_top1": ("encoder", "zero_shot/top1"),
-    "zero_shot_single_top1": ("encoder", "zero_shot/single_top1"),
-    "zero_shot_single_color_top1": ("encoder", "zero_shot/single_color_top1"),
-    "pointing_acc": ("encoder", "pointing/accuracy"),
+    "zero_shot_single_top1": ("encoder", "zero_shot_single_top1"),
+    "zero_shot_single_color_top1": ("encoder", "zero_shot_single_color_top1"),
+    "pointing_acc": ("encoder", "pointing_acc"),
     "patch_miou": ("encoder", "segmentation/zero_shot_miou"),
     "cider": ("vlm", "caption/CIDEr"),
     "chair_i": ("vlm", "chair/chair_i"),

@@ -13,6 +13,11 @@ bits per byte, like lm-eval's wikitext task), then runs it through ``lm_eval.sim
 with ``HF_DATASETS_OFFLINE=1`` twice: the LLM with its LoRA disabled ("before", the frozen base
 LLM) and enabled ("after"). A merged checkpoint (``llm/`` inside it) is compared with the base LLM
 named in its ``vlm.yaml`` (or ``base_llm_path``).
+
+When ``world_dir`` holds a world export, the same two LLMs also take the text-context probe
+(``eval.text_probe``: the caption in the prompt, then the POPE / VSR question), so the summary says
+whether stage two's LoRA kept the LLM's ability to answer from its context
+(``text_probe_pope_acc``, ``text_probe_vsr_acc`` before / after).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eval.report import markdown_table, write_summary
+from eval.text_probe import load_items, run_text_probe
 from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config
 from vlm.data.tokenizer import load_tokenizer
 from vlm.model.llm import load_llm, load_lora
@@ -39,6 +45,7 @@ from vlm.world.generator import world_corpus
 MODEL_NAME = "sparc-vlm-llm"
 TASK_NAME = "sparc_world_text"
 METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+PROBE_METRICS = ("text_probe_pope_acc", "text_probe_pope_f1", "text_probe_vsr_acc")
 
 
 @register_model(MODEL_NAME)
@@ -262,25 +269,30 @@ def run_language_drift(vlm_ckpt: str | Path, out_dir: str | Path, base_llm_path:
                        world_dir: str | Path = "runs/world", batch_size: int = 8) -> dict[str, Any]:
     """Perplexity of held-out text under the frozen base LLM ("before") and the LLM with the
     stage-two LoRA ("after"), through lm-eval. ``texts`` default: ``world_texts(world_dir)``;
-    ``limit``: at most this many documents. Writes ``out_dir/{summary.json, summary.md}`` and the
-    task files under ``out_dir/task``. Returns {"before": {metric: v}, "after": {...}, "delta": {...}}.
+    ``limit``: at most this many documents (and probe questions per POPE split and of VSR). Writes
+    ``out_dir/{summary.json, summary.md}``, the task files under ``out_dir/task`` and, with a world
+    export in ``world_dir``, the probe's ``out_dir/{before,after}/text_probe/``. Returns {"before":
+    {metric: v}, "after": {...}, "delta": {...}}, the metrics ``METRICS`` and ``PROBE_METRICS``.
     """
     out_dir = Path(out_dir)
     docs = list(dict.fromkeys(texts if texts is not None else world_texts(world_dir)))
     task_dir = write_text_task(out_dir / "task", docs)
     (before_model, before_tok, before_ctx), (after_model, after_tok, after_ctx) = _load_pair(Path(vlm_ckpt), base_llm_path)
+    probe_items = load_items(world_dir, limit) if (Path(world_dir) / "world.json").is_file() else None
     result: dict[str, Any] = {}
     with torch.inference_mode():
-        with before_ctx():
-            result["before"] = evaluate_text_task(SparcLLM(before_model, before_tok, batch_size=batch_size), task_dir,
-                                                  limit=limit)
-        with after_ctx():
-            result["after"] = evaluate_text_task(SparcLLM(after_model, after_tok, batch_size=batch_size), task_dir,
-                                                 limit=limit)
+        for name, model, tok, ctx in (("before", before_model, before_tok, before_ctx),
+                                      ("after", after_model, after_tok, after_ctx)):
+            with ctx():
+                result[name] = evaluate_text_task(SparcLLM(model, tok, batch_size=batch_size), task_dir, limit=limit)
+                if probe_items is not None:
+                    probe = run_text_probe(model, tok, probe_items, out_dir / name, batch_size=batch_size)
+                    result[name].update({k: probe[k] for k in PROBE_METRICS if k in probe})
     result["delta"] = {m: result["after"][m] - result["before"][m] for m in result["before"] if m in result["after"]}
     result["n_docs"] = min(len(docs), limit) if limit is not None else len(docs)
     result["task"] = TASK_NAME
-    rows = [[m, result["before"].get(m), result["after"].get(m), result["delta"].get(m)] for m in METRICS]
-    write_summary(out_dir, result, "# Language drift (lm-eval, local task)\n\n"
+    rows = [[m, result["before"].get(m), result["after"].get(m), result["delta"].get(m)]
+            for m in METRICS + PROBE_METRICS if m in result["before"]]
+    write_summary(out_dir, result, "# Language drift (lm-eval, local task; text-context probe)\n\n"
                   + markdown_table(["metric", "base LLM", "with LoRA", "delta"], rows) + "\n")
     return result

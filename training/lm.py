@@ -1,11 +1,19 @@
 """Train the world's tiny Llama-architecture causal LM (``vlm train lm``).
 
-Corpus: every text the synthetic world produces for its train split
-(``vlm.world.generator.world_corpus``, generated from ``cfg.world``: no exported world is read)
-plus ``data.text_files`` (one document per line). A byte-level BPE tokenizer is trained on it
-(``<image>`` reserved as one special token for stage two; ``<s>`` and ``</s>`` around every
-document). Documents are shuffled deterministically, concatenated and cut
-into blocks of ``data.block_size`` tokens; the shared loop trains next-token prediction on them.
+Corpus (``data.documents``), generated from ``cfg.world`` for its train split (no exported world
+is read), plus ``data.text_files`` (one document per line):
+
+- ``image`` (default): per-image documents (``vlm.world.generator.world_documents``): a caption,
+  then questions with their answers (POPE-style yes/no with absent objects, counts, true/false
+  statements, boxes, captions), in stage two's text format with the caption where the image goes
+  (encoded by ``vlm.model.processor.VLMProcessor`` without image tokens), so the LM arrives at stage
+  two able to answer a question from what precedes it. Documents are packed whole into blocks of
+  ``data.block_size`` (longer ones cut), the rest of a block padded and left out of the loss.
+- ``standalone``: every text of the world (``world_corpus``) its own ``<s>...</s>`` document,
+  shuffled, concatenated and cut into blocks.
+
+A byte-level BPE tokenizer is trained on the corpus's text (``<image>`` reserved as one special
+token for stage two); the shared loop trains next-token prediction on the blocks.
 
 ``final/`` holds ``save_pretrained`` outputs of both model and tokenizer, so
 ``AutoModelForCausalLM.from_pretrained(final)`` and ``AutoTokenizer.from_pretrained(final)`` load
@@ -28,7 +36,10 @@ from training.loop import check_out_dir, train
 from vlm.config import LMConfig, LMModelConfig
 from vlm.data.prompts import IMAGE_TOKEN
 from vlm.data.tokenizer import train_bpe_tokenizer
-from vlm.world.generator import world_corpus, world_split
+from vlm.model.processor import IGNORE_INDEX, VLMProcessor
+from vlm.world.generator import world_corpus, world_documents, world_split
+
+Conversation = list[tuple[str, str]]  # ("human" | "gpt", text) turns
 
 
 
@@ -48,7 +59,8 @@ class CausalLMObjective(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         input_ids = batch["input_ids"]
-        out = self.lm(input_ids=input_ids, labels=input_ids)  # HF shifts labels internally
+        labels = batch.get("labels", input_ids)  # -100 on padding
+        out = self.lm(input_ids=input_ids, labels=labels)  # HF shifts labels internally
         return {"loss": out.loss, "num_tokens": input_ids.numel()}
 
 
@@ -63,18 +75,74 @@ def read_text_files(paths: Iterable[str]) -> list[str]:
     return docs
 
 
-def build_corpus(cfg: LMConfig) -> list[str]:
-    """The training documents: the world's train-split texts (the first ``data.max_world_samples``
-    images when set), then ``cfg.data.text_files`` lines."""
+def _train_indices(cfg: LMConfig) -> range:
+    """The world's train indices the corpus draws on (the first ``data.max_world_samples`` when set)."""
     train_indices, _ = world_split(cfg.world)
-    if cfg.data.max_world_samples:
-        train_indices = train_indices[: cfg.data.max_world_samples]
-    docs = list(tqdm(world_corpus(cfg.world, train_indices), desc="world text", unit=" texts",
+    return train_indices[: cfg.data.max_world_samples] if cfg.data.max_world_samples else train_indices
+
+
+def build_corpus(cfg: LMConfig) -> list[str]:
+    """Standalone documents: the world's train-split texts, then ``cfg.data.text_files`` lines."""
+    docs = list(tqdm(world_corpus(cfg.world, _train_indices(cfg)), desc="world text", unit=" texts",
                      disable=not (cfg.run.progress and distributed.is_main())))
     docs += read_text_files(cfg.data.text_files)
     if not docs:
         raise ValueError("the LM corpus is empty (no world texts and no data.text_files)")
     return docs
+
+
+def build_image_documents(cfg: LMConfig) -> list[Conversation]:
+    """Per-image documents (``world_documents``: ``data.documents_per_image`` per image, each of
+    ``data.turns_per_document`` turns), then each ``data.text_files`` line as a one-turn document."""
+    docs = list(tqdm(world_documents(cfg.world, _train_indices(cfg), cfg.data.documents_per_image,
+                                     cfg.data.turns_per_document),
+                     desc="world documents", unit=" docs", disable=not (cfg.run.progress and distributed.is_main())))
+    docs += [[("human", line)] for line in read_text_files(cfg.data.text_files)]
+    if not docs:
+        raise ValueError("the LM corpus is empty (no world documents and no data.text_files)")
+    return docs
+
+
+def encode_image_documents(tokenizer: PreTrainedTokenizerBase, docs: list[Conversation],
+                           max_len: int) -> list[list[int]]:
+    """Token ids of each document in stage two's plain text format without image tokens:
+    ``<s>{turn 1}\n{answer 1}</s>{turn 2}\n{answer 2}</s>...``, cut at ``max_len``. A document of one
+    human turn (a text file line) is ``<s>{text}</s>``."""
+    processor = VLMProcessor(tokenizer, None, num_image_tokens=0, max_len=max_len)
+    out = []
+    for doc in docs:
+        if len(doc) == 1:
+            ids = tokenizer(doc[0][1], add_special_tokens=True)["input_ids"][:max_len]
+        else:
+            ids = processor.encode_conversation(doc)[0]
+        out.append(list(ids))
+    return out
+
+
+def pack_documents(token_ids: list[list[int]], block_size: int, pad_id: int,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle documents (seeded) and pack them whole into blocks -> (input_ids, labels), both
+    ``[N, block_size]`` long. A document never straddles two blocks (one longer than a block is
+    cut); the end of a block is ``pad_id``, with label -100 (no loss)."""
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {block_size}")
+    order = list(range(len(token_ids)))
+    random.Random(seed).shuffle(order)
+    blocks: list[list[int]] = [[]]
+    for i in order:
+        doc = token_ids[i][:block_size]
+        if len(blocks[-1]) + len(doc) > block_size:
+            blocks.append([])
+        blocks[-1].extend(doc)
+    blocks = [b for b in blocks if b]
+    if not blocks:
+        raise ValueError("the corpus has no tokens")
+    ids = torch.full((len(blocks), block_size), pad_id, dtype=torch.long)
+    labels = torch.full((len(blocks), block_size), IGNORE_INDEX, dtype=torch.long)
+    for b, block in enumerate(blocks):
+        ids[b, : len(block)] = torch.tensor(block, dtype=torch.long)
+        labels[b, : len(block)] = ids[b, : len(block)]
+    return ids, labels
 
 
 def tokenize_documents(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> list[list[int]]:
@@ -127,6 +195,20 @@ def _tokenizer(cfg: LMConfig, docs: list[str], resuming: bool) -> PreTrainedToke
     return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
+def _corpus_blocks(cfg: LMConfig, resuming: bool):
+    """(input_ids [N,T], labels [N,T], tokenizer, number of documents) for ``cfg.data.documents``."""
+    if cfg.data.documents == "standalone":
+        docs = build_corpus(cfg)
+        tokenizer = _tokenizer(cfg, docs, resuming)
+        blocks = pack_blocks(tokenize_documents(tokenizer, docs), cfg.data.block_size, seed=cfg.run.seed)
+        return blocks, blocks, tokenizer, len(docs)
+    conversations = build_image_documents(cfg)
+    tokenizer = _tokenizer(cfg, [text for doc in conversations for _, text in doc], resuming)
+    token_ids = encode_image_documents(tokenizer, conversations, cfg.data.block_size)
+    blocks, labels = pack_documents(token_ids, cfg.data.block_size, tokenizer.pad_token_id, seed=cfg.run.seed)
+    return blocks, labels, tokenizer, len(conversations)
+
+
 def run(cfg: LMConfig) -> Path:
     """Train the world's LLM with ``cfg``; returns ``out_dir/final`` (HF model + tokenizer)."""
     if cfg.data.block_size > cfg.model.max_position:
@@ -136,17 +218,14 @@ def run(cfg: LMConfig) -> Path:
     resuming = check_out_dir(out_dir, cfg.run) is not None  # fails early on a non-resumed existing run
     distributed.barrier()
 
-    docs = build_corpus(cfg)
-    tokenizer = _tokenizer(cfg, docs, resuming)
-    token_ids = tokenize_documents(tokenizer, docs)
-    blocks = pack_blocks(token_ids, cfg.data.block_size, seed=cfg.run.seed)
+    blocks, labels, tokenizer, n_docs = _corpus_blocks(cfg, resuming)
     if info.is_main:
-        print(f"LM corpus: {len(docs)} documents, {blocks.numel()} tokens in {len(blocks)} blocks of "
-              f"{cfg.data.block_size}; vocabulary {len(tokenizer)}")
+        print(f"LM corpus ({cfg.data.documents} documents): {n_docs} documents, {int((labels != IGNORE_INDEX).sum())} "
+              f"tokens in {len(blocks)} blocks of {cfg.data.block_size}; vocabulary {len(tokenizer)}")
 
     torch.manual_seed(cfg.run.seed)
     model = CausalLMObjective(build_lm(cfg.model, tokenizer), tokenizer)
-    batches = ResumableBatches(len(blocks), cfg.optim.batch_size, lambda ids: {"input_ids": blocks[ids]},
+    batches = ResumableBatches(len(blocks), cfg.optim.batch_size, lambda ids: {"input_ids": blocks[ids], "labels": labels[ids]},
                                seed=cfg.run.seed, rank=info.rank, world_size=info.world_size)
     result = train(model, batches, cfg.optim, cfg.run, config=cfg)
     return result.final_dir

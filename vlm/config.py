@@ -36,6 +36,14 @@ CONV_STEM_STRIDE = 4  # ResNet: stride-2 conv + stride-2 max-pool; ConvNeXt: a 4
 POOLS = ("cls", "mean", "max", "map")
 BRIDGE_NAMES = ("projector", "flamingo")
 PRECISIONS = ("fp32", "bf16")
+# Kinds of turn in the world's LLaVA conversations and LM documents (``vlm.world.mix``); the
+# short-answer kinds are answered with one word (Yes/No, True/False, a number).
+LLAVA_TURN_KINDS = ("caption", "detail", "exist", "count", "spatial", "grounding")
+SHORT_ANSWER_KINDS = ("exist", "count", "spatial")
+# Weights of each kind per turn: yes/no, counts and true/false carry ~1/3 of the answer tokens
+# (captions are ~15-50 tokens each, a box 9, a short answer 1 plus the end of turn).
+DEFAULT_LLAVA_MIX = {"caption": 0.5, "detail": 0.5, "exist": 6.0, "count": 2.0, "spatial": 4.0, "grounding": 2.0}
+LM_DOCUMENT_FORMATS = ("image", "standalone")
 DISTRIBUTED = ("ddp", "fsdp")
 
 
@@ -150,6 +158,11 @@ class WorldConfig:
     n_train: int = 20000
     n_eval: int = 500
     seed: int = 0
+    # The LLaVA export (and the world LM's documents): each conversation is ``llava_turns`` turns,
+    # each of a kind drawn with these weights (keys ``LLAVA_TURN_KINDS``; 0 leaves a kind out).
+    llava_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LLAVA_MIX))
+    llava_turns: int = 3
+    llava_conversations: int = 2  # per train image
 
     def __post_init__(self) -> None:
         _check(16 <= self.image_size <= 224, "world.image_size", "must be in [16, 224]")
@@ -163,6 +176,12 @@ class WorldConfig:
         _check(self.small_size[1] <= self.large_size[0], "world.small_size/large_size",
                "small objects must not be larger than large ones")
         _check(self.n_train > 0 and self.n_eval >= 0, "world.n_train/n_eval", "n_train > 0, n_eval >= 0")
+        unknown = sorted(set(self.llava_mix) - set(LLAVA_TURN_KINDS))
+        _check(not unknown, "world.llava_mix", f"unknown kind(s) {unknown}; valid: {', '.join(LLAVA_TURN_KINDS)}")
+        _check(all(w >= 0 for w in self.llava_mix.values()) and sum(self.llava_mix.values()) > 0,
+               "world.llava_mix", "weights must be >= 0 with a positive sum")
+        _check(self.llava_turns >= 1 and self.llava_conversations >= 1, "world.llava_turns/llava_conversations",
+               "must be >= 1")
 
 
 @dataclass
@@ -212,8 +231,17 @@ class TextDataConfig:
     # Use the texts of only the first N train images (0 = all): the world's text is templated, so a
     # few thousand images give more tokens than a short LM run sees, at a fraction of the cost.
     max_world_samples: int = 0
+    # "image": one document per image conversation (its caption, then questions with answers, in
+    # stage two's text format with the caption where the image goes; ``vlm.world.mix``), packed whole
+    # into blocks; "standalone": every text its own document, shuffled and cut into blocks.
+    documents: str = "image"
+    documents_per_image: int = 2
+    turns_per_document: int = 4
 
     def __post_init__(self) -> None:
+        _one_of(self.documents, "data.documents", LM_DOCUMENT_FORMATS)
+        _check(self.documents_per_image >= 1 and self.turns_per_document >= 1,
+               "data.documents_per_image/turns_per_document", "must be >= 1")
         _check(self.block_size >= 2, "data.block_size", "must be >= 2")
         _check(self.max_world_samples >= 0, "data.max_world_samples", "must be >= 0 (0 = all)")
 

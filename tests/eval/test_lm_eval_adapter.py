@@ -108,11 +108,18 @@ def test_run_language_drift(tiny_llm, tmp_path):
                           PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(ckpt / "adapter")
     save_config(VLMConfig(llm=str(path), vision_tower="unused"), ckpt / "vlm.yaml")
+    from eval.lm_eval_adapter import METRICS, PROBE_METRICS
+    from vlm.config import WorldConfig
+    from vlm.world.export import export_world
+
+    export_world(tmp_path / "world", WorldConfig(n_train=4, n_eval=3, seed=1), progress=False)
     out = tmp_path / "drift"
-    res = run_language_drift(ckpt, out, texts=TEXTS, limit=3)
+    res = run_language_drift(ckpt, out, texts=TEXTS, limit=3, world_dir=tmp_path / "world")
     assert res["n_docs"] == 3
     for side in ("before", "after"):
-        assert set(res[side]) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+        assert set(res[side]) == set(METRICS + PROBE_METRICS)  # lm-eval's and the text probe's
+        assert 0 <= res[side]["text_probe_pope_acc"] <= 1
+        assert (out / side / "text_probe" / "predictions.jsonl").read_text().count("\n") >= 3 * 3  # POPE splits (+ VSR)
     assert res["after"]["bits_per_byte"] != pytest.approx(res["before"]["bits_per_byte"])  # the LoRA changes the LM
     assert res["delta"]["bits_per_byte"] == pytest.approx(res["after"]["bits_per_byte"] - res["before"]["bits_per_byte"])
     # "before" is exactly the base LLM: the same number from the saved base model directly.

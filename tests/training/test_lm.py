@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from training.lm import build_corpus, pack_blocks, run, tokenize_documents
+from training.lm import (build_corpus, build_image_documents, encode_image_documents, pack_blocks, pack_documents, run,
+                         tokenize_documents)
+from vlm.data.tokenizer import train_bpe_tokenizer
 from vlm.config import replace, LMConfig, LMModelConfig, OptimConfig, RunConfig, TextDataConfig, WorldConfig
 
 
@@ -22,11 +24,42 @@ def test_pack_blocks_shuffles_documents_and_keeps_boundaries():
         pack_blocks(docs[:1], block_size=8, seed=0)
 
 
+def test_pack_documents_keeps_each_document_whole_and_pads_out_of_the_loss():
+    docs = [[1] + [10 + i] * (2 + i % 4) + [2] for i in range(12)]  # 4..7 tokens each
+    ids, labels = pack_documents(docs, block_size=10, pad_id=0, seed=0)
+    assert ids.shape == labels.shape and ids.shape[1] == 10
+    seen = []
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        n = sum(t != 0 for t in row)
+        assert row[n:] == [0] * (10 - n) and lab[n:] == [-100] * (10 - n) and lab[:n] == row[:n]
+        starts = [k for k, t in enumerate(row[:n]) if t == 1]
+        assert starts[0] == 0  # a block starts with a document, never inside one
+        seen += [tuple(row[a:b]) for a, b in zip(starts, starts[1:] + [n])]
+    assert sorted(seen) == sorted(map(tuple, docs))
+    cut, _ = pack_documents([[1] + [7] * 20 + [2]], block_size=8, pad_id=0, seed=0)
+    assert cut.tolist() == [[1] + [7] * 7]  # a document longer than a block is cut
+
+
+def test_image_documents_use_stage_two_text_format(tmp_path):
+    cfg = LMConfig(data=TextDataConfig(max_world_samples=6, block_size=256, documents_per_image=2, turns_per_document=3),
+                   world=WorldConfig(n_train=6, n_eval=0, seed=2), run=RunConfig(progress=False))
+    docs = build_image_documents(cfg)
+    assert len(docs) == 12 and all(len(d) == 6 for d in docs)
+    tok = train_bpe_tokenizer([t for d in docs for _, t in d], vocab_size=400, extra_special_tokens=("<image>",),
+                              add_bos=True, add_eos=True)
+    ids = encode_image_documents(tok, docs, max_len=256)
+    (_, h1), (_, a1), (_, h2), (_, a2), (_, h3), (_, a3) = docs[0]
+    want = (f"<s>{h1}\n{a1}</s>{h2}\n{a2}</s>{h3}\n{a3}</s>")
+    assert tok.decode(ids[0]) == want
+    assert encode_image_documents(tok, docs[:1], max_len=10)[0] == ids[0][:10]
+
+
 def tiny_cfg(tmp_path, text_file):
     return LMConfig(
         model=LMModelConfig(vocab_size=384, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
                             max_position=64),
-        data=TextDataConfig(world_dir=str(tmp_path / "world"), text_files=[str(text_file)], block_size=32),
+        data=TextDataConfig(world_dir=str(tmp_path / "world"), text_files=[str(text_file)], block_size=32,
+                            documents="standalone"),
         world=WorldConfig(n_train=40, n_eval=4, seed=3),
         optim=OptimConfig(lr=5e-3, warmup_steps=5, max_steps=40, batch_size=8, weight_decay=0.01),
         run=RunConfig(out_dir=str(tmp_path / "lm"), log_every=5, ckpt_every=20, progress=False, tensorboard=False,
@@ -67,3 +100,15 @@ def test_tiny_world_lm_trains_and_loads_with_auto_classes(tmp_path):
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert loss < torch.log(torch.tensor(float(len(tok))))
+
+
+def test_tiny_world_lm_on_image_documents(tmp_path):
+    text_file = tmp_path / "extra.txt"
+    text_file.write_text("zebra quokka axolotl\n")
+    cfg = tiny_cfg(tmp_path, text_file)
+    cfg = replace(cfg, data=replace(cfg.data, documents="image", block_size=64, max_world_samples=20),
+                  optim=replace(cfg.optim, max_steps=10))
+    final = run(cfg)
+    rows = [json.loads(ln) for ln in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 10 and rows[-1]["loss"] < rows[0]["loss"]
+    assert AutoModelForCausalLM.from_pretrained(final).config.vocab_size == len(AutoTokenizer.from_pretrained(final))

@@ -12,9 +12,8 @@ from vlm.data.formats import (read_coco_captions, read_coco_instances, read_llav
                               read_vsr)
 from vlm.data.pope import build_pope
 from vlm.data.shards import ShardStream
-from vlm.world.export import ensure_world, export_world, shard_caption
+from vlm.world.export import ensure_world, export_world, llava_records, shard_caption
 from vlm.world.generator import generate_sample
-from vlm.world.text import llava_conversations
 from vlm.world.vocab import SHAPES
 
 CFG = WorldConfig(n_train=40, n_eval=12, seed=3)
@@ -68,7 +67,7 @@ def test_llava(world):
     for r in recs:
         index, c = map(int, r.id.split("-"))
         assert r.image == f"{index:08d}.jpg" and index < 40
-        assert r.conversations == llava_conversations(samples[index], CFG.seed, 64)[c]
+    assert recs == llava_records([samples[i] for i in range(40)], CFG)  # pixels play no part
     kinds = " ".join(t for r in recs for _, t in r.conversations)
     for p in (prompts.POPE_SUFFIX, "true or false", "bounding box", prompts.COUNT_PROMPT):
         assert p in kinds

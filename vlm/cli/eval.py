@@ -1,4 +1,5 @@
-"""``vlm eval encoder | vlm | drift``: evaluate a vision tower, a VLM, or the LLM's language drift."""
+"""``vlm eval encoder | vlm | drift | probe``: evaluate a vision tower, a VLM, the LLM's language
+drift, or an LLM's text-context probe (POPE / VSR answered from the caption, no image)."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +10,14 @@ from eval.encoder import run as run_encoder_eval
 from eval.harness import run_vlm_eval
 from eval.lm_eval_adapter import run_language_drift
 from eval.tasks import VLM_TASKS
+from eval.text_probe import MODES as PROBE_MODES
+from eval.text_probe import probe_llm
 from vlm.config import ConfigError, WorldConfig, load_config
 from vlm.world.export import ensure_world
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The three targets of ``vlm eval``, each with its own flags."""
+    """The four targets of ``vlm eval``, each with its own flags."""
     sub = parser.add_subparsers(dest="target", required=True, metavar="TARGET")
     e = sub.add_parser("encoder", help="zero-shot, retrieval, patch segmentation, pointing, heatmaps")
     e.add_argument("--ckpt", required=True, help="a stage-one, MaskEmbed or HF vision checkpoint dir")
@@ -42,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--out", default=None, help="default CKPT/eval_drift")
     e.add_argument("--limit", type=int, default=None, help="at most this many documents")
     e.set_defaults(func=cmd_eval_drift)
+    e = sub.add_parser("probe", help="text-context probe: POPE / VSR answered from the caption, no image")
+    e.add_argument("--llm", required=True, help="a causal LM dir with its tokenizer (e.g. runs/lm/final)")
+    e.add_argument("--world-dir", default="runs/world", help="the world export whose eval split is asked about")
+    e.add_argument("--out", default=None, help="default LLM/eval_probe")
+    e.add_argument("--limit", type=int, default=None, help="at most this many questions per POPE split and of VSR")
+    e.add_argument("--mode", choices=PROBE_MODES, default="score", help="answers as the harness reads them")
+    e.set_defaults(func=cmd_eval_probe)
 
 
 def world_config_of(world_dir: str) -> WorldConfig:
@@ -82,4 +92,12 @@ def cmd_eval_drift(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.ckpt) / "eval_drift")
     result = run_language_drift(args.ckpt, out, limit=args.limit, world_dir=args.world_dir)
     print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_eval_probe(args: argparse.Namespace) -> int:
+    """``vlm eval probe``: an LLM answers the world's eval POPE / VSR questions from each image's caption."""
+    out = args.out or str(Path(args.llm) / "eval_probe")
+    summary = probe_llm(args.llm, args.world_dir, out, limit=args.limit, mode=args.mode)
+    print(json.dumps({k: v for k, v in summary.items() if k.startswith("text_probe_")}, indent=2))
     return 0

@@ -31,6 +31,12 @@ def pope_prompt(question: str) -> str:
     return question + POPE_SUFFIX
 
 
+def count_prompt(plural: str) -> str:
+    """A short-answer counting question: 'How many {plural} are in the image?' plus POPE's answer
+    instruction (answered with a capitalised number word, 'Two')."""
+    return f"How many {plural} are in the image?" + POPE_SUFFIX
+
+
 def vsr_prompt(caption: str) -> str:
     return VSR_PROMPT.format(caption=caption)
 

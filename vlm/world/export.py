@@ -11,7 +11,9 @@ masks/{index:08d}.png             class mask (eval split), 8-bit PNG, 0 = backgr
 coco/captions_{train,val}.json    COCO captions; references = the short, detailed and counting captions
 coco/instances_val.json           COCO instances (eval split): categories = shapes (id c + 1), bbox xywh,
                                   area = visible pixels, iscrowd 0
-llava/train.json                  LLaVA conversations (train split), two per image (``text.llava_conversations``)
+llava/train.json                  LLaVA conversations (train split), ``llava_conversations`` per image, turns drawn
+                                  with ``llava_mix`` (``vlm.world.mix.mixed_conversations``; POPE-style
+                                  existence negatives sampled over the train split only)
 pope/{random,popular,adversarial}.jsonl   POPE questions on the eval split (``vlm.data.pope``)
 refcoco/refs.json + instances.json        one ref per eval object; eval images split val/testA/testB
 vsr/{train,test}.jsonl            the true/false statements of the train / eval split
@@ -42,13 +44,13 @@ from vlm.data.formats import (LlavaRecord, RefExpr, VsrItem, write_coco_captions
 from vlm.data.pope import build_pope
 from vlm.world.arrays import TrainArrayWriter
 from vlm.world.generator import generate_sample, generate_twin, world_split
-from vlm.world.text import llava_conversations
+from vlm.world.mix import existence_questions, image_objects, mixed_conversations
 from vlm.world.types import WorldSample
 from vlm.world.vocab import SHAPES
 
 REFCOCO_SPLITS = ("val", "testA", "testB")
 CAPTION_STYLES = ("short", "detailed", "counting")
-FORMAT_VERSION = 2  # 2: arrays/
+FORMAT_VERSION = 3  # 2: LLaVA conversations drawn with the llava_mix; 3: arrays/
 
 
 def jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
@@ -109,7 +111,7 @@ class _Collected:
 
     captions: dict[str, dict[int, list[str]]] = dataclasses.field(default_factory=lambda: {"train": {}, "val": {}})
     files: dict[str, dict[int, str]] = dataclasses.field(default_factory=lambda: {"train": {}, "val": {}})
-    llava: list[LlavaRecord] = dataclasses.field(default_factory=list)
+    llava_samples: list[WorldSample] = dataclasses.field(default_factory=list)  # train samples, pixels dropped
     vsr: dict[str, list[VsrItem]] = dataclasses.field(default_factory=lambda: {"train": [], "test": []})
     inst_images: dict[int, dict] = dataclasses.field(default_factory=dict)
     inst_anns: dict[int, dict] = dataclasses.field(default_factory=dict)
@@ -130,8 +132,9 @@ def _add_train(sample: WorldSample, jpg: bytes, file_name: str, cfg: WorldConfig
     """A train sample: its shard entry, LLaVA conversations, VSR statements, maybe the contact sheet."""
     writer.write({"__key__": sample.key, "jpg": jpg, "txt": shard_caption(sample).encode("utf-8"),
                   "json": json.dumps(_shard_json(sample, cfg, jpg)).encode("utf-8")})
-    for k, conv in enumerate(llava_conversations(sample, cfg.seed, cfg.image_size)):
-        c.llava.append(LlavaRecord(id=f"{sample.key}-{k}", image=file_name, conversations=conv))
+    empty = np.zeros((0, 0), dtype=np.int64)
+    c.llava_samples.append(dataclasses.replace(sample, image=np.zeros((0, 0, 3), np.uint8), class_mask=empty,
+                                               instance_mask=empty))
     c.vsr["train"] += _vsr_items(sample, file_name)
     _add_train_arrays(sample, jpg, cfg, c.arrays)
     if len(c.sheet_samples) < 16:
@@ -189,6 +192,14 @@ def _add_sample(sample: WorldSample, cfg: WorldConfig, out: Path, writer: Any, c
         _add_eval(sample, file_name, cfg, out, c)
 
 
+def llava_records(train_samples: list[WorldSample], cfg: WorldConfig) -> list[LlavaRecord]:
+    """The LLaVA records of the train samples: ``cfg.llava_conversations`` each, drawn with
+    ``cfg.llava_mix``; existence negatives are sampled over these samples only (no eval image)."""
+    exist = existence_questions(image_objects(train_samples), cfg.seed)
+    return [LlavaRecord(id=f"{s.key}-{k}", image=f"{s.key}.jpg", conversations=conv)
+            for s in train_samples for k, conv in enumerate(mixed_conversations(s, exist[s.key], cfg))]
+
+
 def _write_formats(out: Path, cfg: WorldConfig, c: _Collected, total: int) -> dict:
     """Write the json-based formats and the contact sheet; returns the POPE splits."""
     s = cfg.image_size
@@ -197,7 +208,7 @@ def _write_formats(out: Path, cfg: WorldConfig, c: _Collected, total: int) -> di
     write_coco_captions(out / "coco" / "captions_train.json", c.files["train"], c.captions["train"], sizes)
     write_coco_captions(out / "coco" / "captions_val.json", c.files["val"], c.captions["val"], sizes)
     write_coco_instances(out / "coco" / "instances_val.json", c.inst_images, categories, c.inst_anns)
-    write_llava(out / "llava" / "train.json", c.llava)
+    write_llava(out / "llava" / "train.json", llava_records(c.llava_samples, cfg))
     pope = build_pope(c.pope_objects, n_per_image=3, seed=cfg.seed, vocabulary=SHAPES)
     for split, questions in pope.items():
         write_pope(out / "pope" / f"{split}.jsonl", questions)
@@ -209,12 +220,12 @@ def _write_formats(out: Path, cfg: WorldConfig, c: _Collected, total: int) -> di
     return pope
 
 
-def _counts(out: Path, n_train: int, n_eval: int, c: _Collected, pope: dict) -> dict[str, Any]:
+def _counts(out: Path, cfg: WorldConfig, n_train: int, n_eval: int, c: _Collected, pope: dict) -> dict[str, Any]:
     return {"train": n_train, "eval": n_eval, "shards": len(list((out / "shards").glob("train-*.tar"))),
             "objects_train": c.n_objects["train"], "objects_eval": c.n_objects["eval"],
             "caption_refs_train": sum(map(len, c.captions["train"].values())),
             "caption_refs_val": sum(map(len, c.captions["val"].values())),
-            "llava_conversations": len(c.llava), "pope": {k: len(v) for k, v in pope.items()},
+            "llava_conversations": len(c.llava_samples) * cfg.llava_conversations, "pope": {k: len(v) for k, v in pope.items()},
             "refs": len(c.refs), "vsr_train": len(c.vsr["train"]), "vsr_test": len(c.vsr["test"])}
 
 
@@ -245,7 +256,7 @@ def export_world(out_dir: str | Path, cfg: WorldConfig, progress: bool = True,
         bar.close()
     collected.arrays.close()
     pope = _write_formats(out, cfg, collected, total)
-    counts = _counts(out, len(train_idx), len(eval_idx), collected, pope)
+    counts = _counts(out, cfg, len(train_idx), len(eval_idx), collected, pope)
     meta = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "counts": counts}
     tmp = out / "world.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from vlm.config import WorldConfig
+from vlm.world import mix as world_mix
 from vlm.world import text as world_text
 from vlm.world.render import background, shape_mask
 from vlm.world.types import WorldObject, WorldSample
@@ -191,3 +192,15 @@ def world_corpus(cfg: WorldConfig, indices: Iterable[int]) -> Iterator[str]:
     """Every text the world produces for samples ``indices`` (``vlm.world.text.sample_texts``), in order."""
     for index in indices:
         yield from world_text.sample_texts(generate_sample(index, cfg.seed, cfg), cfg.seed, cfg.image_size)
+
+
+def world_documents(cfg: WorldConfig, indices: Iterable[int], n_documents: int,
+                    n_turns: int) -> Iterator[list[tuple[str, str]]]:
+    """The world LM's per-image documents (``vlm.world.mix.image_documents``) for samples
+    ``indices``, in order; existence negatives are sampled POPE-style over these samples only."""
+    indices = list(indices)
+    objects = {f"{i:08d}": {o.shape for o in generate_sample(i, cfg.seed, cfg).objects} for i in indices}
+    exist = world_mix.existence_questions(objects, cfg.seed)
+    for index in indices:
+        sample = generate_sample(index, cfg.seed, cfg)
+        yield from world_mix.image_documents(sample, exist[sample.key], cfg, n_documents, n_turns)

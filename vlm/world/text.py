@@ -182,9 +182,11 @@ def counting_caption(objects: list[WorldObject]) -> str:
     return f"There {verb} {number_word(n)} object{'' if n == 1 else 's'}: {_join(parts)}."
 
 
-def _relation_sentences(sample: WorldSample, names: list[Optional[str]], image_size: int, limit: int) -> list[str]:
-    """One sentence per unordered pair of uniquely named objects (``names[k]`` not None) with a
-    relation (the first that holds, in ``RELATIONS`` order), at most ``limit``."""
+def stated_relations(sample: WorldSample, names: list[Optional[str]], image_size: int,
+                     limit: int) -> list[tuple[int, str, int]]:
+    """(i, rel, j) for each unordered pair i < j of uniquely named objects (``names[k]`` not None)
+    with a relation (the first that holds, in ``RELATIONS`` order), at most ``limit``: the
+    relations the detailed and long captions state."""
     objs, out = sample.objects, []
     for i in range(len(objs)):
         for j in range(i + 1, len(objs)):
@@ -192,10 +194,15 @@ def _relation_sentences(sample: WorldSample, names: list[Optional[str]], image_s
                 continue
             rel = next((r for r in RELATIONS if relation_holds(r, objs[i], objs[j], image_size)), None)
             if rel is not None:
-                out.append(f"The {names[i]} is {rel} the {names[j]}.")
+                out.append((i, rel, j))
             if len(out) >= limit:
                 return out
     return out
+
+
+def _relation_sentences(sample: WorldSample, names: list[Optional[str]], image_size: int, limit: int) -> list[str]:
+    """'The {a} is {rel} the {b}.' for each of ``stated_relations``."""
+    return [f"The {names[i]} is {rel} the {names[j]}." for i, rel, j in stated_relations(sample, names, image_size, limit)]
 
 
 def _statements(sample: WorldSample, names: list[Optional[str]], image_size: int, rng: np.random.Generator,

@@ -20,6 +20,7 @@ from eval.harness import run_vlm_eval
 from eval.report import (cached_json, jsonable, markdown_table, metrics_table, plot_training_curves, write_json,
                          write_text)
 from eval.tasks import VLM_REPORT_COLUMNS
+from eval.text_probe import probe_llm
 from vlm.cli.pipeline import (Stage, Timings, flatten_metrics, make_stage, run_stage, stage1_init, stage2_features,
                               start_run, timed, tower_stage)
 from vlm.cli.results import chance_levels, headline_results, majority_rate, pointing_chance, results_markdown
@@ -77,7 +78,7 @@ def run_demo(out: str | Path, config_path: str | None = None, overrides: list[st
     vlm_rows = vlm_evals(cfg, stages, world_dir, timings)
     sources = {"encoder": encoder_rows.get(f"stage1/{cfg.stage2_tower}", {}),
                "vlm": vlm_rows.get(f"stage2/{cfg.headline_bridge}", {}),
-               **control_evals(cfg, stages, world_dir, timings), "lm": lm_rows(cfg, stages)}
+               **control_evals(cfg, stages, world_dir, timings), "lm": lm_rows(cfg, stages, world_dir, timings)}
     curves = copy_figures(out, stages, world_dir)
     total = time.perf_counter() - t_start
     results = write_results(out, cfg, sources, encoder_rows, vlm_rows, total, timings)
@@ -153,10 +154,13 @@ def control_rows(cfg: DemoConfig, sources: dict) -> dict[str, dict[str, float]]:
     return {name: row for name, row in rows.items() if row}
 
 
-def lm_rows(cfg: DemoConfig, stages: dict[str, Stage]) -> dict[str, float]:
-    """The LLM's own text-only eval (``results.RESULT_KEYS`` source "lm", e.g. ``text_probe/pope_acc``).
-    No stage produces one yet: wire its flat metrics here when it exists."""
-    return {}
+def lm_rows(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path, timings: Timings) -> dict[str, float]:
+    """The frozen LLM's text-context probe (``eval.text_probe``: POPE / VSR answered from the caption,
+    no image) -> flat metrics (``results.RESULT_KEYS`` source "lm")."""
+    eval_dir = Path(cfg.out_dir) / "eval" / "lm"
+    summary = timed("eval text probe", timings, cached_json, eval_dir / "text_probe" / "summary.json", probe_llm,
+                    str(stages["lm"].final), str(world_dir), str(eval_dir), limit=cfg.eval_limit)
+    return flatten_metrics(summary)
 
 
 def write_results(out: Path, cfg: DemoConfig, sources: dict, encoder_rows: dict, vlm_rows: dict, total: float,

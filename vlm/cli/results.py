@@ -8,7 +8,7 @@ of one eval summary) at one path; ``RESULT_KEYS`` is the whole wiring:
     vlm         the VLM eval of the headline model (that tower + the headline bridge)
     vlm_blank   the same model with every image blanked (``run_vlm_eval(blank_image=True)``)
     oracle      the VLM with the oracle tower (``vlm.model.oracle``), same stage-two recipe
-    lm          the LLM's own (text-only) eval; no producer yet: ``demo.lm_rows`` returns {}
+    lm          the frozen LLM's text-context probe (``eval.text_probe``, ``demo.lm_rows``)
 
 A key whose source or path is absent is written as null and listed as "not measured" in the
 report; wiring a new producer is one entry here (and, for a new source, one row in the demo).
@@ -45,7 +45,8 @@ RESULT_KEYS: dict[str, tuple[str, str]] = {
     "refcoco_acc50_blank": ("vlm_blank", "refcoco/acc"),
     "oracle_pope_acc": ("oracle", "pope/accuracy_avg"),
     "oracle_vsr_acc": ("oracle", "vsr/accuracy"),
-    "text_probe_pope_acc": ("lm", "text_probe/pope_acc"),
+    "text_probe_pope_acc": ("lm", "text_probe_pope_acc"),
+    "text_probe_vsr_acc": ("lm", "text_probe_vsr_acc"),
 }
 ENCODER_KEYS = [k for k, (src, _) in RESULT_KEYS.items() if src == "encoder"]
 VLM_KEYS = [k for k, (src, _) in RESULT_KEYS.items() if src == "vlm"]

@@ -107,7 +107,7 @@ class ImageTransform:
 
     def __call__(self, image: Union[Image.Image, np.ndarray]) -> torch.Tensor:
         if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (self.image_size, self.image_size, 3):
-            x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # no resize: as PIL
+            x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # no resize: as PIL
             return (x - self._mean) / self._std
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -122,7 +122,12 @@ class ImageTransform:
         return (x - self._mean) / self._std
 
     def batch(self, images: Sequence[Union[Image.Image, np.ndarray]]) -> torch.Tensor:
-        """A list of images -> [B, 3, image_size, image_size]."""
+        """A list of images -> [B, 3, image_size, image_size]. uint8 arrays already at the input size
+        (the world's pre-decoded arrays) are normalised together in one vectorised pass."""
+        s = self.image_size
+        if images and all(isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.shape == (s, s, 3) for im in images):
+            x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+            return (x - self._mean) / self._std
         return torch.stack([self(im) for im in images])
 
     def processor_config(self) -> dict:

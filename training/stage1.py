@@ -112,15 +112,15 @@ def stage1_collate(samples: list[tuple[int, dict]], worker: int = 0, *, tokenize
     tokenised: no FLAIR loss uses it (as the reference, which encodes only the sampled captions),
     so the text tower runs once per sub-caption and never on the caption.
     Sample i's captions are drawn by ``random.Random(f"{seed}:{rank}:{worker}:{position}")``."""
-    pixels, captions, subs = [], [], []
+    images, captions, subs = [], [], []
     for position, sample in samples:
         rng = random.Random(f"{seed}:{rank}:{worker}:{position}")
         texts = captions_for(objective, sample["text"], sample["json"].get("long_caption"), rng)
-        pixels.append(transform(sample["image"]))
+        images.append(sample["image"])
         captions.append(texts[0])
         subs.extend(texts[1:])
     ids, mask = tokenize_texts(tokenizer, subs if subs else captions, max_text_len)
-    return {"pixel_values": torch.stack(pixels), "input_ids": ids, "attention_mask": mask}
+    return {"pixel_values": transform.batch(images), "input_ids": ids, "attention_mask": mask}
 
 
 def uses_world_arrays(cfg: Stage1Config) -> bool:

@@ -96,10 +96,11 @@ def test_every_stage1_config_loads(path):
     assert cfg.objective.name == name
     # SPARC pools without CLS and has the non-linear global layer; local embeddings share the global
     # linear heads (the paper); the others pool with CLS.
-    # sparc_resnet_tiny max-pools its conv tower's patch grid (model.pool: max in the YAML).
-    pool = "max" if path.stem == "sparc_resnet_tiny" else "mean"
-    assert (cfg.model.pool, cfg.model.global_mlp, cfg.model.local_heads) == (
-        (pool, True, False) if name == "sparc" else ("cls", False, False))
+    # The *_resnet_tiny recipes (the demo's) max-pool their conv tower's patch grid (model.pool: max).
+    conv = path.stem.endswith("_resnet_tiny")
+    expected = (("max" if conv else "mean", True, False) if name == "sparc" else
+                ("max" if conv else "cls", False, False))
+    assert (cfg.model.pool, cfg.model.global_mlp, cfg.model.local_heads) == expected
 
 
 def test_all_tiny_recipes_exist():

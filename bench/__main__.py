@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", default="runs/demo", help="a demo output dir to read timings from")
     parser.add_argument("--only", default="world,data,stage1,stage2,demo",
-                        help="comma list of world, data, stage1, stage2, towers (not run by default: ~1 min), demo")
+                        help="comma list of world, data, stage1, stage2, towers (not run by default: minutes on a CPU), demo")
     args = parser.parse_args()
     only = set(args.only.split(","))
     rows: list[Row] = []

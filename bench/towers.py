@@ -9,6 +9,9 @@ autocast (``torch.autocast(device, dtype=torch.bfloat16)``). Median of ``--iters
 ``--warmup``; the towers alternate for ``--rounds`` rounds and each keeps its best round, so load
 from other processes does not land on one tower only.
 
+On a CPU without native bf16 (AVX2 only, as the 2-core dev machine) bf16 autocast is emulated and
+6-10x slower than fp32, so a CPU run takes minutes; on CUDA it is the fast path.
+
 ``python -m bench.towers [--batch-size 64] [--device cpu|cuda]`` prints the table.
 """
 from __future__ import annotations
@@ -49,7 +52,7 @@ def step_fn(tower: torch.nn.Module, pixels: torch.Tensor, precision: str) -> Cal
     return step
 
 
-def run(batch_size: int = 64, device: str = "auto", warmup: int = 2, iters: int = 5, rounds: int = 2) -> list[Row]:
+def run(batch_size: int = 64, device: str = "auto", warmup: int = 1, iters: int = 3, rounds: int = 1) -> list[Row]:
     """Rows: per tower its parameters, patch grid, and fp32 / bf16 forward+backward ms per batch."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -83,9 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; each tower keeps its best")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds; each tower keeps its best")
     args = parser.parse_args()
     print(format_table(run(args.batch_size, args.device, args.warmup, args.iters, args.rounds), "vision towers"))
 

@@ -197,3 +197,10 @@ def test_maskembed_on_a_conv_tower(tmp_path, arch):
     assert num_patches(loaded) == 64
     with pytest.raises(ValueError, match="last stage of 1 blocks"):
         drop_last_blocks(conv_tower(arch, depths=(1, 1)), 1)
+
+
+def test_vision_archs_equal_the_tower_builders():
+    from encoders.towers import TOWER_BUILDERS
+    from vlm.config import CONV_ARCHS, VISION_ARCHS
+
+    assert set(VISION_ARCHS) == set(TOWER_BUILDERS) and set(CONV_ARCHS) == set(STOCK)

@@ -124,10 +124,11 @@ def encode_image_documents(tokenizer: PreTrainedTokenizerBase, docs: list[Conver
 
 
 def pack_documents(docs: list[tuple[list[int], list[int]]], block_size: int, pad_id: int,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   seed: int, one_per_block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle (ids, labels) documents (seeded) and pack them whole into blocks -> (input_ids,
     labels), both ``[N, block_size]`` long. A document never straddles two blocks (one longer than a
-    block is cut); the end of a block is ``pad_id``, with label -100 (no loss)."""
+    block is cut), and with ``one_per_block`` has its block to itself (no earlier document to read
+    by mistake); the end of a block is ``pad_id``, with label -100 (no loss)."""
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
     order = list(range(len(docs)))
@@ -135,7 +136,7 @@ def pack_documents(docs: list[tuple[list[int], list[int]]], block_size: int, pad
     blocks: list[tuple[list[int], list[int]]] = [([], [])]
     for i in order:
         ids, labels = docs[i][0][:block_size], docs[i][1][:block_size]
-        if len(blocks[-1][0]) + len(ids) > block_size:
+        if len(blocks[-1][0]) + len(ids) > block_size or (one_per_block and blocks[-1][0]):
             blocks.append(([], []))
         blocks[-1][0].extend(ids)
         blocks[-1][1].extend(labels)
@@ -212,7 +213,8 @@ def _corpus_blocks(cfg: LMConfig, resuming: bool):
     encoded = encode_image_documents(tokenizer, conversations, cfg.data.block_size)
     if cfg.data.loss_on == "all":
         encoded = [(ids, ids) for ids, _ in encoded]
-    blocks, labels = pack_documents(encoded, cfg.data.block_size, tokenizer.pad_token_id, seed=cfg.run.seed)
+    blocks, labels = pack_documents(encoded, cfg.data.block_size, tokenizer.pad_token_id, seed=cfg.run.seed,
+                                    one_per_block=not cfg.data.pack)
     return blocks, labels, tokenizer, len(conversations)
 
 

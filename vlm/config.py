@@ -211,6 +211,7 @@ class TextDataConfig:
     # Image documents: predict only the answers ("answers", as instruction tuning does: the loss
     # is then all on what must be read from the context) or every token ("all").
     loss_on: str = "answers"
+    pack: bool = True  # image documents: several whole documents per block (False: one per block)
 
     def __post_init__(self) -> None:
         _one_of(self.documents, "data.documents", LM_DOCUMENT_FORMATS)

@@ -115,3 +115,10 @@ def test_tiny_world_lm_on_image_documents(tmp_path):
     rows = [json.loads(ln) for ln in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 10 and rows[-1]["loss"] < rows[0]["loss"]
     assert AutoModelForCausalLM.from_pretrained(final).config.vocab_size == len(AutoTokenizer.from_pretrained(final))
+
+
+def test_pack_documents_one_per_block():
+    docs = [([1, 5, 2], [-100, 5, 2]), ([1, 6, 6, 2], [-100, -100, 6, 2])]
+    ids, labels = pack_documents(docs, block_size=8, pad_id=0, seed=0, one_per_block=True)
+    assert sorted(map(tuple, ids.tolist())) == [(1, 5, 2, 0, 0, 0, 0, 0), (1, 6, 6, 2, 0, 0, 0, 0)]
+    assert sorted(map(tuple, labels.tolist()))[0] == (-100, -100, 6, 2, -100, -100, -100, -100)

@@ -8,7 +8,9 @@ is read), plus ``data.text_files`` (one document per line):
   statements, boxes, captions), in stage two's text format with the caption where the image goes
   (encoded by ``vlm.model.processor.VLMProcessor`` without image tokens), so the LM arrives at stage
   two able to answer a question from what precedes it. Documents are packed whole into blocks of
-  ``data.block_size`` (longer ones cut), the rest of a block padded and left out of the loss.
+  ``data.block_size`` (longer ones cut), the rest of a block padded and left out of the loss. With
+  ``data.loss_on=answers`` (the default) only the answers (and their ``</s>``) are predicted, as
+  in instruction tuning; ``all`` predicts every token.
 - ``standalone``: every text of the world (``world_corpus``) its own ``<s>...</s>`` document,
   shuffled, concatenated and cut into blocks.
 
@@ -104,45 +106,49 @@ def build_image_documents(cfg: LMConfig) -> list[Conversation]:
 
 
 def encode_image_documents(tokenizer: PreTrainedTokenizerBase, docs: list[Conversation],
-                           max_len: int) -> list[list[int]]:
-    """Token ids of each document in stage two's plain text format without image tokens:
-    ``<s>{turn 1}\n{answer 1}</s>{turn 2}\n{answer 2}</s>...``, cut at ``max_len``. A document of one
-    human turn (a text file line) is ``<s>{text}</s>``."""
+                           max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(token ids, answer labels) of each document in stage two's plain text format without image
+    tokens: ``<s>{turn 1}\n{answer 1}</s>{turn 2}\n{answer 2}</s>...``, cut at ``max_len``; the labels
+    are the ids on answers and ``</s>``, -100 on prompts (``VLMProcessor.encode_conversation``). A
+    document of one human turn (a text file line) is ``<s>{text}</s>``, all of it labelled."""
     processor = VLMProcessor(tokenizer, None, num_image_tokens=0, max_len=max_len)
     out = []
     for doc in docs:
         if len(doc) == 1:
-            ids = tokenizer(doc[0][1], add_special_tokens=True)["input_ids"][:max_len]
+            ids = list(tokenizer(doc[0][1], add_special_tokens=True)["input_ids"][:max_len])
+            out.append((ids, ids))
         else:
-            ids = processor.encode_conversation(doc)[0]
-        out.append(list(ids))
+            ids, labels = processor.encode_conversation(doc)
+            out.append((list(ids), list(labels)))
     return out
 
 
-def pack_documents(token_ids: list[list[int]], block_size: int, pad_id: int,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle documents (seeded) and pack them whole into blocks -> (input_ids, labels), both
-    ``[N, block_size]`` long. A document never straddles two blocks (one longer than a block is
-    cut); the end of a block is ``pad_id``, with label -100 (no loss)."""
+def pack_documents(docs: list[tuple[list[int], list[int]]], block_size: int, pad_id: int,
+                   seed: int, one_per_block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle (ids, labels) documents (seeded) and pack them whole into blocks -> (input_ids,
+    labels), both ``[N, block_size]`` long. A document never straddles two blocks (one longer than a
+    block is cut), and with ``one_per_block`` has its block to itself (no earlier document to read
+    by mistake); the end of a block is ``pad_id``, with label -100 (no loss)."""
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
-    order = list(range(len(token_ids)))
+    order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    blocks: list[list[int]] = [[]]
+    blocks: list[tuple[list[int], list[int]]] = [([], [])]
     for i in order:
-        doc = token_ids[i][:block_size]
-        if len(blocks[-1]) + len(doc) > block_size:
-            blocks.append([])
-        blocks[-1].extend(doc)
-    blocks = [b for b in blocks if b]
+        ids, labels = docs[i][0][:block_size], docs[i][1][:block_size]
+        if len(blocks[-1][0]) + len(ids) > block_size or (one_per_block and blocks[-1][0]):
+            blocks.append(([], []))
+        blocks[-1][0].extend(ids)
+        blocks[-1][1].extend(labels)
+    blocks = [b for b in blocks if b[0]]
     if not blocks:
         raise ValueError("the corpus has no tokens")
-    ids = torch.full((len(blocks), block_size), pad_id, dtype=torch.long)
-    labels = torch.full((len(blocks), block_size), IGNORE_INDEX, dtype=torch.long)
-    for b, block in enumerate(blocks):
-        ids[b, : len(block)] = torch.tensor(block, dtype=torch.long)
-        labels[b, : len(block)] = ids[b, : len(block)]
-    return ids, labels
+    input_ids = torch.full((len(blocks), block_size), pad_id, dtype=torch.long)
+    targets = torch.full((len(blocks), block_size), IGNORE_INDEX, dtype=torch.long)
+    for b, (ids, labels) in enumerate(blocks):
+        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        targets[b, : len(labels)] = torch.tensor(labels, dtype=torch.long)
+    return input_ids, targets
 
 
 def tokenize_documents(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> list[list[int]]:
@@ -204,8 +210,11 @@ def _corpus_blocks(cfg: LMConfig, resuming: bool):
         return blocks, blocks, tokenizer, len(docs)
     conversations = build_image_documents(cfg)
     tokenizer = _tokenizer(cfg, [text for doc in conversations for _, text in doc], resuming)
-    token_ids = encode_image_documents(tokenizer, conversations, cfg.data.block_size)
-    blocks, labels = pack_documents(token_ids, cfg.data.block_size, tokenizer.pad_token_id, seed=cfg.run.seed)
+    encoded = encode_image_documents(tokenizer, conversations, cfg.data.block_size)
+    if cfg.data.loss_on == "all":
+        encoded = [(ids, ids) for ids, _ in encoded]
+    blocks, labels = pack_documents(encoded, cfg.data.block_size, tokenizer.pad_token_id, seed=cfg.run.seed,
+                                    one_per_block=not cfg.data.pack)
     return blocks, labels, tokenizer, len(conversations)
 
 

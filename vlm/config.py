@@ -237,9 +237,14 @@ class TextDataConfig:
     documents: str = "image"
     documents_per_image: int = 2
     turns_per_document: int = 4
+    # Image documents: predict only the answers ("answers", as instruction tuning does: the loss
+    # is then all on what must be read from the context) or every token ("all").
+    loss_on: str = "answers"
+    pack: bool = True  # image documents: several whole documents per block (False: one per block)
 
     def __post_init__(self) -> None:
         _one_of(self.documents, "data.documents", LM_DOCUMENT_FORMATS)
+        _one_of(self.loss_on, "data.loss_on", ("answers", "all"))
         _check(self.documents_per_image >= 1 and self.turns_per_document >= 1,
                "data.documents_per_image/turns_per_document", "must be >= 1")
         _check(self.block_size >= 2, "data.block_size", "must be >= 2")

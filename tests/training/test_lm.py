@@ -26,17 +26,19 @@ def test_pack_blocks_shuffles_documents_and_keeps_boundaries():
 
 def test_pack_documents_keeps_each_document_whole_and_pads_out_of_the_loss():
     docs = [[1] + [10 + i] * (2 + i % 4) + [2] for i in range(12)]  # 4..7 tokens each
-    ids, labels = pack_documents(docs, block_size=10, pad_id=0, seed=0)
+    ids, labels = pack_documents([(d, [-100] * (len(d) - 2) + d[-2:]) for d in docs], block_size=10, pad_id=0, seed=0)
     assert ids.shape == labels.shape and ids.shape[1] == 10
     seen = []
     for row, lab in zip(ids.tolist(), labels.tolist()):
         n = sum(t != 0 for t in row)
-        assert row[n:] == [0] * (10 - n) and lab[n:] == [-100] * (10 - n) and lab[:n] == row[:n]
+        assert row[n:] == [0] * (10 - n) and lab[n:] == [-100] * (10 - n)
+        assert all(a in (-100, t) for a, t in zip(lab[:n], row[:n])) and lab[:n].count(2) == row[:n].count(2)
         starts = [k for k, t in enumerate(row[:n]) if t == 1]
         assert starts[0] == 0  # a block starts with a document, never inside one
         seen += [tuple(row[a:b]) for a, b in zip(starts, starts[1:] + [n])]
     assert sorted(seen) == sorted(map(tuple, docs))
-    cut, _ = pack_documents([[1] + [7] * 20 + [2]], block_size=8, pad_id=0, seed=0)
+    long = [1] + [7] * 20 + [2]
+    cut, _ = pack_documents([(long, long)], block_size=8, pad_id=0, seed=0)
     assert cut.tolist() == [[1] + [7] * 7]  # a document longer than a block is cut
 
 
@@ -47,11 +49,12 @@ def test_image_documents_use_stage_two_text_format(tmp_path):
     assert len(docs) == 12 and all(len(d) == 6 for d in docs)
     tok = train_bpe_tokenizer([t for d in docs for _, t in d], vocab_size=400, extra_special_tokens=("<image>",),
                               add_bos=True, add_eos=True)
-    ids = encode_image_documents(tok, docs, max_len=256)
+    encoded = encode_image_documents(tok, docs, max_len=256)
     (_, h1), (_, a1), (_, h2), (_, a2), (_, h3), (_, a3) = docs[0]
-    want = (f"<s>{h1}\n{a1}</s>{h2}\n{a2}</s>{h3}\n{a3}</s>")
-    assert tok.decode(ids[0]) == want
-    assert encode_image_documents(tok, docs[:1], max_len=10)[0] == ids[0][:10]
+    ids, labels = encoded[0]
+    assert tok.decode(ids) == f"<s>{h1}\n{a1}</s>{h2}\n{a2}</s>{h3}\n{a3}</s>"
+    assert tok.decode([t for t in labels if t != -100]) == f"{a1}</s>{a2}</s>{a3}</s>"  # answers only
+    assert encode_image_documents(tok, docs[:1], max_len=10)[0] == (ids[:10], labels[:10])
 
 
 def tiny_cfg(tmp_path, text_file):
@@ -112,3 +115,10 @@ def test_tiny_world_lm_on_image_documents(tmp_path):
     rows = [json.loads(ln) for ln in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 10 and rows[-1]["loss"] < rows[0]["loss"]
     assert AutoModelForCausalLM.from_pretrained(final).config.vocab_size == len(AutoTokenizer.from_pretrained(final))
+
+
+def test_pack_documents_one_per_block():
+    docs = [([1, 5, 2], [-100, 5, 2]), ([1, 6, 6, 2], [-100, -100, 6, 2])]
+    ids, labels = pack_documents(docs, block_size=8, pad_id=0, seed=0, one_per_block=True)
+    assert sorted(map(tuple, ids.tolist())) == [(1, 5, 2, 0, 0, 0, 0, 0), (1, 6, 6, 2, 0, 0, 0, 0)]
+    assert sorted(map(tuple, labels.tolist()))[0] == (-100, -100, 6, 2, -100, -100, -100, -100)

@@ -41,7 +41,7 @@ from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionP
 
 from encoders.features import ImageFeatures, TextFeatures
 from encoders.towers import (ImageTransform, VisionTower, build_vision_tower, default_transform, is_conv_tower,
-                             load_vision_tower, tower_forward, tower_width)
+                             load_vision_tower, pool_patch_grid, tower_forward, tower_width)
 from vlm.config import ConfigError, EncoderConfig, config_from_yaml_text, save_config
 from vlm.data.tokenizer import load_tokenizer
 
@@ -166,10 +166,8 @@ class DualEncoder(nn.Module):
         """The ``pool`` of patch tokens [B,P,w] (or the tower's own pooled output [B,w] for "cls") -> [B,w]."""
         if self.cfg.pool == "cls":
             return pooled
-        if self.cfg.pool == "mean":
-            return patches.mean(dim=1)
-        if self.cfg.pool == "max":
-            return patches.amax(dim=1)
+        if self.cfg.pool in ("mean", "max"):
+            return pool_patch_grid(patches, self.cfg.pool)
         return self.heads["image_pool"](patches)
 
     @property

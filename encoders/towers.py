@@ -105,10 +105,19 @@ class ImageTransform:
             image = image.crop((left, top, left + s, top + s))
         return image
 
+    def _at_size(self, image: object) -> bool:
+        """Whether ``image`` is a uint8 array [S,S,3] already at the input size (nothing to resize or crop)."""
+        s = self.image_size
+        return isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (s, s, 3)
+
+    def _normalise(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 [..., S, S, 3] -> float [..., 3, S, S]: scaled to [0, 1], then normalised."""
+        x = torch.from_numpy(np.array(pixels)).movedim(-1, -3).float() / 255.0
+        return (x - self._mean) / self._std
+
     def __call__(self, image: Union[Image.Image, np.ndarray]) -> torch.Tensor:
-        if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (self.image_size, self.image_size, 3):
-            x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # no resize: as PIL
-            return (x - self._mean) / self._std
+        if self._at_size(image):
+            return self._normalise(image)  # what the PIL path gives when there is no resize or crop
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"expected a uint8 array [H,W,3], got {image.dtype} {image.shape}")
@@ -117,17 +126,13 @@ class ImageTransform:
             raise TypeError(f"expected a PIL image or uint8 array, got {type(image).__name__}")
         if image.mode != "RGB":
             image = image.convert("RGB")
-        arr = np.asarray(self._resize_crop(image), dtype=np.float32) / 255.0
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1)
-        return (x - self._mean) / self._std
+        return self._normalise(np.asarray(self._resize_crop(image), dtype=np.uint8))
 
     def batch(self, images: Sequence[Union[Image.Image, np.ndarray]]) -> torch.Tensor:
         """A list of images -> [B, 3, image_size, image_size]. uint8 arrays already at the input size
         (the world's pre-decoded arrays) are normalised together in one vectorised pass."""
-        s = self.image_size
-        if images and all(isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.shape == (s, s, 3) for im in images):
-            x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-            return (x - self._mean) / self._std
+        if images and all(self._at_size(im) for im in images):
+            return self._normalise(np.stack(images))
         return torch.stack([self(im) for im in images])
 
     def processor_config(self) -> dict:
@@ -317,6 +322,15 @@ def load_vision_tower(path: Union[str, Path]) -> tuple[VisionTower, ImageTransfo
         raise ValueError(f"{directory}: image_size {tower_image_size(tower)} is not a multiple of the tower's "
                          f"patch size (total stride) {tower_patch_size(tower)}")
     return tower, transform
+
+
+def pool_patch_grid(patches: torch.Tensor, how: str) -> torch.Tensor:
+    """Patch tokens [B,P,w] -> [B,w]: their channel-wise "max" or their "mean"."""
+    if how == "max":
+        return patches.amax(dim=1)
+    if how == "mean":
+        return patches.mean(dim=1)
+    raise ValueError(f"pool_patch_grid pools by 'max' or 'mean', got {how!r}")
 
 
 def tower_width(tower: VisionTower) -> int:

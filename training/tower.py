@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.towers import ImageTransform, build_vision_tower, default_transform, patch_tokens, tower_width
+from encoders.towers import (ImageTransform, build_vision_tower, default_transform, patch_tokens, pool_patch_grid,
+                             tower_width)
 from training import distributed
 from training.data import ResumableBatches, world_dir_for
 from training.loop import check_out_dir, train
@@ -39,11 +40,6 @@ def presence_labels(objects: list[list[str]]) -> torch.Tensor:
     return y
 
 
-def pool_patches(patches: torch.Tensor, how: str) -> torch.Tensor:
-    """patches [B,P,w] -> [B,w]: the max or the mean over the grid."""
-    return patches.amax(dim=1) if how == "max" else patches.mean(dim=1)
-
-
 class TowerClassifier(nn.Module):
     """A tower, a pooling and a linear head: ``forward({"pixel_values", "labels"}) -> {"loss", ...}``."""
 
@@ -54,7 +50,7 @@ class TowerClassifier(nn.Module):
 
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B,3,H,W] -> label logits [B,16]."""
-        return self.head(pool_patches(patch_tokens(self.tower, pixel_values), self.pool))
+        return self.head(pool_patch_grid(patch_tokens(self.tower, pixel_values), self.pool))
 
     def forward(self, batch: dict) -> dict:
         logits = self.logits(batch["pixel_values"]).float()
@@ -77,7 +73,7 @@ def tower_batches(arrays: TrainArrays, cfg: TowerPretrainConfig, transform: Imag
     objects = arrays.index["objects"]
 
     def make(ids: list[int]) -> dict:
-        pixels = torch.stack([transform(np.asarray(arrays.images[i])) for i in ids])
+        pixels = transform.batch([np.asarray(arrays.images[i]) for i in ids])
         return {"pixel_values": pixels, "labels": torch.stack([presence_labels(objects[i]) for i in ids])}
 
     return ResumableBatches(len(arrays), cfg.optim.batch_size, make, seed=cfg.run.seed, rank=rank,
@@ -100,4 +96,4 @@ def run(cfg: TowerPretrainConfig) -> Path:
     return train(model, batches, cfg.optim, cfg.run, config=cfg).final_dir
 
 
-__all__ = ["LABELS", "TowerClassifier", "pool_patches", "presence_labels", "run", "tower_batches"]
+__all__ = ["LABELS", "TowerClassifier", "presence_labels", "run", "tower_batches"]

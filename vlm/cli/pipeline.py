@@ -19,7 +19,7 @@ import torch
 
 from training.recipes import RECIPES
 from vlm.cli.train import make_world
-from vlm.config import PipelineConfig, WorldConfig, load_config, save_config
+from vlm.config import CONV_ARCHS, PipelineConfig, WorldConfig, load_config, save_config
 
 
 @dataclass
@@ -98,7 +98,7 @@ def stage1_init(tower: Stage | None) -> list[str]:
 
 def stage2_features(stage1: Stage) -> list[str]:
     """Stage-two overrides for a conv tower (no CLS, no penultimate grid): the last stage's full grid."""
-    if stage1.cfg.model.vision.arch in ("resnet", "convnext"):
+    if stage1.cfg.model.vision.arch in CONV_ARCHS:
         return ["model.vision_feature_layer=-1", "model.vision_feature_select_strategy=full"]
     return []
 

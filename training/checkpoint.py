@@ -4,6 +4,8 @@ Layout of one checkpoint, ``out_dir/checkpoints/step_XXXXXXXX/``::
 
     model.safetensors      trainable parameters (+ persistent buffers of modules that own them)
     optimizer.pt           optimiser and LR-scheduler state (tensors and plain containers only)
+    sharded/               under FSDP instead of the above but the scheduler: every rank's shards
+                           of the trainable tensors and their optimiser state (torch.distributed.checkpoint)
     rng_rank{r}.pt         python / numpy / torch CPU / torch CUDA RNG states of rank r
     meta.json              step, micro-batches consumed, world size, loss; written LAST
 
@@ -35,6 +37,7 @@ TMP_PREFIX = ".tmp-"
 META = "meta.json"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
+SHARDED_DIR = "sharded"
 
 
 class CheckpointError(RuntimeError):
@@ -174,12 +177,16 @@ def write_rank_files(tmp: Path, rank: int, rng: dict[str, Any]) -> None:
     fsync_path(path)
 
 
-def write_main_files(tmp: Path, model_tensors: dict[str, torch.Tensor], optim_state: dict[str, Any]) -> None:
-    """Write the rank-0 part (trainable tensors and optimiser/scheduler state) into ``tmp``."""
+def write_main_files(tmp: Path, model_tensors: Optional[dict[str, torch.Tensor]], optim_state: dict[str, Any]) -> None:
+    """Write the rank-0 part (trainable tensors and optimiser/scheduler state) into ``tmp``;
+    ``model_tensors`` None when they are in ``SHARDED_DIR`` (FSDP)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    names = [OPTIM_FILE]
+    if model_tensors is not None:
+        save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        names.append(MODEL_FILE)
     torch.save(optim_state, tmp / OPTIM_FILE)
-    for name in (MODEL_FILE, OPTIM_FILE):
+    for name in names:
         fsync_path(tmp / name)
 
 
@@ -237,13 +244,15 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[CheckpointInfo]:
 def load_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
     """Read a complete checkpoint dir: ``{"model": tensors, "optim": state, "rng": state | None, "meta": dict}``.
 
-    ``rng`` is this ``rank``'s RNG file (None if the checkpoint has none for it).
+    ``rng`` is this ``rank``'s RNG file (None if the checkpoint has none for it). A sharded (FSDP)
+    checkpoint has ``model`` None and only the scheduler in ``optim``: its ``SHARDED_DIR`` is read by
+    ``training.parallel.load_sharded``.
     """
     path = Path(path)
     if not (path / META).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {META})")
     meta = json.loads((path / META).read_text())
-    model = load_file(str(path / MODEL_FILE))
+    model = load_file(str(path / MODEL_FILE)) if (path / MODEL_FILE).is_file() else None
     optim = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
     rng_path = path / f"rng_rank{rank}.pt"
     rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None

@@ -228,8 +228,13 @@ def _resume(r: _Run, latest: ckpt.CheckpointInfo) -> None:
         raise ckpt.CheckpointError(f"{latest.path} used grad_accum={latest.meta.get('grad_accum')}, "
                                    f"this run has optim.grad_accum={accum}")
     state = ckpt.load_checkpoint(latest.path, rank=info.rank)
-    parallel.load_model_state(r.wrapped, state["model"])
-    parallel.load_optimizer_state(r.wrapped, r.opt, state["optim"]["optimizer"])
+    if state["model"] is None:  # sharded (FSDP): every rank reads its shards
+        if not parallel.is_fsdp(r.wrapped):
+            raise ckpt.CheckpointError(f"{latest.path} is a sharded (FSDP) checkpoint; resume with run.distributed=fsdp")
+        parallel.load_sharded(latest.path / ckpt.SHARDED_DIR, r.wrapped, r.opt)
+    else:
+        parallel.load_model_state(r.wrapped, state["model"])
+        parallel.load_optimizer_state(r.wrapped, r.opt, state["optim"]["optimizer"])
     r.sched.load_state_dict(state["optim"]["scheduler"])
     if state["rng"] is None:
         raise ckpt.CheckpointError(f"{latest.path} has no RNG state for rank {info.rank}")
@@ -338,6 +343,7 @@ def _step(r: _Run) -> Optional[_StepOut]:
     names = sorted(sums)
     terms = torch.stack([sums[k] for k in names]) / r.optim.grad_accum
     clipping = r.optim.grad_clip > 0
+    parallel.reduce_replicated_grads(r.wrapped)
     if distrib.any_rank(not bool(torch.isfinite(terms).all()), r.info.device):
         raise NonFiniteLossError(r.step + 1, dict(zip(names, terms.tolist())), clipping=clipping)
     grad_norm = None
@@ -392,15 +398,20 @@ def _after_step(r: _Run, out: _StepOut) -> None:
 
 def _save(r: _Run) -> None:
     """Write the checkpoint of ``r.step`` atomically (see ``training.checkpoint``): every rank its
-    RNG file, rank 0 the model/optimiser files and then the commit; then prune to ``run.keep_last``."""
+    RNG file (and under FSDP its shards), rank 0 the model/optimiser files and then the commit;
+    then prune to ``run.keep_last``."""
     info, accum = r.info, r.optim.grad_accum
     tmp = ckpt.tmp_dir_for(r.ckpt_root, r.step)
     if info.is_main and tmp.exists():
         shutil.rmtree(tmp)
     distrib.barrier()
     ckpt.write_rank_files(tmp, info.rank, ckpt.rng_state())
-    tensors = parallel.model_state(r.wrapped)  # a collective under FSDP: every rank calls it
-    optim_state = {"optimizer": parallel.optimizer_state(r.wrapped, r.opt), "scheduler": r.sched.state_dict()}
+    if parallel.is_fsdp(r.wrapped):  # every rank writes its shards (a collective)
+        parallel.save_sharded(tmp / ckpt.SHARDED_DIR, r.wrapped, r.opt)
+        tensors, optim_state = None, {"scheduler": r.sched.state_dict()}
+    else:
+        tensors = parallel.model_state(r.wrapped)
+        optim_state = {"optimizer": parallel.optimizer_state(r.wrapped, r.opt), "scheduler": r.sched.state_dict()}
     if info.is_main:
         ckpt.write_main_files(tmp, tensors, optim_state)
     distrib.barrier()  # every rank's RNG file is on disk before the commit

@@ -198,6 +198,9 @@ def xattn_layer_indices(num_layers: int, every: int) -> list[int]:
 class FlamingoBridge(Bridge):
     """``forward(patch_tokens [B,P,w]) -> latents [B,M,d]``; gated blocks before layers (i+1) % k == 0."""
 
+    # The transformers convention: one FSDP unit per block (training.parallel.fsdp_units).
+    _no_split_modules = ["GatedDecoderLayer", "GatedCrossAttentionBlock", "ResamplerLayer"]
+
     def __init__(self, cfg: BridgeConfig, vision_width: int, llm_width: int, num_llm_layers: int):
         super().__init__()
         if llm_width % cfg.num_heads:

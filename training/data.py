@@ -183,20 +183,22 @@ class ShardSamples:
     epoch (infinite); epoch e is shuffled with seed ``seed * 1_000_003 + e``.
 
     A sample is ``vlm.data.shards.ShardStream``'s ``{"key", "image": PIL RGB, "text", "json"}``;
-    ``position`` counts this stream's samples from 0 across epochs. Reads ``data.shuffle_buffer``
-    and ``data.num_workers``.
+    ``position`` counts this stream's samples from 0 across epochs. Reads ``data.shuffle_buffer``,
+    ``data.num_workers`` and ``data.resampled`` (then one endless epoch of shards drawn with
+    replacement, deterministic in ``seed``, so resume stays exact).
     """
 
     def __init__(self, urls: list[str], data: ShardDataConfig, seed: int, rank: int = 0, world_size: int = 1,
                  name: str = "shard") -> None:
         self.urls, self.seed, self.rank, self.world_size, self.name = urls, seed, rank, world_size, name
-        self.shuffle_buffer, self.num_workers = data.shuffle_buffer, data.num_workers
+        self.shuffle_buffer, self.num_workers, self.resampled = data.shuffle_buffer, data.num_workers, data.resampled
 
     def samples(self, worker: int = 0) -> Iterator[dict]:
         """The samples alone, epoch after epoch; an epoch without any sample is an error."""
         for epoch in itertools.count():
             stream = ShardStream(self.urls, shuffle_buffer=self.shuffle_buffer, seed=self.seed * 1_000_003 + epoch,
-                                 rank=self.rank, world_size=self.world_size, num_workers=self.num_workers)
+                                 rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
+                                 resampled=self.resampled)
             n = 0
             for sample in stream:
                 n += 1

@@ -192,6 +192,8 @@ class ShardDataConfig:
     world_dir: str = "runs/world"  # where the embedded world lives (exported on first use)
     shuffle_buffer: int = 1000
     num_workers: int = 0
+    # Draw shards with replacement per rank and worker, no epochs (webdataset's resampled=True).
+    resampled: bool = False
     max_text_len: int = 64
     # The embedded world's pre-decoded train arrays instead of its shards (same pixels, ~10x cheaper
     # to read; ignored when ``shards`` is set).

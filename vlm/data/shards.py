@@ -13,6 +13,15 @@ Every stream shuffles the shard list with the same seeded permutation (``(seed, 
   ``s mod S`` (sample-level split: slower, but no rank is left without data).
 Either way the streams are disjoint and together cover every sample once per epoch.
 
+With ``resampled=True`` (webdataset's ``resampled=True``, for multi-epoch runs on many nodes) there
+are no epochs: stream s draws shards with replacement, for ever, from its own generator seeded by
+``(seed, s)``, so no rank waits for another at an epoch boundary and the streams differ; each
+shard is read as often as any other in expectation, not exactly once per pass.
+
+Shard lists come from brace patterns (``braceexpand``: "{000000..099999}" is 100k names made
+without touching the filesystem, so no directory of thousands of shards is listed); a glob lists
+its directory.
+
 Samples are then shuffled through a buffer of ``shuffle_buffer`` with a ``random.Random`` seeded by
 ``(seed, epoch, s)``; ``shuffle_buffer=0`` keeps the shard order. With ``repeat=True`` the stream
 runs epoch after epoch, reshuffled each time, so a trainer can draw any number of batches.
@@ -31,7 +40,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 import webdataset as wds
@@ -62,9 +71,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls: str | Sequence[str], decode: bool = True, shuffle_buffer: int = 1000, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, repeat: bool = False,
-                 max_pixels: int = 4096 * 4096) -> None:
+                 max_pixels: int = 4096 * 4096, resampled: bool = False) -> None:
         """urls: brace pattern / glob / list. decode: PIL RGB images (False: the raw image bytes).
-        num_workers: the DataLoader's worker count (0 = iterate in this process)."""
+        num_workers: the DataLoader's worker count (0 = iterate in this process). resampled:
+        infinite, shards drawn with replacement per stream (module docstring; ``repeat`` is moot)."""
         self.urls = expand_urls(urls)
         if not self.urls:
             raise ValueError(f"no shards match {urls!r}")
@@ -74,7 +84,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise ValueError("shuffle_buffer and num_workers must be >= 0, max_pixels >= 1")
         self.decode, self.shuffle_buffer, self.seed = decode, shuffle_buffer, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.repeat, self.max_pixels = repeat, max_pixels
+        self.repeat, self.max_pixels, self.resampled = repeat, max_pixels, resampled
         self.stats: dict[str, Any] = {"ok": 0, "skipped": 0, "reasons": {}}
         self._warned: set[str] = set()
 
@@ -99,7 +109,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def _raw_samples(self, shards: list[str]) -> Iterator[dict]:
+    def _raw_samples(self, shards: Iterable[str]) -> Iterator[dict]:
         """webdataset's grouped samples of each shard; a failing shard is skipped from the failure on."""
         for url in shards:
             failed: list[Exception] = []
@@ -157,14 +167,26 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.stats["ok"] += 1
         return {"key": key, "image": image, "text": text, "json": meta}
 
-    def _epoch(self, epoch: int) -> Iterator[dict]:
-        s, total = self._stream_id()
+    def stream_shards(self, epoch: int, stream: int, streams: int) -> list[str]:
+        """The shards stream ``stream`` of ``streams`` reads in ``epoch`` (without resampling):
+        its ``perm[stream::streams]``, or every shard when there are fewer shards than streams."""
         shards = list(self.urls)
         random.Random(f"shards:{self.seed}:{epoch}").shuffle(shards)
-        if len(shards) >= total:
-            raw: Iterator[dict] = self._raw_samples(shards[s::total])
+        return shards[stream::streams] if len(shards) >= streams else shards
+
+    def _resampled_shards(self, stream: int) -> Iterator[str]:
+        rng = random.Random(f"resample:{self.seed}:{stream}")
+        while True:
+            yield rng.choice(self.urls)
+
+    def _epoch(self, epoch: int) -> Iterator[dict]:
+        s, total = self._stream_id()
+        if self.resampled:
+            raw: Iterator[dict] = self._raw_samples(self._resampled_shards(s))
+        elif len(self.urls) >= total:
+            raw = self._raw_samples(self.stream_shards(epoch, s, total))
         else:
-            raw = itertools.islice(self._raw_samples(shards), s, None, total)
+            raw = itertools.islice(self._raw_samples(self.stream_shards(epoch, s, total)), s, None, total)
         samples = (d for d in map(self._decode, raw) if d is not None)
         if self.shuffle_buffer <= 1:
             yield from samples
@@ -180,7 +202,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[dict]:
-        for epoch in itertools.count() if self.repeat else (0,):
+        for epoch in itertools.count() if self.repeat and not self.resampled else (0,):
             yield from self._epoch(epoch)
 
     def skip(self, n: int) -> Iterator[dict]:

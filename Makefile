@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-gpu install clean
 
 demo: $(STAMP)
 	$(VENV)/bin/vlm demo --out $(OUT)
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# One CUDA GPU, a few minutes: the real recipes' step time, MFU and memory (bench/gpu.py).
+bench-gpu: $(STAMP)
+	$(PY) -m bench.gpu
 
 install: $(STAMP)
 

@@ -41,7 +41,7 @@ from bench.stage1 import WORDS, build, make_batch, recipe
 from encoders.config import Stage1Config
 from encoders.stage1_model import Stage1Model
 from encoders.towers import ImageTransform, build_vision_tower
-from vlm.config import Stage2Config, load_config, replace
+from vlm.config import Stage2Config, VisionTowerConfig, load_config, replace
 from vlm.data.prompts import IMAGE_TOKEN
 from vlm.data.tokenizer import train_bpe_tokenizer
 from vlm.model.vision_language_model import VisionLanguageModel
@@ -99,16 +99,18 @@ def stage1_batch(cfg: Stage1Config, tokenizer, batch_size: int, device: torch.de
 # ----------------------------------------------------------------------------------------------
 
 
-def save_stage2_assets(directory: Path, num_layers: Optional[int] = None) -> tuple[Path, Path]:
-    """A random ViT-B/16 tower (the stage-one recipe's vision config) and a random Qwen2-0.5B-shaped
-    LLM with a word tokenizer, saved under ``directory``: (tower dir, llm dir)."""
+def save_stage2_assets(directory: Path, num_layers: Optional[int] = None, llm_config: Optional[Qwen2Config] = None,
+                       vision: Optional[VisionTowerConfig] = None) -> tuple[Path, Path]:
+    """A random tower (default: the ViT-B/16 of the stage-one recipe) and a random LLM (default:
+    Qwen2-0.5B-shaped with ``num_layers`` layers) with a word tokenizer, saved in bf16 under
+    ``directory``: (tower dir, llm dir)."""
     torch.manual_seed(0)
-    vision = stage1_recipes()["sparc"].model.vision
+    vision = vision or stage1_recipes()["sparc"].model.vision
     tower_dir, llm_dir = directory / "tower", directory / "llm"
     build_vision_tower(vision).save_pretrained(str(tower_dir))
     ImageTransform(vision.image_size).save_pretrained(tower_dir)
     tokenizer = word_tokenizer(image_token=True)
-    llm = Qwen2ForCausalLM(qwen05b_config(num_layers))
+    llm = Qwen2ForCausalLM(llm_config or qwen05b_config(num_layers)).to(torch.bfloat16)
     llm.generation_config.pad_token_id = tokenizer.pad_token_id
     llm.save_pretrained(str(llm_dir))
     tokenizer.save_pretrained(str(llm_dir))

@@ -326,8 +326,8 @@ def _accumulate(r: _Run) -> Optional[dict[str, torch.Tensor]]:
 def _after_optimizer_step(r: _Run) -> None:
     """Call the model's ``after_optimizer_step()`` when it defines one (e.g. ``Stage1Model``: the
     objective clamps its learned logit scale in place, as open_clip after ``optimizer.step()``).
-    Runs on every rank on the unwrapped module; under FSDP (``use_orig_params``) its parameters are
-    this rank's shards, so the hook must be elementwise."""
+    Runs on every rank on the unwrapped module; under FSDP its parameters are this rank's shards
+    (DTensors; 0-d ones are replicated), so the hook must be elementwise."""
     hook = getattr(parallel.unwrap(r.wrapped), "after_optimizer_step", None)
     if callable(hook):
         hook()

@@ -120,7 +120,7 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept on disk
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # bf16 autocast on CUDA; always fp32 on CPU
-    distributed: str = "ddp"  # ddp | fsdp, used when launched under torchrun
+    distributed: str = "ddp"  # ddp | fsdp (FSDP2 per layer, sharded checkpoints), used when launched under torchrun
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True  # tqdm bar

@@ -69,7 +69,8 @@ def layer_classes(model: nn.Module) -> set[str]:
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The per-layer FSDP units of ``model``, innermost first: every block of a layer stack (an
-    ``nn.ModuleList`` entry) whose class is in ``layer_classes(model)``."""
+    ``nn.ModuleList`` entry) whose class is in ``layer_classes(model)``. Call it before sharding
+    (``fully_shard`` gives the blocks new classes)."""
     classes = layer_classes(model)
     units = [block for module in model.modules() if isinstance(module, nn.ModuleList)
              for block in module if type(block).__name__ in classes]

@@ -1,6 +1,9 @@
-"""FSDP2 per layer under torchrun (2 CPU processes, gloo) on the tiny VLM with LoRA, both bridges:
-each rank holds about half the parameters, the logged loss equals one process's on the full batch,
-and a run resumed from a sharded (torch.distributed.checkpoint) checkpoint repeats the losses."""
+"""FSDP2 per layer on 2 CPU processes (gloo). Stage two under torchrun through the training loop, on
+the tiny VLM with LoRA, both bridges: each rank holds about half the parameter bytes, the logged
+loss equals one process's on the full batch, and a run resumed from a sharded
+(torch.distributed.checkpoint) checkpoint repeats the losses. Stage one (CLIP, SPARC, float64):
+the sharded dual encoder's gradients, with and without cached accumulation, equal one process's
+on the whole batch."""
 import json
 import os
 import subprocess
@@ -130,3 +133,55 @@ def test_fsdp_units_are_the_layer_stacks_blocks(tiny_tower_dir, tiny_llm_dir):
     assert names == ["CLIPEncoderLayer"] * 2 + ["GatedCrossAttentionBlock"] * 2 + ["GatedDecoderLayer"] * 2 + \
         ["ResamplerLayer"]
     assert {"LlamaDecoderLayer", "CLIPEncoderLayer"} <= parallel.layer_classes(vlm)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage one: the dual encoder sharded per tower block, gradients equal to one process's
+# ------------------------------------------------------------------------------------------------
+
+
+def stage1_worker(rank: int, init_file: str, out_dir: str, tokenizer) -> None:
+    import torch.distributed as dist
+
+    from test_accum_freq import NAMES, WORLD, B, build, make_batch, rank_batch  # noqa: F401
+    from training.loop import cached_forward_backward, forward_backward
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for name in ("clip", "sparc"):
+            model = build(name, tokenizer)
+            results[f"{name}/units"] = torch.tensor(len(parallel.fsdp_units(model)))
+            parallel.shard(model, torch.device("cpu"), WORLD)
+            batch = rank_batch(make_batch(name, tokenizer, WORLD * B), rank, name)
+            for accum in (1, 2):
+                model.zero_grad(set_to_none=True)
+                out = (forward_backward(model, batch, sync=True) if accum == 1 else
+                       cached_forward_backward(model, batch, accum, sync=True))
+                parallel.reduce_replicated_grads(model)
+                results[f"{name}/{accum}/loss"] = out["loss"].detach().clone()
+                for pname, p in model.named_parameters():
+                    grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                    results[f"{name}/{accum}/{pname}"] = grad.detach().clone()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stage1_fsdp_two_ranks_equal_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    from test_accum_freq import WORLD, B, assert_same, build, grads_after, make_batch, make_tokenizer
+    from training.loop import forward_backward
+    tokenizer = make_tokenizer()
+    mp.spawn(stage1_worker, args=(str(tmp_path / "init"), str(tmp_path), tokenizer), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for name in ("clip", "sparc"):
+        assert int(ranks[0][f"{name}/units"]) == 2  # one vision and one text encoder layer
+        model = build(name, tokenizer)
+        want = grads_after(model, lambda: forward_backward(model, make_batch(name, tokenizer, WORLD * B), True))
+        for accum in (1, 2):
+            got = {k.split("/", 2)[2]: v for k, v in ranks[0].items() if k.startswith(f"{name}/{accum}/")}
+            got["loss"] = torch.stack([res[f"{name}/{accum}/loss"] for res in ranks]).mean()
+            assert_same(got, want, f"{name} under FSDP, accum_freq={accum}")

@@ -152,7 +152,8 @@ def stage2_results(device: torch.device, dry_run: bool, batch_size: int, text_wo
         if dry_run:
             tiny = Qwen2Config(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-            tower, llm = shapes.save_stage2_assets(Path(tmp), llm_config=tiny, vision=recipe("sparc", "tiny").model.vision)
+            vision = recipe("sparc", "tiny").model.vision
+            tower, llm = shapes.save_stage2_assets(Path(tmp), llm_config=tiny, vision=vision)
         else:
             tower, llm = shapes.save_stage2_assets(Path(tmp))
 

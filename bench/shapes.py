@@ -67,8 +67,9 @@ def word_tokenizer(vocab_size: int = 512, image_token: bool = False):
     """A byte-level BPE over ``bench.stage1.WORDS`` (seconds to train); the models keep the
     recipes' vocabulary sizes, this only supplies ids."""
     corpus = [" ".join(WORDS)] * 4 + WORDS * 8
-    return train_bpe_tokenizer(corpus, vocab_size=vocab_size, extra_special_tokens=(IMAGE_TOKEN,) if image_token else (),
-                               add_bos=True, add_eos=True, model_max_length=4096)
+    specials = (IMAGE_TOKEN,) if image_token else ()
+    return train_bpe_tokenizer(corpus, vocab_size=vocab_size, extra_special_tokens=specials, add_bos=True,
+                               add_eos=True, model_max_length=4096)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +204,10 @@ def measure_step(model: torch.nn.Module, batch: dict) -> StepCost:
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (kilobytes on Linux)
     tokens = int(batch["attention_mask"].sum()) if "labels" in batch else 0
     return StepCost(params, trainable, flops.get_total_flops(), int(peak), int(peak - before), seconds, tokens)
 

@@ -230,7 +230,8 @@ def _resume(r: _Run, latest: ckpt.CheckpointInfo) -> None:
     state = ckpt.load_checkpoint(latest.path, rank=info.rank)
     if state["model"] is None:  # sharded (FSDP): every rank reads its shards
         if not parallel.is_fsdp(r.wrapped):
-            raise ckpt.CheckpointError(f"{latest.path} is a sharded (FSDP) checkpoint; resume with run.distributed=fsdp")
+            raise ckpt.CheckpointError(f"{latest.path} is a sharded (FSDP) checkpoint; resume it with "
+                                       f"run.distributed=fsdp")
         parallel.load_sharded(latest.path / ckpt.SHARDED_DIR, r.wrapped, r.opt)
     else:
         parallel.load_model_state(r.wrapped, state["model"])

@@ -14,8 +14,8 @@ Checkpoints: under FSDP every rank writes its own shards of the trainable tensor
 optimiser state with ``torch.distributed.checkpoint`` (``save_sharded`` / ``load_sharded``; on
 many nodes the checkpoint directory must be on a filesystem every node sees); otherwise
 ``model_state`` gives the full trainable tensors on the CPU in the layout of
-``training.checkpoint.trainable_state_dict`` and ``load_model_state`` puts them back (under FSDP
-through full, gathered state dicts: a collective, rank 0 gets the tensors).
+``training.checkpoint.trainable_state_dict`` and ``load_model_state`` puts them back (also into an
+FSDP model, scattering the full tensors: a DDP checkpoint resumes under FSDP).
 """
 from __future__ import annotations
 
@@ -25,12 +25,10 @@ from typing import ContextManager, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict,
-                                                     set_state_dict)
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -40,9 +38,8 @@ from training import checkpoint as ckpt
 from training.distributed import DistInfo
 from vlm.config import RunConfig
 
-# Gather full tensors, offloaded to the CPU of rank 0 only (other ranks get empty dicts).
-_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-# Every rank passes the full tensors read from the checkpoint; frozen parameters are not in it.
+# Resuming a full (DDP) checkpoint under FSDP: every rank passes the full tensors read from it;
+# frozen parameters are not in it.
 _SCATTER = StateDictOptions(full_state_dict=True, strict=False)
 # Sharded checkpoints: each rank its shards; the frozen weights are rebuilt by the recipe.
 _SHARDED = StateDictOptions(ignore_frozen_params=True, strict=False)
@@ -171,14 +168,11 @@ def clip_grad_norm(model: nn.Module, params: Iterable[torch.Tensor], max_norm: f
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable tensors of the (possibly wrapped) model, full and on the CPU, keyed as
-    ``checkpoint.trainable_state_dict`` of the unwrapped model. Under FSDP a collective: every
-    rank calls it and only rank 0 gets the tensors (others get ``{}``)."""
-    if not is_fsdp(model):
-        return ckpt.trainable_state_dict(unwrap(model))
-    keep = set(ckpt.trainable_state_dict_names(unwrap(model)))
-    full = get_model_state_dict(model, options=_GATHER)
-    return {k: v.detach().cpu().contiguous().clone() for k, v in full.items() if k in keep}
+    """Trainable tensors of the (DDP-wrapped or plain) model, full and on the CPU, keyed as
+    ``checkpoint.trainable_state_dict`` of the unwrapped model. (FSDP saves shards: ``save_sharded``.)"""
+    if is_fsdp(model):
+        raise TypeError("an FSDP model is checkpointed in shards: use save_sharded")
+    return ckpt.trainable_state_dict(unwrap(model))
 
 
 def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -196,10 +190,9 @@ def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
 
 
 def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """The optimiser's state dict; under FSDP the full (unsharded) one, keyed by parameter name,
-    on the CPU of rank 0 (a collective; other ranks get ``{}``)."""
+    """The optimiser's state dict (DDP or a single process; FSDP saves shards: ``save_sharded``)."""
     if is_fsdp(model):
-        return get_optimizer_state_dict(model, opt, options=_GATHER)
+        raise TypeError("an FSDP optimiser is checkpointed in shards: use save_sharded")
     return opt.state_dict()
 
 

@@ -8,7 +8,8 @@ from bench import gpu
 def test_dry_run_prints_every_row():
     report = gpu.run(dry_run=True)
     print(report)
-    for row in ("sparc, sdpa, batch 2", "clip, sdpa, batch 2", "projector + LoRA", "flamingo + LoRA", "projector + QLoRA 4-bit"):
+    for row in ("sparc, sdpa, batch 2", "clip, sdpa, batch 2", "projector + LoRA", "flamingo + LoRA",
+                "projector + QLoRA 4-bit"):
         assert row in report
     assert "SPARC / CLIP step time (sdpa)" in report
     assert "skipped: QLoRA needs CUDA" in report and "n/a" in report  # no peak FLOP/s for a CPU

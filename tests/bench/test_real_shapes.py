@@ -46,7 +46,8 @@ def lora_params_per_layer(r: int) -> int:
 def test_recipes_load_at_the_real_shapes():
     s1 = load_config(Stage1Config, ROOT / "configs/stage1/sparc_vitb16.yaml")
     v, t = s1.model.vision, s1.model.text
-    assert (v.arch, v.image_size, v.patch_size, v.hidden_size, v.num_layers, v.num_heads) == ("clip", 224, 16, 768, 12, 12)
+    vision = (v.arch, v.image_size, v.patch_size, v.hidden_size, v.num_layers, v.num_heads)
+    assert vision == ("clip", 224, 16, 768, 12, 12)
     assert (t.vocab_size, t.hidden_size, t.num_layers, t.max_len, s1.objective.name) == (32000, 512, 12, 77, "sparc")
     assert shapes.stage1_recipes()["clip"].objective.name == "clip"
     for bridge, path in shapes.STAGE2_RECIPES.items():

@@ -143,7 +143,7 @@ def test_fsdp_units_are_the_layer_stacks_blocks(tiny_tower_dir, tiny_llm_dir):
 def stage1_worker(rank: int, init_file: str, out_dir: str, tokenizer) -> None:
     import torch.distributed as dist
 
-    from test_accum_freq import NAMES, WORLD, B, build, make_batch, rank_batch  # noqa: F401
+    from test_accum_freq import WORLD, B, build, make_batch, rank_batch
     from training.loop import cached_forward_backward, forward_backward
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)

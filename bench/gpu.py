@@ -29,7 +29,7 @@ import importlib.util
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -94,6 +94,27 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def guarded(stage: str, name: str, measure_one: Callable[[], Result]) -> Result:
+    """``measure_one()``, or a row saying why it failed (out of memory, an attention kernel that
+    refuses these shapes...), so that one configuration does not hide the others' numbers."""
+    try:
+        result = measure_one()
+    except (RuntimeError, ValueError, ImportError, torch.cuda.OutOfMemoryError) as e:
+        result = Result(stage, name, note=f"failed: {e!r:.150}")
+    _free(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return result
+
+
+def _stage1_one(cfg, tokenizer, impl: str, device: torch.device, batch_size: int, warmup: int,
+                iters: int) -> Result:
+    model = shapes.stage1_model(cfg, tokenizer, device)
+    model.encoder.vision.set_attn_implementation(impl)
+    model.encoder.text.set_attn_implementation(impl)
+    batch = shapes.stage1_batch(cfg, tokenizer, batch_size, device)
+    name = f"{cfg.objective.name}, {impl}, batch {batch_size}"
+    return measure("stage one", name, model, batch, batch_size, "samples/s", device, warmup, iters)
+
+
 def stage1_results(device: torch.device, dry_run: bool, batch_size: int, warmup: int,
                    iters: int) -> tuple[list[Result], list[str]]:
     """SPARC and CLIP (ViT-B/16; tiny recipes in a dry run) per attention implementation, and the
@@ -105,17 +126,13 @@ def stage1_results(device: torch.device, dry_run: bool, batch_size: int, warmup:
     for impl in impls:
         seconds = {}
         for name, cfg in cfgs.items():
-            model = shapes.stage1_model(cfg, tokenizer, device)
-            model.encoder.vision.set_attn_implementation(impl)
-            model.encoder.text.set_attn_implementation(impl)
-            batch = shapes.stage1_batch(cfg, tokenizer, batch_size, device)
-            result = measure("stage one", f"{name}, {impl}, batch {batch_size}", model, batch, batch_size,
-                             "samples/s", device, warmup, iters)
+            result = guarded("stage one", f"{name}, {impl}, batch {batch_size}", lambda: _stage1_one(
+                cfg, tokenizer, impl, device, batch_size, warmup, iters))
             results.append(result)
             seconds[name] = result.seconds
-            del model, batch
-            _free(device)
-        ratios.append(f"SPARC / CLIP step time ({impl}): {seconds['sparc'] / seconds['clip']:.3f}x (target <= 1.02x)")
+        if seconds["sparc"] and seconds["clip"]:
+            ratios.append(f"SPARC / CLIP step time ({impl}): {seconds['sparc'] / seconds['clip']:.3f}x "
+                          f"(target <= 1.02x)")
     if not flash_attn_available(device):
         results.append(Result("stage one", "flash_attention_2", note="skipped: needs CUDA and the flash-attn package"))
     return results, ratios
@@ -129,10 +146,7 @@ def _stage2_one(bridge: str, tower: Path, llm: Path, device: torch.device, batch
     tokens = int(batch["attention_mask"].sum())
     kind = "QLoRA 4-bit" if changes.get("load_in_4bit") else "LoRA"
     name = f"{bridge} + {kind}, batch {batch_size}, {tokens} tokens"
-    result = measure("stage two", name, model, batch, tokens, "tokens/s", device, warmup, iters)
-    del model, batch
-    _free(device)
-    return result
+    return measure("stage two", name, model, batch, tokens, "tokens/s", device, warmup, iters)
 
 
 def qlora_unavailable(device: torch.device) -> str:
@@ -158,8 +172,9 @@ def stage2_results(device: torch.device, dry_run: bool, batch_size: int, text_wo
             tower, llm = shapes.save_stage2_assets(Path(tmp))
 
         def run(bridge: str, **changes) -> Result:
-            return _stage2_one(bridge, tower, llm, device, batch_size, text_words, warmup, iters,
-                               llm_dtype=llm_dtype, **changes)
+            kind = "QLoRA 4-bit" if changes.get("load_in_4bit") else "LoRA"
+            return guarded("stage two", f"{bridge} + {kind}", lambda: _stage2_one(
+                bridge, tower, llm, device, batch_size, text_words, warmup, iters, llm_dtype=llm_dtype, **changes))
         results = [run("projector"), run("flamingo")]
         why = qlora_unavailable(device)
         results.append(Result("stage two", "projector + QLoRA 4-bit", note=why) if why else

@@ -126,9 +126,11 @@ def stage2_recipe(bridge: str, tower: Path, llm: Path, **model_changes) -> Stage
 
 
 def stage2_model(cfg: Stage2Config, device: torch.device) -> VisionLanguageModel:
-    """The recipe's VLM (frozen tower and LLM, new bridge and LoRA) on ``device``."""
+    """The recipe's VLM (frozen tower and LLM, new bridge and LoRA) on ``device`` (a 4-bit LLM is
+    placed on the current CUDA device by its loader and not moved)."""
     torch.manual_seed(0)
-    return VisionLanguageModel.build(cfg.model, max_len=cfg.data.max_len).to(device)
+    model = VisionLanguageModel.build(cfg.model, max_len=cfg.data.max_len)
+    return model if cfg.model.load_in_4bit else model.to(device)
 
 
 def stage2_batch(model: VisionLanguageModel, batch_size: int, text_words: int, device: torch.device) -> dict:

@@ -1,0 +1,92 @@
+"""``vlm export --format llava``: stock LlavaForConditionalGeneration + AutoProcessor give our logits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from tiny_vlm import perturb_trainable, random_images, save_conv_tower, save_tiny_llm, save_tiny_tower, vlm_config
+from vlm.model.export import ExportError, export_llava
+from vlm.model.vision_language_model import VisionLanguageModel
+
+PROMPTS = ["Is there a red circle in the image?", "Describe the image briefly."]
+
+
+def trained_vlm(tower, llm, bridge="projector", **kw):
+    """A tiny VLM with random bridge and LoRA weights (as after training), in eval mode."""
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(vlm_config(tower, llm, bridge, **kw))
+    perturb_trainable(model, seed=3)
+    return model.eval()
+
+
+def stock_logits(out_dir, image, prompt):
+    """Logits of the exported dir through transformers alone: AutoProcessor's chat template and
+    pixels, LlavaForConditionalGeneration's forward. One image, one prompt -> ([T,V], input_ids [T])."""
+    processor = AutoProcessor.from_pretrained(str(out_dir))
+    llava = LlavaForConditionalGeneration.from_pretrained(str(out_dir)).eval()
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        return llava(**inputs).logits[0], inputs["input_ids"][0]
+
+
+def our_logits(model, image, prompt):
+    batch = model.processor([image], [prompt])
+    with torch.no_grad():
+        return model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])[0], batch["input_ids"][0]
+
+
+@pytest.mark.parametrize("arch,strategy", [("clip", "default"), ("clip", "full"), ("siglip", "full"),
+                                           ("siglip", "default")])
+def test_llava_export_logits_equal(tmp_path, tiny_llm_dir, arch, strategy):
+    tower = save_tiny_tower(tmp_path / "tower", arch=arch)
+    with pytest.warns(UserWarning) if (arch, strategy) == ("siglip", "default") else _no_warning():
+        model = trained_vlm(tower, tiny_llm_dir, vision_feature_select_strategy=strategy)
+    out = export_llava(model, tmp_path / "llava")
+    image = Image.fromarray(random_images(1, seed=5, size=48)[0])  # non-square-sized input: resize + crop
+    for prompt in PROMPTS:
+        theirs, their_ids = stock_logits(out, image, prompt)
+        ours, our_ids = our_logits(model, image, prompt)
+        assert their_ids.tolist() == our_ids.tolist()
+        diff = (theirs - ours).abs().max().item()
+        assert diff < 1e-4, diff
+
+
+def test_llava_export_with_chat_template(tmp_path):
+    """An LLM with a chat template (writing its BOS, as Llama 3's): the exported processor renders
+    through it; ids and logits equal."""
+    template = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    llm = save_tiny_llm(tmp_path / "llm", chat_template=template)
+    model = trained_vlm(save_tiny_tower(tmp_path / "tower"), llm)
+    out = export_llava(model, tmp_path / "llava")
+    image = Image.fromarray(random_images(1, seed=6, size=32)[0])
+    theirs, their_ids = stock_logits(out, image, PROMPTS[0])
+    ours, our_ids = our_logits(model, image, PROMPTS[0])
+    assert their_ids.tolist() == our_ids.tolist()
+    assert (theirs - ours).abs().max().item() < 1e-4
+
+
+def test_llava_export_refuses_what_llava_cannot_hold(tmp_path, tiny_tower_dir, tiny_llm_dir):
+    flamingo = trained_vlm(tiny_tower_dir, tiny_llm_dir, bridge="flamingo")
+    with pytest.raises(ExportError, match="Flamingo"):
+        export_llava(flamingo, tmp_path / "a")
+    conv = save_conv_tower(tmp_path / "conv", "resnet")
+    with pytest.raises(ExportError, match="no class"):
+        export_llava(trained_vlm(conv, tiny_llm_dir, vision_feature_layer=-1), tmp_path / "b")
+    legacy = trained_vlm(tiny_tower_dir, tiny_llm_dir, vision_feature_layer=None)
+    with pytest.raises(ExportError, match="post-norm"):
+        export_llava(legacy, tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

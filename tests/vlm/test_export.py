@@ -90,3 +90,22 @@ class _no_warning:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_export_cli_from_a_saved_checkpoint(tmp_path, tiny_tower_dir, tiny_llm_dir, capsys):
+    """``vlm export`` on an adapter checkpoint (LoRA merged on the way) and on a merged one: equal logits;
+    a flamingo checkpoint exits 2 with the reason, writing nothing."""
+    from vlm.cli import main
+
+    model = trained_vlm(tiny_tower_dir, tiny_llm_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    model.merge_and_save(tmp_path / "merged")
+    image = Image.fromarray(random_images(1, seed=7, size=32)[0])
+    ours, _ = our_logits(model, image, PROMPTS[1])
+    for ckpt in ("ckpt", "merged"):
+        assert main(["export", "--ckpt", str(tmp_path / ckpt), "--format", "llava", "--out", str(tmp_path / f"x{ckpt}")]) == 0
+        theirs, _ = stock_logits(tmp_path / f"x{ckpt}", image, PROMPTS[1])
+        assert (theirs - ours).abs().max().item() < 1e-4
+    trained_vlm(tiny_tower_dir, tiny_llm_dir, bridge="flamingo").save_pretrained(tmp_path / "fl")
+    assert main(["export", "--ckpt", str(tmp_path / "fl"), "--out", str(tmp_path / "xfl")]) == 2
+    assert "Flamingo" in capsys.readouterr().err and not (tmp_path / "xfl").exists()

@@ -4,6 +4,7 @@
     vlm train   stage1|lm|maskembed|stage2 --config YAML [--resume] [key.sub=value ...]
     vlm eval    encoder --ckpt DIR | vlm --ckpt DIR --tasks ... | drift --ckpt DIR
     vlm merge   --ckpt DIR --out DIR              standalone merged LLM + bridge for inference
+    vlm export  --ckpt DIR --format llava --out DIR   a stock LlavaForConditionalGeneration dir
     vlm demo    [--out DIR]                        everything, on the world, into DIR/report.md
     vlm ablate  --config YAML                      the backbone grid with seeds and CIs
 
@@ -31,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, one-line help)
     "train": ("vlm.cli.train", "train one stage (a recipe: stage1, lm, maskembed, stage2)"),
     "eval": ("vlm.cli.eval", "evaluate an encoder or a VLM"),
     "merge": ("vlm.cli.merge", "write a standalone merged LLM + bridge"),
+    "export": ("vlm.cli.export", "write a stage-two checkpoint as a stock transformers LLaVA dir"),
     "demo": ("vlm.cli.demo", "the whole pipeline on the world, into DIR/report.md"),
     "ablate": ("vlm.cli.ablate", "backbone ablation grid with seeds and 95%% CIs"),
 }

@@ -366,17 +366,31 @@ def score(captions: Mapping[int, str], data: ChairData) -> tuple[dict[str, float
     return summary, records
 
 
+def segment_classes(inst, ids: Iterable[int]) -> dict[int, list[str]]:
+    """image_id -> the category names of its instance annotations (``CocoInstances``), for ``ids``."""
+    classes: dict[int, list[str]] = {i: [] for i in ids}
+    for ann in inst.annotations.values():
+        if ann["image_id"] in classes:
+            classes[ann["image_id"]].append(inst.categories[ann["category_id"]])
+    return classes
+
+
+def write_outputs(out_dir: str | Path, summary: dict, records: list[dict]) -> dict:
+    """Write ``out_dir/chair/`` (summary table and per-caption records); returns ``summary``."""
+    md = f"# {TASK}\n\n" + markdown_table(["CHAIR_i", "CHAIR_s", "recall", "mean length", "captions"],
+                                          [[summary["chair_i"], summary["chair_s"], summary["recall"],
+                                            summary["mean_length"], summary["n_captions"]]]) + "\n"
+    write_task_outputs(out_dir, TASK, summary, records, md)
+    return summary
+
+
 def load(src: EvalSources, limit: Optional[int] = None) -> ChairData:
     """Read and check the CHAIR files (``captions``, ``instances``, ``images``) -> ``ChairData`` of the
     first ``limit`` images. Ground truth: the world's shapes, or COCO's segmentation classes plus
     the objects its reference captions name (``ground_truth``)."""
     caps, images = read_captioned_images(src)
     ids = select_images(images, limit, TASK)
-    inst = read_coco_instances(src.file("instances"))
-    classes: dict[int, list[str]] = {i: [] for i in ids}
-    for ann in inst.annotations.values():
-        if ann["image_id"] in classes:
-            classes[ann["image_id"]].append(inst.categories[ann["category_id"]])
+    classes = segment_classes(read_coco_instances(src.file("instances")), ids)
     if src.kind == "world":
         vocab = world_vocab()
         present = ground_truth(vocab, classes)
@@ -404,8 +418,4 @@ def run(model, data: ChairData, out_dir: str | Path, limit: Optional[int] = None
     for r in records:
         r["prompt"] = CAPTION_PROMPT
     summary["prompt"] = CAPTION_PROMPT
-    md = f"# {TASK}\n\n" + markdown_table(["CHAIR_i", "CHAIR_s", "recall", "mean length", "captions"],
-                                          [[summary["chair_i"], summary["chair_s"], summary["recall"],
-                                            summary["mean_length"], summary["n_captions"]]]) + "\n"
-    write_task_outputs(out_dir, TASK, summary, records, md)
-    return summary
+    return write_outputs(out_dir, summary, records)

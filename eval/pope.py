@@ -140,29 +140,33 @@ def run(model, data: PopeData, out_dir: str | Path, limit: Optional[int] = None,
         raise ValueError("pope: no questions")
     cache: dict = {}
     records: list[dict] = []
-    per_split: dict[str, tuple[list[bool], list[bool], Optional[list[float]]]] = {}
     with tqdm(total=total, desc=TASK, disable=not options.progress) as bar:
         for split, qs in todo.items():
-            split_records: list[dict] = []
-            margins: list[float] = []
             for chunk in batched(qs, batch_size):
                 pixels = pixel_batch(model, [Path(data.image_root) / q.image for q in chunk], cache, blank=options.blank_image)
-                answers, outputs, m = answer_batch(model, pixels, chunk, mode)
-                margins += m
-                split_records += [{"id": q.question_id, "split": split, "image": q.image,
-                                   "prompt": pope_prompt(q.text), **o, "answer": a, "gold": q.label,
-                                   "correct": a == q.label} for q, o, a in zip(chunk, outputs, answers)]
+                answers, outputs, _ = answer_batch(model, pixels, chunk, mode)
+                records += [{"id": q.question_id, "split": split, "image": q.image,
+                             "prompt": pope_prompt(q.text), **o, "answer": a, "gold": q.label,
+                             "correct": a == q.label} for q, o, a in zip(chunk, outputs, answers)]
                 bar.update(len(chunk))
-            records += split_records
-            per_split[split] = ([r["answer"] == "yes" for r in split_records],
-                                [r["gold"] == "yes" for r in split_records], margins if mode == "score" else None)
+    return write_outputs(out_dir, records, mode)
+
+
+def write_outputs(out_dir: str | Path, records: list[dict], mode: str) -> dict[str, Any]:
+    """Score answered ``records`` (split, answer, gold; "score" mode: logp_yes, logp_no for the AUC),
+    write ``out_dir/pope/`` and return the summary (``pope_summary`` plus the mode)."""
+    per_split: dict[str, tuple[list[bool], list[bool], Optional[list[float]]]] = {}
+    for split in dict.fromkeys(r["split"] for r in records):
+        rows = [r for r in records if r["split"] == split]
+        margins = [r["logp_yes"] - r["logp_no"] for r in rows] if mode == "score" else None
+        per_split[split] = ([r["answer"] == "yes" for r in rows], [r["gold"] == "yes" for r in rows], margins)
     summary = pope_summary(per_split)
     summary["mode"] = mode
-    write_task_outputs(out_dir, TASK, summary, records, _markdown(summary, list(per_split), mode))
+    write_task_outputs(out_dir, TASK, summary, records, task_markdown(summary, list(per_split), mode))
     return summary
 
 
-def _markdown(summary: dict[str, Any], splits: list[str], mode: str) -> str:
+def task_markdown(summary: dict[str, Any], splits: list[str], mode: str) -> str:
     """The per-split table of ``pope/summary.md``."""
     cols = ["accuracy", "precision", "recall", "f1", "yes_ratio"] + (["auc"] if mode == "score" else [])
     return (f"# {TASK} ({mode})\n\n"

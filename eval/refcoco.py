@@ -93,7 +93,7 @@ def load(src: EvalSources, limit: Optional[int] = None) -> RefcocoData:
     return RefcocoData(refs, root)
 
 
-def ground(ref, prompt: str, text: str, index: int) -> dict[str, Any]:
+def ground(ref, sentence: str, prompt: str, text: str, index: int) -> dict[str, Any]:
     """One expression's record: the model's ``text`` parsed to a box, scaled to pixels and scored
     against the ref's box (``iou`` None when no box was found)."""
     gold = xywh_to_xyxy(ref.bbox_xywh)
@@ -101,7 +101,7 @@ def ground(ref, prompt: str, text: str, index: int) -> dict[str, Any]:
     pred = denormalise(parsed, ref.width, ref.height) if parsed is not None else None
     iou = box_iou(pred, gold) if pred is not None else None
     return {"id": f"{ref.ref_id}:{index}", "ref_id": ref.ref_id, "ann_id": ref.ann_id,
-            "split": ref.split, "image": ref.file_name, "prompt": prompt, "output": text,
+            "split": ref.split, "image": ref.file_name, "sentence": sentence, "prompt": prompt, "output": text,
             "parsed_box": list(parsed) if parsed else None, "pred_box_px": list(pred) if pred else None,
             "gold_box_px": list(gold), "iou": iou,
             "correct": iou is not None and iou >= 0.5, "parse_failed": parsed is None}
@@ -123,9 +123,14 @@ def run(model, data: RefcocoData, out_dir: str | Path, limit: Optional[int] = No
             pixels = pixel_batch(model, [Path(data.image_root) / r.file_name for r, _ in chunk], cache, blank=options.blank_image)
             prompts = [grounding_prompt(s) for _, s in chunk]
             texts = model.generate(pixels, prompts, max_new_tokens=MAX_NEW_TOKENS)
-            for (r, _), prompt, text in zip(chunk, prompts, texts):
-                records.append(ground(r, prompt, text, len(records)))
+            for (r, s), prompt, text in zip(chunk, prompts, texts):
+                records.append(ground(r, s, prompt, text, len(records)))
             bar.update(len(chunk))
+    return write_outputs(out_dir, records)
+
+
+def write_outputs(out_dir: str | Path, records: list[dict]) -> dict[str, Any]:
+    """Score grounded ``records`` (``ground``), write ``out_dir/refcoco/`` and return the summary."""
     summary = grounding_metrics([r["iou"] for r in records], [r["split"] for r in records])
     rows = [[s, m["acc"], m["mean_iou"], m["unparseable"], m["n"]] for s, m in summary["splits"].items()]
     rows.append(["all", summary["acc"], summary["mean_iou"], summary["unparseable"], summary["n"]])

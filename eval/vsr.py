@@ -90,26 +90,31 @@ def run(model, data: VsrData, out_dir: str | Path, limit: Optional[int] = None, 
         raise ValueError("vsr: no statements")
     cache: dict = {}
     records: list[dict] = []
-    margins: list[float] = []
     with tqdm(total=len(items), desc=TASK, disable=not options.progress) as bar:
         for chunk in batched(items, batch_size):
             pixels = pixel_batch(model, [Path(data.image_root) / it.image for it in chunk], cache, blank=options.blank_image)
-            answers, outputs, m = answer_batch(model, pixels, chunk, mode)
-            margins += m
+            answers, outputs, _ = answer_batch(model, pixels, chunk, mode)
             for it, o, a in zip(chunk, outputs, answers):
                 g = bool(it.label)
                 records.append({"id": len(records), "image": it.image, "relation": it.relation,
                                 "prompt": vsr_prompt(it.caption), **o, "answer": a, "gold": g,
                                 "correct": a is not None and a == g})
             bar.update(len(chunk))
+    return write_outputs(out_dir, records, mode)
+
+
+def write_outputs(out_dir: str | Path, records: list[dict], mode: str) -> dict[str, Any]:
+    """Score answered ``records`` (answer, gold, relation; "score" mode: logp_true, logp_false for
+    the AUC), write ``out_dir/vsr/`` and return the summary (``vsr_metrics`` plus the mode)."""
+    margins = [r["logp_true"] - r["logp_false"] for r in records] if mode == "score" else None
     summary = vsr_metrics([r["answer"] for r in records], [r["gold"] for r in records],
-                          [r["relation"] for r in records], margins if mode == "score" else None)
+                          [r["relation"] for r in records], margins)
     summary["mode"] = mode
-    write_task_outputs(out_dir, TASK, summary, records, _markdown(summary, mode))
+    write_task_outputs(out_dir, TASK, summary, records, task_markdown(summary, mode))
     return summary
 
 
-def _markdown(summary: dict[str, Any], mode: str) -> str:
+def task_markdown(summary: dict[str, Any], mode: str) -> str:
     """The per-relation table of ``vsr/summary.md`` (and the AUC when there is one)."""
     rows = [[r, m["accuracy"], m["n"]] for r, m in summary["relations"].items()]
     rows.append(["all", summary["accuracy"], summary["n"]])

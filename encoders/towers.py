@@ -144,17 +144,18 @@ class ImageTransform:
                     do_normalize=True, image_mean=list(self.mean), image_std=list(self.std),
                     do_convert_rgb=True)
 
-    def save_pretrained(self, directory: Union[str, Path]) -> None:
-        """Write ``directory/preprocessor_config.json`` via ``transformers.CLIPImageProcessor``.
-
-        Where torchvision is absent, transformers' PIL backend (``CLIPImageProcessorPil``) writes the
-        same file (``image_processor_type: CLIPImageProcessor``); it is used directly to avoid the
-        fallback warning.
-        """
+    def image_processor(self):
+        """The equivalent ``transformers.CLIPImageProcessor``. Where torchvision is absent,
+        transformers' PIL backend (``CLIPImageProcessorPil``, which saves the same file with
+        ``image_processor_type: CLIPImageProcessor``) is used directly, avoiding the fallback warning."""
         processor_cls = getattr(transformers, "CLIPImageProcessorPil", None)
         if processor_cls is None or importlib.util.find_spec("torchvision") is not None:
             processor_cls = transformers.CLIPImageProcessor
-        processor_cls(**self.processor_config()).save_pretrained(str(directory))
+        return processor_cls(**self.processor_config())
+
+    def save_pretrained(self, directory: Union[str, Path]) -> None:
+        """Write ``directory/preprocessor_config.json`` (``image_processor``)."""
+        self.image_processor().save_pretrained(str(directory))
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path]) -> "ImageTransform":

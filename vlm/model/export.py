@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from transformers import CLIPImageProcessor, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, \
+from transformers import CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, \
     LlavaProcessor, SiglipVisionModel
 
 from vlm.data.prompts import IMAGE_TOKEN
@@ -94,6 +94,8 @@ def llava_model(model) -> LlavaForConditionalGeneration:
     inner.multi_modal_projector.linear_2.load_state_dict(mlp[2].state_dict())
     inner.language_model.load_state_dict(llm.get_decoder().state_dict())
     llava.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
+    if llm.generation_config is not None:  # the LLM's EOS / pad, so stock generate stops where ours does
+        llava.generation_config = copy.deepcopy(llm.generation_config)
     return llava
 
 
@@ -140,7 +142,7 @@ def llava_processor(model) -> LlavaProcessor:
     tower = model.tower.tower
     transform = model.image_transform
     extra = 0 if isinstance(tower, SiglipVisionModel) else 1
-    return LlavaProcessor(image_processor=CLIPImageProcessor(**transform.processor_config()),
+    return LlavaProcessor(image_processor=transform.image_processor(),
                           tokenizer=copy.deepcopy(model.tokenizer), patch_size=int(tower.config.patch_size),
                           vision_feature_select_strategy=model.tower.select_strategy,
                           num_additional_image_tokens=extra, image_token=IMAGE_TOKEN,

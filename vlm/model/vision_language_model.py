@@ -263,20 +263,22 @@ class VisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, pixel_values, prompts: Sequence[str], max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True) -> list[str]:
+                 temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True, streamer=None) -> list[str]:
         """Answers to B prompts about B images (pixel_values [B,3,H,W] or a list of images).
 
+        A prompt is a question or a conversation [(human|gpt, text), ...] ending with a human turn.
         Greedy (``do_sample=False``) or sampling with ``temperature`` / ``top_p`` (global torch
         RNG), with or without the KV cache; stops at the LLM's end-of-sequence token(s).
+        ``streamer`` (a transformers streamer, one prompt) receives the tokens as they are made.
         """
         ids = self.generate_ids(pixel_values, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                temperature=temperature, top_p=top_p, use_cache=use_cache)
+                                temperature=temperature, top_p=top_p, use_cache=use_cache, streamer=streamer)
         return [t.strip() for t in self._tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     @torch.no_grad()
     def generate_ids(self, pixel_values, prompts: Sequence[str], max_new_tokens: int = 32, do_sample: bool = False,
                      temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True,
-                     min_new_tokens: int = 0) -> torch.Tensor:
+                     min_new_tokens: int = 0, streamer=None) -> torch.Tensor:
         """Like ``generate`` but returns the new token ids [B, N] (padded after an early stop)."""
         pixels = self._pixels(pixel_values)
         batch = self.processor(pixels, list(prompts))
@@ -301,7 +303,7 @@ class VisionLanguageModel(nn.Module):
         try:
             features = self.image_features(pixels)
             with self.bridge.conditioned(features):
-                out = self.llm.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+                out = self.llm.generate(input_ids=ids, attention_mask=mask, generation_config=gen, streamer=streamer)
         finally:
             self.train(was_training)
         return out[:, ids.shape[1]:].cpu()

@@ -2,7 +2,7 @@
 
     vlm world   --out DIR --n N --seed S          export the synthetic world in the real formats
     vlm train   stage1|lm|maskembed|stage2 --config YAML [--resume] [key.sub=value ...]
-    vlm eval    encoder --ckpt DIR | vlm --ckpt DIR --tasks ... | drift --ckpt DIR
+    vlm eval    encoder --ckpt DIR | vlm --ckpt DIR|--hf-model DIR --tasks ... | drift --ckpt DIR
     vlm score   TASK --predictions FILE --out DIR ...   score outputs made elsewhere
     vlm generate --ckpt DIR|--hf-model DIR --image PATH --prompt TEXT   one answer, streamed
     vlm chat    --ckpt DIR|--hf-model DIR --image PATH   multi-turn, /image PATH to change the image

@@ -30,11 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.set_defaults(func=cmd_eval_encoder)
     names = ", ".join(VLM_TASKS)
     e = sub.add_parser("vlm", help="captioning, CHAIR, POPE, RefCOCO, VSR")
-    e.add_argument("--ckpt", required=True, help="a stage-two checkpoint dir")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ckpt", help="a stage-two checkpoint dir")
+    which.add_argument("--hf-model", help="a local HF VLM dir with a chat template (LLaVA, AutoModelForImageTextToText)")
     e.add_argument("--tasks", default=",".join(VLM_TASKS), help=f"comma list of {names}")
     e.add_argument("--data", default=None, help="real data files (see README); default: the world")
     e.add_argument("--world-dir", default="runs/world")
-    e.add_argument("--out", default=None, help="default CKPT/eval_vlm")
+    e.add_argument("--out", default=None, help="default CKPT/eval_vlm (or HF_MODEL/eval_vlm)")
     e.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     e.add_argument("--blank-image", action="store_true",
                    help="image-ablation control: every image replaced by a uniform one of the processor's mean colour")
@@ -75,14 +77,16 @@ def cmd_eval_encoder(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_vlm(args: argparse.Namespace) -> int:
-    """``vlm eval vlm``: the registered VLM tasks (``eval.tasks.VLM_TASKS``) of a stage-two checkpoint."""
+    """``vlm eval vlm``: the registered VLM tasks (``eval.tasks.VLM_TASKS``) of a stage-two checkpoint
+    or of a local HF VLM (``--hf-model``)."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(VLM_TASKS))
     if unknown:
         raise ConfigError(f"--tasks: unknown task(s) {unknown}; valid: {', '.join(VLM_TASKS)}")
-    out = args.out or str(Path(args.ckpt) / ("eval_vlm_blank" if args.blank_image else "eval_vlm"))
-    summary = run_vlm_eval(args.ckpt, tasks, out, data=args.data, world_dir=args.world_dir, limit=args.limit,
-                           blank_image=args.blank_image)
+    model_dir = args.ckpt or args.hf_model
+    out = args.out or str(Path(model_dir) / ("eval_vlm_blank" if args.blank_image else "eval_vlm"))
+    summary = run_vlm_eval(model_dir, tasks, out, data=args.data, world_dir=args.world_dir, limit=args.limit,
+                           blank_image=args.blank_image, hf_model=args.hf_model is not None)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -8,6 +8,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 from PIL import Image
 
+from vlm.data.images import expand2square, pad_colour
+
 T = TypeVar("T")
 ANSWER_MODES = ("score", "generate")
 
@@ -66,9 +68,11 @@ def blank_like(image: Image.Image, transform) -> Image.Image:
 def pixel_batch(model, paths: Sequence[str | Path], cache: dict | None = None, blank: bool = False) -> torch.Tensor:
     """Images at ``paths`` through ``model.image_transform`` -> float [B, 3, H, W] on the model's device.
 
-    ``cache`` (path -> [3, H, W]) avoids re-decoding an image asked about several times (POPE asks
-    ~6 questions per image). ``blank``: each image is replaced by ``blank_like(image)`` (same size, the
-    processor's mean colour) before the transform.
+    A non-square image is padded to a square with the processor's mean colour first (LLaVA's
+    ``expand2square``, ``vlm.data.images``), never centre-cropped, so the whole image and every box
+    stay in view. ``cache`` (path -> [3, H, W]) avoids re-decoding an image asked about several
+    times (POPE asks ~6 questions per image). ``blank``: each image is replaced by
+    ``blank_like(image)`` (same size, the processor's mean colour) before the padding and transform.
     """
     transform: Callable = model.image_transform
     tensors = []
@@ -78,7 +82,8 @@ def pixel_batch(model, paths: Sequence[str | Path], cache: dict | None = None, b
             tensors.append(cache[key])
             continue
         image = load_image(p)
-        t = transform(blank_like(image, transform) if blank else image)
+        image = blank_like(image, transform) if blank else image
+        t = transform(expand2square(image, pad_colour(getattr(transform, "mean", (0.5, 0.5, 0.5)))))
         if cache is not None:
             cache[key] = t
         tensors.append(t)

@@ -13,7 +13,7 @@ harness run re-scores to the same summary):
   several splits as one question file per split (the POPE repo's ``coco_pope_<split>.json``)
   with one prediction file each, in the same order, or one prediction file whose lines carry ``split``
 - refcoco: ``ref_id``, ``sentence`` (or ``sent_index``, default 0), and ``text`` | ``output``
-  (the first "[x1, y1, x2, y2]" in it, normalised, as the harness reads it)
+  (the first "[x1, y1, x2, y2]" in it, normalised to the padded square or to the image: ``box_frame``)
 - vsr: ``id`` (the statement's 0-based line in the VSR file), and ``text`` (parsed true/false) or
   ``logp_true`` and ``logp_false``
 """
@@ -191,8 +191,11 @@ def _sentence(rec: dict, ref, where: str) -> str:
     return ref.sentences[index]
 
 
-def score_refcoco(predictions: str | Path, refs: str | Path, instances: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Acc@0.5 of generated boxes (normalised to the original image, as the harness reads them)."""
+def score_refcoco(predictions: str | Path, refs: str | Path, instances: str | Path, out_dir: str | Path,
+                  box_frame: str = "square") -> dict[str, Any]:
+    """Acc@0.5 of generated boxes, read in ``box_frame`` ("square": [0, 1] in the image padded to a
+    square, as the harness and LLaVA-1.5 show images; "image": [0, 1] of the image's own width and
+    height, as lmms-eval reads them), scored in the original image's pixels."""
     where = str(predictions)
     by_ref = {r.ref_id: r for r in read_refcoco(refs, instances)}
     records = []
@@ -203,9 +206,9 @@ def score_refcoco(predictions: str | Path, refs: str | Path, instances: str | Pa
         ref = by_ref[ref_id]
         sentence = _sentence(rec, ref, where)
         text = field(rec, ("text", "output"), str, where)
-        records.append(refcoco.ground(ref, sentence, rec.get("prompt", ""), text, len(records)))
+        records.append(refcoco.ground(ref, sentence, rec.get("prompt", ""), text, len(records), box_frame))
     unique_by(records, lambda r: (r["ref_id"], r["sentence"]), where)
-    return refcoco.write_outputs(out_dir, records)
+    return refcoco.write_outputs(out_dir, records, box_frame)
 
 
 def score_vsr(predictions: str | Path, questions: str | Path, out_dir: str | Path) -> dict[str, Any]:

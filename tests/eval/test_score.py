@@ -97,17 +97,21 @@ def test_chair_hand_computed(tmp_path):
 
 
 def test_refcoco_boxes_in_original_pixels(tmp_path):
-    """A 100x50 image, gold xywh [10, 10, 40, 20]: "[0.1, 0.2, 0.5, 0.6]" is exactly it (IoU 1);
-    the second sentence's answer has no box (unparseable, wrong): Acc@0.5 = 1/2."""
+    """A 100x50 image, gold xywh [10, 10, 40, 20] = xyxy [10, 10, 50, 30] px. Padded to 100x100 the
+    image sits 25 px down, so the box is [0.1, 0.35, 0.5, 0.55] in the square ("square" frame) and
+    [0.1, 0.2, 0.5, 0.6] of the image itself ("image" frame, lmms-eval): IoU 1 either way. The
+    second sentence's answer has no box (unparseable, wrong): Acc@0.5 = 1/2."""
     ref = RefExpr(ref_id=7, ann_id=70, image_id=3, file_name="3.jpg", sentences=["left dog", "small dog"],
                   bbox_xywh=(10, 10, 40, 20), split="val", width=100, height=50)
     write_refcoco(tmp_path / "refs.json", tmp_path / "inst.json", [ref])
-    preds = jsonl(tmp_path / "p.jsonl", [{"ref_id": 7, "sentence": "left dog", "text": "[0.1, 0.2, 0.5, 0.6]"},
-                                          {"ref_id": 7, "sent_index": 1, "text": "the dog"}])
-    s = score_refcoco(preds, tmp_path / "refs.json", tmp_path / "inst.json", tmp_path / "out")
-    assert (s["acc"], s["unparseable"], s["n"], s["splits"]["val"]["acc"]) == (0.5, 1, 2, 0.5)
-    rec = [json.loads(x) for x in open(tmp_path / "out" / "refcoco" / "predictions.jsonl")][0]
-    assert rec["pred_box_px"] == pytest.approx([10, 10, 50, 30]) and rec["iou"] == pytest.approx(1.0)
+    for frame, box in (("square", "[0.1, 0.35, 0.5, 0.55]"), ("image", "[0.1, 0.2, 0.5, 0.6]")):
+        preds = jsonl(tmp_path / "p.jsonl", [{"ref_id": 7, "sentence": "left dog", "text": box},
+                                              {"ref_id": 7, "sent_index": 1, "text": "the dog"}])
+        s = score_refcoco(preds, tmp_path / "refs.json", tmp_path / "inst.json", tmp_path / frame, box_frame=frame)
+        assert (s["acc"], s["unparseable"], s["n"], s["splits"]["val"]["acc"]) == (0.5, 1, 2, 0.5)
+        assert s["box_frame"] == frame
+        rec = [json.loads(x) for x in open(tmp_path / frame / "refcoco" / "predictions.jsonl")][0]
+        assert rec["pred_box_px"] == pytest.approx([10, 10, 50, 30]) and rec["iou"] == pytest.approx(1.0)
 
 
 def test_vsr_hand_computed(tmp_path):

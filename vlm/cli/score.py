@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "name; vsr: the VSR jsonl")
     parser.add_argument("--refs", help="refcoco: refs json")
     parser.add_argument("--vocab", choices=["coco", "world"], default="coco", help="chair: the synonym table")
+    parser.add_argument("--box-frame", choices=["square", "image"], default="square",
+                        help="refcoco: boxes normalised to the image padded to a square (LLaVA-1.5, vlm eval) "
+                             "or to the image itself (lmms-eval)")
     parser.set_defaults(func=cmd_score)
 
 
@@ -42,7 +45,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     elif args.task == "pope":
         summary = score.score_pope(args.predictions, args.questions, args.out)
     elif args.task == "refcoco":
-        summary = score.score_refcoco(pred, args.refs, args.instances, args.out)
+        summary = score.score_refcoco(pred, args.refs, args.instances, args.out, box_frame=args.box_frame)
     else:
         if len(args.questions) != 1:
             raise SystemExit("vlm score vsr: one --questions file")

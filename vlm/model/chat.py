@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from transformers import TextStreamer
 
+from vlm.data.images import expand2square, pad_colour
 from vlm.model.hf_vlm import HFVisionLanguageModel
 from vlm.model.vision_language_model import VisionLanguageModel
 
@@ -64,8 +65,11 @@ class ChatSession:
         self.set_image(image)
 
     def set_image(self, image: Image.Image) -> None:
-        """Look at ``image`` from now on; the conversation restarts (one image per conversation)."""
-        self.pixels = self.model.image_transform(image).unsqueeze(0)
+        """Look at ``image`` (padded to a square with the processor's mean colour, as the evals show
+        images) from now on; the conversation restarts (one image per conversation)."""
+        transform = self.model.image_transform
+        square = expand2square(image, pad_colour(getattr(transform, "mean", (0.5, 0.5, 0.5))))
+        self.pixels = transform(square).unsqueeze(0)
         self.turns = []
 
     def reset(self) -> None:

@@ -43,7 +43,6 @@ from eval.io import RunOptions
 from eval.report import markdown_table, write_task_outputs
 from eval.sources import EvalSources, first
 from vlm.data.formats import read_coco_instances
-from vlm.data.prompts import CAPTION_PROMPT
 from vlm.world.vocab import CHAIR_SYNONYMS
 
 TASK = "chair"
@@ -409,13 +408,14 @@ def run(model, data: ChairData, out_dir: str | Path, limit: Optional[int] = None
     ids = first(sorted(data.images), limit)
     if not ids:
         raise ValueError("chair: no images")
+    prompt = options.prompts.caption
     have = {i: options.captions[i] for i in ids if i in options.captions}
     todo = [i for i in ids if i not in have]
     if todo:
         have.update(generate_captions(model, data.images, todo, batch_size, progress=options.progress, desc=TASK,
-                                       blank=options.blank_image))
+                                       blank=options.blank_image, prompt=prompt))
     summary, records = score({i: have[i] for i in ids}, data)
     for r in records:
-        r["prompt"] = CAPTION_PROMPT
-    summary["prompt"] = CAPTION_PROMPT
+        r["prompt"] = prompt
+    summary["prompt"], summary["prompt_set"] = prompt, options.prompt_set
     return write_outputs(out_dir, summary, records)

@@ -98,7 +98,7 @@ def _run_tasks(model, task_data: dict[str, Any], out_dir: Path, limit: Optional[
 def run_vlm_eval(ckpt_or_model, tasks: list[str], out_dir: str | Path, data: Optional[str | Path] = None,
                  world_dir: str | Path = "runs/world", world_cfg=None, limit: Optional[int] = None,
                  batch_size: int = 16, answer_mode: str = "score", progress: bool = True,
-                 blank_image: bool = False, hf_model: bool = False) -> dict[str, Any]:
+                 blank_image: bool = False, hf_model: bool = False, prompt_set: str = "world") -> dict[str, Any]:
     """Evaluate a VLM on ``tasks`` and write per-task and combined outputs under ``out_dir``.
 
     ckpt_or_model  a stage-two checkpoint dir (``VisionLanguageModel.from_pretrained``), with
@@ -110,6 +110,7 @@ def run_vlm_eval(ckpt_or_model, tasks: list[str], out_dir: str | Path, data: Opt
     batch_size     images per model call ([B,3,H,W] pixels)
     answer_mode    POPE / VSR answers: "score" (single-forward log-prob comparison, with AUC) or
                    "generate" (generated text parsed the reference way)
+    prompt_set     the wording every task asks with (``eval.prompt_sets``: "world" or "lmms-eval")
     blank_image    the image-ablation control: every image replaced by a uniform one of the processor's
                    mean colour at the same size (``eval.io.blank_like``); write it to its own ``out_dir``
     Returns {task: summary, ..., "wall_s": {task: seconds}, "data": ..., "checkpoint": ..., "limit": ...,
@@ -126,13 +127,16 @@ def run_vlm_eval(ckpt_or_model, tasks: list[str], out_dir: str | Path, data: Opt
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary, wall = _run_tasks(model, task_data, out_dir, limit, batch_size,
-                               RunOptions(progress=progress, answer_mode=answer_mode, blank_image=blank_image))
+                               RunOptions(progress=progress, answer_mode=answer_mode, blank_image=blank_image,
+                                          prompt_set=prompt_set))
     summary["wall_s"] = wall
     summary["data"] = "world" if src.kind == "world" else str(src.root)
     summary["checkpoint"] = ckpt_name
     summary["hf_model"] = hf_model
     summary["limit"] = limit
     summary["blank_image"] = blank_image
+    summary["prompt_set"] = prompt_set
+    summary["answer_mode"] = answer_mode
     write_summary(out_dir, summary, combined_markdown(summary, tasks))
     return summary
 
@@ -143,10 +147,11 @@ def combined_markdown(summary: dict[str, Any], tasks: list[str]) -> str:
     rows = []
     for t in tasks:
         flat = flatten(summary[t])
-        rows += [[t, k, flat[k]] for k in VLM_TASKS[t].HEADLINE if k in flat]
+        how = ", ".join(str(flat[k]) for k in ("mode", "prompt_set") if k in flat)
+        rows += [[t, k, flat[k], how] for k in VLM_TASKS[t].HEADLINE if k in flat]
     blank = " with every image blanked (the image-ablation control)" if summary.get("blank_image") else ""
     lines = [f"# VLM evaluation ({summary['data']}){blank}", "", f"checkpoint: `{summary['checkpoint']}`", "",
-             markdown_table(["task", "metric", "value"], rows), "", "## Wall time", "",
+             markdown_table(["task", "metric", "value", "answer mode, prompt set"], rows), "", "## Wall time", "",
              markdown_table(["task", "seconds"], [[t, summary["wall_s"][t]] for t in tasks], digits=1), "",
              "Per-example predictions: `<task>/predictions.jsonl`.", ""]
     return "\n".join(lines)

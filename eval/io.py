@@ -8,6 +8,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 from PIL import Image
 
+from eval.prompt_sets import PromptSet, prompt_set
 from vlm.data.images import expand2square, pad_colour
 
 T = TypeVar("T")
@@ -22,16 +23,24 @@ class RunOptions:
     way), ``captions`` (image_id -> caption), filled by the captioning task and reused by CHAIR
     so the same captions are not generated twice, and ``blank_image``: the image-ablation control,
     every image replaced by a uniform one of the processor's mean colour at the same size
-    (``blank_like``), so the score is what the model gets from priors alone."""
+    (``blank_like``), so the score is what the model gets from priors alone; ``prompt_set``: the
+    wording the tasks ask with (``eval.prompt_sets``)."""
 
     progress: bool = True
     answer_mode: str = "score"
     captions: dict[int, str] = field(default_factory=dict)
     blank_image: bool = False
+    prompt_set: str = "world"
 
     def __post_init__(self) -> None:
         if self.answer_mode not in ANSWER_MODES:
             raise ValueError(f"answer_mode must be 'score' or 'generate', got {self.answer_mode!r}")
+        prompt_set(self.prompt_set)  # a typo fails here, listing the valid names
+
+    @property
+    def prompts(self) -> PromptSet:
+        """The ``PromptSet`` called ``prompt_set``."""
+        return prompt_set(self.prompt_set)
 
 
 def batched(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:

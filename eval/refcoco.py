@@ -21,7 +21,6 @@ from eval.report import markdown_table, write_task_outputs
 from eval.sources import EvalSources, check_images, first
 from vlm.data.formats import read_refcoco
 from vlm.data.images import box_from_square
-from vlm.data.prompts import grounding_prompt
 
 TASK = "refcoco"
 HEADLINE = ["acc", "unparseable", "n"]  # the harness's combined summary.md
@@ -133,21 +132,22 @@ def run(model, data: RefcocoData, out_dir: str | Path, limit: Optional[int] = No
     with tqdm(total=len(examples), desc=TASK, disable=not options.progress) as bar:
         for chunk in batched(examples, batch_size):
             pixels = pixel_batch(model, [Path(data.image_root) / r.file_name for r, _ in chunk], cache, blank=options.blank_image)
-            prompts = [grounding_prompt(s) for _, s in chunk]
+            prompts = [options.prompts.refcoco(s) for _, s in chunk]
             texts = model.generate(pixels, prompts, max_new_tokens=MAX_NEW_TOKENS)
             for (r, s), prompt, text in zip(chunk, prompts, texts):
                 records.append(ground(r, s, prompt, text, len(records)))
             bar.update(len(chunk))
-    return write_outputs(out_dir, records, "square")
+    return write_outputs(out_dir, records, "square", options.prompt_set)
 
 
-def write_outputs(out_dir: str | Path, records: list[dict], frame: str) -> dict[str, Any]:
+def write_outputs(out_dir: str | Path, records: list[dict], frame: str, prompt_set: Optional[str]) -> dict[str, Any]:
     """Score grounded ``records`` (``ground``, boxes read in ``frame``), write ``out_dir/refcoco/``
-    and return the summary (``grounding_metrics`` plus ``box_frame``)."""
+    and return the summary (``grounding_metrics`` plus ``box_frame`` and ``prompt_set``)."""
     summary = grounding_metrics([r["iou"] for r in records], [r["split"] for r in records])
     summary["box_frame"] = frame
+    summary["prompt_set"] = prompt_set
     rows = [[s, m["acc"], m["mean_iou"], m["unparseable"], m["n"]] for s, m in summary["splits"].items()]
     rows.append(["all", summary["acc"], summary["mean_iou"], summary["unparseable"], summary["n"]])
-    md = f"# {TASK}\n\n" + markdown_table(["split", "Acc@0.5", "mean IoU", "unparseable", "n"], rows) + "\n"
+    md = f"# {TASK} (prompt set {prompt_set})\n\n" + markdown_table(["split", "Acc@0.5", "mean IoU", "unparseable", "n"], rows) + "\n"
     write_task_outputs(out_dir, TASK, summary, records, md)
     return summary

@@ -1,7 +1,8 @@
 """Score predictions made elsewhere (``vlm score TASK``): the same metrics and the same
 ``out_dir/<task>/{predictions.jsonl, summary.json, summary.md}`` as ``vlm eval vlm``.
 
-The predictions define the examples scored (``n`` in the summary says how many); each must name
+``prompt_set`` (optional) records which prompt set the predictions were made with (``eval.prompt_sets``;
+null when not given). The predictions define the examples scored (``n`` in the summary says how many); each must name
 an example of the reference files, and each example is predicted at most once. Prediction files
 are jsonl (one object a line) or one JSON list (COCO's results format). Field names accepted, the
 external one first, then the one the harness writes in its own ``predictions.jsonl`` (so a
@@ -25,6 +26,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from eval import captioning, chair, pope, refcoco, vsr
 from eval.parsing import parse_true_false, parse_yes_no
+from eval.prompt_sets import prompt_set as prompt_set_named
 from eval.report import write_task_outputs
 from vlm.data.formats import FormatError, read_coco_captions, read_coco_instances, read_pope, read_refcoco, read_vsr
 
@@ -95,14 +97,15 @@ def captions_by_image(path: str | Path) -> dict[int, str]:
     return {i: field(r, ("caption", "output"), str, where) for i, r in recs.items()}
 
 
-def score_caption(predictions: str | Path, captions: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def score_caption(predictions: str | Path, captions: str | Path, out_dir: str | Path,
+                  prompt_set: Optional[str] = None) -> dict[str, Any]:
     """BLEU/METEOR/ROUGE-L/CIDEr of caption predictions against a COCO captions file."""
     preds = captions_by_image(predictions)
     refs = read_coco_captions(captions)
     _unknown(preds, refs.captions, "image", str(predictions))
     ids = sorted(preds)
     summary, per_image = captioning.score_captions({i: refs.captions[i] for i in ids}, preds)
-    summary["prompt"] = None  # made elsewhere: the prompt is not known here
+    summary["prompt"], summary["prompt_set"] = _prompt(prompt_set, "caption"), prompt_set
     records = [{"id": i, "image": refs.images.get(i, ""), "output": preds[i], "references": refs.captions[i],
                 "scores": per_image[i]} for i in ids]
     write_task_outputs(out_dir, captioning.TASK, summary, records)
@@ -110,7 +113,8 @@ def score_caption(predictions: str | Path, captions: str | Path, out_dir: str | 
 
 
 def score_chair(predictions: str | Path, instances: str | Path, out_dir: str | Path,
-                captions: Optional[str | Path] = None, vocab: str = "coco") -> dict[str, Any]:
+                captions: Optional[str | Path] = None, vocab: str = "coco",
+                prompt_set: Optional[str] = None) -> dict[str, Any]:
     """CHAIR of caption predictions: present objects are each image's segmentation classes in the
     COCO ``instances`` file, plus the objects its reference ``captions`` name (COCO's protocol)
     when given; ``vocab`` "coco" (the reference's synonym table) or "world"."""
@@ -125,8 +129,13 @@ def score_chair(predictions: str | Path, instances: str | Path, out_dir: str | P
     present = chair.ground_truth(table, chair.segment_classes(inst, ids), {i: refs.get(i, []) for i in ids})
     images = {i: Path(inst.images[i]["file_name"]) for i in ids}
     summary, records = chair.score(preds, chair.ChairData(images, present, table))
-    summary["prompt"] = None  # made elsewhere: the prompt is not known here
+    summary["prompt"], summary["prompt_set"] = _prompt(prompt_set, "caption"), prompt_set
     return chair.write_outputs(out_dir, summary, records)
+
+
+def _prompt(name: Optional[str], task: str) -> Optional[str]:
+    """The caption prompt of prompt set ``name`` (None when the predictions' prompt set is not given)."""
+    return getattr(prompt_set_named(name), task) if name is not None else None
 
 
 def _split_name(path: Path) -> str:
@@ -156,7 +165,8 @@ def _pope_predictions(questions: dict[str, Path], predictions: Sequence[Path]) -
                      "question file (same order), or one file whose lines carry 'split'")
 
 
-def score_pope(predictions: Sequence[str | Path], questions: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+def score_pope(predictions: Sequence[str | Path], questions: Sequence[str | Path], out_dir: str | Path,
+               prompt_set: Optional[str] = None) -> dict[str, Any]:
     """POPE of answers per split (``questions``: the POPE repo's files, split from the name)."""
     qfiles = {_split_name(Path(q)): Path(q) for q in questions}
     if len(qfiles) != len(questions):
@@ -175,7 +185,7 @@ def score_pope(predictions: Sequence[str | Path], questions: Sequence[str | Path
                             "answer": answer, "gold": q.label, "correct": answer == q.label})
     if len(modes) != 1:
         raise ValueError("pope: predictions mix log-probabilities and text; give one kind")
-    return pope.write_outputs(out_dir, records, modes.pop())
+    return pope.write_outputs(out_dir, records, modes.pop(), prompt_set)
 
 
 def _sentence(rec: dict, ref, where: str) -> str:
@@ -192,7 +202,7 @@ def _sentence(rec: dict, ref, where: str) -> str:
 
 
 def score_refcoco(predictions: str | Path, refs: str | Path, instances: str | Path, out_dir: str | Path,
-                  box_frame: str = "square") -> dict[str, Any]:
+                  box_frame: str = "square", prompt_set: Optional[str] = None) -> dict[str, Any]:
     """Acc@0.5 of generated boxes, read in ``box_frame`` ("square": [0, 1] in the image padded to a
     square, as the harness and LLaVA-1.5 show images; "image": [0, 1] of the image's own width and
     height, as lmms-eval reads them), scored in the original image's pixels."""
@@ -208,10 +218,11 @@ def score_refcoco(predictions: str | Path, refs: str | Path, instances: str | Pa
         text = field(rec, ("text", "output"), str, where)
         records.append(refcoco.ground(ref, sentence, rec.get("prompt", ""), text, len(records), box_frame))
     unique_by(records, lambda r: (r["ref_id"], r["sentence"]), where)
-    return refcoco.write_outputs(out_dir, records, box_frame)
+    return refcoco.write_outputs(out_dir, records, box_frame, prompt_set)
 
 
-def score_vsr(predictions: str | Path, questions: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def score_vsr(predictions: str | Path, questions: str | Path, out_dir: str | Path,
+              prompt_set: Optional[str] = None) -> dict[str, Any]:
     """VSR accuracy (overall, per relation) of true/false answers or log-probabilities."""
     where = str(predictions)
     items = read_vsr(questions)
@@ -231,4 +242,4 @@ def score_vsr(predictions: str | Path, questions: str | Path, out_dir: str | Pat
                         "answer": answer, "gold": bool(it.label), "correct": answer is not None and answer == bool(it.label)})
     if len(modes) != 1:
         raise ValueError("vsr: predictions mix log-probabilities and text; give one kind")
-    return vsr.write_outputs(out_dir, records, modes.pop())
+    return vsr.write_outputs(out_dir, records, modes.pop(), prompt_set)

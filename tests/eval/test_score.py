@@ -156,7 +156,9 @@ def test_harness_predictions_rescore_to_the_same_summary(tmp_path):
         options = RunOptions(progress=False, answer_mode=mode)
         p = pope.run(model, pope.PopeData({"random": qs}, tmp_path / "img"), ran, options=options)
         v = vsr.run(model, vsr.VsrData(items, tmp_path / "img"), ran, options=options)
-        assert score_pope([ran / "pope" / "predictions.jsonl"], [tmp_path / "random.jsonl"], tmp_path / "s") == \
+        assert score_pope([ran / "pope" / "predictions.jsonl"], [tmp_path / "random.jsonl"], tmp_path / "s",
+                          prompt_set="world") == \
             json.loads(json.dumps(p))
-        assert score_vsr(ran / "vsr" / "predictions.jsonl", tmp_path / "vsr.jsonl", tmp_path / "s") == \
+        assert score_vsr(ran / "vsr" / "predictions.jsonl", tmp_path / "vsr.jsonl", tmp_path / "s",
+                         prompt_set="world") == \
             json.loads(json.dumps(v))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from eval.encoder import run as run_encoder_eval
 from eval.harness import run_vlm_eval
+from eval.io import ANSWER_MODES
+from eval.prompt_sets import PROMPT_SETS
 from eval.lm_eval_adapter import run_language_drift
 from eval.tasks import VLM_TASKS
 from eval.text_probe import MODES as PROBE_MODES
@@ -38,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--world-dir", default="runs/world")
     e.add_argument("--out", default=None, help="default CKPT/eval_vlm (or HF_MODEL/eval_vlm)")
     e.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    e.add_argument("--answer-mode", choices=ANSWER_MODES, default="score",
+                   help="POPE / VSR: score (log P(yes) vs P(no), with AUC) or generate (the answer parsed as the reference)")
+    e.add_argument("--prompt-set", choices=list(PROMPT_SETS), default="world",
+                   help="world: the prompts the world's models learn; lmms-eval: the published wordings (eval/prompt_sets.py)")
     e.add_argument("--blank-image", action="store_true",
                    help="image-ablation control: every image replaced by a uniform one of the processor's mean colour")
     e.set_defaults(func=cmd_eval_vlm)
@@ -86,7 +92,8 @@ def cmd_eval_vlm(args: argparse.Namespace) -> int:
     model_dir = args.ckpt or args.hf_model
     out = args.out or str(Path(model_dir) / ("eval_vlm_blank" if args.blank_image else "eval_vlm"))
     summary = run_vlm_eval(model_dir, tasks, out, data=args.data, world_dir=args.world_dir, limit=args.limit,
-                           blank_image=args.blank_image, hf_model=args.hf_model is not None)
+                           blank_image=args.blank_image, hf_model=args.hf_model is not None,
+                           answer_mode=args.answer_mode, prompt_set=args.prompt_set)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

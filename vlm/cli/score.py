@@ -6,6 +6,7 @@ import argparse
 import json
 
 from eval import score
+from eval.prompt_sets import PROMPT_SETS
 
 NEEDS = {"caption": ("captions",), "chair": ("instances",), "pope": ("questions",),
          "refcoco": ("refs", "instances"), "vsr": ("questions",)}
@@ -27,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--box-frame", choices=["square", "image"], default="square",
                         help="refcoco: boxes normalised to the image padded to a square (LLaVA-1.5, vlm eval) "
                              "or to the image itself (lmms-eval)")
+    parser.add_argument("--prompt-set", choices=list(PROMPT_SETS), default=None,
+                        help="the prompt set the predictions were made with (recorded in the summary)")
     parser.set_defaults(func=cmd_score)
 
 
@@ -39,16 +42,18 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise SystemExit(f"vlm score {args.task}: one --predictions file")
     pred = args.predictions[0]
     if args.task == "caption":
-        summary = score.score_caption(pred, args.captions, args.out)
+        summary = score.score_caption(pred, args.captions, args.out, prompt_set=args.prompt_set)
     elif args.task == "chair":
-        summary = score.score_chair(pred, args.instances, args.out, captions=args.captions, vocab=args.vocab)
+        summary = score.score_chair(pred, args.instances, args.out, captions=args.captions, vocab=args.vocab,
+                                   prompt_set=args.prompt_set)
     elif args.task == "pope":
-        summary = score.score_pope(args.predictions, args.questions, args.out)
+        summary = score.score_pope(args.predictions, args.questions, args.out, prompt_set=args.prompt_set)
     elif args.task == "refcoco":
-        summary = score.score_refcoco(pred, args.refs, args.instances, args.out, box_frame=args.box_frame)
+        summary = score.score_refcoco(pred, args.refs, args.instances, args.out, box_frame=args.box_frame,
+                                      prompt_set=args.prompt_set)
     else:
         if len(args.questions) != 1:
             raise SystemExit("vlm score vsr: one --questions file")
-        summary = score.score_vsr(pred, args.questions[0], args.out)
+        summary = score.score_vsr(pred, args.questions[0], args.out, prompt_set=args.prompt_set)
     print(json.dumps(summary, indent=2, default=str))
     return 0

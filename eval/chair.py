@@ -28,8 +28,13 @@ wins. Consequences: ``pattern.en`` turns "bus" into "bu" and "glass" into "glas"
 reference's 'wine glas' rule), so the reference never counts a "bus" mention; this module does.
 The reference merges only two-word names, so "stove top oven" never matches there; here it does.
 "iPhone" in the reference table never matches a lower-cased caption there; here the table is
-lower-cased. Possessives ("dog's") give "dog" here (NLTK gives "dog" + "'s" too). "seat" is dropped when any
-mention is a toilet (e.g. "urinal"); the reference drops it only next to the word "toilet".
+lower-cased.
+
+Tokenisation follows ``nltk.word_tokenize`` for every word class CHAIR can see (``reference_words``):
+hyphenated compounds stay one token ("hot-dog", "dog-shaped" name nothing, as in the reference),
+possessives and contractions split off ("dog's" -> "dog"), any run of spaces, tabs or newlines
+separates words (so "motor  bike" is the two-word name "motor bike"). "seat" is dropped only next
+to the word "toilet" (or "toilet seat"), as the reference does it ("urinal" keeps it).
 """
 from __future__ import annotations
 
@@ -149,7 +154,19 @@ _IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "pe
               "wives": "wife", "leaves": "leaf", "calves": "calf", "halves": "half", "shelves": "shelf",
               "loaves": "loaf", "wolves": "wolf", "dice": "die", "cacti": "cactus", "buses": "bus",
               "busses": "bus", "gasses": "gas", "skis": "ski"}
-_WORD = re.compile(r"[a-z]+")
+# NLTK's Treebank tokenisation, as far as CHAIR can see it: a hyphenated compound is one token
+# ("hot-dog", "dog-friendly": never an object unless the table lists the compound), contractions and
+# possessives split off ("dog's" -> "dog" "'s", "don't" -> "do" "n't", "dogs'" -> "dogs" "'"),
+# punctuation apart. Tokens that cannot name an object (punctuation, "'s") are not kept.
+_CONTRACTION = re.compile(r"(?<=[a-z0-9])(n't|'s|'re|'ve|'ll|'d|'m|')(?=[^a-z0-9]|$)")
+_WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*(?:'[a-z0-9]+)*")
+
+
+def reference_words(caption: str) -> list[str]:
+    """Lower-cased word tokens of ``caption`` as the reference's ``nltk.word_tokenize`` splits them
+    (hyphenated compounds whole, clitics off), without the punctuation and clitic tokens."""
+    text = _CONTRACTION.sub(lambda m: " " + m.group(1), str(caption).lower())
+    return [w for w in _WORD.findall(text) if w not in ("n't",)]
 
 
 def singular_candidates(word: str) -> list[str]:
@@ -205,7 +222,7 @@ class ChairVocab:
 
     synonyms: dict[str, str]
     phrases: dict[str, Optional[str]] = field(default_factory=dict)
-    drop_if_present: dict[str, str] = field(default_factory=dict)  # word -> drop it when this object is mentioned
+    drop_if_present: dict[str, tuple[str, ...]] = field(default_factory=dict)  # word -> drop it next to these words
 
     def __post_init__(self) -> None:
         self.synonyms = {k.lower(): v for k, v in self.synonyms.items()}
@@ -226,7 +243,7 @@ class ChairVocab:
 
     def tokens(self, caption: str) -> list[str]:
         """Lower-cased word tokens of ``caption``, each singularised against the table's words."""
-        return [singularize(w, self._words) for w in _WORD.findall(str(caption).lower())]
+        return [singularize(w, self._words) for w in reference_words(caption)]
 
     def mentions(self, caption: str) -> list[tuple[str, str]]:
         """(matched phrase, object) for every object mention in ``caption``, in order (repeats kept).
@@ -248,8 +265,8 @@ class ChairVocab:
                 if words[i] in self.synonyms:
                     out.append((words[i], self.synonyms[words[i]]))
                 i += 1
-        named = {obj for _, obj in out}
-        return [(w, o) for w, o in out if not (w in self.drop_if_present and self.drop_if_present[w] in named)]
+        said = {w for w, _ in out}
+        return [(w, o) for w, o in out if not said.intersection(self.drop_if_present.get(w, ()))]
 
     def objects_in(self, caption: str) -> list[str]:
         """The objects mentioned in ``caption`` (one entry per mention)."""
@@ -268,7 +285,7 @@ def coco_vocab() -> ChairVocab:
         names = [s.strip().lower() for s in line.split(",") if s.strip()]
         for s in names:
             synonyms[s] = names[0]  # a later line wins on a repeated synonym, as in the reference
-    return ChairVocab(synonyms, dict(COCO_PHRASES), drop_if_present={"seat": "toilet"})
+    return ChairVocab(synonyms, dict(COCO_PHRASES), drop_if_present={"seat": ("toilet", "toilet seat")})
 
 
 def vocab_from_table(table: Mapping[str, Iterable[str]]) -> ChairVocab:

@@ -10,6 +10,7 @@ from eval.encoder import run as run_encoder_eval
 from eval.harness import run_vlm_eval
 from eval.io import ANSWER_MODES
 from eval.prompt_sets import PROMPT_SETS
+from eval.lm_eval_adapter import TASK_NAME as DRIFT_TASK
 from eval.lm_eval_adapter import run_language_drift
 from eval.tasks import VLM_TASKS
 from eval.text_probe import MODES as PROBE_MODES
@@ -52,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--world-dir", default="runs/world", help="held-out text: this world's eval-split texts")
     e.add_argument("--out", default=None, help="default CKPT/eval_drift")
     e.add_argument("--limit", type=int, default=None, help="at most this many documents")
+    e.add_argument("--tasks", default=DRIFT_TASK,
+                   help=f"comma list of lm-eval tasks (default {DRIFT_TASK}: the held-out text; others need their "
+                        "data available offline)")
+    e.add_argument("--base-llm", default=None,
+                   help="the LLM stage two started from: needed for a merged checkpoint (its vlm.yaml names llm/)")
     e.set_defaults(func=cmd_eval_drift)
     e = sub.add_parser("probe", help="text-context probe: POPE / VSR answered from the caption, no image")
     e.add_argument("--llm", required=True, help="a causal LM dir with its tokenizer (e.g. runs/lm/final)")
@@ -99,9 +105,12 @@ def cmd_eval_vlm(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_drift(args: argparse.Namespace) -> int:
-    """``vlm eval drift``: the LLM's language ability before and after LoRA (lm-eval)."""
+    """``vlm eval drift``: the LLM's language ability before and after stage two (lm-eval's HFLM),
+    for a LoRA or (with ``--base-llm``) a merged checkpoint."""
     out = args.out or str(Path(args.ckpt) / "eval_drift")
-    result = run_language_drift(args.ckpt, out, limit=args.limit, world_dir=args.world_dir)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = run_language_drift(args.ckpt, out, base_llm_path=args.base_llm, limit=args.limit,
+                                world_dir=args.world_dir, tasks=tasks)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -109,3 +109,59 @@ def test_export_cli_from_a_saved_checkpoint(tmp_path, tiny_tower_dir, tiny_llm_d
     trained_vlm(tiny_tower_dir, tiny_llm_dir, bridge="flamingo").save_pretrained(tmp_path / "fl")
     assert main(["export", "--ckpt", str(tmp_path / "fl"), "--out", str(tmp_path / "xfl")]) == 2
     assert "Flamingo" in capsys.readouterr().err and not (tmp_path / "xfl").exists()
+
+
+def stage1_clip(tmp_path, objective="clip", **choices):
+    """A tiny stage-one CLIP encoder (the world's BPE: EOS is id 2) with its objective, saved."""
+    from encoders.dual_encoder import DualEncoder
+    from encoders.registry import objective_config_class
+    from encoders.stage1_model import Stage1Model
+    from tiny_vlm import corpus
+    from vlm.config import EncoderConfig, TextTowerConfig, VisionTowerConfig
+    from vlm.data.tokenizer import train_bpe_tokenizer
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(vision=VisionTowerConfig(arch=choices.pop("arch", "clip"), image_size=32, patch_size=8,
+                                                 hidden_size=32, num_layers=1, num_heads=2, mlp_ratio=2),
+                        text=TextTowerConfig(hidden_size=24, num_layers=1, num_heads=2, max_len=24), embed_dim=16,
+                        **{"pool": "cls", "global_mlp": False, "local_heads": False, **choices})
+    tokenizer = train_bpe_tokenizer(corpus(), vocab_size=300, add_eos=True)
+    model = Stage1Model.build(DualEncoder(cfg, tokenizer), objective_config_class(objective)()).eval()
+    with torch.no_grad():
+        model.objective.logit_scale.log_scale.fill_(2.5)
+    return model, model.save_pretrained(tmp_path / "stage1")
+
+
+def test_clip_export_runs_the_zero_shot_pipeline(tmp_path):
+    """transformers' zero-shot-image-classification pipeline on the export gives our encoder's
+    softmax over logit_scale * cosine similarities (our BPE's EOS is id 2, which CLIPModel would
+    read as a legacy config: the export's appended EOS keeps the pooling right)."""
+    from transformers import pipeline
+
+    from vlm.cli import main
+
+    model, ckpt = stage1_clip(tmp_path)
+    assert model.encoder.tokenizer.eos_token_id == 2
+    assert main(["export", "--ckpt", str(ckpt), "--format", "clip", "--out", str(tmp_path / "clip")]) == 0
+    image = Image.fromarray(random_images(1, seed=3, size=40)[0])
+    labels = ["red circle", "blue square", "green star"]
+    got = {r["label"]: r["score"] for r in pipeline("zero-shot-image-classification", model=str(tmp_path / "clip"))(
+        image, candidate_labels=labels, hypothesis_template="{}.")}
+    enc = model.encoder
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(enc.encode_image(enc.transform(image).unsqueeze(0)).global_emb, dim=-1)
+        txt = torch.nn.functional.normalize(enc.encode_texts([f"{x}." for x in labels]).global_emb, dim=-1)
+        want = (model.objective.logit_scale() * img @ txt.T).softmax(-1)[0].tolist()
+    assert [got[x] for x in labels] == pytest.approx(want, abs=1e-5)
+
+
+def test_clip_export_refuses_what_clip_cannot_hold(tmp_path):
+    from vlm.model.export import export_clip
+
+    sparc, _ = stage1_clip(tmp_path / "a", "sparc", pool="mean", global_mlp=True)
+    with pytest.raises(ExportError, match="pool=cls"):
+        export_clip(sparc, tmp_path / "x")
+    siglip, _ = stage1_clip(tmp_path / "b", arch="siglip")
+    with pytest.raises(ExportError, match="CLIP vision tower"):
+        export_clip(siglip, tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

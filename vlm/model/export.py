@@ -1,4 +1,5 @@
-"""Export a stage-two projector VLM as a stock ``transformers`` LLaVA directory.
+"""Export our checkpoints as stock ``transformers`` directories: a stage-two projector VLM as LLaVA
+(``export_llava``), a stage-one CLIP encoder as ``CLIPModel`` (``export_clip``, at the end).
 
 ``export_llava(model, out)`` writes what ``LlavaForConditionalGeneration.from_pretrained(out)`` and
 ``AutoProcessor.from_pretrained(out)`` load, with the same logits as ``model.logits`` (the test
@@ -162,4 +163,85 @@ def export_llava(model, out_dir: Union[str, Path]) -> Path:
     (out_dir / "sparc_vlm_export.json").write_text(json.dumps(
         {"format": "llava", "vision_feature_layer": model.tower.feature_layer,
          "vision_feature_select_strategy": model.tower.select_strategy}, indent=2) + "\n")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage one -> CLIPModel
+# ----------------------------------------------------------------------------------------------
+
+CLIP_EOS = "<|endoftext|>"
+
+
+def check_clip_exportable(stage1) -> None:
+    """``ExportError`` naming what keeps a ``Stage1Model`` from ``CLIPModel``: a CLIP vision tower,
+    CLS pooling straight into linear projections, a plain logit-scale objective (clip or siglip),
+    a tokenizer that ends every text with its EOS (CLIP pools the EOS position)."""
+    enc = stage1.encoder
+    if not isinstance(enc.vision, CLIPVisionModel):
+        raise ExportError(f"--format clip needs a CLIP vision tower; this one is {type(enc.vision).__name__} (our text "
+                          "tower is CLIP's causal one, which SiglipModel's bidirectional text model cannot hold)")
+    if enc.cfg.pool != "cls" or enc.cfg.global_mlp or enc.cfg.local_heads:
+        raise ExportError(f"--format clip needs model.pool=cls without global_mlp or local_heads (CLIPModel projects "
+                          f"the pooled CLS and EOS linearly); this encoder has pool={enc.cfg.pool}, "
+                          f"global_mlp={enc.cfg.global_mlp}, local_heads={enc.cfg.local_heads}")
+    name = getattr(stage1.objective.cfg, "name", "")
+    if name not in ("clip", "siglip"):
+        raise ExportError(f"--format clip holds a global image-text score; the {name} objective scores differently")
+    ids = enc.tokenizer("a")["input_ids"]
+    if not ids or ids[-1] != enc.tokenizer.eos_token_id:
+        raise ExportError("the text tokenizer does not end texts with its EOS token, which CLIP pools")
+
+
+@torch.no_grad()
+def _clip_text(enc) -> tuple[torch.nn.Module, object]:
+    """(text tower, tokenizer) as CLIPModel pools them. ``CLIPTextTransformer`` reads an
+    ``eos_token_id`` of 2 as a legacy config and pools the largest id instead of the EOS; our BPE's
+    EOS is id 2, so the export appends a new EOS token (``CLIP_EOS``, its embedding a copy of the old
+    EOS row): the same hidden state at the same position, pooled the way CLIPModel pools it."""
+    from tokenizers import processors
+
+    text, tokenizer = copy.deepcopy(enc.text), copy.deepcopy(enc.tokenizer)
+    if text.config.eos_token_id != 2:
+        return text, tokenizer
+    tokenizer.add_tokens([CLIP_EOS], special_tokens=True)
+    new_id = int(tokenizer.convert_tokens_to_ids(CLIP_EOS))
+    emb = text.get_input_embeddings()
+    old = emb.weight.data
+    text.resize_token_embeddings(new_id + 1, mean_resizing=False)
+    text.get_input_embeddings().weight.data[: old.shape[0]] = old
+    text.get_input_embeddings().weight.data[new_id] = old[enc.tokenizer.eos_token_id]
+    bos = tokenizer.bos_token
+    lead = f"{bos} " if tokenizer("a", add_special_tokens=True)["input_ids"][0] == tokenizer.bos_token_id else ""
+    specials = ([(bos, tokenizer.bos_token_id)] if lead else []) + [(CLIP_EOS, new_id)]
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single=f"{lead}$A:0 {CLIP_EOS}",
+                                                                               special_tokens=specials)
+    tokenizer.eos_token = CLIP_EOS
+    text.config.eos_token_id = new_id
+    return text, tokenizer
+
+
+@torch.no_grad()
+def export_clip(stage1, out_dir: Union[str, Path]) -> Path:
+    """Write a stage-one ``Stage1Model`` as a ``CLIPModel`` + ``CLIPProcessor`` directory (the
+    zero-shot-image-classification pipeline runs it): towers, projections and the learned logit scale.
+    Raises ``ExportError`` (before writing) for what CLIPModel cannot hold (``check_clip_exportable``)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    check_clip_exportable(stage1)
+    enc = stage1.encoder
+    text, tokenizer = _clip_text(enc)
+    log_scale = float(stage1.objective.logit_scale.log_scale)
+    config = CLIPConfig(text_config=text.config.to_dict(), vision_config=enc.vision.config.to_dict(),
+                        projection_dim=enc.cfg.embed_dim, logit_scale_init_value=log_scale)
+    clip = CLIPModel(config).eval()
+    clip.text_model.load_state_dict(text.state_dict())  # transformers 5: CLIPModel holds the stock tower classes
+    clip.vision_model.load_state_dict(enc.vision.state_dict())
+    clip.visual_projection.load_state_dict(enc.heads["image_global"][-1].state_dict())
+    clip.text_projection.load_state_dict(enc.heads["text_global"].state_dict())
+    clip.logit_scale.fill_(log_scale)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clip.save_pretrained(str(out_dir))
+    CLIPProcessor(image_processor=enc.transform.image_processor(), tokenizer=tokenizer).save_pretrained(str(out_dir))
     return out_dir

@@ -113,8 +113,9 @@ def run_vlm_eval(ckpt_or_model, tasks: list[str], out_dir: str | Path, data: Opt
     prompt_set     the wording every task asks with (``eval.prompt_sets``: "world" or "lmms-eval")
     blank_image    the image-ablation control: every image replaced by a uniform one of the processor's
                    mean colour at the same size (``eval.io.blank_like``); write it to its own ``out_dir``
+    hf_model       ``ckpt_or_model`` is a local HF VLM dir (``--hf-model``), not our checkpoint
     Returns {task: summary, ..., "wall_s": {task: seconds}, "data": ..., "checkpoint": ..., "limit": ...,
-    "blank_image": bool}.
+    "blank_image": bool, "hf_model": bool, "prompt_set": str, "answer_mode": str}.
     """
     tasks = list(dict.fromkeys(tasks))
     _check_arguments(tasks, answer_mode, limit)

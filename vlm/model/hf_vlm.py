@@ -68,9 +68,11 @@ class HFVisionLanguageModel:
 
     @property
     def device(self) -> torch.device:
+        """Where the model's weights (and so its inputs) live."""
         return next(self.model.parameters()).device
 
     def eval(self) -> "HFVisionLanguageModel":
+        """Eval mode (the harness calls it); returns self."""
         self.model.eval()
         return self
 

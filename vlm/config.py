@@ -30,7 +30,7 @@ T = TypeVar("T")
 # Registry keys are checked here (not by importing the registries, which live higher up) so that a
 # typo fails before any model is built. Tests check these tuples equal the registries' keys.
 OBJECTIVE_NAMES = ("clip", "siglip", "sparc", "flair")  # the pipelines' objective lists
-VISION_ARCHS = ("clip", "siglip", "resnet", "convnext")
+VISION_ARCHS = ("clip", "siglip", "dinov2", "resnet", "convnext")
 CONV_ARCHS = ("resnet", "convnext")  # convolutional towers: no CLS token, a stem of stride CONV_STEM_STRIDE
 CONV_STEM_STRIDE = 4  # ResNet: stride-2 conv + stride-2 max-pool; ConvNeXt: a 4x4 stride-4 patchify conv
 POOLS = ("cls", "mean", "max", "map")
@@ -260,7 +260,7 @@ class TextDataConfig:
 class VisionTowerConfig:
     """A vision tower built from sizes, or loaded from a local HF checkpoint directory.
 
-    ViTs (arch clip -> ``CLIPVisionModel``, siglip -> ``SiglipVisionModel``) read ``hidden_size``,
+    ViTs (arch clip -> ``CLIPVisionModel``, siglip -> ``SiglipVisionModel``, dinov2 -> ``Dinov2Model``) read ``hidden_size``,
     ``num_layers``, ``num_heads``, ``mlp_ratio``. Convolutional towers (resnet -> ``ResNetModel`` with
     basic blocks, convnext -> ``ConvNextModel``) read ``stage_widths`` / ``stage_depths`` (channels and
     residual blocks per stage): a stem of stride 4, then every stage after the first halves the grid,
@@ -268,7 +268,7 @@ class VisionTowerConfig:
     64-px image then gives an 8x8 patch grid). The patch grid is image_size / patch_size per side.
     """
 
-    arch: str = "clip"  # clip | siglip | resnet | convnext
+    arch: str = "clip"  # clip | siglip | dinov2 | resnet | convnext
     pretrained: str = ""  # local path; when set, the sizes below are ignored
     image_size: int = 64
     patch_size: int = 8  # ViT: the patch side; conv towers: the total stride (pixels per grid cell)

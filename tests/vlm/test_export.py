@@ -41,7 +41,7 @@ def our_logits(model, image, prompt):
 
 
 @pytest.mark.parametrize("arch,strategy", [("clip", "default"), ("clip", "full"), ("siglip", "full"),
-                                           ("siglip", "default")])
+                                           ("siglip", "default"), ("dinov2", "default")])
 def test_llava_export_logits_equal(tmp_path, tiny_llm_dir, arch, strategy):
     tower = save_tiny_tower(tmp_path / "tower", arch=arch)
     with pytest.warns(UserWarning) if (arch, strategy) == ("siglip", "default") else _no_warning():

@@ -5,7 +5,7 @@
 ``AutoProcessor.from_pretrained(out)`` load, with the same logits as ``model.logits`` (the test
 holds them to 1e-4). The mapping is one-to-one because the projector VLM already is LLaVA:
 
-- tower: our ``CLIPVisionModel`` / ``SiglipVisionModel`` weights become ``model.vision_tower``;
+- tower: our ``CLIPVisionModel`` / ``SiglipVisionModel`` / ``Dinov2Model`` weights become ``model.vision_tower``;
   ``vision_feature_layer`` and ``vision_feature_select_strategy`` are copied (HF's
   ``get_image_features`` selects exactly what ``encoders.towers.vision_features`` does);
 - projector: ``mlp[0]`` / ``mlp[2]`` (Linear, exact-erf GELU, Linear) become
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from transformers import CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, \
+from transformers import CLIPVisionModel, Dinov2Model, LlavaConfig, LlavaForConditionalGeneration, \
     LlavaProcessor, SiglipVisionModel
 
 from vlm.data.prompts import IMAGE_TOKEN
@@ -38,7 +38,7 @@ from vlm.model.bridges.projector import ProjectorBridge
 from vlm.model.llm import base_model
 from vlm.model.tower import VLMVisionTower
 
-LLAVA_TOWERS = (CLIPVisionModel, SiglipVisionModel)
+LLAVA_TOWERS = (CLIPVisionModel, SiglipVisionModel, Dinov2Model)  # ViTs whose hidden_states LLaVA indexes as we do
 
 
 class ExportError(ValueError):
@@ -53,7 +53,7 @@ def check_llava_exportable(model) -> None:
     tower = getattr(model.tower, "tower", None)
     if not isinstance(model.tower, VLMVisionTower) or not isinstance(tower, LLAVA_TOWERS):
         name = type(tower if tower is not None else model.tower).__name__
-        raise ExportError(f"--format llava needs a CLIP or SigLIP vision tower (what LLaVA's get_image_features "
+        raise ExportError(f"--format llava needs a CLIP, SigLIP or DINOv2 vision tower (what LLaVA's get_image_features "
                           f"reads); this checkpoint's tower is {name}, which LLaVA has no class for")
     if model.tower.feature_layer is None:
         raise ExportError("this checkpoint was trained on the tower's final post-norm features "

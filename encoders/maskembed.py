@@ -58,7 +58,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import SiglipVisionModel
+from transformers import Dinov2Model, SiglipVisionModel
 from transformers.activations import ACT2FN
 
 from encoders.towers import (ImageTransform, VisionTower, final_norm, is_conv_tower, num_patches, patch_tokens,
@@ -106,7 +106,11 @@ def apply_pixel_mask(pixel_values: torch.Tensor, mask: torch.Tensor, patch_size:
 
 def _core(tower: VisionTower) -> nn.Module:
     """The module holding embeddings / encoder / post_layernorm (transformers 5 flattened the
-    vision models; older versions nest them under ``vision_model``)."""
+    vision models; older versions nest them under ``vision_model``). DINOv2 (``encoder.layer``,
+    ``layernorm``) is not wired into MaskEmbed: ``ValueError``."""
+    if isinstance(tower, Dinov2Model):
+        raise ValueError("MaskEmbed supports CLIP, SigLIP, ResNet and ConvNeXt towers; a DINOv2 tower is not "
+                         "wired into it (stage one and stage two take it)")
     return getattr(tower, "vision_model", tower)
 
 

@@ -39,17 +39,18 @@ import torch
 import transformers
 from PIL import Image
 from torch import nn
-from transformers import (CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel, ResNetConfig, ResNetModel,
-                          SiglipVisionConfig, SiglipVisionModel)
+from transformers import (CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel, Dinov2Config, Dinov2Model,
+                          ResNetConfig, ResNetModel, SiglipVisionConfig, SiglipVisionModel)
 
 from vlm.config import CONV_STEM_STRIDE, VisionTowerConfig
 
-VisionTower = Union[CLIPVisionModel, SiglipVisionModel, ResNetModel, ConvNextModel]
+VisionTower = Union[CLIPVisionModel, SiglipVisionModel, Dinov2Model, ResNetModel, ConvNextModel]
 ConvTower = Union[ResNetModel, ConvNextModel]
 CONV_TOWERS = (ResNetModel, ConvNextModel)
 # config.json model_type -> stock class (a full CLIP / SigLIP dir loads its vision half)
 TOWER_CLASSES = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel, "siglip": SiglipVisionModel,
-                 "siglip_vision_model": SiglipVisionModel, "resnet": ResNetModel, "convnext": ConvNextModel}
+                 "siglip_vision_model": SiglipVisionModel, "dinov2": Dinov2Model, "resnet": ResNetModel,
+                 "convnext": ConvNextModel}
 
 # OpenAI CLIP's statistics; SigLIP towers use 0.5 / 0.5 (what their checkpoints ship with).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -144,17 +145,18 @@ class ImageTransform:
                     do_normalize=True, image_mean=list(self.mean), image_std=list(self.std),
                     do_convert_rgb=True)
 
-    def save_pretrained(self, directory: Union[str, Path]) -> None:
-        """Write ``directory/preprocessor_config.json`` via ``transformers.CLIPImageProcessor``.
-
-        Where torchvision is absent, transformers' PIL backend (``CLIPImageProcessorPil``) writes the
-        same file (``image_processor_type: CLIPImageProcessor``); it is used directly to avoid the
-        fallback warning.
-        """
+    def image_processor(self):
+        """The equivalent ``transformers.CLIPImageProcessor``. Where torchvision is absent,
+        transformers' PIL backend (``CLIPImageProcessorPil``, which saves the same file with
+        ``image_processor_type: CLIPImageProcessor``) is used directly, avoiding the fallback warning."""
         processor_cls = getattr(transformers, "CLIPImageProcessorPil", None)
         if processor_cls is None or importlib.util.find_spec("torchvision") is not None:
             processor_cls = transformers.CLIPImageProcessor
-        processor_cls(**self.processor_config()).save_pretrained(str(directory))
+        return processor_cls(**self.processor_config())
+
+    def save_pretrained(self, directory: Union[str, Path]) -> None:
+        """Write ``directory/preprocessor_config.json`` (``image_processor``)."""
+        self.image_processor().save_pretrained(str(directory))
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path]) -> "ImageTransform":
@@ -200,6 +202,10 @@ def _build_vit(cfg: VisionTowerConfig) -> VisionTower:
         config = CLIPVisionConfig(**common, hidden_act="quick_gelu")
         config._attn_implementation = "sdpa"
         return CLIPVisionModel(config)
+    if cfg.arch == "dinov2":  # CLS + patches, LayerScale blocks, a final layernorm applied in its forward
+        config = Dinov2Config(**{k: v for k, v in common.items() if k != "intermediate_size"}, mlp_ratio=cfg.mlp_ratio)
+        config._attn_implementation = "sdpa"
+        return Dinov2Model(config)
     config = SiglipVisionConfig(**common, vision_use_head=True)
     config._attn_implementation = "sdpa"
     return SiglipVisionModel(config)
@@ -223,7 +229,8 @@ def _build_convnext(cfg: VisionTowerConfig) -> ConvNextModel:
     return ConvNextModel(config)
 
 
-TOWER_BUILDERS = {"clip": _build_vit, "siglip": _build_vit, "resnet": _build_resnet, "convnext": _build_convnext}
+TOWER_BUILDERS = {"clip": _build_vit, "siglip": _build_vit, "dinov2": _build_vit, "resnet": _build_resnet,
+                  "convnext": _build_convnext}
 
 
 def build_vision_tower(cfg: VisionTowerConfig) -> VisionTower:
@@ -278,7 +285,7 @@ def default_transform(tower: VisionTower) -> ImageTransform:
     for ResNet / ConvNeXt), CLIP-style resize and crop except SigLIP's square resize."""
     if isinstance(tower, SiglipVisionModel):
         return ImageTransform(tower.config.image_size, SIGLIP_MEAN, SIGLIP_STD, resample=2, square_resize=True)
-    if is_conv_tower(tower):
+    if is_conv_tower(tower) or isinstance(tower, Dinov2Model):
         return ImageTransform(tower_image_size(tower), IMAGENET_MEAN, IMAGENET_STD)
     return ImageTransform(tower.config.image_size, CLIP_MEAN, CLIP_STD)
 
@@ -353,7 +360,7 @@ def final_norm(tower: VisionTower) -> nn.Module:
     ``layernorm`` (over channels), and for ResNet, which has none after its last stage, the identity."""
     if isinstance(tower, ResNetModel):
         return nn.Identity()
-    if isinstance(tower, ConvNextModel):
+    if isinstance(tower, (ConvNextModel, Dinov2Model)):
         return tower.layernorm
     return getattr(tower, "vision_model", tower).post_layernorm  # transformers 5 flattened CLIPVisionModel
 
@@ -391,6 +398,8 @@ def tower_forward(tower: VisionTower, pixel_values: torch.Tensor) -> tuple[torch
         patches = out.last_hidden_state
         pooled = out.pooler_output if out.pooler_output is not None else patches.mean(dim=1)
         return patches, pooled
+    if isinstance(tower, Dinov2Model):  # its last_hidden_state is already layernormed; pooled = that CLS
+        return out.last_hidden_state[:, 1:], out.pooler_output
     patches = final_norm(tower)(out.last_hidden_state[:, 1:, :])
     return patches, out.pooler_output
 
@@ -412,6 +421,8 @@ def _tower_parts(tower: VisionTower) -> tuple[nn.ModuleList, nn.Module, Optional
     a ViT's encoder layers, a conv tower's stages."""
     if is_conv_tower(tower):
         return tower.encoder.stages, final_norm(tower), None
+    if isinstance(tower, Dinov2Model):
+        return tower.encoder.layer, tower.layernorm, None
     core = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel
     return core.encoder.layers, core.post_layernorm, getattr(core, "head", None)
 

@@ -193,11 +193,12 @@ def run(model, data: CaptionData, out_dir: str | Path, limit: Optional[int] = No
     ids = first(sorted(data.images), limit)
     if not ids:
         raise ValueError("captioning: no images")
+    prompt = options.prompts.caption
     captions = generate_captions(model, data.images, ids, batch_size, progress=options.progress,
-                                 blank=options.blank_image)
+                                 blank=options.blank_image, prompt=prompt)
     summary, per_image = score_captions({i: data.references[i] for i in ids}, captions)
-    summary["prompt"] = CAPTION_PROMPT
-    preds = [{"id": i, "image": str(data.images[i]), "prompt": CAPTION_PROMPT, "output": captions[i],
+    summary["prompt"], summary["prompt_set"] = prompt, options.prompt_set
+    preds = [{"id": i, "image": str(data.images[i]), "prompt": prompt, "output": captions[i],
               "references": data.references[i], "scores": per_image[i]} for i in ids]
     write_task_outputs(out_dir, TASK, summary, preds)
     options.captions.update(captions)
@@ -206,14 +207,14 @@ def run(model, data: CaptionData, out_dir: str | Path, limit: Optional[int] = No
 
 def generate_captions(model, images: dict[int, Path], ids: list[int], batch_size: int,
                       max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True, desc: str = TASK,
-                      blank: bool = False) -> dict[int, str]:
+                      blank: bool = False, prompt: str = CAPTION_PROMPT) -> dict[int, str]:
     """image_id -> the model's greedy caption of that image (``model.generate`` on [B,3,H,W] batches
-    with ``CAPTION_PROMPT``; ``blank``: of a blank image of the same size, ``eval.io.blank_like``)."""
+    with ``prompt``; ``blank``: of a blank image of the same size, ``eval.io.blank_like``)."""
     out: dict[int, str] = {}
     with tqdm(total=len(ids), desc=desc, disable=not progress) as bar:
         for chunk in batched(ids, batch_size):
             pixels = pixel_batch(model, [images[i] for i in chunk], blank=blank)
-            texts = model.generate(pixels, [CAPTION_PROMPT] * len(chunk), max_new_tokens=max_new_tokens)
+            texts = model.generate(pixels, [prompt] * len(chunk), max_new_tokens=max_new_tokens)
             if len(texts) != len(chunk):
                 raise RuntimeError(f"model.generate returned {len(texts)} texts for {len(chunk)} prompts")
             out.update(zip(chunk, texts))

@@ -28,8 +28,13 @@ wins. Consequences: ``pattern.en`` turns "bus" into "bu" and "glass" into "glas"
 reference's 'wine glas' rule), so the reference never counts a "bus" mention; this module does.
 The reference merges only two-word names, so "stove top oven" never matches there; here it does.
 "iPhone" in the reference table never matches a lower-cased caption there; here the table is
-lower-cased. Possessives ("dog's") give "dog" here (NLTK gives "dog" + "'s" too). "seat" is dropped when any
-mention is a toilet (e.g. "urinal"); the reference drops it only next to the word "toilet".
+lower-cased.
+
+Tokenisation follows ``nltk.word_tokenize`` for every word class CHAIR can see (``reference_words``):
+hyphenated compounds stay one token ("hot-dog", "dog-shaped" name nothing, as in the reference),
+possessives and contractions split off ("dog's" -> "dog"), any run of spaces, tabs or newlines
+separates words (so "motor  bike" is the two-word name "motor bike"). "seat" is dropped only next
+to the word "toilet" (or "toilet seat"), as the reference does it ("urinal" keeps it).
 """
 from __future__ import annotations
 
@@ -43,7 +48,6 @@ from eval.io import RunOptions
 from eval.report import markdown_table, write_task_outputs
 from eval.sources import EvalSources, first
 from vlm.data.formats import read_coco_instances
-from vlm.data.prompts import CAPTION_PROMPT
 from vlm.world.vocab import CHAIR_SYNONYMS
 
 TASK = "chair"
@@ -150,7 +154,19 @@ _IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "pe
               "wives": "wife", "leaves": "leaf", "calves": "calf", "halves": "half", "shelves": "shelf",
               "loaves": "loaf", "wolves": "wolf", "dice": "die", "cacti": "cactus", "buses": "bus",
               "busses": "bus", "gasses": "gas", "skis": "ski"}
-_WORD = re.compile(r"[a-z]+")
+# NLTK's Treebank tokenisation, as far as CHAIR can see it: a hyphenated compound is one token
+# ("hot-dog", "dog-friendly": never an object unless the table lists the compound), contractions and
+# possessives split off ("dog's" -> "dog" "'s", "don't" -> "do" "n't", "dogs'" -> "dogs" "'"),
+# punctuation apart. Tokens that cannot name an object (punctuation, "'s") are not kept.
+_CONTRACTION = re.compile(r"(?<=[a-z0-9])(n't|'s|'re|'ve|'ll|'d|'m|')(?=[^a-z0-9]|$)")
+_WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*(?:'[a-z0-9]+)*")
+
+
+def reference_words(caption: str) -> list[str]:
+    """Lower-cased word tokens of ``caption`` as the reference's ``nltk.word_tokenize`` splits them
+    (hyphenated compounds whole, clitics off), without the punctuation and clitic tokens."""
+    text = _CONTRACTION.sub(lambda m: " " + m.group(1), str(caption).lower())
+    return [w for w in _WORD.findall(text) if w not in ("n't",)]
 
 
 def singular_candidates(word: str) -> list[str]:
@@ -206,7 +222,7 @@ class ChairVocab:
 
     synonyms: dict[str, str]
     phrases: dict[str, Optional[str]] = field(default_factory=dict)
-    drop_if_present: dict[str, str] = field(default_factory=dict)  # word -> drop it when this object is mentioned
+    drop_if_present: dict[str, tuple[str, ...]] = field(default_factory=dict)  # word -> drop it next to these words
 
     def __post_init__(self) -> None:
         self.synonyms = {k.lower(): v for k, v in self.synonyms.items()}
@@ -227,7 +243,7 @@ class ChairVocab:
 
     def tokens(self, caption: str) -> list[str]:
         """Lower-cased word tokens of ``caption``, each singularised against the table's words."""
-        return [singularize(w, self._words) for w in _WORD.findall(str(caption).lower())]
+        return [singularize(w, self._words) for w in reference_words(caption)]
 
     def mentions(self, caption: str) -> list[tuple[str, str]]:
         """(matched phrase, object) for every object mention in ``caption``, in order (repeats kept).
@@ -249,8 +265,8 @@ class ChairVocab:
                 if words[i] in self.synonyms:
                     out.append((words[i], self.synonyms[words[i]]))
                 i += 1
-        named = {obj for _, obj in out}
-        return [(w, o) for w, o in out if not (w in self.drop_if_present and self.drop_if_present[w] in named)]
+        said = {w for w, _ in out}
+        return [(w, o) for w, o in out if not said.intersection(self.drop_if_present.get(w, ()))]
 
     def objects_in(self, caption: str) -> list[str]:
         """The objects mentioned in ``caption`` (one entry per mention)."""
@@ -269,7 +285,7 @@ def coco_vocab() -> ChairVocab:
         names = [s.strip().lower() for s in line.split(",") if s.strip()]
         for s in names:
             synonyms[s] = names[0]  # a later line wins on a repeated synonym, as in the reference
-    return ChairVocab(synonyms, dict(COCO_PHRASES), drop_if_present={"seat": "toilet"})
+    return ChairVocab(synonyms, dict(COCO_PHRASES), drop_if_present={"seat": ("toilet", "toilet seat")})
 
 
 def vocab_from_table(table: Mapping[str, Iterable[str]]) -> ChairVocab:
@@ -366,17 +382,31 @@ def score(captions: Mapping[int, str], data: ChairData) -> tuple[dict[str, float
     return summary, records
 
 
+def segment_classes(inst, ids: Iterable[int]) -> dict[int, list[str]]:
+    """image_id -> the category names of its instance annotations (``CocoInstances``), for ``ids``."""
+    classes: dict[int, list[str]] = {i: [] for i in ids}
+    for ann in inst.annotations.values():
+        if ann["image_id"] in classes:
+            classes[ann["image_id"]].append(inst.categories[ann["category_id"]])
+    return classes
+
+
+def write_outputs(out_dir: str | Path, summary: dict, records: list[dict]) -> dict:
+    """Write ``out_dir/chair/`` (summary table and per-caption records); returns ``summary``."""
+    md = f"# {TASK}\n\n" + markdown_table(["CHAIR_i", "CHAIR_s", "recall", "mean length", "captions"],
+                                          [[summary["chair_i"], summary["chair_s"], summary["recall"],
+                                            summary["mean_length"], summary["n_captions"]]]) + "\n"
+    write_task_outputs(out_dir, TASK, summary, records, md)
+    return summary
+
+
 def load(src: EvalSources, limit: Optional[int] = None) -> ChairData:
     """Read and check the CHAIR files (``captions``, ``instances``, ``images``) -> ``ChairData`` of the
     first ``limit`` images. Ground truth: the world's shapes, or COCO's segmentation classes plus
     the objects its reference captions name (``ground_truth``)."""
     caps, images = read_captioned_images(src)
     ids = select_images(images, limit, TASK)
-    inst = read_coco_instances(src.file("instances"))
-    classes: dict[int, list[str]] = {i: [] for i in ids}
-    for ann in inst.annotations.values():
-        if ann["image_id"] in classes:
-            classes[ann["image_id"]].append(inst.categories[ann["category_id"]])
+    classes = segment_classes(read_coco_instances(src.file("instances")), ids)
     if src.kind == "world":
         vocab = world_vocab()
         present = ground_truth(vocab, classes)
@@ -395,17 +425,14 @@ def run(model, data: ChairData, out_dir: str | Path, limit: Optional[int] = None
     ids = first(sorted(data.images), limit)
     if not ids:
         raise ValueError("chair: no images")
+    prompt = options.prompts.caption
     have = {i: options.captions[i] for i in ids if i in options.captions}
     todo = [i for i in ids if i not in have]
     if todo:
         have.update(generate_captions(model, data.images, todo, batch_size, progress=options.progress, desc=TASK,
-                                       blank=options.blank_image))
+                                       blank=options.blank_image, prompt=prompt))
     summary, records = score({i: have[i] for i in ids}, data)
     for r in records:
-        r["prompt"] = CAPTION_PROMPT
-    summary["prompt"] = CAPTION_PROMPT
-    md = f"# {TASK}\n\n" + markdown_table(["CHAIR_i", "CHAIR_s", "recall", "mean length", "captions"],
-                                          [[summary["chair_i"], summary["chair_s"], summary["recall"],
-                                            summary["mean_length"], summary["n_captions"]]]) + "\n"
-    write_task_outputs(out_dir, TASK, summary, records, md)
-    return summary
+        r["prompt"] = prompt
+    summary["prompt"], summary["prompt_set"] = prompt, options.prompt_set
+    return write_outputs(out_dir, summary, records)

@@ -43,6 +43,7 @@ from eval.report import flatten, markdown_table, write_summary
 from eval.sources import EvalSources, resolve_sources
 from eval.tasks import VLM_TASKS
 from vlm.config import WorldConfig
+from vlm.model.hf_vlm import HFVisionLanguageModel
 from vlm.model.vision_language_model import VisionLanguageModel
 from vlm.world.export import ensure_world
 
@@ -68,10 +69,12 @@ def _check_arguments(tasks: list[str], answer_mode: str, limit: Optional[int]) -
         raise ValueError(f"limit must be > 0 or None, got {limit}")
 
 
-def _load_model(ckpt_or_model) -> tuple[Any, str]:
-    """(model in eval mode, its name): a checkpoint dir is loaded, a model object used as it is."""
+def _load_model(ckpt_or_model, hf_model: bool = False) -> tuple[Any, str]:
+    """(model in eval mode, its name): a checkpoint dir is loaded (``hf_model``: a local HF VLM dir,
+    ``HFVisionLanguageModel``), a model object used as it is."""
     if isinstance(ckpt_or_model, (str, Path)):
-        model, name = VisionLanguageModel.from_pretrained(ckpt_or_model), str(ckpt_or_model)
+        loader = HFVisionLanguageModel if hf_model else VisionLanguageModel
+        model, name = loader.from_pretrained(ckpt_or_model), str(ckpt_or_model)
     else:
         model, name = ckpt_or_model, type(ckpt_or_model).__name__
     if hasattr(model, "eval"):
@@ -95,20 +98,24 @@ def _run_tasks(model, task_data: dict[str, Any], out_dir: Path, limit: Optional[
 def run_vlm_eval(ckpt_or_model, tasks: list[str], out_dir: str | Path, data: Optional[str | Path] = None,
                  world_dir: str | Path = "runs/world", world_cfg=None, limit: Optional[int] = None,
                  batch_size: int = 16, answer_mode: str = "score", progress: bool = True,
-                 blank_image: bool = False) -> dict[str, Any]:
+                 blank_image: bool = False, hf_model: bool = False, prompt_set: str = "world") -> dict[str, Any]:
     """Evaluate a VLM on ``tasks`` and write per-task and combined outputs under ``out_dir``.
 
-    ckpt_or_model  a stage-two checkpoint dir (``VisionLanguageModel.from_pretrained``) or a model
-                   object with ``generate`` / ``score`` / ``image_transform``
+    ckpt_or_model  a stage-two checkpoint dir (``VisionLanguageModel.from_pretrained``), with
+                   ``hf_model`` a local HF VLM dir (``HFVisionLanguageModel``: LLaVA, any
+                   ``AutoModelForImageTextToText`` with a chat template), or a model object with
+                   ``generate`` / ``score`` / ``image_transform``
     tasks          names of ``eval.tasks.VLM_TASKS``; data: None = the world, else real files (module docstring)
     limit          at most this many examples per task (per split for POPE)
     batch_size     images per model call ([B,3,H,W] pixels)
     answer_mode    POPE / VSR answers: "score" (single-forward log-prob comparison, with AUC) or
                    "generate" (generated text parsed the reference way)
+    prompt_set     the wording every task asks with (``eval.prompt_sets``: "world" or "lmms-eval")
     blank_image    the image-ablation control: every image replaced by a uniform one of the processor's
                    mean colour at the same size (``eval.io.blank_like``); write it to its own ``out_dir``
+    hf_model       ``ckpt_or_model`` is a local HF VLM dir (``--hf-model``), not our checkpoint
     Returns {task: summary, ..., "wall_s": {task: seconds}, "data": ..., "checkpoint": ..., "limit": ...,
-    "blank_image": bool}.
+    "blank_image": bool, "hf_model": bool, "prompt_set": str, "answer_mode": str}.
     """
     tasks = list(dict.fromkeys(tasks))
     _check_arguments(tasks, answer_mode, limit)
@@ -117,16 +124,20 @@ def run_vlm_eval(ckpt_or_model, tasks: list[str], out_dir: str | Path, data: Opt
     src = resolve_sources(data, world_dir)
     # Every file is read and checked before the model is loaded.
     task_data = {t: load_task_data(t, src, limit) for t in tasks}
-    model, ckpt_name = _load_model(ckpt_or_model)
+    model, ckpt_name = _load_model(ckpt_or_model, hf_model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary, wall = _run_tasks(model, task_data, out_dir, limit, batch_size,
-                               RunOptions(progress=progress, answer_mode=answer_mode, blank_image=blank_image))
+                               RunOptions(progress=progress, answer_mode=answer_mode, blank_image=blank_image,
+                                          prompt_set=prompt_set))
     summary["wall_s"] = wall
     summary["data"] = "world" if src.kind == "world" else str(src.root)
     summary["checkpoint"] = ckpt_name
+    summary["hf_model"] = hf_model
     summary["limit"] = limit
     summary["blank_image"] = blank_image
+    summary["prompt_set"] = prompt_set
+    summary["answer_mode"] = answer_mode
     write_summary(out_dir, summary, combined_markdown(summary, tasks))
     return summary
 
@@ -137,10 +148,11 @@ def combined_markdown(summary: dict[str, Any], tasks: list[str]) -> str:
     rows = []
     for t in tasks:
         flat = flatten(summary[t])
-        rows += [[t, k, flat[k]] for k in VLM_TASKS[t].HEADLINE if k in flat]
+        how = ", ".join(str(flat[k]) for k in ("mode", "prompt_set") if k in flat)
+        rows += [[t, k, flat[k], how] for k in VLM_TASKS[t].HEADLINE if k in flat]
     blank = " with every image blanked (the image-ablation control)" if summary.get("blank_image") else ""
     lines = [f"# VLM evaluation ({summary['data']}){blank}", "", f"checkpoint: `{summary['checkpoint']}`", "",
-             markdown_table(["task", "metric", "value"], rows), "", "## Wall time", "",
+             markdown_table(["task", "metric", "value", "answer mode, prompt set"], rows), "", "## Wall time", "",
              markdown_table(["task", "seconds"], [[t, summary["wall_s"][t]] for t in tasks], digits=1), "",
              "Per-example predictions: `<task>/predictions.jsonl`.", ""]
     return "\n".join(lines)

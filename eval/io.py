@@ -8,6 +8,9 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 from PIL import Image
 
+from eval.prompt_sets import PromptSet, prompt_set
+from vlm.data.images import expand2square, pad_colour
+
 T = TypeVar("T")
 ANSWER_MODES = ("score", "generate")
 
@@ -20,16 +23,24 @@ class RunOptions:
     way), ``captions`` (image_id -> caption), filled by the captioning task and reused by CHAIR
     so the same captions are not generated twice, and ``blank_image``: the image-ablation control,
     every image replaced by a uniform one of the processor's mean colour at the same size
-    (``blank_like``), so the score is what the model gets from priors alone."""
+    (``blank_like``), so the score is what the model gets from priors alone; ``prompt_set``: the
+    wording the tasks ask with (``eval.prompt_sets``)."""
 
     progress: bool = True
     answer_mode: str = "score"
     captions: dict[int, str] = field(default_factory=dict)
     blank_image: bool = False
+    prompt_set: str = "world"
 
     def __post_init__(self) -> None:
         if self.answer_mode not in ANSWER_MODES:
             raise ValueError(f"answer_mode must be 'score' or 'generate', got {self.answer_mode!r}")
+        prompt_set(self.prompt_set)  # a typo fails here, listing the valid names
+
+    @property
+    def prompts(self) -> PromptSet:
+        """The ``PromptSet`` called ``prompt_set``."""
+        return prompt_set(self.prompt_set)
 
 
 def batched(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
@@ -66,9 +77,11 @@ def blank_like(image: Image.Image, transform) -> Image.Image:
 def pixel_batch(model, paths: Sequence[str | Path], cache: dict | None = None, blank: bool = False) -> torch.Tensor:
     """Images at ``paths`` through ``model.image_transform`` -> float [B, 3, H, W] on the model's device.
 
-    ``cache`` (path -> [3, H, W]) avoids re-decoding an image asked about several times (POPE asks
-    ~6 questions per image). ``blank``: each image is replaced by ``blank_like(image)`` (same size, the
-    processor's mean colour) before the transform.
+    A non-square image is padded to a square with the processor's mean colour first (LLaVA's
+    ``expand2square``, ``vlm.data.images``), never centre-cropped, so the whole image and every box
+    stay in view. ``cache`` (path -> [3, H, W]) avoids re-decoding an image asked about several
+    times (POPE asks ~6 questions per image). ``blank``: each image is replaced by
+    ``blank_like(image)`` (same size, the processor's mean colour) before the padding and transform.
     """
     transform: Callable = model.image_transform
     tensors = []
@@ -78,7 +91,8 @@ def pixel_batch(model, paths: Sequence[str | Path], cache: dict | None = None, b
             tensors.append(cache[key])
             continue
         image = load_image(p)
-        t = transform(blank_like(image, transform) if blank else image)
+        image = blank_like(image, transform) if blank else image
+        t = transform(expand2square(image, pad_colour(getattr(transform, "mean", (0.5, 0.5, 0.5)))))
         if cache is not None:
             cache[key] = t
         tensors.append(t)

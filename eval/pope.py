@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -111,10 +111,11 @@ def load(src: EvalSources, limit: Optional[int] = None) -> PopeData:
     return PopeData(questions, root)
 
 
-def answer_batch(model, pixels, questions: Sequence, mode: str) -> tuple[list[str], list[dict], list[float]]:
-    """Answer one batch (pixels [B,3,H,W]) -> (answers "yes"/"no"/..., per-question output fields,
-    margins log P(Yes) - log P(No) (empty in "generate" mode))."""
-    prompts = [pope_prompt(q.text) for q in questions]
+def answer_batch(model, pixels, questions: Sequence, mode: str,
+                 ask: Callable[[str], str] = pope_prompt) -> tuple[list[str], list[dict], list[float]]:
+    """Answer one batch (pixels [B,3,H,W]; each question asked as ``ask(text)``) -> (answers
+    "yes"/"no"/..., per-question output fields, margins log P(Yes) - log P(No) (empty in "generate" mode))."""
+    prompts = [ask(q.text) for q in questions]
     if mode == "score":
         logp = torch.as_tensor(model.score(pixels, prompts, [YES, NO]), dtype=torch.float64)
         outputs = [{"logp_yes": float(a), "logp_no": float(b)} for a, b in logp.tolist()]
@@ -140,31 +141,36 @@ def run(model, data: PopeData, out_dir: str | Path, limit: Optional[int] = None,
         raise ValueError("pope: no questions")
     cache: dict = {}
     records: list[dict] = []
-    per_split: dict[str, tuple[list[bool], list[bool], Optional[list[float]]]] = {}
     with tqdm(total=total, desc=TASK, disable=not options.progress) as bar:
         for split, qs in todo.items():
-            split_records: list[dict] = []
-            margins: list[float] = []
             for chunk in batched(qs, batch_size):
                 pixels = pixel_batch(model, [Path(data.image_root) / q.image for q in chunk], cache, blank=options.blank_image)
-                answers, outputs, m = answer_batch(model, pixels, chunk, mode)
-                margins += m
-                split_records += [{"id": q.question_id, "split": split, "image": q.image,
-                                   "prompt": pope_prompt(q.text), **o, "answer": a, "gold": q.label,
-                                   "correct": a == q.label} for q, o, a in zip(chunk, outputs, answers)]
+                answers, outputs, _ = answer_batch(model, pixels, chunk, mode, options.prompts.pope)
+                records += [{"id": q.question_id, "split": split, "image": q.image,
+                             "prompt": options.prompts.pope(q.text), **o, "answer": a, "gold": q.label,
+                             "correct": a == q.label} for q, o, a in zip(chunk, outputs, answers)]
                 bar.update(len(chunk))
-            records += split_records
-            per_split[split] = ([r["answer"] == "yes" for r in split_records],
-                                [r["gold"] == "yes" for r in split_records], margins if mode == "score" else None)
+    return write_outputs(out_dir, records, mode, options.prompt_set)
+
+
+def write_outputs(out_dir: str | Path, records: list[dict], mode: str, prompt_set: Optional[str]) -> dict[str, Any]:
+    """Score answered ``records`` (split, answer, gold; "score" mode: logp_yes, logp_no for the AUC),
+    write ``out_dir/pope/`` and return the summary (``pope_summary`` plus the mode and prompt set)."""
+    per_split: dict[str, tuple[list[bool], list[bool], Optional[list[float]]]] = {}
+    for split in dict.fromkeys(r["split"] for r in records):
+        rows = [r for r in records if r["split"] == split]
+        margins = [r["logp_yes"] - r["logp_no"] for r in rows] if mode == "score" else None
+        per_split[split] = ([r["answer"] == "yes" for r in rows], [r["gold"] == "yes" for r in rows], margins)
     summary = pope_summary(per_split)
     summary["mode"] = mode
-    write_task_outputs(out_dir, TASK, summary, records, _markdown(summary, list(per_split), mode))
+    summary["prompt_set"] = prompt_set
+    write_task_outputs(out_dir, TASK, summary, records, task_markdown(summary, list(per_split), mode))
     return summary
 
 
-def _markdown(summary: dict[str, Any], splits: list[str], mode: str) -> str:
+def task_markdown(summary: dict[str, Any], splits: list[str], mode: str) -> str:
     """The per-split table of ``pope/summary.md``."""
     cols = ["accuracy", "precision", "recall", "f1", "yes_ratio"] + (["auc"] if mode == "score" else [])
-    return (f"# {TASK} ({mode})\n\n"
+    return (f"# {TASK} ({mode}, prompt set {summary.get('prompt_set')})\n\n"
             + markdown_table(["split", *cols, "n"], [[s, *[summary[s][c] for c in cols], summary[s]["n"]] for s in splits])
             + f"\n\nF1 averaged over splits: {summary['f1_avg']:.4f}\n")

@@ -1,9 +1,10 @@
 """RefCOCO-style grounding (REC): Acc@0.5 IoU per split, from generated text.
 
 Each referring expression (every sentence of every ref) is one example: the model is asked
-``vlm.data.prompts.grounding_prompt(sentence)``; the first "[x1, y1, x2, y2]" in its output
-(``parse_box``, normalised to [0, 1]) is scaled by the image width/height to pixels and compared
-with the ground-truth box (COCO xywh pixels -> xyxy). Correct iff IoU >= 0.5. Output with no box
+``vlm.data.prompts.grounding_prompt(sentence)`` about the image padded to a square
+(``eval.io.pixel_batch``); the first "[x1, y1, x2, y2]" in its output (``parse_box``, normalised
+to [0, 1] in that padded square) is mapped back to the original image's pixels
+(``vlm.data.images.box_from_square``) and compared with the ground-truth box (COCO xywh pixels -> xyxy). Correct iff IoU >= 0.5. Output with no box
 counts as wrong and is also counted separately (``unparseable``).
 """
 from __future__ import annotations
@@ -19,12 +20,13 @@ from eval.parsing import parse_box
 from eval.report import markdown_table, write_task_outputs
 from eval.sources import EvalSources, check_images, first
 from vlm.data.formats import read_refcoco
-from vlm.data.prompts import grounding_prompt
+from vlm.data.images import box_from_square
 
 TASK = "refcoco"
 HEADLINE = ["acc", "unparseable", "n"]  # the harness's combined summary.md
 REPORT_COLUMNS = ["acc", "unparseable"]  # the demo / ablation tables
 MAX_NEW_TOKENS = 32
+BOX_FRAMES = ("square", "image")
 Box = tuple[float, float, float, float]
 
 
@@ -93,15 +95,24 @@ def load(src: EvalSources, limit: Optional[int] = None) -> RefcocoData:
     return RefcocoData(refs, root)
 
 
-def ground(ref, prompt: str, text: str, index: int) -> dict[str, Any]:
-    """One expression's record: the model's ``text`` parsed to a box, scaled to pixels and scored
-    against the ref's box (``iou`` None when no box was found)."""
+def to_pixels(box: Sequence[float], width: float, height: float, frame: str = "square") -> Box:
+    """A parsed [0, 1] box -> pixels of the original image. ``frame`` "square": normalised to the
+    image padded to a square (what the harness shows the model: ``vlm.data.images``); "image":
+    normalised to the image's own width and height (lmms-eval's reading)."""
+    if frame not in BOX_FRAMES:
+        raise ValueError(f"box frame must be one of {BOX_FRAMES}, got {frame!r}")
+    return box_from_square(box, width, height) if frame == "square" else denormalise(box, width, height)
+
+
+def ground(ref, sentence: str, prompt: str, text: str, index: int, frame: str = "square") -> dict[str, Any]:
+    """One expression's record: the model's ``text`` parsed to a box, mapped to the original image's
+    pixels (``to_pixels`` in ``frame``) and scored against the ref's box (``iou`` None when no box was found)."""
     gold = xywh_to_xyxy(ref.bbox_xywh)
     parsed = parse_box(text)
-    pred = denormalise(parsed, ref.width, ref.height) if parsed is not None else None
+    pred = to_pixels(parsed, ref.width, ref.height, frame) if parsed is not None else None
     iou = box_iou(pred, gold) if pred is not None else None
     return {"id": f"{ref.ref_id}:{index}", "ref_id": ref.ref_id, "ann_id": ref.ann_id,
-            "split": ref.split, "image": ref.file_name, "prompt": prompt, "output": text,
+            "split": ref.split, "image": ref.file_name, "sentence": sentence, "prompt": prompt, "output": text,
             "parsed_box": list(parsed) if parsed else None, "pred_box_px": list(pred) if pred else None,
             "gold_box_px": list(gold), "iou": iou,
             "correct": iou is not None and iou >= 0.5, "parse_failed": parsed is None}
@@ -121,14 +132,22 @@ def run(model, data: RefcocoData, out_dir: str | Path, limit: Optional[int] = No
     with tqdm(total=len(examples), desc=TASK, disable=not options.progress) as bar:
         for chunk in batched(examples, batch_size):
             pixels = pixel_batch(model, [Path(data.image_root) / r.file_name for r, _ in chunk], cache, blank=options.blank_image)
-            prompts = [grounding_prompt(s) for _, s in chunk]
+            prompts = [options.prompts.refcoco(s) for _, s in chunk]
             texts = model.generate(pixels, prompts, max_new_tokens=MAX_NEW_TOKENS)
-            for (r, _), prompt, text in zip(chunk, prompts, texts):
-                records.append(ground(r, prompt, text, len(records)))
+            for (r, s), prompt, text in zip(chunk, prompts, texts):
+                records.append(ground(r, s, prompt, text, len(records)))
             bar.update(len(chunk))
+    return write_outputs(out_dir, records, "square", options.prompt_set)
+
+
+def write_outputs(out_dir: str | Path, records: list[dict], frame: str, prompt_set: Optional[str]) -> dict[str, Any]:
+    """Score grounded ``records`` (``ground``, boxes read in ``frame``), write ``out_dir/refcoco/``
+    and return the summary (``grounding_metrics`` plus ``box_frame`` and ``prompt_set``)."""
     summary = grounding_metrics([r["iou"] for r in records], [r["split"] for r in records])
+    summary["box_frame"] = frame
+    summary["prompt_set"] = prompt_set
     rows = [[s, m["acc"], m["mean_iou"], m["unparseable"], m["n"]] for s, m in summary["splits"].items()]
     rows.append(["all", summary["acc"], summary["mean_iou"], summary["unparseable"], summary["n"]])
-    md = f"# {TASK}\n\n" + markdown_table(["split", "Acc@0.5", "mean IoU", "unparseable", "n"], rows) + "\n"
+    md = f"# {TASK} (prompt set {prompt_set})\n\n" + markdown_table(["split", "Acc@0.5", "mean IoU", "unparseable", "n"], rows) + "\n"
     write_task_outputs(out_dir, TASK, summary, records, md)
     return summary

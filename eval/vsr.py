@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -67,10 +67,11 @@ def load(src: EvalSources, limit: Optional[int] = None) -> VsrData:
     return VsrData(items, root)
 
 
-def answer_batch(model, pixels, items: Sequence, mode: str) -> tuple[list[Optional[bool]], list[dict], list[float]]:
-    """Answer one batch (pixels [B,3,H,W]) -> (True / False / None (unparseable), per-item output
-    fields, margins logP(True) - logP(False) (empty in "generate" mode))."""
-    prompts = [vsr_prompt(it.caption) for it in items]
+def answer_batch(model, pixels, items: Sequence, mode: str,
+                 ask: Callable[[str], str] = vsr_prompt) -> tuple[list[Optional[bool]], list[dict], list[float]]:
+    """Answer one batch (pixels [B,3,H,W]; each statement asked as ``ask(caption)``) -> (True / False /
+    None (unparseable), per-item output fields, margins logP(True) - logP(False) (empty in "generate" mode))."""
+    prompts = [ask(it.caption) for it in items]
     if mode == "score":
         logp = torch.as_tensor(model.score(pixels, prompts, [TRUE, FALSE]), dtype=torch.float64).tolist()
         outputs = [{"logp_true": a, "logp_false": b} for a, b in logp]
@@ -90,29 +91,35 @@ def run(model, data: VsrData, out_dir: str | Path, limit: Optional[int] = None, 
         raise ValueError("vsr: no statements")
     cache: dict = {}
     records: list[dict] = []
-    margins: list[float] = []
     with tqdm(total=len(items), desc=TASK, disable=not options.progress) as bar:
         for chunk in batched(items, batch_size):
             pixels = pixel_batch(model, [Path(data.image_root) / it.image for it in chunk], cache, blank=options.blank_image)
-            answers, outputs, m = answer_batch(model, pixels, chunk, mode)
-            margins += m
+            answers, outputs, _ = answer_batch(model, pixels, chunk, mode, options.prompts.vsr)
             for it, o, a in zip(chunk, outputs, answers):
                 g = bool(it.label)
                 records.append({"id": len(records), "image": it.image, "relation": it.relation,
-                                "prompt": vsr_prompt(it.caption), **o, "answer": a, "gold": g,
+                                "prompt": options.prompts.vsr(it.caption), **o, "answer": a, "gold": g,
                                 "correct": a is not None and a == g})
             bar.update(len(chunk))
+    return write_outputs(out_dir, records, mode, options.prompt_set)
+
+
+def write_outputs(out_dir: str | Path, records: list[dict], mode: str, prompt_set: Optional[str]) -> dict[str, Any]:
+    """Score answered ``records`` (answer, gold, relation; "score" mode: logp_true, logp_false for
+    the AUC), write ``out_dir/vsr/`` and return the summary (``vsr_metrics`` plus the mode)."""
+    margins = [r["logp_true"] - r["logp_false"] for r in records] if mode == "score" else None
     summary = vsr_metrics([r["answer"] for r in records], [r["gold"] for r in records],
-                          [r["relation"] for r in records], margins if mode == "score" else None)
+                          [r["relation"] for r in records], margins)
     summary["mode"] = mode
-    write_task_outputs(out_dir, TASK, summary, records, _markdown(summary, mode))
+    summary["prompt_set"] = prompt_set
+    write_task_outputs(out_dir, TASK, summary, records, task_markdown(summary, mode))
     return summary
 
 
-def _markdown(summary: dict[str, Any], mode: str) -> str:
+def task_markdown(summary: dict[str, Any], mode: str) -> str:
     """The per-relation table of ``vsr/summary.md`` (and the AUC when there is one)."""
     rows = [[r, m["accuracy"], m["n"]] for r, m in summary["relations"].items()]
     rows.append(["all", summary["accuracy"], summary["n"]])
     auc = summary.get("auc")
-    return (f"# {TASK} ({mode})\n\n" + markdown_table(["relation", "accuracy", "n"], rows)
+    return (f"# {TASK} ({mode}, prompt set {summary.get('prompt_set')})\n\n" + markdown_table(["relation", "accuracy", "n"], rows)
             + (f"\n\nAUC (logP(True) - logP(False)): {auc:.4f}\n" if auc is not None and auc == auc else "\n"))

@@ -7,6 +7,7 @@ optimiser step.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -43,40 +44,46 @@ def _clean_name(name: str) -> str:
     return name
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, overrides: Optional[dict[str, dict]] = None) -> list[dict]:
     """AdamW groups over parameters with ``requires_grad``: weight decay on matrices only.
 
     No decay for biases, 1-d/0-d tensors (norm gains, learned temperatures/logit scales/biases)
     and any parameter of a normalisation layer (``is_norm_layer``, including RMSNorm).
+    ``overrides``: parameter-name prefix -> {"lr", "weight_decay"} for the parameters under it
+    (stage two's per-module settings); each prefix gets its own decay / no-decay pair of groups.
     Each group carries ``names`` (wrapper prefixes removed) for inspection. Raises ``ValueError``
     when nothing is trainable.
     """
+    overrides = overrides or {}
     no_decay_ids = set()
     for module in model.modules():
         if is_norm_layer(module):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         clean = _clean_name(name)
-        if p.ndim < 2 or clean.endswith("bias") or id(p) in no_decay_ids:
-            no_decay.append(p)
-            no_decay_names.append(clean)
-        else:
-            decay.append(p)
-            decay_names.append(clean)
-    if not decay and not no_decay:
+        prefix = next((k for k in overrides if clean.startswith(k)), "")
+        decays = not (p.ndim < 2 or clean.endswith("bias") or id(p) in no_decay_ids)
+        setting = overrides.get(prefix, {})
+        group = groups.setdefault((prefix, decays), {
+            "params": [], "names": [], **({"lr": setting["lr"]} if "lr" in setting else {}),
+            "weight_decay": setting.get("weight_decay", weight_decay) if decays else 0.0})
+        group["params"].append(p)
+        group["names"].append(clean)
+    if not groups:
         raise ValueError("the model has no parameters with requires_grad=True; nothing to train")
-    return [g for g in (
-        {"params": decay, "weight_decay": weight_decay, "names": decay_names},
-        {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names},
-    ) if g["params"]]
+    # The optimiser's own groups first (decay, then no decay, as without overrides), then each prefix's.
+    order = sorted(groups, key=lambda k: (k[0] != "", k[0], not k[1]))
+    return [groups[k] for k in order]
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``param_groups(model)`` and the warmup + cosine ``LambdaLR`` (stepped once per optimiser step)."""
-    groups = param_groups(model, optim.weight_decay)
+def build_optimizer(model: nn.Module, optim: OptimConfig,
+                    overrides: Optional[dict[str, dict]] = None) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``param_groups(model, ., overrides)`` and the warmup + cosine ``LambdaLR`` (stepped
+    once per optimiser step; a group's own ``lr`` follows the same schedule)."""
+    groups = param_groups(model, optim.weight_decay, overrides)
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio))

@@ -92,6 +92,18 @@ def oracle_world_filled(cfg: Stage2Config) -> VLMConfig:
     return dataclasses.replace(model, oracle_world=str(cfg.data.world_dir))
 
 
+def trainable_table(per_module: dict[str, dict], cfg: Stage2Config) -> str:
+    """The run log's per-module lines: mode, trainable / total parameters, lr and weight decay."""
+    lines = []
+    for name, row in per_module.items():
+        m = getattr(cfg.model.train, name)
+        lr = m.lr if m.lr is not None else cfg.optim.lr
+        wd = m.weight_decay if m.weight_decay is not None else cfg.optim.weight_decay
+        lines.append(f"  {name:<6} {row['mode']:<6} {row['trainable']:>12,} / {row['total']:,} trainable, "
+                     f"lr {lr:g}, weight decay {wd:g}")
+    return "\n".join(lines)
+
+
 def run(cfg: Stage2Config) -> Path:
     """Train stage two with ``cfg``; returns ``out_dir/final`` (a ``VisionLanguageModel`` checkpoint)."""
     info = distributed.setup(cfg.run.device)
@@ -110,5 +122,6 @@ def run(cfg: Stage2Config) -> Path:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"stage two: {len(records)} conversations from {json_path}, bridge {cfg.model.bridge.name}, "
               f"{trainable:,} trainable parameters", file=sys.stderr)
+        print(trainable_table(model.trainable_parameters(), cfg), file=sys.stderr)
     result = train(model, batches, cfg.optim, cfg.run, config=cfg)
     return result.final_dir

@@ -30,7 +30,7 @@ T = TypeVar("T")
 # Registry keys are checked here (not by importing the registries, which live higher up) so that a
 # typo fails before any model is built. Tests check these tuples equal the registries' keys.
 OBJECTIVE_NAMES = ("clip", "siglip", "sparc", "flair")  # the pipelines' objective lists
-VISION_ARCHS = ("clip", "siglip", "resnet", "convnext")
+VISION_ARCHS = ("clip", "siglip", "dinov2", "resnet", "convnext")
 CONV_ARCHS = ("resnet", "convnext")  # convolutional towers: no CLS token, a stem of stride CONV_STEM_STRIDE
 CONV_STEM_STRIDE = 4  # ResNet: stride-2 conv + stride-2 max-pool; ConvNeXt: a 4x4 stride-4 patchify conv
 POOLS = ("cls", "mean", "max", "map")
@@ -262,7 +262,7 @@ class TextDataConfig:
 class VisionTowerConfig:
     """A vision tower built from sizes, or loaded from a local HF checkpoint directory.
 
-    ViTs (arch clip -> ``CLIPVisionModel``, siglip -> ``SiglipVisionModel``) read ``hidden_size``,
+    ViTs (arch clip -> ``CLIPVisionModel``, siglip -> ``SiglipVisionModel``, dinov2 -> ``Dinov2Model``) read ``hidden_size``,
     ``num_layers``, ``num_heads``, ``mlp_ratio``. Convolutional towers (resnet -> ``ResNetModel`` with
     basic blocks, convnext -> ``ConvNextModel``) read ``stage_widths`` / ``stage_depths`` (channels and
     residual blocks per stage): a stem of stride 4, then every stage after the first halves the grid,
@@ -270,7 +270,7 @@ class VisionTowerConfig:
     64-px image then gives an 8x8 patch grid). The patch grid is image_size / patch_size per side.
     """
 
-    arch: str = "clip"  # clip | siglip | resnet | convnext
+    arch: str = "clip"  # clip | siglip | dinov2 | resnet | convnext
     pretrained: str = ""  # local path; when set, the sizes below are ignored
     image_size: int = 64
     patch_size: int = 8  # ViT: the patch side; conv towers: the total stride (pixels per grid cell)
@@ -413,6 +413,37 @@ class BridgeConfig:
         _positive(self, "bridge", "num_heads")
 
 
+TRAIN_MODES = ("frozen", "lora", "full")
+
+
+@dataclass
+class ModuleTraining:
+    """How stage two trains one module (``model.train.{tower,bridge,llm}``): ``mode`` frozen | lora |
+    full ("" = the module's default: the tower as ``freeze_vision``, the bridge full, the LLM as
+    ``lora.enabled``), and its own ``lr`` / ``weight_decay`` (null: ``optim.lr`` / ``optim.weight_decay``).
+    LoRA adapters take ``model.lora``'s r, alpha and dropout."""
+
+    mode: str = ""
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+
+    def check(self, key: str, modes: tuple[str, ...]) -> None:
+        """``ConfigError`` naming ``key`` on a mode outside ``modes`` or a non-positive lr / negative decay."""
+        if self.mode:
+            _one_of(self.mode, f"{key}.mode", modes)
+        _check(self.lr is None or self.lr > 0, f"{key}.lr", f"must be > 0 or null, got {self.lr}")
+        _check(self.weight_decay is None or self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0 or null")
+
+
+@dataclass
+class TrainingControl:
+    """Per-module training of stage two: the tower, the bridge (frozen | full) and the LLM."""
+
+    tower: ModuleTraining = field(default_factory=ModuleTraining)
+    bridge: ModuleTraining = field(default_factory=ModuleTraining)
+    llm: ModuleTraining = field(default_factory=ModuleTraining)
+
+
 @dataclass
 class VLMConfig:
     """Stage two: vision tower + bridge + frozen causal LLM with LoRA."""
@@ -432,13 +463,37 @@ class VLMConfig:
     # vision_tower=oracle (vlm.model.oracle): the world export whose annotations it reads ("" = stage
     # two's data.world_dir)
     oracle_world: str = ""
+    # Per-module modes, lr and weight decay; an explicit tower / LLM mode also sets freeze_vision /
+    # lora.enabled, so the two never disagree in a saved vlm.yaml.
+    train: TrainingControl = field(default_factory=TrainingControl)
 
     def __post_init__(self) -> None:
+        t = self.train
+        t.tower.check("model.train.tower", TRAIN_MODES)
+        t.bridge.check("model.train.bridge", ("frozen", "full"))
+        t.llm.check("model.train.llm", TRAIN_MODES)
+        if t.tower.mode:
+            self.freeze_vision = t.tower.mode == "frozen"
+        if t.llm.mode:
+            self.lora = dataclasses.replace(self.lora, enabled=t.llm.mode == "lora")
+        _check(not (self.load_in_4bit and self.module_mode("llm") == "full"), "model.train.llm.mode",
+               "full training needs full-precision LLM weights; set model.load_in_4bit=false")
         _check(bool(self.vision_tower), "model.vision_tower", "must name a checkpoint directory or be 'oracle'")
         _check(bool(self.llm), "model.llm", "must name a local LLM directory")
+
         _one_of(self.vision_feature_select_strategy, "model.vision_feature_select_strategy", ("default", "full"))
         _one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
         _one_of(self.llm_dtype, "model.llm_dtype", ("fp32", "bf16"))
+
+
+    def module_mode(self, module: str) -> str:
+        """The training mode of "tower", "bridge" or "llm": ``train.<module>.mode`` when set, else the
+        tower as ``freeze_vision`` says, the bridge "full", the LLM as ``lora.enabled`` says."""
+        mode = getattr(self.train, module).mode
+        if mode:
+            return mode
+        return {"tower": "frozen" if self.freeze_vision else "full", "bridge": "full",
+                "llm": "lora" if self.lora.enabled else "frozen"}[module]
 
 
 @dataclass

@@ -33,7 +33,7 @@ def test_box_text_is_compact_and_round_trips_to_the_rec_parser(tokenizer):
             ref = RefExpr(ref_id=k, ann_id=k, image_id=i, file_name="x.jpg", sentences=[sample.referring[k]],
                           bbox_xywh=(obj.box[0], obj.box[1], obj.box[2] - obj.box[0], obj.box[3] - obj.box[1]),
                           split="val", width=CFG.image_size, height=CFG.image_size)
-            rec = ground(ref, grounding_prompt(sample.referring[k]), f"{decoded}</s>", 0)
+            rec = ground(ref, sample.referring[k], grounding_prompt(sample.referring[k]), f"{decoded}</s>", 0)
             assert rec["correct"] and rec["iou"] > 0.8  # 2 decimals: <= 0.32 px off per edge on 64 px
     # '[', 4 numbers (a leading space kept inside each), 3 commas, ']': 9 tokens for nearly every box
     assert sum(n == 9 for n in lengths) / len(lengths) > 0.95 and max(lengths) <= 13

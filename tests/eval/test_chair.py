@@ -121,3 +121,48 @@ def test_ground_truth_and_score(coco):
 def test_custom_table():
     v = vocab_from_table({"circle": ["disc"], "cross": ["plus sign"]})
     assert v.objects_in("a disc and plus signs and a circle") == ["circle", "cross", "circle"]
+
+
+# One test per word class of the reference's tokenisation (nltk.word_tokenize, then the table).
+
+def test_hyphenated_compounds_are_one_token(coco):
+    """NLTK keeps "hot-dog" and "dog-shaped" whole: no table entry, so no mention (the reference's
+    behaviour; a regex split on "-" would fire "dog" twice)."""
+    from eval.chair import reference_words
+
+    assert reference_words("A hot-dog and a dog-shaped kite") == ["a", "hot-dog", "and", "a", "dog-shaped", "kite"]
+    assert coco.objects_in("A hot-dog and a dog-shaped kite") == ["kite"]
+    assert coco.objects_in("a well-dressed man with a cell-phone") == ["person"]
+
+
+def test_apostrophes_split_off(coco):
+    """Possessives and contractions split as NLTK splits them: the noun before stays a word."""
+    from eval.chair import reference_words
+
+    assert reference_words("the dog's bowl isn't the dogs' bowl") == ["the", "dog", "s", "bowl", "is", "the", "dogs",
+                                                                      "bowl"]
+    assert coco.objects_in("The man's umbrella and the dogs' frisbee aren't here") == \
+        ["person", "umbrella", "dog", "frisbee"]
+
+
+def test_plural_classes(coco):
+    """Irregular, -ies, -ves, -es after a sibilant, plain -s, and plural-looking table words."""
+    assert coco.objects_in("people, men, women, children, mice, geese, oxen") == \
+        ["person", "person", "person", "person", "mouse", "bird", "cow"]
+    assert coco.objects_in("puppies and ponies") == ["dog", "horse"]
+    assert coco.objects_in("knives and scarves") == ["knife"]
+    assert coco.objects_in("benches, boxes and sandwiches") == ["bench", "sandwich"]
+    assert coco.objects_in("scissors and skis") == ["scissors", "skis"]
+
+
+def test_multi_word_names_with_any_spacing(coco):
+    """A two-word name matches across any run of whitespace; a hyphen joins the words into one
+    token, which the table does not know."""
+    assert coco.objects_in("a motor  bike by a fire\thydrant") == ["motorcycle", "fire hydrant"]
+    assert coco.objects_in("a teddy\nbear") == ["teddy bear"]
+    assert coco.objects_in("a motorbike, a motor-bike") == ["motorcycle"]
+
+
+def test_seat_dropped_only_next_to_the_word_toilet(coco):
+    assert coco.objects_in("a toilet with its seat up") == ["toilet"]
+    assert coco.objects_in("a urinal and a seat") == ["toilet", "chair"]  # the reference keeps it: no "toilet"

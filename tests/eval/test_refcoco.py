@@ -57,3 +57,31 @@ def test_run(tmp_path):
     s2 = run(FakeVLM(texts=texts), RefcocoData(refs, tmp_path / "im"), tmp_path / "o2", limit=1,
              options=RunOptions(progress=False))
     assert s2["n"] == 1 and s2["acc"] == 1.0
+
+
+def test_non_square_image_padded_and_box_scored_in_pixels(tmp_path):
+    """A 640x480 image with its object at the bottom-right border, [600, 440, 640, 480] px. The model
+    sees the image padded to 640x640 and answers in that square ([0.9375, 0.8125, 1.0, 0.875]);
+    mapped back, the box is the object's exactly (IoU 1). Read as a fraction of the image itself
+    (no padding) it would miss (IoU < 0.5)."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.full((480, 640, 3), 30, dtype=np.uint8)
+    arr[440:, 600:] = (255, 0, 0)
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    ref = RefExpr(1, 11, 1, "wide.png", ["the red block"], (600.0, 440.0, 40.0, 40.0), "val", 640, 480)
+    seen = []
+
+    class Model(FakeVLM):
+        def generate(self, pixel_values, prompts, max_new_tokens=32, **kwargs):
+            seen.append(pixel_values)
+            return ["[0.9375, 0.8125, 1.0, 0.875]"] * len(prompts)
+
+    s = run(Model(), RefcocoData([ref], tmp_path), tmp_path / "out", options=RunOptions(progress=False))
+    assert s["acc"] == 1.0 and s["box_frame"] == "square"
+    rec = json.loads((tmp_path / "out" / "refcoco" / "predictions.jsonl").read_text())
+    assert rec["pred_box_px"] == pytest.approx([600, 440, 640, 480]) and rec["iou"] == pytest.approx(1.0)
+    assert tuple(seen[0].shape[-2:]) == (640, 640)  # FakeVLM's transform keeps the size: the padded square
+    assert Image.open(tmp_path / "wide.png").size == (640, 480)
+    assert box_iou(denormalise((0.9375, 0.8125, 1.0, 0.875), 640, 480), (600, 440, 640, 480)) < 0.5

@@ -6,22 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_vlm import perturb_trainable, random_images, vlm_config
+from tiny_vlm import perturb_trainable, random_images, save_conv_tower, vlm_config
 from encoders.towers import ImageTransform, build_vision_tower, final_norm, num_patches
 from vlm.config import VisionTowerConfig
 from vlm.model.vision_language_model import VisionLanguageModel
 
 PROMPTS = ["Is there a red circle?", "How many objects are in the image?"]
-
-
-def save_conv_tower(directory: Path, arch: str) -> Path:
-    """A 32-px conv tower (stride 8: a 4x4 grid, P = 16) saved with its preprocessor config."""
-    torch.manual_seed(2)
-    tower = build_vision_tower(VisionTowerConfig(arch=arch, image_size=32, patch_size=8, stage_widths=[16, 32],
-                                                 stage_depths=[1, 1]))
-    tower.save_pretrained(str(directory))
-    ImageTransform(32).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module", params=["resnet", "convnext"])

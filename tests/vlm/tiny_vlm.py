@@ -60,6 +60,16 @@ def save_tiny_tower(directory: Path, arch: str = "clip") -> Path:
     return directory
 
 
+def save_conv_tower(directory: Path, arch: str) -> Path:
+    """A 32-px conv tower (stride 8: a 4x4 grid, P = 16) saved with its preprocessor config."""
+    torch.manual_seed(2)
+    tower = build_vision_tower(VisionTowerConfig(arch=arch, image_size=32, patch_size=8, stage_widths=[16, 32],
+                                                 stage_depths=[1, 1]))
+    tower.save_pretrained(str(directory))
+    ImageTransform(32).save_pretrained(directory)
+    return directory
+
+
 def vlm_config(tower: Path, llm: Path, bridge: str = "projector", **kw) -> VLMConfig:
     """A tiny VLMConfig (LoRA r=4 on all linear layers; flamingo: 4 latents, 1 resampler layer)."""
     kw.setdefault("lora", LoraConfig(r=4, alpha=8))

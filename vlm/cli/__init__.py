@@ -2,8 +2,12 @@
 
     vlm world   --out DIR --n N --seed S          export the synthetic world in the real formats
     vlm train   stage1|lm|maskembed|stage2 --config YAML [--resume] [key.sub=value ...]
-    vlm eval    encoder --ckpt DIR | vlm --ckpt DIR --tasks ... | drift --ckpt DIR
+    vlm eval    encoder --ckpt DIR | vlm --ckpt DIR|--hf-model DIR --tasks ... | drift --ckpt DIR
+    vlm score   TASK --predictions FILE --out DIR ...   score outputs made elsewhere
+    vlm generate --ckpt DIR|--hf-model DIR --image PATH --prompt TEXT   one answer, streamed
+    vlm chat    --ckpt DIR|--hf-model DIR --image PATH   multi-turn, /image PATH to change the image
     vlm merge   --ckpt DIR --out DIR              standalone merged LLM + bridge for inference
+    vlm export  --ckpt DIR --format llava --out DIR   a stock LlavaForConditionalGeneration dir
     vlm demo    [--out DIR]                        everything, on the world, into DIR/report.md
     vlm ablate  --config YAML                      the backbone grid with seeds and CIs
 
@@ -30,7 +34,11 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, one-line help)
     "world": ("vlm.cli.world", "export the synthetic world in the real data formats"),
     "train": ("vlm.cli.train", "train one stage (a recipe: stage1, lm, maskembed, stage2)"),
     "eval": ("vlm.cli.eval", "evaluate an encoder or a VLM"),
+    "score": ("vlm.cli.score", "score predictions made elsewhere (caption, chair, pope, refcoco, vsr)"),
+    "generate": ("vlm.cli.generate", "answer one prompt about one image, streamed"),
+    "chat": ("vlm.cli.chat", "a multi-turn conversation about an image in the terminal"),
     "merge": ("vlm.cli.merge", "write a standalone merged LLM + bridge"),
+    "export": ("vlm.cli.export", "write a stage-two checkpoint as a stock transformers LLaVA dir"),
     "demo": ("vlm.cli.demo", "the whole pipeline on the world, into DIR/report.md"),
     "ablate": ("vlm.cli.ablate", "backbone ablation grid with seeds and 95%% CIs"),
 }

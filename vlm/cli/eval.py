@@ -8,6 +8,9 @@ from pathlib import Path
 
 from eval.encoder import run as run_encoder_eval
 from eval.harness import run_vlm_eval
+from eval.io import ANSWER_MODES
+from eval.prompt_sets import PROMPT_SETS
+from eval.lm_eval_adapter import TASK_NAME as DRIFT_TASK
 from eval.lm_eval_adapter import run_language_drift
 from eval.tasks import VLM_TASKS
 from eval.text_probe import MODES as PROBE_MODES
@@ -30,12 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.set_defaults(func=cmd_eval_encoder)
     names = ", ".join(VLM_TASKS)
     e = sub.add_parser("vlm", help="captioning, CHAIR, POPE, RefCOCO, VSR")
-    e.add_argument("--ckpt", required=True, help="a stage-two checkpoint dir")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ckpt", help="a stage-two checkpoint dir")
+    which.add_argument("--hf-model", help="a local HF VLM dir with a chat template (LLaVA, AutoModelForImageTextToText)")
     e.add_argument("--tasks", default=",".join(VLM_TASKS), help=f"comma list of {names}")
     e.add_argument("--data", default=None, help="real data files (see README); default: the world")
     e.add_argument("--world-dir", default="runs/world")
-    e.add_argument("--out", default=None, help="default CKPT/eval_vlm")
+    e.add_argument("--out", default=None, help="default CKPT/eval_vlm (or HF_MODEL/eval_vlm)")
     e.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    e.add_argument("--answer-mode", choices=ANSWER_MODES, default="score",
+                   help="POPE / VSR: score (log P(yes) vs P(no), with AUC) or generate (the answer parsed as the reference)")
+    e.add_argument("--prompt-set", choices=list(PROMPT_SETS), default="world",
+                   help="world: the prompts the world's models learn; lmms-eval: the published wordings (eval/prompt_sets.py)")
     e.add_argument("--blank-image", action="store_true",
                    help="image-ablation control: every image replaced by a uniform one of the processor's mean colour")
     e.set_defaults(func=cmd_eval_vlm)
@@ -44,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--world-dir", default="runs/world", help="held-out text: this world's eval-split texts")
     e.add_argument("--out", default=None, help="default CKPT/eval_drift")
     e.add_argument("--limit", type=int, default=None, help="at most this many documents")
+    e.add_argument("--tasks", default=DRIFT_TASK,
+                   help=f"comma list of lm-eval tasks (default {DRIFT_TASK}: the held-out text; others need their "
+                        "data available offline)")
+    e.add_argument("--base-llm", default=None,
+                   help="the LLM stage two started from: needed for a merged checkpoint (its vlm.yaml names llm/)")
     e.set_defaults(func=cmd_eval_drift)
     e = sub.add_parser("probe", help="text-context probe: POPE / VSR answered from the caption, no image")
     e.add_argument("--llm", required=True, help="a causal LM dir with its tokenizer (e.g. runs/lm/final)")
@@ -75,22 +89,28 @@ def cmd_eval_encoder(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_vlm(args: argparse.Namespace) -> int:
-    """``vlm eval vlm``: the registered VLM tasks (``eval.tasks.VLM_TASKS``) of a stage-two checkpoint."""
+    """``vlm eval vlm``: the registered VLM tasks (``eval.tasks.VLM_TASKS``) of a stage-two checkpoint
+    or of a local HF VLM (``--hf-model``)."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(VLM_TASKS))
     if unknown:
         raise ConfigError(f"--tasks: unknown task(s) {unknown}; valid: {', '.join(VLM_TASKS)}")
-    out = args.out or str(Path(args.ckpt) / ("eval_vlm_blank" if args.blank_image else "eval_vlm"))
-    summary = run_vlm_eval(args.ckpt, tasks, out, data=args.data, world_dir=args.world_dir, limit=args.limit,
-                           blank_image=args.blank_image)
+    model_dir = args.ckpt or args.hf_model
+    out = args.out or str(Path(model_dir) / ("eval_vlm_blank" if args.blank_image else "eval_vlm"))
+    summary = run_vlm_eval(model_dir, tasks, out, data=args.data, world_dir=args.world_dir, limit=args.limit,
+                           blank_image=args.blank_image, hf_model=args.hf_model is not None,
+                           answer_mode=args.answer_mode, prompt_set=args.prompt_set)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
 def cmd_eval_drift(args: argparse.Namespace) -> int:
-    """``vlm eval drift``: the LLM's language ability before and after LoRA (lm-eval)."""
+    """``vlm eval drift``: the LLM's language ability before and after stage two (lm-eval's HFLM),
+    for a LoRA or (with ``--base-llm``) a merged checkpoint."""
     out = args.out or str(Path(args.ckpt) / "eval_drift")
-    result = run_language_drift(args.ckpt, out, limit=args.limit, world_dir=args.world_dir)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = run_language_drift(args.ckpt, out, base_llm_path=args.base_llm, limit=args.limit,
+                                world_dir=args.world_dir, tasks=tasks)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

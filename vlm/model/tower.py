@@ -14,11 +14,15 @@ trainable parameter gets a gradient.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import SiglipVisionModel
 
@@ -89,9 +93,38 @@ class VLMVisionTower(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             return vision_features(self.tower, pixel_values, self.feature_layer, self.select_strategy)
 
+    @property
+    def has_lora(self) -> bool:
+        """Whether LoRA adapters were injected (``add_lora``)."""
+        return any(isinstance(m, LoraLayer) for m in self.tower.modules())
+
+    def add_lora(self, r: int, alpha: int, dropout: float = 0.0) -> None:
+        """Train the tower through LoRA adapters (peft's ``inject_adapter_in_model``, the class stays
+        a stock tower) on every linear layer its features use; every other tower weight is frozen."""
+        unused = {id(p) for p in unused_feature_parameters(self.tower, self.feature_layer)}
+        targets = [name for name, m in self.tower.named_modules()
+                   if isinstance(m, nn.Linear) and not any(id(p) in unused for p in m.parameters())]
+        if not targets:
+            raise ValueError(f"{type(self.tower).__name__}: no linear layer to put LoRA on (a conv tower has none)")
+        config = PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+        inject_adapter_in_model(config, self.tower)
+        self.frozen = False
+        for name, p in self.tower.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    def merged_tower(self) -> nn.Module:
+        """A copy of the tower with its LoRA adapters merged into the weights (the stock class and keys)."""
+        tower = copy.deepcopy(self.tower)
+        for name, module in list(tower.named_modules()):
+            if isinstance(module, LoraLayer):
+                module.merge()
+                parent, _, child = name.rpartition(".")
+                setattr(tower.get_submodule(parent) if parent else tower, child, module.get_base_layer())
+        return tower
+
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the tower (stock ``transformers`` format) and its ``preprocessor_config.json``."""
+        """Write the tower (stock ``transformers`` format, LoRA merged in) and its ``preprocessor_config.json``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.tower.save_pretrained(str(directory))
+        (self.merged_tower() if self.has_lora else self.tower).save_pretrained(str(directory))
         self.transform.save_pretrained(directory)

@@ -38,7 +38,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from encoders.towers import tower_model_type
-from vlm.config import ConfigError, VLMConfig, config_from_yaml_text, save_config
+from vlm.config import ConfigError, TrainingControl, VLMConfig, config_from_yaml_text, save_config
 from vlm.data.prompts import IMAGE_TOKEN
 from vlm.data.tokenizer import load_tokenizer
 from vlm.model.bridges import build_bridge
@@ -146,10 +146,13 @@ class VisionLanguageModel(nn.Module):
             llm = apply_lora(llm, cfg.lora)
         if bridge_state is not None:
             bridge.load_state_dict(bridge_state)
-        bridge.requires_grad_(trainable)
+        bridge.requires_grad_(trainable and cfg.module_mode("bridge") == "full")
         if not trainable:
             for p in llm.parameters():
                 p.requires_grad_(False)
+        elif cfg.module_mode("llm") == "full":
+            for p in llm.parameters():
+                p.requires_grad_(True)
         model = cls(cfg, tower, bridge, llm, tokenizer, image_token_id, llm_path, vision_path, max_len)
         model.to(_llm_device(llm))
         return model if trainable else model.eval()
@@ -172,6 +175,28 @@ class VisionLanguageModel(nn.Module):
     def device(self) -> torch.device:
         """Where the bridge (and so the model's inputs) live."""
         return next(self.bridge.parameters()).device
+
+    MODULES = ("tower", "bridge", "llm")
+
+    def optimizer_overrides(self) -> dict[str, dict]:
+        """Parameter-name prefix -> the ``lr`` / ``weight_decay`` its module's config sets
+        (``cfg.train.<module>``; unset values are left to the optimiser), for ``training.optim``."""
+        out = {}
+        for name in self.MODULES:
+            m = getattr(self.cfg.train, name)
+            values = {k: v for k, v in (("lr", m.lr), ("weight_decay", m.weight_decay)) if v is not None}
+            if values:
+                out[f"{name}."] = values
+        return out
+
+    def trainable_parameters(self) -> dict[str, dict]:
+        """module -> {"mode", "trainable", "total"}: what the run log lists per module."""
+        out = {}
+        for name in self.MODULES:
+            params = list(getattr(self, name).parameters())
+            out[name] = {"mode": self.cfg.module_mode(name), "total": sum(p.numel() for p in params),
+                         "trainable": sum(p.numel() for p in params if p.requires_grad)}
+        return out
 
     def lm_head(self) -> nn.Module:
         """The LLM's output projection (hidden [.., d] -> logits [.., V])."""
@@ -263,20 +288,22 @@ class VisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, pixel_values, prompts: Sequence[str], max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True) -> list[str]:
+                 temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True, streamer=None) -> list[str]:
         """Answers to B prompts about B images (pixel_values [B,3,H,W] or a list of images).
 
+        A prompt is a question or a conversation [(human|gpt, text), ...] ending with a human turn.
         Greedy (``do_sample=False``) or sampling with ``temperature`` / ``top_p`` (global torch
         RNG), with or without the KV cache; stops at the LLM's end-of-sequence token(s).
+        ``streamer`` (a transformers streamer, one prompt) receives the tokens as they are made.
         """
         ids = self.generate_ids(pixel_values, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                temperature=temperature, top_p=top_p, use_cache=use_cache)
+                                temperature=temperature, top_p=top_p, use_cache=use_cache, streamer=streamer)
         return [t.strip() for t in self._tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     @torch.no_grad()
     def generate_ids(self, pixel_values, prompts: Sequence[str], max_new_tokens: int = 32, do_sample: bool = False,
                      temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True,
-                     min_new_tokens: int = 0) -> torch.Tensor:
+                     min_new_tokens: int = 0, streamer=None) -> torch.Tensor:
         """Like ``generate`` but returns the new token ids [B, N] (padded after an early stop)."""
         pixels = self._pixels(pixel_values)
         batch = self.processor(pixels, list(prompts))
@@ -301,7 +328,7 @@ class VisionLanguageModel(nn.Module):
         try:
             features = self.image_features(pixels)
             with self.bridge.conditioned(features):
-                out = self.llm.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+                out = self.llm.generate(input_ids=ids, attention_mask=mask, generation_config=gen, streamer=streamer)
         finally:
             self.train(was_training)
         return out[:, ids.shape[1]:].cpu()
@@ -318,13 +345,18 @@ class VisionLanguageModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file(self._bridge_state(), str(directory / BRIDGE_FILE))
-        if hasattr(self.llm, "peft_config"):
-            with self.bridge.detached(self.llm):
+        llm = str(self.llm_path.resolve())
+        with self.bridge.detached(self.llm):
+            if hasattr(self.llm, "peft_config"):
                 self.llm.save_pretrained(str(directory / ADAPTER_DIR))
-        if not self.tower.frozen:
+            elif self.cfg.module_mode("llm") == "full":  # the whole LLM was trained: it is part of the checkpoint
+                self.llm.save_pretrained(str(directory / LLM_DIR))
+                self._tokenizer.save_pretrained(str(directory / LLM_DIR))
+                llm = LLM_DIR
+        if not self.tower.frozen:  # trained fully or through LoRA (saved merged)
             self.tower.save_pretrained(directory / VISION_DIR)
         vision = VISION_DIR if not self.tower.frozen else str(self.vision_path.resolve())
-        save_config(self._saved_config(llm=str(self.llm_path.resolve()), vision_tower=vision), directory / CONFIG_FILE)
+        save_config(self._saved_config(llm=llm, vision_tower=vision), directory / CONFIG_FILE)
 
     def merge_and_save(self, directory: Union[str, Path]) -> None:
         """Write a standalone checkpoint: LoRA merged into a plain LLM (``dir/llm``), the tower
@@ -341,7 +373,10 @@ class VisionLanguageModel(nn.Module):
         self._tokenizer.save_pretrained(str(directory / LLM_DIR))
         self.tower.save_pretrained(directory / VISION_DIR)
         save_file(self._bridge_state(), str(directory / BRIDGE_FILE))
-        cfg = self._saved_config(llm=LLM_DIR, vision_tower=VISION_DIR,
+        train = self.cfg.train
+        modes = TrainingControl(tower=dataclasses.replace(train.tower), bridge=dataclasses.replace(train.bridge),
+                                llm=dataclasses.replace(train.llm, mode="frozen"))  # merged: no adapter to load
+        cfg = self._saved_config(llm=LLM_DIR, vision_tower=VISION_DIR, train=modes,
                                  lora=dataclasses.replace(self.cfg.lora, enabled=False))
         save_config(cfg, directory / CONFIG_FILE)
 
@@ -392,14 +427,19 @@ def _legacy_features(cfg: VLMConfig, cfg_path: Path, vision_path: Path) -> VLMCo
 
 def load_tower(cfg: VLMConfig, vision_path: Path, trainable: bool) -> VLMVisionTower | OracleTower:
     """The VLM's tower: the oracle (``cfg.vision_tower == "oracle"``, reading ``cfg.oracle_world``)
-    or a loaded tower, frozen unless ``trainable`` and ``cfg.freeze_vision`` is false."""
+    or a loaded tower, as ``cfg.module_mode("tower")`` says when ``trainable`` (frozen, LoRA adapters
+    on its used linear layers, or fully trained), else frozen."""
     if is_oracle(cfg.vision_tower):
         if not cfg.oracle_world:
             raise ConfigError("model.oracle_world: the oracle tower needs the world export it reads")
         return OracleTower(cfg.oracle_world)
-    return VLMVisionTower.load(vision_path, freeze=cfg.freeze_vision or not trainable,
-                               feature_layer=cfg.vision_feature_layer,
-                               select_strategy=cfg.vision_feature_select_strategy)
+    mode = cfg.module_mode("tower")
+    tower = VLMVisionTower.load(vision_path, freeze=mode != "full" or not trainable,
+                                feature_layer=cfg.vision_feature_layer,
+                                select_strategy=cfg.vision_feature_select_strategy)
+    if trainable and mode == "lora":
+        tower.add_lora(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+    return tower
 
 
 def _llm_device(llm: nn.Module) -> torch.device:

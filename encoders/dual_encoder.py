@@ -44,6 +44,7 @@ from encoders.towers import (ImageTransform, VisionTower, build_vision_tower, de
                              load_vision_tower, pool_patch_grid, tower_forward, tower_width)
 from vlm.config import ConfigError, EncoderConfig, config_from_yaml_text, save_config
 from vlm.data.tokenizer import load_tokenizer
+from vlm.files import read_json
 
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "encoder.yaml"
@@ -73,7 +74,7 @@ def load_text_tower(path: Union[str, Path]) -> CLIPTextModel:
     directory = path / "text" if (path / "text" / "config.json").is_file() else path
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json here or in {path / 'text'}")
-    model_type = json.loads((directory / "config.json").read_text()).get("model_type", "")
+    model_type = read_json(directory / "config.json", "model config").get("model_type", "")
     if model_type not in ("clip", "clip_text_model"):
         raise ValueError(f"{directory}: model_type {model_type!r} is not a CLIP text model")
     return CLIPTextModel.from_pretrained(str(directory), attn_implementation="sdpa")

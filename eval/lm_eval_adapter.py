@@ -39,6 +39,7 @@ from eval.report import markdown_table, write_summary
 from eval.text_probe import load_items, run_text_probe
 from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config
 from vlm.data.tokenizer import load_tokenizer
+from vlm.files import read_json
 from vlm.model.llm import load_llm, load_lora
 from vlm.world.generator import world_corpus
 
@@ -236,7 +237,7 @@ def world_texts(world_dir: str | Path = "runs/world", n_samples: int = 100) -> l
     cfg = WorldConfig()
     meta = Path(world_dir) / "world.json"
     if meta.is_file():
-        saved = json.loads(meta.read_text()).get("config", {})
+        saved = read_json(meta, "world export metadata").get("config", {})
         cfg = load_config(WorldConfig, None, [f"{k}={v}" for k, v in saved.items()])
     indices = range(cfg.n_train, cfg.n_train + min(n_samples, max(cfg.n_eval, 1)))
     return list(world_corpus(cfg, indices))

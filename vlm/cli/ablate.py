@@ -131,8 +131,8 @@ def evaluate_cell(cfg: AblateConfig, stage: Stage, level: str, world_dir: Path, 
     an encoder cell, only when it has every ``ENCODER_CELL_KEYS``)."""
     summary_path = Path(cfg.out_dir) / "eval" / stage.name.replace("/", "_") / "cell_summary.json"
     if summary_path.is_file():
-        cached = json.loads(summary_path.read_text())
-        if level != "encoder" or all(k in cached for k in ENCODER_CELL_KEYS):
+        cached = cached_json(summary_path, dict)  # {} when a killed write left it unreadable
+        if cached and level != "encoder" or all(k in cached for k in ENCODER_CELL_KEYS):
             return cached
         summary_path.unlink()
     eval_dir = str(summary_path.parent)

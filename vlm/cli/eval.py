@@ -13,6 +13,7 @@ from eval.tasks import VLM_TASKS
 from eval.text_probe import MODES as PROBE_MODES
 from eval.text_probe import probe_llm
 from vlm.config import ConfigError, WorldConfig, load_config
+from vlm.files import read_json
 from vlm.world.export import ensure_world
 
 
@@ -58,7 +59,7 @@ def world_config_of(world_dir: str) -> WorldConfig:
     """The WorldConfig an exported world was made with (its world.json), or the defaults."""
     meta = Path(world_dir) / "world.json"
     if meta.is_file():
-        saved = json.loads(meta.read_text()).get("config", {})
+        saved = read_json(meta, "world export metadata").get("config", {})
         return load_config(WorldConfig, None, [f"{k}={v}" for k, v in saved.items()])
     return WorldConfig()
 

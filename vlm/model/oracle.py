@@ -42,6 +42,7 @@ from torch import nn
 
 from encoders.towers import ImageTransform
 from vlm.config import WorldConfig
+from vlm.files import read_json
 from vlm.world.generator import generate_sample
 from vlm.world.types import WorldSample
 from vlm.world.vocab import COLORS, SHAPES
@@ -118,7 +119,7 @@ class WorldIndex:
         meta = self.world_dir / "world.json"
         if not meta.is_file():
             raise FileNotFoundError(f"model.oracle_world: {self.world_dir} is not a world export (no world.json)")
-        self.cfg = WorldConfig(**json.loads(meta.read_text())["config"])
+        self.cfg = WorldConfig(**read_json(meta, "world export metadata")["config"])
         paths = sorted((self.world_dir / "images").glob("*.jpg"))
         if not paths:
             raise FileNotFoundError(f"model.oracle_world: no images in {self.world_dir / 'images'}")

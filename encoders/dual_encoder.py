@@ -77,7 +77,7 @@ def load_text_tower(path: Union[str, Path]) -> CLIPTextModel:
     model_type = read_json(directory / "config.json", "model config").get("model_type", "")
     if model_type not in ("clip", "clip_text_model"):
         raise ValueError(f"{directory}: model_type {model_type!r} is not a CLIP text model")
-    return CLIPTextModel.from_pretrained(str(directory), attn_implementation="sdpa")
+    return CLIPTextModel.from_pretrained(str(directory), attn_implementation="sdpa", use_safetensors=True)
 
 
 def map_pooling_head(width: int, num_heads: int) -> SiglipMultiheadAttentionPoolingHead:

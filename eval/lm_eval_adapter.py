@@ -65,7 +65,7 @@ class SparcLLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError(f"{MODEL_NAME}: pass model= and tokenizer=, or pretrained=DIR")
-            model = AutoModelForCausalLM.from_pretrained(str(pretrained))
+            model = AutoModelForCausalLM.from_pretrained(str(pretrained), use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
         if tokenizer is None:
             raise ValueError(f"{MODEL_NAME}: a tokenizer is required")

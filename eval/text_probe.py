@@ -185,5 +185,5 @@ def probe_llm(llm_dir: str | Path, world_dir: str | Path, out_dir: Optional[str 
     """``run_text_probe`` on a saved causal LM (``AutoModelForCausalLM`` + its tokenizer from
     ``llm_dir``, e.g. ``runs/lm/final``) with the world in ``world_dir`` (first ``limit`` questions
     per POPE split and of VSR)."""
-    lm = AutoModelForCausalLM.from_pretrained(str(llm_dir), local_files_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(str(llm_dir), local_files_only=True, use_safetensors=True)
     return run_text_probe(lm, load_tokenizer(llm_dir), load_items(world_dir, limit), out_dir, mode, batch_size)

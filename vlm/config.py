@@ -26,7 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vlm.files import VlmError, atomic_write_text
+from vlm.files import DEFAULT_MAX_IMAGE_PIXELS, VlmError, atomic_write_text
 
 T = TypeVar("T")
 
@@ -218,9 +218,11 @@ class LlavaDataConfig:
     world_dir: str = "runs/world"
     max_len: int = 160  # tokens, image tokens included
     num_workers: int = 0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images (by their header) are skipped and counted
 
     def __post_init__(self) -> None:
         _check(self.max_len > 8, "data.max_len", "must be > 8")
+        _check(self.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
 
 

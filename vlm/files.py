@@ -41,6 +41,10 @@ class ImageError(VlmError, OSError):
     """An image file is missing, unreadable or larger than the size guard allows."""
 
 
+class ImageNotFoundError(ImageError, FileNotFoundError):
+    """An image file does not exist."""
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file (or a directory entry) to disk; ignored where the OS does not support it."""
     try:
@@ -160,7 +164,7 @@ def check_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) ->
     when it is missing, not an image, or has more than ``max_pixels`` pixels."""
     path = Path(path)
     if not path.is_file():
-        raise ImageError(f"image not found: {path}")
+        raise ImageNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
             width, height = im.size

@@ -37,12 +37,11 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from encoders.towers import ImageTransform
 from vlm.config import WorldConfig
-from vlm.files import read_json
+from vlm.files import open_image, read_json
 from vlm.world.generator import generate_sample
 from vlm.world.types import WorldSample
 from vlm.world.vocab import COLORS, SHAPES
@@ -131,8 +130,7 @@ class WorldIndex:
         """Image files -> uint8 [B,3,H,W]."""
         arrays = []
         for p in paths:
-            with Image.open(p) as im:
-                arrays.append(np.asarray(im.convert("RGB")))
+            arrays.append(np.asarray(open_image(p)))
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
     def lookup(self, images: torch.Tensor) -> list[Optional[int]]:

@@ -220,6 +220,8 @@ def list_checkpoints(ckpt_root: Path, warn: bool = False) -> list[CheckpointInfo
             continue
         try:
             meta = json.loads((d / META).read_text())
+            if not (isinstance(meta, dict) and isinstance(meta.get("step"), int)):
+                raise ValueError(f"not an object with an integer step: {str(meta)[:40]}")
         except (OSError, ValueError) as e:
             if warn:
                 print(f"warning: skipping checkpoint {d}: unreadable {META} ({e})", file=sys.stderr)

@@ -44,7 +44,7 @@ from encoders.towers import (ImageTransform, VisionTower, build_vision_tower, de
                              load_vision_tower, pool_patch_grid, tower_forward, tower_width)
 from vlm.config import ConfigError, EncoderConfig, config_from_yaml_text, save_config
 from vlm.data.tokenizer import load_tokenizer
-from vlm.files import read_json
+from vlm.files import loading_weights, read_json
 
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "encoder.yaml"
@@ -77,7 +77,8 @@ def load_text_tower(path: Union[str, Path]) -> CLIPTextModel:
     model_type = read_json(directory / "config.json", "model config").get("model_type", "")
     if model_type not in ("clip", "clip_text_model"):
         raise ValueError(f"{directory}: model_type {model_type!r} is not a CLIP text model")
-    return CLIPTextModel.from_pretrained(str(directory), attn_implementation="sdpa", use_safetensors=True)
+    with loading_weights(directory, "text tower"):
+        return CLIPTextModel.from_pretrained(str(directory), attn_implementation="sdpa", use_safetensors=True)
 
 
 def map_pooling_head(width: int, num_heads: int) -> SiglipMultiheadAttentionPoolingHead:

@@ -43,7 +43,7 @@ from transformers import (CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, Con
                           SiglipVisionConfig, SiglipVisionModel)
 
 from vlm.config import CONV_STEM_STRIDE, VisionTowerConfig
-from vlm.files import read_json
+from vlm.files import loading_weights, read_json
 
 VisionTower = Union[CLIPVisionModel, SiglipVisionModel, ResNetModel, ConvNextModel]
 ConvTower = Union[ResNetModel, ConvNextModel]
@@ -311,7 +311,8 @@ def load_vision_tower(path: Union[str, Path]) -> tuple[VisionTower, ImageTransfo
                          f"(supported: {', '.join(TOWER_CLASSES)})")
     tower_cls = TOWER_CLASSES[model_type]
     kwargs = {} if tower_cls in CONV_TOWERS else dict(attn_implementation="sdpa")
-    tower = tower_cls.from_pretrained(str(directory), use_safetensors=True, **kwargs)
+    with loading_weights(directory, "vision tower"):
+        tower = tower_cls.from_pretrained(str(directory), use_safetensors=True, **kwargs)
     transform = ImageTransform.from_pretrained(directory) if (directory / PREPROCESSOR_FILE).is_file() else None
     if getattr(tower.config, "image_size", None) is None and transform is not None:
         tower.config.image_size = transform.image_size

@@ -39,7 +39,7 @@ from eval.report import markdown_table, write_summary
 from eval.text_probe import load_items, run_text_probe
 from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config
 from vlm.data.tokenizer import load_tokenizer
-from vlm.files import read_json
+from vlm.files import loading_weights, read_json
 from vlm.model.llm import load_llm, load_lora
 from vlm.world.generator import world_corpus
 
@@ -65,7 +65,8 @@ class SparcLLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError(f"{MODEL_NAME}: pass model= and tokenizer=, or pretrained=DIR")
-            model = AutoModelForCausalLM.from_pretrained(str(pretrained), use_safetensors=True)
+            with loading_weights(pretrained, "LLM"):
+                model = AutoModelForCausalLM.from_pretrained(str(pretrained), use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
         if tokenizer is None:
             raise ValueError(f"{MODEL_NAME}: a tokenizer is required")

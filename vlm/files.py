@@ -8,6 +8,7 @@
                                   file or none, never half of one)
     atomic_write_text / _bytes / _json / fsync_path
     naming_disk_full(path)        for files inside a directory renamed into place as a whole
+    loading_weights(dir)          around ``from_pretrained``: missing dir / no safetensors -> one line
     check_image(path, max_pixels) the image's header read (no decode): exists, is an image, at most
                                   ``max_pixels`` pixels; ``open_image`` then decodes it as RGB
 
@@ -105,6 +106,23 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
         raise
     if durable:
         fsync_path(path.parent)
+
+
+@contextmanager
+def loading_weights(directory: str | Path, what: str = "model") -> Iterator[None]:
+    """Around a library's ``from_pretrained(directory)``: a missing ``directory`` is a
+    ``FileNotFoundError`` naming it (not a hub repo-id error), and the library's ``OSError`` (no
+    ``model.safetensors``: pickled weights are never loaded) a ``VlmError`` naming it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{what} directory not found: {directory}")
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, VlmError):
+            raise
+        reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise VlmError(f"cannot load the {what} in {directory}: {reason}") from e
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:

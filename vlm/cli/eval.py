@@ -64,8 +64,18 @@ def world_config_of(world_dir: str) -> WorldConfig:
     return WorldConfig()
 
 
+def existing(path: str, flag: str) -> str:
+    """``path``, or a ``FileNotFoundError`` naming ``flag`` and ``path`` before any work (a world export)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{flag}: {path} does not exist")
+    return path
+
+
 def cmd_eval_encoder(args: argparse.Namespace) -> int:
     """``vlm eval encoder``: zero-shot, retrieval, patch segmentation, pointing and heatmaps on the world."""
+    existing(args.ckpt, "--ckpt")
+    if args.text_from:
+        existing(args.text_from, "--text-from")
     world = world_config_of(args.world_dir)
     ensure_world(args.world_dir, world)
     out = args.out or str(Path(args.ckpt) / "eval_encoder")

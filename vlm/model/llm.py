@@ -20,7 +20,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlm.config import LoraConfig, VLMConfig
-from vlm.files import VlmError
+from vlm.files import VlmError, loading_weights
 
 LLM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -69,7 +69,8 @@ def load_llm(cfg: VLMConfig, path: Optional[str | Path] = None) -> PreTrainedMod
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     else:
         kwargs["dtype"] = LLM_DTYPES[cfg.llm_dtype]
-    llm = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    with loading_weights(path, "LLM"):
+        llm = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if cfg.load_in_4bit:
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
     freeze(llm)

@@ -97,10 +97,11 @@ def claim_out_dir(out: Path) -> None:
 def _clear_previous(out: Path) -> None:
     """Remove the files an earlier export wrote, by their exact name patterns (stale shards would
     otherwise be read); anything else in ``out`` is left alone."""
-    for pattern in ("world.json", "shards/train-??????.tar", "images/????????.jpg", "masks/????????.png",
+    for pattern in ("world.json", "shards/train-[0-9]*.tar", "images/[0-9]*.jpg", "masks/[0-9]*.png",
                     "arrays/train*.npy", "arrays/train.json"):
         for p in out.glob(pattern):
-            p.unlink()
+            if p.name == "world.json" or p.parent.name == "arrays" or p.stem.removeprefix("train-").isdigit():
+                p.unlink()
 
 
 def contact_sheet(samples: list[WorldSample], path: Path, scale: int = 4, cols: int = 4) -> None:

@@ -91,6 +91,7 @@ def cmd_eval_vlm(args: argparse.Namespace) -> int:
     unknown = sorted(set(tasks) - set(VLM_TASKS))
     if unknown:
         raise ConfigError(f"--tasks: unknown task(s) {unknown}; valid: {', '.join(VLM_TASKS)}")
+    existing(args.ckpt, "--ckpt")
     out = args.out or str(Path(args.ckpt) / ("eval_vlm_blank" if args.blank_image else "eval_vlm"))
     summary = run_vlm_eval(args.ckpt, tasks, out, data=args.data, world_dir=args.world_dir, limit=args.limit,
                            blank_image=args.blank_image)
@@ -100,6 +101,7 @@ def cmd_eval_vlm(args: argparse.Namespace) -> int:
 
 def cmd_eval_drift(args: argparse.Namespace) -> int:
     """``vlm eval drift``: the LLM's language ability before and after LoRA (lm-eval)."""
+    existing(args.ckpt, "--ckpt")
     out = args.out or str(Path(args.ckpt) / "eval_drift")
     result = run_language_drift(args.ckpt, out, limit=args.limit, world_dir=args.world_dir)
     print(json.dumps(result, indent=2, default=str))
@@ -108,6 +110,7 @@ def cmd_eval_drift(args: argparse.Namespace) -> int:
 
 def cmd_eval_probe(args: argparse.Namespace) -> int:
     """``vlm eval probe``: an LLM answers the world's eval POPE / VSR questions from each image's caption."""
+    existing(args.llm, "--llm")
     out = args.out or str(Path(args.llm) / "eval_probe")
     summary = probe_llm(args.llm, args.world_dir, out, limit=args.limit, mode=args.mode)
     print(json.dumps({k: v for k, v in summary.items() if k.startswith("text_probe_")}, indent=2))

@@ -44,7 +44,7 @@ from encoders.towers import (ImageTransform, VisionTower, build_vision_tower, de
                              load_vision_tower, pool_patch_grid, tower_forward, tower_width)
 from vlm.config import ConfigError, EncoderConfig, config_from_yaml_text, save_config
 from vlm.data.tokenizer import load_tokenizer
-from vlm.files import loading_weights, read_json
+from vlm.files import atomic_path, loading_weights, read_json
 
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "encoder.yaml"
@@ -225,7 +225,8 @@ class DualEncoder(nn.Module):
         self.text.save_pretrained(str(directory / "text"))
         self.tokenizer.save_pretrained(str(directory / "tokenizer"))
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
-        save_file(tensors, str(directory / HEADS_FILE))
+        with atomic_path(directory / HEADS_FILE) as tmp:
+            save_file(tensors, str(tmp))
         save_config(self.cfg, directory / CONFIG_FILE)
         return directory
 

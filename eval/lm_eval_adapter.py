@@ -39,7 +39,7 @@ from eval.report import markdown_table, write_summary
 from eval.text_probe import load_items, run_text_probe
 from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config
 from vlm.data.tokenizer import load_tokenizer
-from vlm.files import loading_weights, read_json
+from vlm.files import atomic_write_text, loading_weights, read_json
 from vlm.model.llm import load_llm, load_lora
 from vlm.world.generator import world_corpus
 
@@ -195,7 +195,7 @@ def write_text_task(task_dir: str | Path, texts: Iterable[str], task_name: str =
     if not docs:
         raise ValueError("no text for the language-drift task")
     data = task_dir / f"{task_name}.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    atomic_write_text(data, "".join(json.dumps({"text": t}) + "\n" for t in docs))
     yaml = "\n".join([
         f"task: {task_name}",
         "dataset_path: json",
@@ -212,7 +212,7 @@ def write_text_task(task_dir: str | Path, texts: Iterable[str], task_name: str =
         "  version: 1.0",
         "",
     ])
-    (task_dir / f"{task_name}.yaml").write_text(yaml)
+    atomic_write_text(task_dir / f"{task_name}.yaml", yaml)
     return task_dir
 
 

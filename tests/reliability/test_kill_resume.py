@@ -59,10 +59,10 @@ def test_lm(tmp_path, stop_after):
 
     def make(out, resume):
         cfg = tiny_cfg(tmp_path, text)
-        cfg.optim.max_steps, cfg.run.ckpt_every, cfg.run.out_dir, cfg.run.resume = 6, 2, str(out), resume
+        cfg.optim.max_steps, cfg.run.ckpt_every, cfg.run.out_dir, cfg.run.resume = 4, 2, str(out), resume
         cfg.world.n_train = 12
         return cfg
-    _kill_and_resume(lm.run, make, tmp_path, stop_after, at=4)
+    _kill_and_resume(lm.run, make, tmp_path, stop_after, at=3)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,48 @@ def test_eval_task(world, tmp_path, task):
                      progress=False)
     run_vlm_eval(OracleVLM(world), tasks, tmp_path / "cut", world_dir=world, batch_size=2, progress=False)
     assert _outputs(tmp_path / "ref") == _outputs(tmp_path / "cut")
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo: its pipeline resumes a killed stage, reuses finished ones and recomputes a cut summary
+# ------------------------------------------------------------------------------------------------
+
+
+def test_demo_pipeline_resumes_a_killed_stage_and_reuses_finished_ones(tmp_path, stop_after, capsys):
+    from test_lm import tiny_cfg
+    from training import lm
+    from vlm.cli.pipeline import Stage, Timings, run_stage
+    text = tmp_path / "extra.txt"
+    text.write_text("zebra quokka axolotl\n")
+
+    def stage(out):
+        cfg = tiny_cfg(tmp_path, text)
+        cfg.optim.max_steps, cfg.run.ckpt_every, cfg.run.out_dir, cfg.world.n_train = 4, 2, str(out), 12
+        return Stage(name="lm", recipe="lm", cfg=cfg, out_dir=out)
+    timings = Timings(tmp_path / "timings.json")
+    ref = lm.run(stage(tmp_path / "ref").cfg)
+    stop_after(3)
+    with pytest.raises(Killed):
+        run_stage(stage(tmp_path / "demo" / "lm"), timings)
+    final = run_stage(stage(tmp_path / "demo" / "lm"), timings)  # the demo run again: resumes
+    assert "lm: resuming" in capsys.readouterr().out
+    _same_final(ref, final)
+    run_stage(stage(tmp_path / "demo" / "lm"), timings)
+    assert "lm: reusing" in capsys.readouterr().out
+
+
+def test_demo_lock_stops_a_second_demo(tmp_path):
+    import os
+    import socket
+    from training.runlock import RunDirBusyError
+    from vlm.cli.demo import run_demo
+    (tmp_path / "demo").mkdir()
+    owner = __import__("subprocess").Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "demo" / ".lock").write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname()}))
+        with pytest.raises(RunDirBusyError, match=str(tmp_path / "demo")):
+            run_demo(tmp_path / "demo")
+    finally:
+        owner.kill()
+        owner.wait()
+    assert os.listdir(tmp_path / "demo") == [".lock"]

@@ -41,7 +41,7 @@ from torch import nn
 
 from encoders.towers import ImageTransform
 from vlm.config import WorldConfig
-from vlm.files import open_image, read_json
+from vlm.files import atomic_write_text, open_image, read_json
 from vlm.world.generator import generate_sample
 from vlm.world.types import WorldSample
 from vlm.world.vocab import COLORS, SHAPES
@@ -209,6 +209,6 @@ class OracleTower(nn.Module):
         """Write ``oracle.json`` (world dir, grid) and the ``preprocessor_config.json``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps({"world_dir": str(self.index.world_dir.resolve()),
-                                                         "grid": self.grid}, indent=2))
+        atomic_write_text(directory / CONFIG_FILE, json.dumps({"world_dir": str(self.index.world_dir.resolve()),
+                                                               "grid": self.grid}, indent=2))
         self.transform.save_pretrained(directory)

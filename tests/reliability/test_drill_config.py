@@ -6,7 +6,7 @@ import pytest
 
 from conftest import assert_clean_error
 
-RECIPES = ["stage1", "lm", "maskembed", "stage2"]
+RECIPES = ["tower", "stage1", "lm", "maskembed", "stage2"]
 
 # (case id, overrides, what the message must name)
 OVERRIDE_FAULTS = [

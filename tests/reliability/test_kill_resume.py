@@ -65,6 +65,22 @@ def test_lm(tmp_path, stop_after):
     _kill_and_resume(lm.run, make, tmp_path, stop_after, at=3)
 
 
+def test_tower(tmp_path, stop_after):
+    from training import tower
+    from vlm.config import TowerPretrainConfig, load_config
+    from vlm.world.export import ensure_world
+    world = ["world.n_train=16", "world.n_eval=2", "world.image_size=32"]
+
+    def make(out, resume):
+        return load_config(TowerPretrainConfig, "configs/tower/resnet_world.yaml", [
+            *world, f"data.world_dir={tmp_path / 'world'}", "model.image_size=32", "model.stage_widths=[8,16]",
+            "model.stage_depths=[1,1]", "optim.batch_size=4", "optim.max_steps=4", "optim.warmup_steps=1",
+            f"run.out_dir={out}", f"run.resume={resume}", "run.ckpt_every=2", "run.log_every=1",
+            "run.progress=false", "run.tensorboard=false", "run.device=cpu"])
+    ensure_world(tmp_path / "world", make(tmp_path / "x", False).world)
+    _kill_and_resume(tower.run, make, tmp_path, stop_after, at=3)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     from test_stage1 import write_shards

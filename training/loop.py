@@ -48,7 +48,7 @@ from training import parallel
 from training.metrics import MetricsLogger, Throughput
 from training.optim import build_optimizer
 from training.runlock import RunLock
-from vlm.config import OptimConfig, RunConfig, save_config
+from vlm.config import ConfigError, OptimConfig, RunConfig, save_config
 from vlm.files import VlmError, fsync_path
 
 MakeBatches = Callable[[int], Iterable[dict]]
@@ -193,7 +193,7 @@ def _start(model: nn.Module, make_batches: MakeBatches, optim: OptimConfig, run:
     """Set up a run: process group, output directory, seeds, device and wrapping, optimiser,
     resume from the latest checkpoint, logging, and the data iterator at the resumed position."""
     if optim.accum_freq > 1 and not getattr(model, "supports_cached_accumulation", False):
-        raise ValueError(f"optim.accum_freq={optim.accum_freq} needs a model with cached accumulation "
+        raise ConfigError(f"optim.accum_freq={optim.accum_freq} needs a model with cached accumulation "
                          f"(stage one's Stage1Model), not {type(model).__name__}; use optim.grad_accum")
     info = distrib.setup(run.device)
     out_dir = Path(run.out_dir)

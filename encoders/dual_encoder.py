@@ -29,7 +29,6 @@ anywhere.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 

@@ -239,3 +239,19 @@ def test_damaged_or_interrupted_world_is_exported_again(world, tmp_path, damage)
         assert (out / MARKER).is_file()
     ensure_world(out, TINY)
     assert json.loads((out / "world.json").read_text())["config"]["seed"] == 1
+
+
+def test_merge_writes_out_whole_and_refuses_a_non_empty_out(run_cli, tmp_path):
+    from tiny_vlm import save_tiny_llm, save_tiny_tower, vlm_config
+    from vlm.model.vision_language_model import VisionLanguageModel
+    cfg = vlm_config(save_tiny_tower(tmp_path / "tower"), save_tiny_llm(tmp_path / "llm"), "projector")
+    VisionLanguageModel.build(cfg, max_len=64).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("mine")
+    rc, err = run_cli("merge", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "taken")
+    assert_clean_error(rc, err, tmp_path / "taken")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["mine.txt"]
+    rc, err = run_cli("merge", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "merged")
+    assert rc == 0, err
+    assert (tmp_path / "merged" / "llm" / "config.json").is_file() and (tmp_path / "merged" / "vlm.yaml").is_file()
+    assert not list(tmp_path.glob(".merged.tmp-*"))

@@ -29,7 +29,6 @@ anywhere.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -44,6 +43,7 @@ from encoders.towers import (ImageTransform, VisionTower, build_vision_tower, de
                              load_vision_tower, pool_patch_grid, tower_forward, tower_width)
 from vlm.config import ConfigError, EncoderConfig, config_from_yaml_text, save_config
 from vlm.data.tokenizer import load_tokenizer
+from vlm.files import atomic_path, loading_weights, read_json
 
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "encoder.yaml"
@@ -73,10 +73,11 @@ def load_text_tower(path: Union[str, Path]) -> CLIPTextModel:
     directory = path / "text" if (path / "text" / "config.json").is_file() else path
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json here or in {path / 'text'}")
-    model_type = json.loads((directory / "config.json").read_text()).get("model_type", "")
+    model_type = read_json(directory / "config.json", "model config").get("model_type", "")
     if model_type not in ("clip", "clip_text_model"):
         raise ValueError(f"{directory}: model_type {model_type!r} is not a CLIP text model")
-    return CLIPTextModel.from_pretrained(str(directory), attn_implementation="sdpa")
+    with loading_weights(directory, "text tower"):
+        return CLIPTextModel.from_pretrained(str(directory), attn_implementation="sdpa", use_safetensors=True)
 
 
 def map_pooling_head(width: int, num_heads: int) -> SiglipMultiheadAttentionPoolingHead:
@@ -223,7 +224,8 @@ class DualEncoder(nn.Module):
         self.text.save_pretrained(str(directory / "text"))
         self.tokenizer.save_pretrained(str(directory / "tokenizer"))
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
-        save_file(tensors, str(directory / HEADS_FILE))
+        with atomic_path(directory / HEADS_FILE) as tmp:
+            save_file(tensors, str(tmp))
         save_config(self.cfg, directory / CONFIG_FILE)
         return directory
 

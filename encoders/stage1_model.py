@@ -30,6 +30,7 @@ from encoders.features import ImageFeatures, TextFeatures, cat_features
 from encoders.objectives.base import Objective, ObjectiveConfig
 from encoders.registry import build_objective, objective_config_class
 from vlm.config import config_from_yaml_text, save_config
+from vlm.files import atomic_path
 
 OBJECTIVE_STATE_FILE = "objective.safetensors"
 OBJECTIVE_CONFIG_FILE = "objective.yaml"
@@ -178,7 +179,8 @@ class Stage1Model(nn.Module):
         pooling) and ``objective.yaml`` (its config, e.g. a ``SparcConfig``)."""
         directory = self.encoder.save_pretrained(directory)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.objective.state_dict().items()}
-        save_file(tensors, str(directory / OBJECTIVE_STATE_FILE))
+        with atomic_path(directory / OBJECTIVE_STATE_FILE) as tmp:
+            save_file(tensors, str(tmp))
         save_config(self.objective.cfg, directory / OBJECTIVE_CONFIG_FILE)
         return directory
 

@@ -43,6 +43,7 @@ from transformers import (CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, Con
                           ResNetConfig, ResNetModel, SiglipVisionConfig, SiglipVisionModel)
 
 from vlm.config import CONV_STEM_STRIDE, VisionTowerConfig
+from vlm.files import loading_weights, read_json
 
 VisionTower = Union[CLIPVisionModel, SiglipVisionModel, Dinov2Model, ResNetModel, ConvNextModel]
 ConvTower = Union[ResNetModel, ConvNextModel]
@@ -311,13 +312,14 @@ def load_vision_tower(path: Union[str, Path]) -> tuple[VisionTower, ImageTransfo
     preprocessor's size. Never executes remote code.
     """
     directory = _resolve_vision_dir(Path(path))
-    model_type = json.loads((directory / "config.json").read_text()).get("model_type", "")
+    model_type = read_json(directory / "config.json", "model config").get("model_type", "")
     if model_type not in TOWER_CLASSES:
         raise ValueError(f"{directory}/config.json: model_type {model_type!r} is not a supported vision tower "
                          f"(supported: {', '.join(TOWER_CLASSES)})")
     tower_cls = TOWER_CLASSES[model_type]
     kwargs = {} if tower_cls in CONV_TOWERS else dict(attn_implementation="sdpa")
-    tower = tower_cls.from_pretrained(str(directory), **kwargs)
+    with loading_weights(directory, "vision tower"):
+        tower = tower_cls.from_pretrained(str(directory), use_safetensors=True, **kwargs)
     transform = ImageTransform.from_pretrained(directory) if (directory / PREPROCESSOR_FILE).is_file() else None
     if getattr(tower.config, "image_size", None) is None and transform is not None:
         tower.config.image_size = transform.image_size
@@ -515,4 +517,4 @@ def unused_feature_parameters(tower: VisionTower, layer: Optional[int]) -> list[
 def tower_model_type(path: Union[str, Path]) -> str:
     """The ``model_type`` of the vision tower ``load_vision_tower(path)`` would load (e.g. "clip",
     "siglip_vision_model", "resnet"), read from its ``config.json`` without loading weights."""
-    return str(json.loads((_resolve_vision_dir(Path(path)) / "config.json").read_text()).get("model_type", ""))
+    return str(read_json(_resolve_vision_dir(Path(path)) / "config.json", "model config").get("model_type", ""))

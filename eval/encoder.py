@@ -108,6 +108,7 @@ from eval.pointing import patch_centre_classes, point_words, pointing_records, p
 from eval.report import jsonable, summary_markdown, write_jsonl
 from eval.report import write_summary as write_summary_files
 from vlm.config import WorldConfig, config_from_yaml_text
+from vlm.files import open_image
 from vlm.world.export import jpeg_bytes
 from vlm.world.generator import generate_sample, world_split
 from vlm.world.vocab import CLASS_NAMES, COLORS, SHAPES
@@ -412,7 +413,7 @@ def _world_image(sample, world_dir: Optional[Path]):
     """(image, True) from ``world_dir/images/KEY.jpg`` when exported, else (the generated image, False)."""
     path = world_dir / "images" / f"{sample.key}.jpg" if world_dir is not None else None
     if path is not None and path.is_file():
-        return Image.open(path).convert("RGB"), True
+        return open_image(path), True
     return sample.image, False
 
 

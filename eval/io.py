@@ -10,6 +10,7 @@ from PIL import Image
 
 from eval.prompt_sets import PromptSet, prompt_set
 from vlm.data.images import expand2square, pad_colour
+from vlm.files import DEFAULT_MAX_IMAGE_PIXELS, open_image
 
 T = TypeVar("T")
 ANSWER_MODES = ("score", "generate")
@@ -51,16 +52,10 @@ def batched(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
         yield items[start:start + batch_size]
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB; a missing or unreadable file raises naming the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError as e:
-        raise OSError(f"cannot read image {path}: {e}") from e
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image file as RGB; a missing or unreadable file, or one over ``max_pixels`` pixels by
+    its header (checked before decoding), raises ``vlm.files.ImageError`` naming the path."""
+    return open_image(path, max_pixels)
 
 
 def mean_colour(transform) -> tuple[int, int, int]:

@@ -31,6 +31,7 @@ from lm_eval.models.huggingface import HFLM
 from eval.report import markdown_table, write_summary
 from eval.text_probe import load_items, run_text_probe
 from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config
+from vlm.files import atomic_write_text, read_json
 from vlm.world.generator import world_corpus
 
 TASK_NAME = "sparc_world_text"
@@ -47,7 +48,7 @@ def write_text_task(task_dir: str | Path, texts: Iterable[str], task_name: str =
     if not docs:
         raise ValueError("no text for the language-drift task")
     data = task_dir / f"{task_name}.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    atomic_write_text(data, "".join(json.dumps({"text": t}) + "\n" for t in docs))
     yaml = "\n".join([
         f"task: {task_name}",
         "dataset_path: json",
@@ -64,7 +65,7 @@ def write_text_task(task_dir: str | Path, texts: Iterable[str], task_name: str =
         "  version: 1.0",
         "",
     ])
-    (task_dir / f"{task_name}.yaml").write_text(yaml)
+    atomic_write_text(task_dir / f"{task_name}.yaml", yaml)
     return task_dir
 
 
@@ -100,7 +101,7 @@ def world_texts(world_dir: str | Path = "runs/world", n_samples: int = 100) -> l
     cfg = WorldConfig()
     meta = Path(world_dir) / "world.json"
     if meta.is_file():
-        saved = json.loads(meta.read_text()).get("config", {})
+        saved = read_json(meta, "world export metadata").get("config", {})
         cfg = load_config(WorldConfig, None, [f"{k}={v}" for k, v in saved.items()])
     indices = range(cfg.n_train, cfg.n_train + min(n_samples, max(cfg.n_eval, 1)))
     return list(world_corpus(cfg, indices))

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
+
+from vlm.files import atomic_path, atomic_write_text, read_jsonl_rows
 
 # ----------------------------------------------------------------------------------------------
 # Tables
@@ -109,17 +111,9 @@ def jsonable(value: Any) -> Any:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (a temporary file beside it, then renamed); parents created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # opened like the file itself: same permissions
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` to ``path`` atomically (``vlm.files.atomic_path``: a temporary file beside
+    it, fsynced, then renamed); parents created."""
+    return atomic_write_text(path, text)
 
 
 def json_text(obj: Any, indent: Optional[int] = 2, strict: bool = True) -> str:
@@ -142,10 +136,14 @@ def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> Path:
 
 def cached_json(path: str | Path, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """The JSON already saved at ``path`` by an earlier run, else ``fn(*args, **kwargs)`` saved there
-    (as ``json.dumps`` writes it: NaN kept, other objects as str, no final newline)."""
+    (as ``json.dumps`` writes it: NaN kept, other objects as str, no final newline). A saved file
+    that does not parse (truncated) is recomputed, with a warning."""
     path = Path(path)
     if path.is_file():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, OSError) as e:  # cut short by a kill before writes were atomic: redo it
+            print(f"warning: {path} is unreadable ({e}); recomputing it", file=sys.stderr)
     result = fn(*args, **kwargs)
     write_json(path, result, strict=False, newline=False)
     return result
@@ -196,8 +194,8 @@ def save_figure(fig, out_png: str | Path, dpi: int) -> Path:
     """Lay out ``fig``, write it to ``out_png`` (parents created) and close it. Returns the path."""
     fig.tight_layout()
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=dpi)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=dpi)
     pyplot().close(fig)
     return out_png
 
@@ -207,15 +205,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill: the curve just misses one point
-    return rows
+    return read_jsonl_rows(path)  # a last line cut short by a kill is dropped
 
 
 def plot_training_curves(runs: Mapping[str, Path], out_png: str | Path, key: str = "loss") -> Path | None:

@@ -36,6 +36,7 @@ from vlm.config import WorldConfig, config_from_yaml_text
 from vlm.data.formats import read_pope, read_vsr
 from vlm.data.prompts import FALSE, NO, TRUE, YES, pope_prompt, vsr_prompt
 from vlm.data.tokenizer import load_tokenizer
+from vlm.files import loading_weights, read_json
 from vlm.model.processor import IGNORE_INDEX, VLMProcessor
 from vlm.world.generator import generate_sample
 
@@ -61,7 +62,7 @@ def world_config(world_dir: str | Path) -> WorldConfig:
     meta = Path(world_dir) / "world.json"
     if not meta.is_file():
         raise FileNotFoundError(f"no world export in {world_dir} (no world.json): run `vlm world --out {world_dir}`")
-    return config_from_yaml_text(WorldConfig, json.dumps(json.loads(meta.read_text())["config"]))
+    return config_from_yaml_text(WorldConfig, json.dumps(read_json(meta, "world export metadata")["config"]))
 
 
 def load_items(world_dir: str | Path, limit: Optional[int] = None) -> dict[str, list[ProbeItem]]:
@@ -184,5 +185,6 @@ def probe_llm(llm_dir: str | Path, world_dir: str | Path, out_dir: Optional[str 
     """``run_text_probe`` on a saved causal LM (``AutoModelForCausalLM`` + its tokenizer from
     ``llm_dir``, e.g. ``runs/lm/final``) with the world in ``world_dir`` (first ``limit`` questions
     per POPE split and of VSR)."""
-    lm = AutoModelForCausalLM.from_pretrained(str(llm_dir), local_files_only=True)
+    with loading_weights(llm_dir, "LLM"):
+        lm = AutoModelForCausalLM.from_pretrained(str(llm_dir), local_files_only=True, use_safetensors=True)
     return run_text_probe(lm, load_tokenizer(llm_dir), load_items(world_dir, limit), out_dir, mode, batch_size)

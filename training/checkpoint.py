@@ -15,22 +15,29 @@ complete exactly when ``step_XXXXXXXX/meta.json`` exists, so a crash at any poin
 previous checkpoints or a ``.tmp-*`` directory that every reader ignores.
 
 Nothing here unpickles arbitrary objects: ``.pt`` files are read with ``torch.load(weights_only=True)``.
+A file that cannot be read (truncated, not the format, a hostile pickle) raises
+``DamagedCheckpointError`` naming it; ``load_latest_good`` then falls back to the previous checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from vlm.files import VlmError, atomic_write_text, fsync_path, naming_disk_full
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
@@ -40,8 +47,12 @@ OPTIM_FILE = "optimizer.pt"
 SHARDED_DIR = "sharded"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(VlmError, RuntimeError):
     """A checkpoint is missing, incomplete, or does not match the model being resumed."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A file of a checkpoint cannot be read (truncated, wrong format, refused pickle); names the file."""
 
 
 @dataclass(frozen=True)
@@ -56,20 +67,6 @@ class CheckpointInfo:
 def ckpt_name(step: int) -> str:
     """Directory name of the checkpoint after ``step`` optimiser steps: ``step_00000042``."""
     return f"step_{step:08d}"
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file (or a directory entry) to disk; ignored where the OS does not support it."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,8 +104,10 @@ def load_trainable_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]
             f"checkpoint does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} (was the model built "
             "with the same config and the same frozen/trainable split?)")
-    state = dict(model.named_parameters())
-    state.update(dict(model.named_buffers()))
+    # remove_duplicate=False: a tied weight (an LLM's lm_head.weight = embed_tokens.weight) is
+    # saved under both names by trainable_state_dict and must be found under both here
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
     with torch.no_grad():
         for name, value in tensors.items():
             target = state[name]
@@ -173,7 +172,8 @@ def write_rank_files(tmp: Path, rank: int, rng: dict[str, Any]) -> None:
     """Write the per-rank part of a checkpoint (the RNG states) into ``tmp``; called on every rank."""
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / f"rng_rank{rank}.pt"
-    torch.save(rng, path)
+    with naming_disk_full(path):
+        torch.save(rng, path)
     fsync_path(path)
 
 
@@ -183,9 +183,11 @@ def write_main_files(tmp: Path, model_tensors: Optional[dict[str, torch.Tensor]]
     tmp.mkdir(parents=True, exist_ok=True)
     names = [OPTIM_FILE]
     if model_tensors is not None:
-        save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        with naming_disk_full(tmp / MODEL_FILE):
+            save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         names.append(MODEL_FILE)
-    torch.save(optim_state, tmp / OPTIM_FILE)
+    with naming_disk_full(tmp / OPTIM_FILE):
+        torch.save(optim_state, tmp / OPTIM_FILE)
     for name in names:
         fsync_path(tmp / name)
 
@@ -197,11 +199,7 @@ def commit(tmp: Path, meta: dict) -> Path:
     """
     if not tmp.name.startswith(TMP_PREFIX):
         raise ValueError(f"{tmp} is not a temporary checkpoint directory")
-    meta_path = tmp / META
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write_text(tmp / META, json.dumps(meta, indent=1))
     fsync_path(tmp)
     final = tmp.parent / tmp.name[len(TMP_PREFIX):]
     if final.exists():
@@ -216,9 +214,9 @@ def commit(tmp: Path, meta: dict) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def list_checkpoints(ckpt_root: Path) -> list[CheckpointInfo]:
+def list_checkpoints(ckpt_root: Path, warn: bool = False) -> list[CheckpointInfo]:
     """Complete checkpoints under ``ckpt_root``, oldest first. ``.tmp-*`` dirs and dirs without a
-    readable ``meta.json`` are skipped."""
+    readable ``meta.json`` are skipped (the latter with a warning on stderr when ``warn``)."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
@@ -229,7 +227,11 @@ def list_checkpoints(ckpt_root: Path) -> list[CheckpointInfo]:
             continue
         try:
             meta = json.loads((d / META).read_text())
-        except (OSError, json.JSONDecodeError):
+            if not (isinstance(meta, dict) and isinstance(meta.get("step"), int)):
+                raise ValueError(f"not an object with an integer step: {str(meta)[:40]}")
+        except (OSError, ValueError) as e:
+            if warn:
+                print(f"warning: skipping checkpoint {d}: unreadable {META} ({e})", file=sys.stderr)
             continue
         found.append(CheckpointInfo(path=d, step=int(m.group(1)), meta=meta))
     return sorted(found, key=lambda c: c.step)
@@ -241,22 +243,56 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[CheckpointInfo]:
     return found[-1] if found else None
 
 
+def _read(path: Path, reader: Any) -> Any:
+    """``reader(path)``; any failure to read raises ``DamagedCheckpointError`` naming ``path``."""
+    try:
+        return reader(path)
+    except FileNotFoundError as e:
+        raise DamagedCheckpointError(f"checkpoint file missing: {path}") from e
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError, pickle.UnpicklingError) as e:
+        reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise DamagedCheckpointError(f"damaged checkpoint file {path}: {reason[:200]}") from e
+
+
+def _torch_load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
     """Read a complete checkpoint dir: ``{"model": tensors, "optim": state, "rng": state | None, "meta": dict}``.
 
     ``rng`` is this ``rank``'s RNG file (None if the checkpoint has none for it). A sharded (FSDP)
     checkpoint has ``model`` None and only the scheduler in ``optim``: its ``SHARDED_DIR`` is read by
-    ``training.parallel.load_sharded``.
+    ``training.parallel.load_sharded``. A file that cannot be read raises ``DamagedCheckpointError``
+    naming it.
     """
     path = Path(path)
     if not (path / META).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {META})")
-    meta = json.loads((path / META).read_text())
-    model = load_file(str(path / MODEL_FILE)) if (path / MODEL_FILE).is_file() else None
-    optim = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
+    meta = _read(path / META, lambda p: json.loads(p.read_text()))
+    model = None if (path / SHARDED_DIR).is_dir() else _read(path / MODEL_FILE, lambda p: load_file(str(p)))
+    optim = _read(path / OPTIM_FILE, _torch_load)
     rng_path = path / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None
+    rng = _read(rng_path, _torch_load) if rng_path.is_file() else None
     return {"model": model, "optim": optim, "rng": rng, "meta": meta}
+
+
+def load_latest_good(ckpt_root: Path, rank: int = 0, warn: bool = True) -> Optional[tuple[CheckpointInfo, dict]]:
+    """The newest checkpoint under ``ckpt_root`` whose files all read, with its state
+    (``load_checkpoint``); damaged newer ones are skipped with a warning naming the file. None when
+    there is no checkpoint; ``DamagedCheckpointError`` when every one is damaged."""
+    found = list_checkpoints(ckpt_root, warn=warn)
+    error: Optional[DamagedCheckpointError] = None
+    for info in reversed(found):
+        try:
+            return info, load_checkpoint(info.path, rank)
+        except DamagedCheckpointError as e:
+            error = e
+            if warn:
+                print(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr)
+    if error is not None:
+        raise DamagedCheckpointError(f"no readable checkpoint under {ckpt_root} (newest error: {error})")
+    return None
 
 
 def prune_checkpoints(ckpt_root: Path, keep_last: int) -> list[Path]:

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlm.config import ShardDataConfig, WorldConfig
+from vlm.config import ConfigError, ShardDataConfig, WorldConfig
 from vlm.data.shards import ShardStream
 from vlm.world.arrays import TrainArrays
 from vlm.world.export import FORMAT_VERSION
@@ -63,7 +63,7 @@ class ResumableBatches:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         per_rank = n_items // world_size
         if per_rank < batch_size:
-            raise ValueError(f"{n_items} items over {world_size} rank(s) cannot fill one batch of {batch_size}")
+            raise ConfigError(f"{n_items} items over {world_size} rank(s) cannot fill one batch of {batch_size}")
         self.n_items, self.batch_size, self.make_batch = n_items, batch_size, make_batch
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.max_epochs, self.num_workers = max_epochs, num_workers
@@ -117,7 +117,7 @@ class ArrayBatches:
                  world_size: int = 1, twin_fraction: float = 0.0) -> None:
         self.pairs = twin_pairs(batch_size, twin_fraction)
         if self.pairs and arrays.twin_images is None:
-            raise ValueError(f"data.twin_fraction={twin_fraction} needs twins: export the world with world.twins=true")
+            raise ConfigError(f"data.twin_fraction={twin_fraction} needs twins: export the world with world.twins=true")
         self.arrays, self.batch_size, self.collate = arrays, batch_size, collate
         self.rows = ResumableBatches(len(arrays), batch_size - self.pairs, lambda ids: {}, seed=seed, rank=rank,
                                      world_size=world_size)

@@ -35,7 +35,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 from training import distributed
 from training.data import ResumableBatches
 from training.loop import check_out_dir, train
-from vlm.config import LMConfig, LMModelConfig
+from vlm.config import ConfigError, LMConfig, LMModelConfig
 from vlm.data.prompts import IMAGE_TOKEN
 from vlm.data.tokenizer import train_bpe_tokenizer
 from vlm.model.processor import IGNORE_INDEX, VLMProcessor
@@ -89,7 +89,7 @@ def build_corpus(cfg: LMConfig) -> list[str]:
                      disable=not (cfg.run.progress and distributed.is_main())))
     docs += read_text_files(cfg.data.text_files)
     if not docs:
-        raise ValueError("the LM corpus is empty (no world texts and no data.text_files)")
+        raise ConfigError("the LM corpus is empty (no world texts and no data.text_files)")
     return docs
 
 
@@ -101,7 +101,7 @@ def build_image_documents(cfg: LMConfig) -> list[Conversation]:
                      desc="world documents", unit=" docs", disable=not (cfg.run.progress and distributed.is_main())))
     docs += [[("human", line)] for line in read_text_files(cfg.data.text_files)]
     if not docs:
-        raise ValueError("the LM corpus is empty (no world documents and no data.text_files)")
+        raise ConfigError("the LM corpus is empty (no world documents and no data.text_files)")
     return docs
 
 
@@ -142,7 +142,7 @@ def pack_documents(docs: list[tuple[list[int], list[int]]], block_size: int, pad
         blocks[-1][1].extend(labels)
     blocks = [b for b in blocks if b[0]]
     if not blocks:
-        raise ValueError("the corpus has no tokens")
+        raise ConfigError("the corpus has no tokens")
     input_ids = torch.full((len(blocks), block_size), pad_id, dtype=torch.long)
     targets = torch.full((len(blocks), block_size), IGNORE_INDEX, dtype=torch.long)
     for b, (ids, labels) in enumerate(blocks):
@@ -172,14 +172,14 @@ def pack_blocks(token_ids: list[list[int]], block_size: int, seed: int) -> torch
     stream = [t for i in order for t in token_ids[i]]
     n_blocks = len(stream) // block_size
     if n_blocks == 0:
-        raise ValueError(f"the corpus has {len(stream)} tokens, fewer than one block of {block_size}")
+        raise ConfigError(f"the corpus has {len(stream)} tokens, fewer than one block of {block_size}")
     return torch.tensor(stream[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
 
 
 def build_lm(model: LMModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
     """A randomly initialised ``LlamaForCausalLM`` sized by ``model`` with the tokenizer's vocabulary."""
     if model.hidden_size % model.num_heads:
-        raise ValueError(f"model.hidden_size {model.hidden_size} is not divisible by model.num_heads {model.num_heads}")
+        raise ConfigError(f"model.hidden_size {model.hidden_size} is not divisible by model.num_heads {model.num_heads}")
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
         num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
@@ -221,7 +221,7 @@ def _corpus_blocks(cfg: LMConfig, resuming: bool):
 def run(cfg: LMConfig) -> Path:
     """Train the world's LLM with ``cfg``; returns ``out_dir/final`` (HF model + tokenizer)."""
     if cfg.data.block_size > cfg.model.max_position:
-        raise ValueError(f"data.block_size {cfg.data.block_size} exceeds model.max_position {cfg.model.max_position}")
+        raise ConfigError(f"data.block_size {cfg.data.block_size} exceeds model.max_position {cfg.model.max_position}")
     info = distributed.setup(cfg.run.device)
     out_dir = Path(cfg.run.out_dir)
     resuming = check_out_dir(out_dir, cfg.run) is not None  # fails early on a non-resumed existing run

@@ -47,12 +47,14 @@ from training import distributed as distrib
 from training import parallel
 from training.metrics import MetricsLogger, Throughput
 from training.optim import build_optimizer
-from vlm.config import OptimConfig, RunConfig, save_config
+from training.runlock import RunLock
+from vlm.config import ConfigError, OptimConfig, RunConfig, save_config
+from vlm.files import VlmError, fsync_path
 
 MakeBatches = Callable[[int], Iterable[dict]]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(VlmError, RuntimeError):
     """The loss (or gradient norm) became NaN/inf. No optimiser step and no checkpoint were taken."""
 
     def __init__(self, step: int, terms: dict[str, float], what: str = "loss", clipping: bool = False):
@@ -191,7 +193,7 @@ def _start(model: nn.Module, make_batches: MakeBatches, optim: OptimConfig, run:
     """Set up a run: process group, output directory, seeds, device and wrapping, optimiser,
     resume from the latest checkpoint, logging, and the data iterator at the resumed position."""
     if optim.accum_freq > 1 and not getattr(model, "supports_cached_accumulation", False):
-        raise ValueError(f"optim.accum_freq={optim.accum_freq} needs a model with cached accumulation "
+        raise ConfigError(f"optim.accum_freq={optim.accum_freq} needs a model with cached accumulation "
                          f"(stage one's Stage1Model), not {type(model).__name__}; use optim.grad_accum")
     info = distrib.setup(run.device)
     out_dir = Path(run.out_dir)
@@ -204,7 +206,7 @@ def _start(model: nn.Module, make_batches: MakeBatches, optim: OptimConfig, run:
     opt, sched = build_optimizer(wrapped, optim, overrides)
     r = _Run(info=info, optim=optim, run=run, out_dir=out_dir, model=model, wrapped=wrapped, opt=opt, sched=sched)
     if latest is not None:
-        _resume(r, latest)
+        _resume(r)
     r.logger = MetricsLogger(out_dir, run, info.is_main, config, r.step)
     r.bar = tqdm(total=optim.max_steps, initial=r.step, disable=not (info.is_main and run.progress),
                  desc=out_dir.name, dynamic_ncols=True)
@@ -217,10 +219,12 @@ def _start(model: nn.Module, make_batches: MakeBatches, optim: OptimConfig, run:
     return r
 
 
-def _resume(r: _Run, latest: ckpt.CheckpointInfo) -> None:
-    """Restore model, optimiser, scheduler, RNG states and step from ``latest``; it must come from
-    a run with the same world size and gradient accumulation."""
+def _resume(r: _Run) -> None:
+    """Restore model, optimiser, scheduler, RNG states and step from the newest readable checkpoint
+    (a damaged newer one is skipped with a warning naming its file); it must come from a run with
+    the same world size and gradient accumulation."""
     info, accum = r.info, r.optim.grad_accum
+    latest, state = ckpt.load_latest_good(r.ckpt_root, rank=info.rank, warn=info.is_main)
     if latest.meta.get("world_size", 1) != info.world_size:
         raise ckpt.CheckpointError(
             f"{latest.path} was written with world_size={latest.meta.get('world_size')} but this run "
@@ -228,7 +232,6 @@ def _resume(r: _Run, latest: ckpt.CheckpointInfo) -> None:
     if latest.meta.get("grad_accum", accum) != accum:
         raise ckpt.CheckpointError(f"{latest.path} used grad_accum={latest.meta.get('grad_accum')}, "
                                    f"this run has optim.grad_accum={accum}")
-    state = ckpt.load_checkpoint(latest.path, rank=info.rank)
     if state["model"] is None:  # sharded (FSDP): every rank reads its shards
         if not parallel.is_fsdp(r.wrapped):
             raise ckpt.CheckpointError(f"{latest.path} is a sharded (FSDP) checkpoint; resume it with "
@@ -439,11 +442,11 @@ def _export(r: _Run) -> Path:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             parallel.unwrap(r.wrapped).save_pretrained(tmp)
-            ckpt.fsync_path(tmp)
+            fsync_path(tmp)
             if final.exists():
                 shutil.rmtree(final)
             tmp.replace(final)
-            ckpt.fsync_path(r.out_dir)
+            fsync_path(r.out_dir)
     distrib.barrier()
     return final
 
@@ -473,15 +476,22 @@ def train(model: nn.Module, make_batches: MakeBatches, optim: OptimConfig, run: 
     micro-batches of this rank; each optimiser step consumes ``optim.grad_accum`` of them.
     When the model has ``save_pretrained(dir)`` it writes the final artifact (rank 0), renamed to
     ``out_dir/final``. ``config`` (the recipe's dataclass) is saved to ``out_dir/config.yaml``.
+    Rank 0 holds ``out_dir/.lock`` (``training.runlock``) for the whole call.
     """
-    r = _start(model, make_batches, optim, run, config)
+    distrib.setup(run.device)
+    lock = RunLock(run.out_dir).acquire() if distrib.is_main() else None  # one writer per out_dir
     try:
-        while r.step < optim.max_steps:
-            out = _step(r)
-            if out is None:
-                break
-            _after_step(r, out)
+        r = _start(model, make_batches, optim, run, config)
+        try:
+            while r.step < optim.max_steps:
+                out = _step(r)
+                if out is None:
+                    break
+                _after_step(r, out)
+        finally:
+            r.bar.close()
+            r.logger.close()
+        return _finish(r)
     finally:
-        r.bar.close()
-        r.logger.close()
-    return _finish(r)
+        if lock is not None:
+            lock.release()

@@ -31,7 +31,7 @@ from training import distributed
 from training.data import ShardBatches, ShardSamples
 from training.loop import check_out_dir, train
 from training.stage1 import resolve_shards
-from vlm.config import MaskEmbedRunConfig, replace
+from vlm.config import ConfigError, MaskEmbedRunConfig, replace
 
 
 def maskembed_collate(samples: list[tuple[int, dict]], worker: int = 0, *, transform: ImageTransform,
@@ -60,7 +60,7 @@ def build_model(cfg: MaskEmbedRunConfig) -> tuple[MaskEmbedModel, ImageTransform
     """Teacher loaded from ``cfg.maskembed.teacher``, student and decoder initialised from
     ``torch.manual_seed(run.seed)``; not yet calibrated."""
     if not cfg.maskembed.teacher:
-        raise ValueError("maskembed.teacher is empty: name a stage-one checkpoint dir or a local HF "
+        raise ConfigError("maskembed.teacher is empty: name a stage-one checkpoint dir or a local HF "
                          "CLIP/SigLIP vision dir")
     teacher, transform = load_vision_tower(cfg.maskembed.teacher)
     torch.manual_seed(cfg.run.seed)

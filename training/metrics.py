@@ -15,6 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from vlm.config import RunConfig
+from vlm.files import atomic_write_text, read_jsonl_rows
 
 
 class MetricsLogger:
@@ -39,15 +40,15 @@ class MetricsLogger:
             self.wandb = _start_wandb(out_dir, config)
 
     def _trim(self, resume_step: int) -> None:
-        """Keep the rows of steps <= ``resume_step`` (none when 0)."""
+        """Keep the rows of steps <= ``resume_step`` (none when 0); a half-written last line (a
+        kill mid-append) is dropped."""
         if not self.path.is_file():
             return
         if resume_step == 0:
             self.path.unlink()
             return
-        kept = [ln for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        kept = [row for row in read_jsonl_rows(self.path) if row.get("step", 0) <= resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def log(self, row: dict, bar: Optional[tqdm]) -> None:
         """Write ``row`` (``{"step": int, name: number, ...}``) everywhere; printed through ``bar``

@@ -43,7 +43,7 @@ from encoders.towers import ImageTransform
 from training import distributed
 from training.data import ArrayBatches, Collate, ShardBatches, ShardSamples, world_dir_for
 from training.loop import check_out_dir, train
-from vlm.config import MaskEmbedRunConfig
+from vlm.config import ConfigError, MaskEmbedRunConfig
 from vlm.data.shards import ShardStream
 from vlm.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from vlm.world.arrays import TrainArrays
@@ -139,7 +139,7 @@ def stage1_batches(urls: list[str], cfg: Stage1Config, tokenizer: PreTrainedToke
     if uses_world_arrays(cfg):
         return world_array_batches(cfg, collate, rank, world_size)
     if cfg.data.twin_fraction:
-        raise ValueError("data.twin_fraction needs the world's arrays (data.world_arrays=true, no data.shards)")
+        raise ConfigError("data.twin_fraction needs the world's arrays (data.world_arrays=true, no data.shards)")
     samples = ShardSamples(urls, cfg.data, cfg.run.seed, rank, world_size, name="stage1")
     return ShardBatches(samples, cfg.optim.batch_size, collate)
 

@@ -28,6 +28,7 @@ from training.data import ResumableBatches, world_dir_for
 from training.loop import check_out_dir, train
 from vlm.config import ConfigError, Stage2Config, VLMConfig
 from vlm.data.formats import read_llava
+from vlm.files import DEFAULT_MAX_IMAGE_PIXELS, ImageError, VlmError, check_image, open_image
 from vlm.model.oracle import is_oracle
 from vlm.model.vision_language_model import VisionLanguageModel
 from vlm.model.processor import VLMProcessor
@@ -49,13 +50,31 @@ def resolve_data(cfg: Stage2Config) -> tuple[Path, Path]:
     return json_path, Path(cfg.data.image_root) if cfg.data.image_root else world_dir / "images"
 
 
-class LlavaExamples:
-    """Records of a LLaVA json + their images -> micro-batches (``make_batch(indices) -> dict``)."""
+def usable_records(records: Sequence, image_root: Path, max_pixels: int) -> tuple[list, list[str]]:
+    """(records whose image header reads and is at most ``max_pixels`` pixels, one reason per
+    record left out). Only headers are read (``vlm.files.check_image``), so checking every record
+    before training is cheap; a bad image would otherwise stop the run mid-way."""
+    kept, skipped = [], []
+    for record in records:
+        try:
+            check_image(Path(image_root) / record.image, max_pixels)
+        except ImageError as e:
+            skipped.append(f"record {record.id!r}: {e}")
+            continue
+        kept.append(record)
+    return kept, skipped
 
-    def __init__(self, records: Sequence, image_root: Path, processor: VLMProcessor):
+
+class LlavaExamples:
+    """Records of a LLaVA json + their images -> micro-batches (``make_batch(indices) -> dict``).
+    Give it ``usable_records``: an image that fails to decode anyway raises ``ImageError`` naming it."""
+
+    def __init__(self, records: Sequence, image_root: Path, processor: VLMProcessor,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         if not records:
-            raise ValueError("the LLaVA json has no records")
+            raise VlmError("the LLaVA json has no records")
         self.records, self.image_root, self.processor = list(records), Path(image_root), processor
+        self.max_pixels = max_pixels
         first = self.image_path(self.records[0])
         if not first.is_file():
             raise FileNotFoundError(f"image {first} of record {self.records[0].id!r} not found; set data.image_root "
@@ -66,13 +85,11 @@ class LlavaExamples:
         return self.image_root / record.image
 
     def load_image(self, record) -> Image.Image:
-        """A record's image as RGB (an unreadable file raises ``OSError`` naming it)."""
-        path = self.image_path(record)
+        """A record's image as RGB (``ImageError`` naming the file and the record when unreadable)."""
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise OSError(f"cannot read image {path} of record {record.id!r}: {e}") from e
+            return open_image(self.image_path(record), self.max_pixels)
+        except ImageError as e:
+            raise ImageError(f"{e} (record {record.id!r})") from e
 
     def make_batch(self, indices: list[int]) -> dict:
         """pixel_values [B,3,H,W], input_ids / attention_mask / labels [B,T] for records ``indices``."""
@@ -104,18 +121,32 @@ def trainable_table(per_module: dict[str, dict], cfg: Stage2Config) -> str:
     return "\n".join(lines)
 
 
+def _checked_records(json_path: Path, image_root: Path, max_pixels: int, verbose: bool) -> list:
+    """The json's records with a usable image (``usable_records``); the skipped ones are counted on
+    stderr, and none usable is a ``VlmError`` naming the first reason."""
+    records = [r for r in read_llava(json_path) if r.image is not None]
+    if not records:
+        raise VlmError(f"{json_path} has no records with an image")
+    kept, skipped = usable_records(records, image_root, max_pixels)
+    if not kept:
+        raise VlmError(f"{json_path}: none of its {len(records)} records has a usable image under {image_root} "
+                       f"(first: {skipped[0]}); set data.image_root to the folder the json's image paths are relative to")
+    if skipped and verbose:
+        print(f"stage two: skipped {len(skipped)} of {len(records)} records with a bad image (first: {skipped[0]})",
+              file=sys.stderr)
+    return kept
+
+
 def run(cfg: Stage2Config) -> Path:
     """Train stage two with ``cfg``; returns ``out_dir/final`` (a ``VisionLanguageModel`` checkpoint)."""
     info = distributed.setup(cfg.run.device)
     check_out_dir(Path(cfg.run.out_dir), cfg.run)  # fails early on a non-resumed existing run
     distributed.barrier()
     json_path, image_root = resolve_data(cfg)
-    records = [r for r in read_llava(json_path) if r.image is not None]
-    if not records:
-        raise ValueError(f"{json_path} has no records with an image")
+    records = _checked_records(json_path, image_root, cfg.data.max_image_pixels, info.is_main)
     torch.manual_seed(cfg.run.seed)
     model = VisionLanguageModel.build(oracle_world_filled(cfg), max_len=cfg.data.max_len)
-    examples = LlavaExamples(records, image_root, model.processor)
+    examples = LlavaExamples(records, image_root, model.processor, cfg.data.max_image_pixels)
     batches = ResumableBatches(len(records), cfg.optim.batch_size, examples.make_batch, seed=cfg.run.seed,
                                rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers)
     if info.is_main:

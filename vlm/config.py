@@ -13,7 +13,7 @@ dataclass and merges the layers onto *its* defaults, so keys of another choice a
 Stage one's ``objective`` is such a field: its dataclasses live next to each loss
 (``encoders/objectives/*.py``) and ``Stage1Config`` in ``encoders/config.py``, a layer up.
 
-This module is at the bottom of the import graph: it imports nothing from the project.
+This module is at the bottom of the import graph: it imports only ``vlm.files`` (``VlmError``, atomic writes).
 """
 from __future__ import annotations
 
@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from vlm.files import DEFAULT_MAX_IMAGE_PIXELS, VlmError, atomic_write_text
 
 T = TypeVar("T")
 
@@ -47,7 +50,7 @@ LM_DOCUMENT_FORMATS = ("image", "standalone")
 DISTRIBUTED = ("ddp", "fsdp")
 
 
-class ConfigError(ValueError):
+class ConfigError(VlmError, ValueError):
     """A config file, override or value is invalid. The message names the key."""
 
 
@@ -217,9 +220,11 @@ class LlavaDataConfig:
     world_dir: str = "runs/world"
     max_len: int = 160  # tokens, image tokens included
     num_workers: int = 0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images (by their header) are skipped and counted
 
     def __post_init__(self) -> None:
         _check(self.max_len > 8, "data.max_len", "must be > 8")
+        _check(self.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
 
 
@@ -715,7 +720,7 @@ def _read_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError and friends: say which file
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {_first_line(e)}{_yaml_line(e)}") from e
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of config keys, got a list")
     return loaded
@@ -732,10 +737,7 @@ def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Opti
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     if overrides:
-        try:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"bad override: {e}") from e
+        layers.append(_parse_overrides(list(overrides)))
     try:
         merged = OmegaConf.merge(_structured_base(cls, layers), *layers)
         return OmegaConf.to_object(merged)  # runs every dataclass's __post_init__ checks
@@ -744,6 +746,31 @@ def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Opti
     except OmegaConfBaseException as e:
         where = f" (from {path})" if path is not None else ""
         raise ConfigError(f"{_omegaconf_message(e)}{where}") from e
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    """The dotted overrides as one layer; a YAML syntax error in a value (``seed=[1,2``) is a
+    ``ConfigError`` naming that override."""
+    for item in overrides:
+        try:
+            OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise ConfigError(f"override {item!r}: not valid YAML: {_first_line(e)}") from e
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"bad override: {_first_line(e)}") from e
+
+
+def _yaml_line(e: BaseException) -> str:
+    """`` (line N)`` where a YAML error knows its position, else ""."""
+    mark = getattr(e, "problem_mark", None)
+    return f" (line {mark.line + 1})" if mark is not None else ""
+
+
+def _first_line(e: BaseException) -> str:
+    """The first non-empty line of ``e``'s message (YAML errors span several)."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
 
 
 def _omegaconf_message(e: OmegaConfBaseException) -> str:
@@ -758,10 +785,8 @@ def to_yaml(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write ``cfg`` as YAML to ``path`` (parents created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(cfg))
+    """Write ``cfg`` as YAML to ``path`` atomically (parents created)."""
+    atomic_write_text(path, to_yaml(cfg))
 
 
 def config_from_yaml_text(cls: type[T], text: str) -> T:

@@ -12,7 +12,10 @@
     vlm ablate  --config YAML                      the backbone grid with seeds and CIs
 
 Configs are validated (``vlm.config.load_config``) before any work starts; a bad value exits with
-status 2 and a message naming the key. The recipes are ``training.recipes.RECIPES``; ``vlm train``,
+status 2 and a message naming the key. Every expected failure (``vlm.files.VlmError``: bad
+config or data, a damaged checkpoint, a full disk, a busy run dir; or a missing / existing /
+forbidden path) is caught once, in ``main``: one line on stderr, exit status 2. ``--debug`` (anywhere
+on the line) shows the traceback instead. The recipes are ``training.recipes.RECIPES``; ``vlm train``,
 ``vlm demo`` and ``vlm ablate`` export the embedded world before a recipe that reads it starts (the
 training library only reads data that exists).
 
@@ -29,6 +32,7 @@ import sys
 from typing import Optional
 
 from vlm.config import ConfigError
+from vlm.files import DiskFullError, VlmError, is_disk_full
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, one-line help)
     "world": ("vlm.cli.world", "export the synthetic world in the real data formats"),
@@ -56,6 +60,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     command) are added by importing its module from ``COMMANDS``."""
     parser = argparse.ArgumentParser(prog="vlm", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback behind a one-line error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -64,16 +69,43 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+# OSErrors that mean "this path is not what the command needs": expected, not a bug.
+EXPECTED_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def one_line_error(e: BaseException) -> str | None:
+    """The one-line message of an expected failure ``e``, or None when ``e`` is a bug (traceback)."""
+    if is_disk_full(e) and not isinstance(e, DiskFullError):
+        where = getattr(e, "filename", None)
+        e = DiskFullError(f"disk full while writing {where or 'a file'}")
+    if not isinstance(e, (VlmError, *EXPECTED_OS_ERRORS)):
+        return None
+    kind = "config error" if isinstance(e, ConfigError) else "error"
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"vlm: {kind}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``vlm`` console script. Returns the process exit status."""
+    """Entry point of the ``vlm`` console script. Returns the process exit status: 0, 2 for an
+    expected failure (one line on stderr; ``--debug`` raises it with its traceback), 130 on Ctrl-C."""
     _offline()
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     command = argv[0] if argv and argv[0] in COMMANDS else ""
     args = build_parser(only=command).parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"vlm: config error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("vlm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        message = one_line_error(e)
+        if message is None or debug:
+            raise
+        print(message, file=sys.stderr)
         return 2
 
 

@@ -8,7 +8,6 @@ numbers say, including "does not hold" and "inconclusive" (the CI of the differe
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from eval.encoder import run as run_encoder_eval
 from eval.harness import run_vlm_eval
 from eval.report import cached_json, metrics_table, write_json, write_text
 from eval.tasks import VLM_REPORT_COLUMNS
+from training.runlock import RunLock
 from vlm.cli.pipeline import (Stage, Timings, flatten_metrics, make_stage, mean_ci, run_stage, stage1_init, stage2_features,
                               start_run, timed, tower_stage)
 from vlm.config import AblateConfig, load_config
@@ -106,6 +106,12 @@ def run_ablation(config_path: str, overrides: list[str] | None = None) -> Path:
     """Train and evaluate every cell of the grid; write ``out_dir/report.md`` and ``results.json``."""
     cfg = load_config(AblateConfig, config_path, list(overrides or []))
     stages, cells = plan(cfg)
+    with RunLock(cfg.out_dir):  # a second ablation into the same dir stops here
+        return _run_ablation(cfg, stages, cells)
+
+
+def _run_ablation(cfg: AblateConfig, stages: dict[str, Stage], cells: list) -> Path:
+    """``run_ablation``'s work, under the out dir's lock."""
     out, timings = start_run(cfg, "ablate.yaml")
     world_dir = out / "world"
     timed("world", timings, ensure_world, world_dir, cfg.world)
@@ -131,8 +137,8 @@ def evaluate_cell(cfg: AblateConfig, stage: Stage, level: str, world_dir: Path, 
     an encoder cell, only when it has every ``ENCODER_CELL_KEYS``)."""
     summary_path = Path(cfg.out_dir) / "eval" / stage.name.replace("/", "_") / "cell_summary.json"
     if summary_path.is_file():
-        cached = json.loads(summary_path.read_text())
-        if level != "encoder" or all(k in cached for k in ENCODER_CELL_KEYS):
+        cached = cached_json(summary_path, dict)  # {} when a killed write left it unreadable
+        if cached and level != "encoder" or all(k in cached for k in ENCODER_CELL_KEYS):
             return cached
         summary_path.unlink()
     eval_dir = str(summary_path.parent)

@@ -21,6 +21,7 @@ from eval.report import (cached_json, jsonable, markdown_table, metrics_table, p
                          write_text)
 from eval.tasks import VLM_REPORT_COLUMNS
 from eval.text_probe import probe_llm
+from training.runlock import RunLock
 from vlm.cli.pipeline import (Stage, Timings, flatten_metrics, make_stage, run_stage, stage1_init, stage2_features,
                               start_run, timed, tower_stage)
 from vlm.cli.results import chance_levels, headline_results, majority_rate, pointing_chance, results_markdown
@@ -67,6 +68,13 @@ def run_demo(out: str | Path, config_path: str | None = None, overrides: list[st
     """Run the whole pipeline into ``out`` and return the path of ``out/report.md``."""
     cfg = load_config(DemoConfig, config_path, [f"out_dir={out}", *(overrides or [])])
     stages = plan(cfg)
+    with RunLock(cfg.out_dir):  # a second demo into the same dir stops here (stages lock their own dirs)
+        return _run_demo(cfg, stages)
+
+
+def _run_demo(cfg: DemoConfig, stages: dict[str, Stage]) -> Path:
+    """``run_demo``'s work, under the out dir's lock: every stage (reused when final, resumed when
+    checkpointed), the evals (reused when their summary reads), the figures and the report."""
     out, timings = start_run(cfg, "demo.yaml")
     t_start = time.perf_counter()
 

@@ -16,6 +16,7 @@ from eval.tasks import VLM_TASKS
 from eval.text_probe import MODES as PROBE_MODES
 from eval.text_probe import probe_llm
 from vlm.config import ConfigError, WorldConfig, load_config
+from vlm.files import read_json
 from vlm.world.export import ensure_world
 
 
@@ -72,13 +73,23 @@ def world_config_of(world_dir: str) -> WorldConfig:
     """The WorldConfig an exported world was made with (its world.json), or the defaults."""
     meta = Path(world_dir) / "world.json"
     if meta.is_file():
-        saved = json.loads(meta.read_text()).get("config", {})
+        saved = read_json(meta, "world export metadata").get("config", {})
         return load_config(WorldConfig, None, [f"{k}={v}" for k, v in saved.items()])
     return WorldConfig()
 
 
+def existing(path: str, flag: str) -> str:
+    """``path``, or a ``FileNotFoundError`` naming ``flag`` and ``path`` before any work (a world export)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{flag}: {path} does not exist")
+    return path
+
+
 def cmd_eval_encoder(args: argparse.Namespace) -> int:
     """``vlm eval encoder``: zero-shot, retrieval, patch segmentation, pointing and heatmaps on the world."""
+    existing(args.ckpt, "--ckpt")
+    if args.text_from:
+        existing(args.text_from, "--text-from")
     world = world_config_of(args.world_dir)
     ensure_world(args.world_dir, world)
     out = args.out or str(Path(args.ckpt) / "eval_encoder")
@@ -96,6 +107,7 @@ def cmd_eval_vlm(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--tasks: unknown task(s) {unknown}; valid: {', '.join(VLM_TASKS)}")
     model_dir = args.ckpt or args.hf_model
+    existing(model_dir, "--ckpt" if args.ckpt else "--hf-model")
     out = args.out or str(Path(model_dir) / ("eval_vlm_blank" if args.blank_image else "eval_vlm"))
     summary = run_vlm_eval(model_dir, tasks, out, data=args.data, world_dir=args.world_dir, limit=args.limit,
                            blank_image=args.blank_image, hf_model=args.hf_model is not None,
@@ -107,6 +119,7 @@ def cmd_eval_vlm(args: argparse.Namespace) -> int:
 def cmd_eval_drift(args: argparse.Namespace) -> int:
     """``vlm eval drift``: the LLM's language ability before and after stage two (lm-eval's HFLM),
     for a LoRA or (with ``--base-llm``) a merged checkpoint."""
+    existing(args.ckpt, "--ckpt")
     out = args.out or str(Path(args.ckpt) / "eval_drift")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     result = run_language_drift(args.ckpt, out, base_llm_path=args.base_llm, limit=args.limit,
@@ -117,6 +130,7 @@ def cmd_eval_drift(args: argparse.Namespace) -> int:
 
 def cmd_eval_probe(args: argparse.Namespace) -> int:
     """``vlm eval probe``: an LLM answers the world's eval POPE / VSR questions from each image's caption."""
+    existing(args.llm, "--llm")
     out = args.out or str(Path(args.llm) / "eval_probe")
     summary = probe_llm(args.llm, args.world_dir, out, limit=args.limit, mode=args.mode)
     print(json.dumps({k: v for k, v in summary.items() if k.startswith("text_probe_")}, indent=2))

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+from pathlib import Path
 
+from vlm.files import VlmError
 from vlm.model.vision_language_model import VisionLanguageModel
 
 
@@ -14,8 +18,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Merge the LoRA adapter into the LLM and write it with the bridge to ``--out``."""
+    """Merge the LoRA adapter into the LLM and write it with the bridge to ``--out``: into a
+    temporary dir beside it, renamed when complete; an existing non-empty ``--out`` is refused."""
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VlmError(f"--out {out} exists and is not empty; refusing to overwrite it")
+    if not Path(args.ckpt).is_dir():
+        raise FileNotFoundError(f"--ckpt: {args.ckpt} is not a directory")
     model = VisionLanguageModel.from_pretrained(args.ckpt)
-    model.merge_and_save(args.out)
-    print(f"merged model written to {args.out}")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        model.merge_and_save(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged model written to {out}")
     return 0

@@ -20,6 +20,7 @@ import torch
 from training.recipes import RECIPES
 from vlm.cli.train import make_world
 from vlm.config import CONV_ARCHS, PipelineConfig, WorldConfig, load_config, save_config
+from vlm.files import atomic_write_text
 
 
 @dataclass
@@ -64,8 +65,7 @@ class Timings:
             self.seconds.setdefault(name, 0.0)
         else:
             self.seconds[name] = round(seconds, 2)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"seconds": self.seconds, "reused": self.reused}, indent=2))
+        atomic_write_text(self.path, json.dumps({"seconds": self.seconds, "reused": self.reused}, indent=2))
 
 
 def world_overrides(world: WorldConfig) -> list[str]:

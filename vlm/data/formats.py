@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from vlm.files import VlmError, atomic_write_text
+
 PathLike = str | Path
 
 
-class FormatError(ValueError):
+class FormatError(VlmError, ValueError):
     """A data file does not follow its format. ``path``, ``line`` (1-based or None), ``what``."""
 
     def __init__(self, path: PathLike, line: Optional[int], what: str) -> None:
@@ -185,11 +187,7 @@ class _Checker:
 
 
 def _write_json(path: PathLike, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1 if isinstance(obj, list) else None) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=1 if isinstance(obj, list) else None) + "\n")
 
 
 def _read_jsonl(path: PathLike) -> Iterable[tuple[int, dict]]:
@@ -208,13 +206,7 @@ def _read_jsonl(path: PathLike) -> Iterable[tuple[int, dict]]:
 
 
 def _write_jsonl(path: PathLike, records: Iterable[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in records))
 
 
 def _check_bbox(chk: _Checker, bbox: Any, where: str, array_key: str, index: int) -> tuple[float, ...]:

@@ -20,6 +20,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlm.config import LoraConfig, VLMConfig
+from vlm.files import VlmError, loading_weights
 
 LLM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -60,7 +61,7 @@ def load_llm(cfg: VLMConfig, path: Optional[str | Path] = None) -> PreTrainedMod
     ``cfg.load_in_4bit`` (then prepared with peft's ``prepare_model_for_kbit_training``).
     """
     path = check_llm_request(cfg, path)
-    kwargs: dict = dict(attn_implementation=cfg.attn_implementation)
+    kwargs: dict = dict(attn_implementation=cfg.attn_implementation, use_safetensors=True)  # never unpickle
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
@@ -68,7 +69,8 @@ def load_llm(cfg: VLMConfig, path: Optional[str | Path] = None) -> PreTrainedMod
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     else:
         kwargs["dtype"] = LLM_DTYPES[cfg.llm_dtype]
-    llm = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    with loading_weights(path, "LLM"):
+        llm = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if cfg.load_in_4bit:
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
     freeze(llm)
@@ -96,7 +98,11 @@ def apply_lora(llm: PreTrainedModel, lora: LoraConfig) -> nn.Module:
 
 
 def load_lora(llm: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
-    """Attach a LoRA adapter saved by peft's ``save_pretrained`` (``adapter_dir``) to ``llm``."""
+    """Attach a LoRA adapter saved by peft's ``save_pretrained`` (``adapter_dir``) to ``llm``. Only
+    ``adapter_model.safetensors`` is read: peft would fall back to unpickling ``adapter_model.bin``."""
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise VlmError(f"LoRA adapter weights not found: {weights} (a pickled adapter_model.bin is never loaded)")
     return PeftModel.from_pretrained(llm, str(adapter_dir), is_trainable=trainable)
 
 

@@ -37,11 +37,11 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from encoders.towers import ImageTransform
 from vlm.config import WorldConfig
+from vlm.files import atomic_write_text, open_image, read_json
 from vlm.world.generator import generate_sample
 from vlm.world.types import WorldSample
 from vlm.world.vocab import COLORS, SHAPES
@@ -118,7 +118,7 @@ class WorldIndex:
         meta = self.world_dir / "world.json"
         if not meta.is_file():
             raise FileNotFoundError(f"model.oracle_world: {self.world_dir} is not a world export (no world.json)")
-        self.cfg = WorldConfig(**json.loads(meta.read_text())["config"])
+        self.cfg = WorldConfig(**read_json(meta, "world export metadata")["config"])
         paths = sorted((self.world_dir / "images").glob("*.jpg"))
         if not paths:
             raise FileNotFoundError(f"model.oracle_world: no images in {self.world_dir / 'images'}")
@@ -130,8 +130,7 @@ class WorldIndex:
         """Image files -> uint8 [B,3,H,W]."""
         arrays = []
         for p in paths:
-            with Image.open(p) as im:
-                arrays.append(np.asarray(im.convert("RGB")))
+            arrays.append(np.asarray(open_image(p)))
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
     def lookup(self, images: torch.Tensor) -> list[Optional[int]]:
@@ -210,6 +209,6 @@ class OracleTower(nn.Module):
         """Write ``oracle.json`` (world dir, grid) and the ``preprocessor_config.json``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps({"world_dir": str(self.index.world_dir.resolve()),
-                                                         "grid": self.grid}, indent=2))
+        atomic_write_text(directory / CONFIG_FILE, json.dumps({"world_dir": str(self.index.world_dir.resolve()),
+                                                               "grid": self.grid}, indent=2))
         self.transform.save_pretrained(directory)

@@ -41,6 +41,7 @@ from encoders.towers import tower_model_type
 from vlm.config import ConfigError, TrainingControl, VLMConfig, config_from_yaml_text, save_config
 from vlm.data.prompts import IMAGE_TOKEN
 from vlm.data.tokenizer import load_tokenizer
+from vlm.files import atomic_path
 from vlm.model.bridges import build_bridge
 from vlm.model.bridges.base import Bridge
 from vlm.model.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, ensure_image_token,
@@ -344,7 +345,8 @@ class VisionLanguageModel(nn.Module):
         """Write the trained parts (bridge, LoRA adapter, tower if trained) and ``vlm.yaml``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(self._bridge_state(), str(directory / BRIDGE_FILE))
+        with atomic_path(directory / BRIDGE_FILE) as tmp:
+            save_file(self._bridge_state(), str(tmp))
         llm = str(self.llm_path.resolve())
         with self.bridge.detached(self.llm):
             if hasattr(self.llm, "peft_config"):
@@ -372,7 +374,8 @@ class VisionLanguageModel(nn.Module):
         merged.save_pretrained(str(directory / LLM_DIR))
         self._tokenizer.save_pretrained(str(directory / LLM_DIR))
         self.tower.save_pretrained(directory / VISION_DIR)
-        save_file(self._bridge_state(), str(directory / BRIDGE_FILE))
+        with atomic_path(directory / BRIDGE_FILE) as tmp:
+            save_file(self._bridge_state(), str(tmp))
         train = self.cfg.train
         modes = TrainingControl(tower=dataclasses.replace(train.tower), bridge=dataclasses.replace(train.bridge),
                                 llm=dataclasses.replace(train.llm, mode="frozen"))  # merged: no adapter to load

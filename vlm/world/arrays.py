@@ -24,6 +24,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from vlm.files import atomic_write_text, read_json
+
 ARRAYS_DIR = "arrays"
 IMAGES_FILE = "train_images.npy"
 TWINS_FILE = "train_twin_images.npy"
@@ -82,9 +84,7 @@ class TrainArrayWriter:
             arr.flush()
             (self.dir / (name + ".tmp")).replace(self.dir / name)
         self.images = self.twins = None  # type: ignore[assignment]
-        tmp = self.dir / (INDEX_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.index))
-        tmp.replace(self.dir / INDEX_FILE)
+        atomic_write_text(self.dir / INDEX_FILE, json.dumps(self.index))
 
 
 class TrainArrays:
@@ -98,7 +98,7 @@ class TrainArrays:
             if not (d / name).is_file():
                 raise FileNotFoundError(f"{d / name} does not exist: export the world with `vlm world` first")
         self.images = np.load(d / IMAGES_FILE, mmap_mode="r", allow_pickle=False)
-        self.index = json.loads((d / INDEX_FILE).read_text())
+        self.index = read_json(d / INDEX_FILE, "train-array index")
         self.twin_images = (np.load(d / TWINS_FILE, mmap_mode="r", allow_pickle=False)
                             if (d / TWINS_FILE).is_file() and "twin_captions" in self.index else None)
         if len(self.index["keys"]) != self.images.shape[0]:

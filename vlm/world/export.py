@@ -3,6 +3,8 @@
 Layout of ``DIR`` (file names inside the jsons are relative to ``DIR/images``):
 ```
 world.json                        {"config": WorldConfig fields, "counts": {...}}; written last
+.vlm-world                        written first: marks DIR as a world export (``vlm world`` writes
+                                  into no other non-empty DIR, and deletes only its own file names)
 shards/train-{000000..}.tar       img2dataset style (train split): KEY.jpg, KEY.txt (the short caption
                                   for even indices, the detailed one for odd), KEY.json (img2dataset
                                   fields plus objects, boxes, captions, long_caption)
@@ -42,6 +44,7 @@ from vlm.config import WorldConfig
 from vlm.data.formats import (LlavaRecord, RefExpr, VsrItem, write_coco_captions, write_coco_instances,
                               write_llava, write_pope, write_refcoco, write_vsr)
 from vlm.data.pope import build_pope
+from vlm.files import VlmError, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from vlm.world.arrays import TrainArrayWriter
 from vlm.world.generator import generate_sample, generate_twin, world_split
 from vlm.world.mix import existence_questions, image_objects, mixed_conversations
@@ -50,6 +53,7 @@ from vlm.world.vocab import SHAPES
 
 REFCOCO_SPLITS = ("val", "testA", "testB")
 CAPTION_STYLES = ("short", "detailed", "counting")
+MARKER = ".vlm-world"  # written first: an interrupted export is still recognised as one
 FORMAT_VERSION = 3  # 2: LLaVA conversations drawn with the llava_mix; 3: arrays/
 
 
@@ -80,11 +84,24 @@ def _shard_json(sample: WorldSample, cfg: WorldConfig, jpg: bytes) -> dict:
             "captions": sample.captions, "long_caption": sample.long_caption}
 
 
+def claim_out_dir(out: Path) -> None:
+    """Make ``out`` a world export dir: refuse (``VlmError``) a non-empty ``out`` that holds no world
+    export, finished (``world.json``) or interrupted (``MARKER``), so nothing else is ever deleted;
+    then write the marker before any other file."""
+    if out.is_dir() and any(out.iterdir()) and not ((out / "world.json").is_file() or (out / MARKER).is_file()):
+        raise VlmError(f"{out} is not empty and is not a world export (no world.json or {MARKER}); refusing to "
+                       "write into it: choose an empty or new --out")
+    atomic_write_text(out / MARKER, "a world export (vlm world); its files are rewritten by the next export\n")
+
+
 def _clear_previous(out: Path) -> None:
-    """Remove what an earlier export may have left (stale shards would otherwise be read)."""
-    for pattern in ("world.json", "shards/train-*.tar", "images/*.jpg", "masks/*.png", "arrays/*"):
+    """Remove the files an earlier export wrote, by their exact name patterns (stale shards would
+    otherwise be read); anything else in ``out`` is left alone."""
+    for pattern in ("world.json", "shards/train-[0-9]*.tar", "images/[0-9]*.jpg", "masks/[0-9]*.png",
+                    "arrays/train*.npy", "arrays/train.json"):
         for p in out.glob(pattern):
-            p.unlink()
+            if p.name == "world.json" or p.parent.name == "arrays" or p.stem.removeprefix("train-").isdigit():
+                p.unlink()
 
 
 def contact_sheet(samples: list[WorldSample], path: Path, scale: int = 4, cols: int = 4) -> None:
@@ -102,7 +119,8 @@ def contact_sheet(samples: list[WorldSample], path: Path, scale: int = 4, cols: 
             draw.rectangle((x + x1, y + y1, x + x2 - 1, y + y2 - 1), outline=(0, 0, 0), width=1)
         lines = textwrap.wrap(sample.captions["short"], width=max(10, size // 6))[:3]
         draw.multiline_text((x, y + size + 2), "\n".join(lines), fill=(0, 0, 0), spacing=1)
-    sheet.save(path)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp)
 
 
 @dataclasses.dataclass
@@ -160,7 +178,8 @@ def _object_attributes(sample: WorldSample) -> list[list[str]]:
 def _add_eval(sample: WorldSample, file_name: str, cfg: WorldConfig, out: Path, c: _Collected) -> None:
     """An eval sample: its class mask, VSR statements, POPE objects, COCO instances and RefCOCO refs."""
     s, index = cfg.image_size, sample.index
-    Image.fromarray(sample.class_mask.astype(np.uint8), mode="L").save(out / "masks" / f"{sample.key}.png")
+    with atomic_path(out / "masks" / f"{sample.key}.png", durable=False) as tmp:  # world.json commits them
+        Image.fromarray(sample.class_mask.astype(np.uint8), mode="L").save(tmp)
     c.vsr["test"] += _vsr_items(sample, file_name)
     c.pope_objects[file_name] = {o.shape for o in sample.objects}
     c.inst_images[index] = {"file_name": file_name, "width": s, "height": s}
@@ -182,7 +201,7 @@ def _add_sample(sample: WorldSample, cfg: WorldConfig, out: Path, writer: Any, c
     split = "train" if is_train else "val"
     jpg = jpeg_bytes(sample.image)
     file_name = f"{sample.key}.jpg"
-    (out / "images" / file_name).write_bytes(jpg)
+    atomic_write_bytes(out / "images" / file_name, jpg, durable=False)  # world.json, written last, commits them
     c.files[split][sample.index] = file_name
     c.captions[split][sample.index] = [sample.captions[k] for k in CAPTION_STYLES]
     c.n_objects["train" if is_train else "eval"] += len(sample.objects)
@@ -239,6 +258,7 @@ def export_world(out_dir: str | Path, cfg: WorldConfig, progress: bool = True,
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out = Path(out_dir)
+    claim_out_dir(out)
     for sub in ("shards", "images", "masks", "coco", "llava", "pope", "refcoco", "vsr"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     _clear_previous(out)
@@ -258,9 +278,7 @@ def export_world(out_dir: str | Path, cfg: WorldConfig, progress: bool = True,
     pope = _write_formats(out, cfg, collected, total)
     counts = _counts(out, cfg, len(train_idx), len(eval_idx), collected, pope)
     meta = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "counts": counts}
-    tmp = out / "world.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(out / "world.json")
+    atomic_write_json(out / "world.json", meta, indent=2)
     return counts
 
 

@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eval.report import markdown_table, write_summary
 from eval.text_probe import load_items, run_text_probe
-from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config
+from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config, saved_path
 from vlm.data.tokenizer import load_tokenizer
 from vlm.model.llm import load_llm, load_lora
 from vlm.world.generator import world_corpus
@@ -249,8 +249,7 @@ def _load_pair(vlm_ckpt: Path, base_llm_path: Optional[str | Path]):
         raise FileNotFoundError(f"{vlm_ckpt} is not a stage-two checkpoint (no vlm.yaml)")
     cfg = config_from_yaml_text(VLMConfig, cfg_path.read_text())
     cfg.load_in_4bit = False
-    inside = vlm_ckpt / cfg.llm
-    llm_path = inside if inside.exists() else Path(cfg.llm)
+    llm_path = saved_path(vlm_ckpt, cfg.llm)
     adapter = vlm_ckpt / "adapter"
     if adapter.is_dir():
         base_path = Path(base_llm_path) if base_llm_path is not None else llm_path

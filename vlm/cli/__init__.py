@@ -6,6 +6,9 @@
     vlm merge   --ckpt DIR --out DIR              standalone merged LLM + bridge for inference
     vlm demo    [--out DIR]                        everything, on the world, into DIR/report.md
     vlm ablate  --config YAML                      the backbone grid with seeds and CIs
+    vlm config  list | show NAME [key=value ...]   the shipped configs; one resolved
+
+``--config`` takes a path or a shipped config's name (``stage1/sparc_tiny``), from any folder.
 
 Configs are validated (``vlm.config.load_config``) before any work starts; a bad value exits with
 status 2 and a message naming the key. The recipes are ``training.recipes.RECIPES``; ``vlm train``,
@@ -33,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, one-line help)
     "merge": ("vlm.cli.merge", "write a standalone merged LLM + bridge"),
     "demo": ("vlm.cli.demo", "the whole pipeline on the world, into DIR/report.md"),
     "ablate": ("vlm.cli.ablate", "backbone ablation grid with seeds and 95%% CIs"),
+    "config": ("vlm.cli.config", "list the shipped configs, or show one resolved"),
 }
 
 

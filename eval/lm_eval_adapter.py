@@ -18,6 +18,9 @@ When ``world_dir`` holds a world export, the same two LLMs also take the text-co
 (``eval.text_probe``: the caption in the prompt, then the POPE / VSR question), so the summary says
 whether stage two's LoRA kept the LLM's ability to answer from its context
 (``text_probe_pope_acc``, ``text_probe_vsr_acc`` before / after).
+
+lm-eval is the ``lmeval`` extra: importing this module without it raises ``MissingExtra``
+(``vlm.extras``), which names the extra; ``vlm eval drift`` imports it only when run.
 """
 from __future__ import annotations
 
@@ -29,18 +32,21 @@ from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-from lm_eval import utils
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from vlm.extras import require
 
-from eval.report import markdown_table, write_summary
-from eval.text_probe import load_items, run_text_probe
-from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config, saved_path
-from vlm.data.tokenizer import load_tokenizer
-from vlm.model.llm import load_llm, load_lora
-from vlm.world.generator import world_corpus
+require("lmeval", "lm_eval", "vlm eval drift (lm-eval)")  # before lm_eval's own imports, to name the extra
+from lm_eval import utils  # noqa: E402
+from lm_eval.api.model import TemplateLM  # noqa: E402
+from lm_eval.api.registry import register_model  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from eval.report import markdown_table, write_summary  # noqa: E402
+from eval.text_probe import load_items, run_text_probe  # noqa: E402
+from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config, saved_path  # noqa: E402
+from vlm.data.tokenizer import load_tokenizer  # noqa: E402
+from vlm.model.llm import load_llm, load_lora  # noqa: E402
+from vlm.world.generator import world_corpus  # noqa: E402
 
 MODEL_NAME = "sparc-vlm-llm"
 TASK_NAME = "sparc_world_text"

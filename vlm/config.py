@@ -122,13 +122,17 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # bf16 autocast on CUDA; always fp32 on CPU
     distributed: str = "ddp"  # ddp | fsdp, used when launched under torchrun
-    tensorboard: bool = True
-    wandb: bool = False
+    tensorboard: bool = True  # out_dir/tb
+    wandb: bool = False  # Weights & Biases (the `wandb` extra), in wandb_project / wandb_entity
+    wandb_project: str = "sparc-vlm"
+    wandb_entity: str = ""  # "" = the W&B account's default entity
+    run_name: str = ""  # the W&B run's name; "" = the out_dir's last folder
     progress: bool = True  # tqdm bar
     resume: bool = False  # continue from the latest checkpoint in out_dir/checkpoints
 
     def __post_init__(self) -> None:
         _check(bool(self.out_dir), "run.out_dir", "must not be empty")
+        _check(bool(self.wandb_project) or not self.wandb, "run.wandb_project", "must not be empty with run.wandb")
         _check(self.log_every > 0, "run.log_every", "must be > 0")
         _check(self.ckpt_every > 0, "run.ckpt_every", "must be > 0")
         _check(self.keep_last >= 1, "run.keep_last", "must be >= 1")

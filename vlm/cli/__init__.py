@@ -11,7 +11,8 @@
 ``--config`` takes a path or a shipped config's name (``stage1/sparc_tiny``), from any folder.
 
 Configs are validated (``vlm.config.load_config``) before any work starts; a bad value exits with
-status 2 and a message naming the key. The recipes are ``training.recipes.RECIPES``; ``vlm train``,
+status 2 and a message naming the key; a missing optional extra (``vlm.extras``) exits with status 3
+and one line naming it. The recipes are ``training.recipes.RECIPES``; ``vlm train``,
 ``vlm demo`` and ``vlm ablate`` export the embedded world before a recipe that reads it starts (the
 training library only reads data that exists).
 
@@ -28,6 +29,7 @@ import sys
 from typing import Optional
 
 from vlm.config import ConfigError
+from vlm.extras import MissingExtra
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, one-line help)
     "world": ("vlm.cli.world", "export the synthetic world in the real data formats"),
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vlm: config error: {e}", file=sys.stderr)
         return 2
+    except MissingExtra as e:
+        print(f"vlm: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from eval.encoder import run as run_encoder_eval
 from eval.harness import run_vlm_eval
-from eval.lm_eval_adapter import run_language_drift
 from eval.tasks import VLM_TASKS
 from eval.text_probe import MODES as PROBE_MODES
 from eval.text_probe import probe_llm
@@ -88,7 +87,8 @@ def cmd_eval_vlm(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_drift(args: argparse.Namespace) -> int:
-    """``vlm eval drift``: the LLM's language ability before and after LoRA (lm-eval)."""
+    """``vlm eval drift``: the LLM's language ability before and after LoRA (lm-eval, the ``lmeval`` extra)."""
+    from eval.lm_eval_adapter import run_language_drift  # here: lm-eval is optional, the other targets run without it
     out = args.out or str(Path(args.ckpt) / "eval_drift")
     result = run_language_drift(args.ckpt, out, limit=args.limit, world_dir=args.world_dir)
     print(json.dumps(result, indent=2, default=str))

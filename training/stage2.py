@@ -7,9 +7,10 @@
 reproducible) and hands ``training.loop.train`` a deterministic, resumable ``make_batches``:
 ``training.data.ResumableBatches`` over the records (epoch-wise seeded shuffle, split by rank;
 with ``data.num_workers`` DataLoader workers, in the same order), each micro-batch built by
-``LlavaExamples.make_batch`` with ``VLMProcessor.conversations`` (every gpt turn is a target;
-text-only records, without an ``image``, are left out: the VLM takes exactly one image per
-sequence). The final artifact is ``VisionLanguageModel.save_pretrained`` (bridge, LoRA adapter,
+``LlavaExamples.make_batch`` with ``VLMProcessor.conversations`` (every gpt turn is a target).
+Text-only records (no ``image``) are trained with no image tokens in their sequence (the LLM
+sees no image; the bridge reads nothing for them). Multi-image records are skipped, counted and
+named in one warning (``trainable_records``): both bridges take one image per sequence. The final artifact is ``VisionLanguageModel.save_pretrained`` (bridge, LoRA adapter,
 ``vlm.yaml``). With ``model.vision_tower=oracle`` the oracle tower (``vlm.model.oracle``) reads
 ``model.oracle_world``, by default the world in ``data.world_dir``.
 """
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from PIL import Image
@@ -27,7 +29,7 @@ from training import distributed
 from training.data import ResumableBatches, world_dir_for
 from training.loop import check_out_dir, train
 from vlm.config import ConfigError, Stage2Config, VLMConfig
-from vlm.data.formats import read_llava
+from vlm.data.formats import LlavaRecord, read_llava
 from vlm.model.oracle import is_oracle
 from vlm.model.vision_language_model import VisionLanguageModel
 from vlm.model.processor import VLMProcessor
@@ -49,6 +51,18 @@ def resolve_data(cfg: Stage2Config) -> tuple[Path, Path]:
     return json_path, Path(cfg.data.image_root) if cfg.data.image_root else world_dir / "images"
 
 
+def trainable_records(records: Sequence[LlavaRecord], bridge: str) -> list[LlavaRecord]:
+    """The records stage two trains on: single-image and text-only ones. Multi-image records are
+    left out with one warning that counts them and names the first ids (the ``bridge`` takes one
+    image per sequence), never silently."""
+    multi = [r for r in records if len(r.images) > 1]
+    if multi:
+        names = ", ".join(repr(r.id) for r in multi[:5]) + (", ..." if len(multi) > 5 else "")
+        warnings.warn(f"stage two: skipping {len(multi)} multi-image record(s) of {len(records)} ({names}): the "
+                      f"{bridge} bridge takes one image per sequence", stacklevel=2)
+    return [r for r in records if len(r.images) <= 1]
+
+
 class LlavaExamples:
     """Records of a LLaVA json + their images -> micro-batches (``make_batch(indices) -> dict``)."""
 
@@ -56,17 +70,20 @@ class LlavaExamples:
         if not records:
             raise ValueError("the LLaVA json has no records")
         self.records, self.image_root, self.processor = list(records), Path(image_root), processor
-        first = self.image_path(self.records[0])
-        if not first.is_file():
-            raise FileNotFoundError(f"image {first} of record {self.records[0].id!r} not found; set data.image_root "
-                                    "to the folder the json's image paths are relative to")
+        first = next((r for r in self.records if r.image is not None), None)
+        if first is not None and not self.image_path(first).is_file():
+            raise FileNotFoundError(f"image {self.image_path(first)} of record {first.id!r} not found; set "
+                                    "data.image_root to the folder the json's image paths are relative to")
 
     def image_path(self, record) -> Path:
         """Where a record's image file is."""
         return self.image_root / record.image
 
-    def load_image(self, record) -> Image.Image:
-        """A record's image as RGB (an unreadable file raises ``OSError`` naming it)."""
+    def load_image(self, record) -> Optional[Image.Image]:
+        """A record's image as RGB, None for a text-only record (an unreadable file raises
+        ``OSError`` naming it)."""
+        if record.image is None:
+            return None
         path = self.image_path(record)
         try:
             with Image.open(path) as im:
@@ -98,9 +115,9 @@ def run(cfg: Stage2Config) -> Path:
     check_out_dir(Path(cfg.run.out_dir), cfg.run)  # fails early on a non-resumed existing run
     distributed.barrier()
     json_path, image_root = resolve_data(cfg)
-    records = [r for r in read_llava(json_path) if r.image is not None]
+    records = trainable_records(read_llava(json_path), cfg.model.bridge.name)
     if not records:
-        raise ValueError(f"{json_path} has no records with an image")
+        raise ValueError(f"{json_path} has no records stage two can train on (single-image or text-only)")
     torch.manual_seed(cfg.run.seed)
     model = VisionLanguageModel.build(oracle_world_filled(cfg), max_len=cfg.data.max_len)
     examples = LlavaExamples(records, image_root, model.processor)
@@ -108,7 +125,9 @@ def run(cfg: Stage2Config) -> Path:
                                rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers)
     if info.is_main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"stage two: {len(records)} conversations from {json_path}, bridge {cfg.model.bridge.name}, "
+        text_only = sum(r.image is None for r in records)
+        print(f"stage two: {len(records)} conversations ({text_only} text-only) from {json_path}, bridge "
+              f"{cfg.model.bridge.name}, "
               f"{trainable:,} trainable parameters", file=sys.stderr)
     result = train(model, batches, cfg.optim, cfg.run, config=cfg)
     return result.final_dir

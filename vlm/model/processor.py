@@ -144,19 +144,25 @@ class VLMProcessor:
             out.extend([t] * self.num_image_tokens if t == self.image_token_id else [t])
         return out
 
-    def encode_conversation(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    def encode_conversation(self, turns: Sequence[tuple[str, str]], image: bool = True) -> tuple[list[int], list[int]]:
         """A training conversation [(human|gpt, text), ...] -> (input_ids, labels), cut at ``max_len``.
 
-        Every gpt turn is a target. Raises if the image tokens do not fit in ``max_len``.
+        Every gpt turn is a target. Raises if the image tokens do not fit in ``max_len``. With
+        ``image=False`` (a text-only record) the sequence holds no image ids (the LLM sees no image).
         """
-        norm = self._place_image(self._check_turns(turns, need_answer=True))
+        norm = self._check_turns(turns, need_answer=True)
+        if image:
+            norm = self._place_image(norm)
+        elif any(self.image_token in text for _, text in norm):
+            raise ValueError(f"a text-only conversation holds {self.image_token!r}")
         ids: list[int] = []
         labels: list[int] = []
         for role, seg in self._segments(norm):
             seg = self._expand_image(seg)
             ids += seg
             labels += seg if role == "gpt" else [IGNORE_INDEX] * len(seg)
-        self._check_image_fits(ids)
+        if image:
+            self._check_image_fits(ids)
         return ids[: self.max_len], labels[: self.max_len]
 
     def encode_prompt(self, prompt: Union[str, Sequence[tuple[str, str]]]) -> list[int]:
@@ -212,15 +218,22 @@ class VLMProcessor:
             out["labels"] = lab
         return out
 
-    def conversations(self, images: Union[Sequence[ImageLike], torch.Tensor],
+    def conversations(self, images: Union[Sequence[Optional[ImageLike]], torch.Tensor],
                       conversations: Sequence[Sequence[tuple[str, str]]]) -> dict:
         """Training batch from multi-turn conversations: pixel_values [B,3,H,W], input_ids,
-        attention_mask, labels [B,T] (right-padded)."""
+        attention_mask, labels [B,T] (right-padded). An image of None is a text-only record: its
+        sequence has no image ids and its pixels are zeros the bridge never reads."""
         if len(images) != len(conversations):
             raise ValueError(f"{len(images)} images for {len(conversations)} conversations")
-        encoded = [self.encode_conversation(c) for c in conversations]
+        has_image = [im is not None for im in images] if not isinstance(images, torch.Tensor) else [True] * len(images)
+        encoded = [self.encode_conversation(c, image=h) for c, h in zip(conversations, has_image)]
         batch = self.pad([e[0] for e in encoded], [e[1] for e in encoded], side="right")
-        batch["pixel_values"] = self.pixel_values(images)
+        if all(has_image):
+            batch["pixel_values"] = self.pixel_values(images)
+        else:
+            size = self.image_transform.image_size
+            batch["pixel_values"] = torch.stack([self.image_transform(im) if im is not None
+                                                 else torch.zeros(3, size, size) for im in images])
         return batch
 
     def __call__(self, images: Union[Sequence[ImageLike], torch.Tensor], prompts: Sequence[str],

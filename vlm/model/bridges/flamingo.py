@@ -112,9 +112,10 @@ def immediate_media_mask(input_ids: torch.Tensor, image_token_id: int, image_in_
 
     OpenFlamingo's ``only_attend_immediate_media`` for one image per sequence: ``text_time =
     cumsum(input_ids == image_token_id)`` and a token attends iff ``text_time >= 1`` (the ``<image>``
-    token included). Every row must hold exactly one ``<image>`` id, or no row any: then the
-    call continues cached sequences whose image came earlier (``image_in_cache`` must be True)
-    and every token attends. Raises ``ValueError`` otherwise.
+    token included). Every row must hold one ``<image>`` id or none (a text-only sequence beside
+    ones with an image: none of its tokens attends), or no row any: then the call continues
+    cached sequences whose image came earlier (``image_in_cache`` must be True) and every token
+    attends. Raises ``ValueError`` otherwise.
     """
     is_image = input_ids == image_token_id
     counts = is_image.sum(dim=1)
@@ -123,8 +124,8 @@ def immediate_media_mask(input_ids: torch.Tensor, image_token_id: int, image_in_
             raise ValueError("no <image> id in the input and no earlier call held one; flamingo needs the "
                              "image's position (build inputs with the model's VLMProcessor)")
         return torch.ones_like(is_image)
-    if not bool((counts == 1).all()):
-        raise ValueError(f"each sequence needs exactly one <image> id (one image per sequence), got counts "
+    if not bool((counts <= 1).all()):
+        raise ValueError(f"each sequence needs one <image> id or none (one image per sequence), got counts "
                          f"{counts.tolist()}")
     return is_image.cumsum(dim=1) > 0
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from eval.encoder import run as run_encoder_eval
+from eval.encoder_real import run_real
 from eval.harness import run_vlm_eval
 from eval.tasks import VLM_TASKS
 from eval.text_probe import MODES as PROBE_MODES
@@ -26,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--limit", type=int, default=None, help="evaluate on at most this many images")
     e.add_argument("--flair-scoring", choices=["conditioned", "global"], default="conditioned",
                    help="FLAIR towers: text-conditioned embedding (the reference's default) or global matching")
+    real = e.add_argument_group("real data (instead of the world; eval.encoder_real)")
+    real.add_argument("--imagefolder", default=None, help="zero-shot classification: ROOT/<class>/<image> folders")
+    real.add_argument("--classnames", default=None, help="class names: one per line in folder order, or a json "
+                                                         "{folder: name} (default: the folder names)")
+    real.add_argument("--templates", default=None, help="prompt templates, one per line with {} for the class name")
+    real.add_argument("--captions", default=None, help="retrieval: a COCO captions json")
+    real.add_argument("--images", default=None, help="the folder the captions json's file_name entries are in")
     e.set_defaults(func=cmd_eval_encoder)
     names = ", ".join(VLM_TASKS)
     e = sub.add_parser("vlm", help="captioning, CHAIR, POPE, RefCOCO, VSR")
@@ -63,7 +71,15 @@ def world_config_of(world_dir: str) -> WorldConfig:
 
 
 def cmd_eval_encoder(args: argparse.Namespace) -> int:
-    """``vlm eval encoder``: zero-shot, retrieval, patch segmentation, pointing and heatmaps on the world."""
+    """``vlm eval encoder``: zero-shot, retrieval, patch segmentation, pointing and heatmaps on the
+    world; with ``--imagefolder`` / ``--captions``, zero-shot and retrieval on those real images."""
+    if args.imagefolder or args.captions:
+        out = args.out or str(Path(args.ckpt) / "eval_encoder_real")
+        summary = run_real(args.ckpt, out, imagefolder=args.imagefolder, classnames=args.classnames,
+                           templates=args.templates, captions=args.captions, images=args.images,
+                           text_from=args.text_from, limit=args.limit, flair_scoring=args.flair_scoring)
+        print(json.dumps(summary, indent=2))
+        return 0
     world = world_config_of(args.world_dir)
     ensure_world(args.world_dir, world)
     out = args.out or str(Path(args.ckpt) / "eval_encoder")

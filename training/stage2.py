@@ -9,8 +9,9 @@ reproducible) and hands ``training.loop.train`` a deterministic, resumable ``mak
 with ``data.num_workers`` DataLoader workers, in the same order), each micro-batch built by
 ``LlavaExamples.make_batch`` with ``VLMProcessor.conversations`` (every gpt turn is a target).
 Text-only records (no ``image``) are trained with no image tokens in their sequence (the LLM
-sees no image; the bridge reads nothing for them). Multi-image records are skipped, counted and
-named in one warning (``trainable_records``): both bridges take one image per sequence. The final artifact is ``VisionLanguageModel.save_pretrained`` (bridge, LoRA adapter,
+sees no image; the bridge reads nothing for them). Multi-image records are trained with a bridge
+that takes several images per sequence (``multi_image``: flamingo, each token attending to the
+image before it) and otherwise skipped, counted and named in one warning (``trainable_records``). The final artifact is ``VisionLanguageModel.save_pretrained`` (bridge, LoRA adapter,
 ``vlm.yaml``). With ``model.vision_tower=oracle`` the oracle tower (``vlm.model.oracle``) reads
 ``model.oracle_world``, by default the world in ``data.world_dir``.
 """
@@ -20,7 +21,7 @@ import dataclasses
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence, Union
 
 import torch
 from PIL import Image
@@ -51,11 +52,13 @@ def resolve_data(cfg: Stage2Config) -> tuple[Path, Path]:
     return json_path, Path(cfg.data.image_root) if cfg.data.image_root else world_dir / "images"
 
 
-def trainable_records(records: Sequence[LlavaRecord], bridge: str) -> list[LlavaRecord]:
-    """The records stage two trains on: single-image and text-only ones. Multi-image records are
-    left out with one warning that counts them and names the first ids (the ``bridge`` takes one
-    image per sequence), never silently."""
+def trainable_records(records: Sequence[LlavaRecord], bridge: str, multi_image: bool = False) -> list[LlavaRecord]:
+    """The records stage two trains on: single-image and text-only ones, and multi-image ones when
+    the bridge takes several images (``multi_image``). Otherwise those are left out with one
+    warning that counts them and names the first ids, never silently."""
     multi = [r for r in records if len(r.images) > 1]
+    if multi_image:
+        return list(records)
     if multi:
         names = ", ".join(repr(r.id) for r in multi[:5]) + (", ..." if len(multi) > 5 else "")
         warnings.warn(f"stage two: skipping {len(multi)} multi-image record(s) of {len(records)} ({names}): the "
@@ -79,12 +82,17 @@ class LlavaExamples:
         """Where a record's image file is."""
         return self.image_root / record.image
 
-    def load_image(self, record) -> Optional[Image.Image]:
-        """A record's image as RGB, None for a text-only record (an unreadable file raises
-        ``OSError`` naming it)."""
+    def load_image(self, record) -> Union[None, Image.Image, list[Image.Image]]:
+        """A record's image as RGB, None for a text-only record, a list for a multi-image one (an
+        unreadable file raises ``OSError`` naming it)."""
         if record.image is None:
             return None
-        path = self.image_path(record)
+        if record.more_images:
+            return [self._read(record, self.image_root / p) for p in record.images]
+        return self._read(record, self.image_path(record))
+
+    @staticmethod
+    def _read(record, path: Path) -> Image.Image:
         try:
             with Image.open(path) as im:
                 return im.convert("RGB")
@@ -115,18 +123,18 @@ def run(cfg: Stage2Config) -> Path:
     check_out_dir(Path(cfg.run.out_dir), cfg.run)  # fails early on a non-resumed existing run
     distributed.barrier()
     json_path, image_root = resolve_data(cfg)
-    records = trainable_records(read_llava(json_path), cfg.model.bridge.name)
-    if not records:
-        raise ValueError(f"{json_path} has no records stage two can train on (single-image or text-only)")
     torch.manual_seed(cfg.run.seed)
     model = VisionLanguageModel.build(oracle_world_filled(cfg), max_len=cfg.data.max_len)
+    records = trainable_records(read_llava(json_path), cfg.model.bridge.name, model.bridge.multi_image)
+    if not records:
+        raise ValueError(f"{json_path} has no records stage two can train on")
     examples = LlavaExamples(records, image_root, model.processor)
     batches = ResumableBatches(len(records), cfg.optim.batch_size, examples.make_batch, seed=cfg.run.seed,
                                rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers)
     if info.is_main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        text_only = sum(r.image is None for r in records)
-        print(f"stage two: {len(records)} conversations ({text_only} text-only) from {json_path}, bridge "
+        text_only, multi = sum(r.image is None for r in records), sum(len(r.images) > 1 for r in records)
+        print(f"stage two: {len(records)} conversations ({text_only} text-only, {multi} multi-image) from {json_path}, bridge "
               f"{cfg.model.bridge.name}, "
               f"{trainable:,} trainable parameters", file=sys.stderr)
     result = train(model, batches, cfg.optim, cfg.run, config=cfg)

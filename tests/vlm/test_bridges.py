@@ -225,7 +225,7 @@ def test_immediate_media_mask_cases():
     assert bool(immediate_media_mask(step, img, image_in_cache=True).all())
     with pytest.raises(ValueError, match="no <image> id"):
         immediate_media_mask(step, img, image_in_cache=False)
-    with pytest.raises(ValueError, match="one <image> id or none"):
+    with pytest.raises(ValueError, match="one <image> id per image"):
         immediate_media_mask(torch.tensor([[7, 7, 1], [1, 7, 2]]), img, image_in_cache=False)
     # A text-only row beside one with an image attends nothing.
     mixed = immediate_media_mask(torch.tensor([[7, 1, 1], [1, 2, 2]]), img, image_in_cache=False)

@@ -179,8 +179,17 @@ class VisionLanguageModel(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B,3,H,W] -> bridge features (projector [B,P,d], flamingo latents [B,M,d])."""
-        return self.bridge(self.tower(pixel_values.to(self.device)))
+        """pixel_values [B,3,H,W] -> bridge features (projector [B,P,d], flamingo latents [B,M,d]);
+        [B,I,3,H,W] (I images per sequence, a ``multi_image`` bridge) -> [B,I*M,d], image after image."""
+        pixel_values = pixel_values.to(self.device)
+        if pixel_values.dim() != 5:
+            return self.bridge(self.tower(pixel_values))
+        if not self.bridge.multi_image:
+            raise ValueError(f"the {self.cfg.bridge.name} bridge takes one image per sequence, got "
+                             f"{pixel_values.shape[1]}")
+        B, I = pixel_values.shape[:2]
+        features = self.bridge(self.tower(pixel_values.flatten(0, 1)))  # [B*I,M,d]
+        return features.reshape(B, I * features.shape[1], features.shape[2])
 
     def hidden_states(self, features: torch.Tensor, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/demo
+# open_clip's own environment for bench.stage1's side-by-side run (it needs torchvision, hence torch 2.14.1)
+OPENCLIP_VENV ?= .venv-openclip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench bench-gpu install clean
+.PHONY: demo test bench bench-gpu install clean openclip-env
 
 demo: $(STAMP)
 	$(VENV)/bin/vlm demo --out $(OUT)
@@ -19,7 +21,11 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
-	$(PY) -m bench
+	VLM_OPENCLIP_PYTHON=$$(test -x $(OPENCLIP_VENV)/bin/python && echo $(abspath $(OPENCLIP_VENV))/bin/python) $(PY) -m bench
+
+openclip-env:
+	test -x $(OPENCLIP_VENV)/bin/python || python3 -m venv $(OPENCLIP_VENV)
+	$(OPENCLIP_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 open-clip-torch==3.3.0
 
 # One CUDA GPU, a few minutes: the real recipes' step time, MFU and memory (bench/gpu.py).
 bench-gpu: $(STAMP)
@@ -38,4 +44,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(OPENCLIP_VENV) runs

@@ -1,13 +1,10 @@
 """What every benchmark prints: rows of (what, value, unit, target) as one aligned table."""
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
-from typing import Callable
 
-import torch
 
+from bench.measure import median_time, sync  # noqa: F401  (re-exported: every bench times with them)
 from eval.report import markdown_table
 
 
@@ -29,21 +26,3 @@ def format_table(rows: list[Row], title: str = "") -> str:
     return heading + markdown_table(["measurement", "value", "target"], cells, align="lrl")
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued CUDA work so wall-clock timings measure it (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
-    """Median wall seconds of ``fn`` over ``iters`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)

@@ -1,48 +1,48 @@
-"""Stage-one benchmark: SPARC vs CLIP cost, and our trainer vs an open_clip-style training step.
+"""Stage-one benchmark: SPARC vs CLIP cost, and our trainer vs open_clip's training step.
 
-One run, one model family, one fixed batch (random pixels, random captions from a small word
-list; cost does not depend on the content):
+One run, fixed in-memory batches (random pixels, random captions from a small word list; cost does
+not depend on the content), every contender with the same torch threads (``--threads``):
 
-1. Step time (forward + backward + AdamW step; median of ``--iters`` after ``--warmup``) and peak
-   memory of SPARC vs CLIP. The models are the tiny recipes (``configs/stage1/{clip,sparc}_tiny.yaml``)
-   or, with ``--preset vitb16``, the ViT-B/16 recipe and its CLIP twin. SPARC's model is what it
-   trains: mean pooling, the non-linear global layer and the local adapters, plus the fine-grained
-   loss. Targets (the paper's Table 11 ratios are 1.005x FLOPs and 1.005x memory): time <= 1.05x,
-   memory <= 1.10x.
-   Peak memory: the model's parameters and AdamW state plus the peak of what one step allocates
-   on top, from ``torch.cuda.max_memory_allocated`` on CUDA. On the CPU there is no allocator
-   statistic, so ``PeakTensorMemory`` (a ``TorchDispatchMode``) tracks the bytes of every storage
-   created during the step until it is freed (weak references); allocator caching and
-   fragmentation are not counted.
-2. Samples/s of our trainer (``training.loop.train`` on the CLIP ``Stage1Model``: DDP-ready step,
-   grad clipping, schedule, logging; measured from its own ``samples_per_s`` log rows) vs an
-   open_clip-style step on the same towers: open_clip's ``ClipLoss`` (its ``loss.py``, loaded by
-   path because the ``open_clip`` package needs torchvision) on the normalised global features, with
-   ``train_one_epoch``'s per-step work (zero_grad, forward, backward, grad clipping, step, logit
-   scale clamp). The towers are identical, so this compares loss and trainer overhead, not the
-   model zoo. Target (issue 3): ours / open_clip >= 1.0x.
+1. Step time (forward + backward + AdamW step; median of ``--iters`` after ``--warmup``, best of
+   ``--rounds`` alternating rounds) and peak memory of SPARC vs CLIP, at each of ``--presets``:
+   ``tiny`` (``configs/stage1/{clip,sparc}_tiny.yaml``: the ViT recipes), ``demo`` (the demo's
+   stage one: ``{clip,sparc}_resnet_tiny.yaml``, 64 px) and ``vitb16`` (the ViT-B/16 recipe and
+   its CLIP twin). SPARC's model is what it trains: mean pooling, the non-linear global layer and
+   the local adapters, plus the fine-grained loss. Targets (the paper's Table 11 ratios are 1.005x
+   FLOPs and 1.005x memory): time <= 1.05x, memory <= 1.10x. Peak memory: ``bench.measure``
+   (parameters and AdamW state plus the peak a step allocates on top; on the CPU from a
+   ``TorchDispatchMode`` storage tracker).
+2. Samples/s and peak memory of our trainer vs the real open_clip, on the tiny ViT recipe
+   (``clip_tiny``). Ours: ``training.loop.train`` on the CLIP ``Stage1Model`` (DDP-ready step, grad
+   clipping, schedule, logging; from its own ``samples_per_s`` log rows; peak memory of its model's
+   step as in 1). open_clip's: its own ``open_clip.model.CLIP`` class, ``ClipLoss`` and
+   ``train_one_epoch`` step at the same sizes, batch, token length and threads
+   (``bench.openclip_side``), run as a subprocess of ``--openclip-python`` (an environment with
+   open_clip and torchvision; they need another torch than ours), in rounds alternating with ours
+   (each side keeps its best round). Without it, or when it fails, the rows say "skipped" and
+   why. Target: ours / open_clip >= 1.1x.
 
-``python -m bench.stage1 [--preset tiny|vitb16] [--device cpu|cuda]`` prints a table of ratios.
+``python -m bench.stage1 [--presets tiny,demo] [--device cpu|cuda] [--threads N] [--openclip-python PY]``
+prints a table of ratios.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
 import math
+import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._pytree import tree_flatten
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import Row, format_table, median_time
+from bench.measure import step_peak_bytes
 from encoders.dual_encoder import DualEncoder, tokenize_texts
 from encoders.stage1_model import Stage1Model
 from training.loop import train
@@ -56,42 +56,10 @@ WORDS = ("a small large red green blue yellow purple orange circle square triang
          "left right above below next to of the two three one is there").split()
 
 
-class PeakTensorMemory(TorchDispatchMode):
-    """Peak bytes of the tensor storages created while active (CPU or any device).
-
-    Every op's output storages are recorded with a weak reference; freed ones are swept before
-    each new op's outputs are counted. ``peak`` is the largest live total seen.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _sweep(self) -> None:
-        dead = [k for k, (ref, _) in self.live.items() if ref.expired()]
-        for k in dead:
-            self.current -= self.live.pop(k)[1]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self._sweep()
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self.live and storage.nbytes() > 0:
-                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
-
-
 def recipe(name: str, preset: str) -> Stage1Config:
     """The stage-one config benchmarked for objective ``name`` ("clip" or "sparc") at ``preset``."""
-    if preset == "tiny":
-        return load_config(Stage1Config, CONFIGS / f"{name}_tiny.yaml")
+    if preset in ("tiny", "demo"):
+        return load_config(Stage1Config, CONFIGS / f"{name}_{'tiny' if preset == 'tiny' else 'resnet_tiny'}.yaml")
     cfg = load_config(Stage1Config, CONFIGS / "sparc_vitb16.yaml")
     if name == "clip":
         cfg = replace(cfg, model=replace(cfg.model, pool="cls", global_mlp=False, local_heads=False),
@@ -136,63 +104,33 @@ def step_fn(model: Stage1Model, batch: dict, lr: float = 1e-4) -> Callable[[], N
 
 
 def peak_memory(step: Callable[[], None], model: Stage1Model, device: torch.device) -> float:
-    """Peak bytes of one training step of ``model``: its parameters and AdamW state (created by a first
-    step) plus the peak of what the step allocates on top (activations, gradients, temporaries).
-    Other models resident on the device are not counted."""
-    step()
-    opt = step.optimizer  # type: ignore[attr-defined]
-    persistent = sum(p.numel() * p.element_size() for p in model.parameters())
-    persistent += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                      if isinstance(v, torch.Tensor))
-    opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        return float(persistent + torch.cuda.max_memory_allocated(device) - before)
-    with PeakTensorMemory() as tracker:
-        step()
-    return float(persistent + tracker.peak)
+    """Peak bytes of one training step of ``model`` (``bench.measure.step_peak_bytes``)."""
+    return step_peak_bytes(step, list(model.parameters()), step.optimizer, device)  # type: ignore[attr-defined]
 
 
-def load_open_clip_loss():
-    """open_clip's ``loss.py`` module, loaded by path (its package imports torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("open_clip is not installed (pip install open_clip_torch)")
-    path = Path(spec.submodule_search_locations[0]) / "loss.py"
-    module_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def open_clip_samples_per_s(cfg: Stage1Config, tokenizer, batch: dict, device: torch.device, warmup: int,
-                            iters: int) -> float:
-    """Samples/s of an open_clip ``train_one_epoch``-style loop on the CLIP towers of ``cfg``."""
-    loss_fn = load_open_clip_loss().ClipLoss()
-    encoder = build(cfg, tokenizer, device).encoder
-    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.objective.init_temperature), device=device))
-    params = list(encoder.parameters()) + [logit_scale]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)
-
-    def step() -> None:
-        opt.zero_grad()
-        with _autocast(device):
-            img = F.normalize(encoder.encode_image(batch["pixel_values"]).global_emb, dim=-1)
-            txt = F.normalize(encoder.encode_text(batch["input_ids"], batch["attention_mask"]).global_emb, dim=-1)
-            loss = loss_fn(img, txt, logit_scale.exp())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            logit_scale.clamp_(0, math.log(100))
-        float(loss.item())  # open_clip logs the loss each step, which syncs
-
-    return batch["input_ids"].shape[0] / median_time(step, device, warmup, iters)
+def open_clip_side(python: Optional[str], cfg: Stage1Config, batch: dict, threads: int, warmup: int, iters: int,
+                   rounds: int) -> tuple[Optional[dict], str]:
+    """(open_clip's measurements, "") from ``bench.openclip_side`` run by ``python`` at ``cfg``'s sizes,
+    or (None, why it was skipped)."""
+    if not python:
+        return None, "no --openclip-python (an environment with open_clip and torchvision)"
+    v, t = cfg.model.vision, cfg.model.text
+    sizes = {"batch": batch["input_ids"].shape[0], "image-size": v.image_size, "patch-size": v.patch_size,
+             "vision-width": v.hidden_size, "vision-layers": v.num_layers, "vision-heads": v.num_heads,
+             "text-width": t.hidden_size, "text-layers": t.num_layers, "text-heads": t.num_heads,
+             "mlp-ratio": v.mlp_ratio, "context": batch["input_ids"].shape[1], "vocab": t.vocab_size,
+             "embed-dim": cfg.model.embed_dim, "threads": threads, "warmup": warmup, "iters": iters, "rounds": rounds}
+    cmd = [python, "-m", "bench.openclip_side", *[a for k, val in sizes.items() for a in (f"--{k}", str(val))],
+           "--lr", str(cfg.optim.lr), "--grad-clip", str(cfg.optim.grad_clip)]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root}  # bench.measure only: it imports nothing else of ours
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{python}: {e}"
+    if done.returncode != 0:
+        return None, f"{python} -m bench.openclip_side failed: {done.stderr.strip().splitlines()[-1:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1]), ""
 
 
 def ours_samples_per_s(cfg: Stage1Config, tokenizer, batch: dict, device: torch.device, warmup: int,
@@ -216,21 +154,17 @@ def ours_samples_per_s(cfg: Stage1Config, tokenizer, batch: dict, device: torch.
     return statistics.median(rates)
 
 
-def run(preset: str = "tiny", device: str = "auto", warmup: int = 3, iters: int = 10,
-        batch_size: int = 0, rounds: int = 2) -> list[Row]:
-    """Measure everything above (each contender's best of ``rounds`` alternating rounds); returns the rows."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    cfg_clip, cfg_sparc = recipe("clip", preset), recipe("sparc", preset)
-    bs = batch_size or cfg_clip.optim.batch_size
-    tokenizer = train_bpe_tokenizer([" ".join(WORDS)] * 4 + WORDS * 8, vocab_size=cfg_clip.model.text.vocab_size,
-                                    add_eos=True)
-    batch = {k: v.to(dev) for k, v in make_batch(tokenizer, cfg_clip, bs).items()}
-
-    # Measurements alternate between the contenders for ``rounds`` rounds and keep each one's best
-    # round, so a burst of load from other processes does not land on one side only.
+def sparc_vs_clip(preset: str, tokenizer_for, dev: torch.device, warmup: int, iters: int, batch_size: int,
+                  rounds: int) -> list[Row]:
+    """Step time and peak memory of SPARC vs CLIP at ``preset`` (each side's best of ``rounds``)."""
+    cfgs = {name: recipe(name, preset) for name in ("clip", "sparc")}
+    bs = batch_size or cfgs["clip"].optim.batch_size
+    tokenizer = tokenizer_for(cfgs["clip"])
+    batch = {k: v.to(dev) for k, v in make_batch(tokenizer, cfgs["clip"], bs).items()}
+    # Measurements alternate between the contenders and keep each one's best round, so a burst
+    # of load from other processes does not land on one side only.
     steps = {}
-    for name, cfg in (("clip", cfg_clip), ("sparc", cfg_sparc)):
+    for name, cfg in cfgs.items():
         model = build(cfg, tokenizer, dev)
         steps[name] = (model, step_fn(model, batch))
     times = {name: median_time(steps[name][1], dev, warmup, iters) for name in steps}
@@ -238,42 +172,85 @@ def run(preset: str = "tiny", device: str = "auto", warmup: int = 3, iters: int 
         for name in steps:
             times[name] = min(times[name], median_time(steps[name][1], dev, 1, iters))
     mems = {name: peak_memory(step, model, dev) for name, (model, step) in steps.items()}
-    del steps
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    ours = theirs = 0.0
-    for _ in range(rounds):
-        ours = max(ours, ours_samples_per_s(cfg_clip, tokenizer, batch, dev, warmup, iters))
-        try:
-            theirs = max(theirs, open_clip_samples_per_s(cfg_clip, tokenizer, batch, dev, warmup, iters))
-        except ImportError as e:
-            print(f"open_clip comparison skipped: {e}", file=sys.stderr)
-            theirs = float("nan")
-    where = f"{preset}, batch {bs}, {dev.type}"
+    where = f"{preset}: {cfgs['clip'].model.vision.arch}, batch {bs}, {dev.type}"
     return [
         Row(f"stage1 CLIP step time ({where})", times["clip"] * 1000, "ms"),
-        Row("stage1 SPARC step time", times["sparc"] * 1000, "ms"),
-        Row("stage1 SPARC / CLIP step time", times["sparc"] / times["clip"], "x", "<= 1.05"),
-        Row("stage1 CLIP peak memory", mems["clip"] / 2 ** 20, "MiB"),
-        Row("stage1 SPARC peak memory", mems["sparc"] / 2 ** 20, "MiB"),
-        Row("stage1 SPARC / CLIP peak memory", mems["sparc"] / mems["clip"], "x", "<= 1.10"),
-        Row("stage1 ours (training.loop) CLIP samples/s", ours, "/s"),
-        Row("stage1 open_clip-style step samples/s", theirs, "/s"),
-        Row("stage1 ours / open_clip samples/s", ours / theirs, "x", ">= 1.0"),
+        Row(f"stage1 SPARC step time ({preset})", times["sparc"] * 1000, "ms"),
+        Row(f"stage1 SPARC / CLIP step time ({preset})", times["sparc"] / times["clip"], "x", "<= 1.05"),
+        Row(f"stage1 CLIP peak memory ({preset})", mems["clip"] / 2 ** 20, "MiB"),
+        Row(f"stage1 SPARC peak memory ({preset})", mems["sparc"] / 2 ** 20, "MiB"),
+        Row(f"stage1 SPARC / CLIP peak memory ({preset})", mems["sparc"] / mems["clip"], "x", "<= 1.10"),
     ]
+
+
+def ours_vs_open_clip(tokenizer_for, dev: torch.device, warmup: int, iters: int, batch_size: int, rounds: int,
+                      threads: int, openclip_python: Optional[str]) -> list[Row]:
+    """Samples/s and peak memory of our trainer vs open_clip's step on the tiny ViT CLIP recipe."""
+    cfg = recipe("clip", "tiny")
+    tokenizer = tokenizer_for(cfg)
+    batch = {k: v.to(dev) for k, v in make_batch(tokenizer, cfg, batch_size or cfg.optim.batch_size).items()}
+    model = build(cfg, tokenizer, dev)
+    ours_mem = peak_memory(step_fn(model, batch), model, dev)
+    ours, theirs, why = 0.0, None, ""
+    for _ in range(rounds):  # alternating, each side's best round: a burst of load hits both sides alike
+        ours = max(ours, ours_samples_per_s(cfg, tokenizer, batch, dev, warmup, iters))
+        measured, why = open_clip_side(openclip_python, cfg, batch, threads, warmup, iters, 1)
+        if measured is None:
+            break
+        if theirs is None or measured["samples_per_s"] > theirs["samples_per_s"]:
+            theirs = measured
+    where = f"tiny ViT, batch {batch['input_ids'].shape[0]}, {batch['input_ids'].shape[1]} tokens, {threads} threads"
+    rows = [Row(f"stage1 ours (training.loop) CLIP samples/s ({where})", ours, "/s"),
+            Row("stage1 ours CLIP peak memory", ours_mem / 2 ** 20, "MiB")]
+    if theirs is None:
+        print(f"open_clip comparison skipped: {why}", file=sys.stderr)
+        return rows + [Row(f"stage1 open_clip: skipped ({why})", float("nan"), "")]
+    return rows + [
+        Row(f"stage1 open_clip (torch {theirs['torch']}) samples/s", theirs["samples_per_s"], "/s"),
+        Row("stage1 open_clip peak memory", theirs["peak_mib"], "MiB"),
+        Row("stage1 ours / open_clip samples/s", ours / theirs["samples_per_s"], "x", ">= 1.1"),
+        Row("stage1 ours / open_clip peak memory", ours_mem / 2 ** 20 / theirs["peak_mib"], "x"),
+    ]
+
+
+def run(presets: tuple[str, ...] = ("tiny", "demo"), device: str = "auto", warmup: int = 3, iters: int = 10,
+        batch_size: int = 0, rounds: int = 2, threads: int = 0, openclip_python: Optional[str] = None) -> list[Row]:
+    """Measure everything above; returns the rows. ``threads`` 0: torch's current number;
+    ``openclip_python`` None: ``$VLM_OPENCLIP_PYTHON`` (unset: the open_clip rows say skipped)."""
+    openclip_python = openclip_python or os.environ.get("VLM_OPENCLIP_PYTHON")
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+
+    def tokenizer_for(cfg: Stage1Config):
+        return train_bpe_tokenizer([" ".join(WORDS)] * 4 + WORDS * 8, vocab_size=cfg.model.text.vocab_size,
+                                   add_eos=True)
+
+    rows = [r for p in presets for r in sparc_vs_clip(p, tokenizer_for, dev, warmup, iters, batch_size, rounds)]
+    return rows + ours_vs_open_clip(tokenizer_for, dev, warmup, iters, batch_size, rounds, threads, openclip_python)
 
 
 def main() -> None:
     """``python -m bench.stage1``: parse the command line and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=("tiny", "vitb16"), default="tiny")
+    parser.add_argument("--presets", default="tiny,demo", help="comma list of tiny, demo, vitb16 (SPARC vs CLIP)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=0, help="0 = the recipe's optim.batch_size")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; each side keeps its best")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of every side (0: torch's default)")
+    parser.add_argument("--openclip-python", default=os.environ.get("VLM_OPENCLIP_PYTHON"),
+                        help="python of an environment with open_clip + torchvision (default $VLM_OPENCLIP_PYTHON)")
     args = parser.parse_args()
-    rows = run(args.preset, args.device, args.warmup, args.iters, args.batch_size, args.rounds)
+    presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())
+    bad = sorted(set(presets) - {"tiny", "demo", "vitb16"})
+    if bad:
+        parser.error(f"--presets: unknown {bad}; valid: tiny, demo, vitb16")
+    rows = run(presets, args.device, args.warmup, args.iters, args.batch_size, args.rounds, args.threads,
+               args.openclip_python)
     print(format_table(rows, "stage one"))
 
 

@@ -17,6 +17,9 @@ When ``world_dir`` holds a world export, the same two LLMs also take the text-co
 (``eval.text_probe``: the caption in the prompt, then the POPE / VSR question), so the summary says
 whether stage two's LoRA kept the LLM's ability to answer from its context
 (``text_probe_pope_acc``, ``text_probe_vsr_acc`` before / after).
+
+lm-eval is the ``lmeval`` extra: importing this module without it raises ``MissingExtra``
+(``vlm.extras``), which names the extra; ``vlm eval drift`` imports it only when run.
 """
 from __future__ import annotations
 
@@ -26,13 +29,16 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
-from lm_eval.models.huggingface import HFLM
+from vlm.extras import require
 
-from eval.report import markdown_table, write_summary
-from eval.text_probe import load_items, run_text_probe
-from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config
-from vlm.files import atomic_write_text, read_json
-from vlm.world.generator import world_corpus
+require("lmeval", "lm_eval", "vlm eval drift (lm-eval)")  # before lm_eval's own imports, to name the extra
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+from eval.report import markdown_table, write_summary  # noqa: E402
+from eval.text_probe import load_items, run_text_probe  # noqa: E402
+from vlm.config import VLMConfig, WorldConfig, config_from_yaml_text, load_config, saved_path  # noqa: E402
+from vlm.files import atomic_write_text, read_json  # noqa: E402
+from vlm.world.generator import world_corpus  # noqa: E402
 
 TASK_NAME = "sparc_world_text"
 METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -113,8 +119,7 @@ def drift_models(vlm_ckpt: Path, base_llm_path: Optional[str | Path]) -> tuple[d
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{vlm_ckpt} is not a stage-two checkpoint (no vlm.yaml)")
     cfg = config_from_yaml_text(VLMConfig, cfg_path.read_text())
-    inside = vlm_ckpt / cfg.llm
-    llm_path = inside if inside.exists() else Path(cfg.llm)
+    llm_path = saved_path(vlm_ckpt, cfg.llm)
     adapter = vlm_ckpt / "adapter"
     if adapter.is_dir():
         base = Path(base_llm_path) if base_llm_path is not None else llm_path

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -15,6 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from vlm.config import RunConfig
+from vlm.extras import require
 from vlm.files import atomic_write_text, read_jsonl_rows
 
 
@@ -37,7 +37,7 @@ class MetricsLogger:
         if run.tensorboard:
             self.tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
         if run.wandb:
-            self.wandb = _start_wandb(out_dir, config)
+            self.wandb = _start_wandb(out_dir, run, config)
 
     def _trim(self, resume_step: int) -> None:
         """Keep the rows of steps <= ``resume_step`` (none when 0); a half-written last line (a
@@ -75,16 +75,14 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _start_wandb(out_dir: Path, config: Any) -> Any:
-    """A W&B run named after ``out_dir`` with ``config`` attached, or None when wandb is missing."""
-    try:
-        import wandb  # optional extra (pip install .[wandb]), heavy to import: only when run.wandb is on
-    except ImportError:
-        print("run.wandb=true but wandb is not installed (pip install 'sparc-vlm[wandb]'); "
-              "logging to metrics.jsonl and TensorBoard only", file=sys.stderr)
-        return None
+def _start_wandb(out_dir: Path, run: RunConfig, config: Any) -> Any:
+    """A W&B run in ``run.wandb_project`` / ``run.wandb_entity`` named ``run.run_name`` (default: the
+    ``out_dir``'s name) with ``config`` attached. Raises ``MissingExtra`` when wandb is not installed
+    (rather than training on without the logging the config asked for)."""
+    wandb = require("wandb", "wandb", "run.wandb=true")  # heavy to import: only when asked for
     cfg_dict = OmegaConf.to_container(OmegaConf.structured(config)) if config is not None else {}
-    return wandb.init(project="sparc-vlm", name=out_dir.name, dir=str(out_dir), config=cfg_dict, resume="allow")
+    return wandb.init(project=run.wandb_project, entity=run.wandb_entity or None, name=run.run_name or out_dir.name,
+                      dir=str(out_dir), config=cfg_dict, resume="allow")
 
 
 class Throughput:

@@ -2,7 +2,7 @@
 ``vlm ablate``) both read ``RECIPES``.
 
 A ``Recipe`` is its config dataclass, its ``run(cfg) -> final dir`` (which writes ``out_dir/final``
-with the model's ``save_pretrained``), the default YAML (relative to the repository root) and
+with the model's ``save_pretrained``), the default YAML (a shipped config, found from any folder: ``vlm.config.resolve_config_path``) and
 ``world_dir(cfg)``: where the recipe reads the exported synthetic world, or None when its data
 section points elsewhere (the library never exports the world; the command line does, first).
 """

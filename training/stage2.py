@@ -7,9 +7,11 @@
 reproducible) and hands ``training.loop.train`` a deterministic, resumable ``make_batches``:
 ``training.data.ResumableBatches`` over the records (epoch-wise seeded shuffle, split by rank;
 with ``data.num_workers`` DataLoader workers, in the same order), each micro-batch built by
-``LlavaExamples.make_batch`` with ``VLMProcessor.conversations`` (every gpt turn is a target;
-text-only records, without an ``image``, are left out: the VLM takes exactly one image per
-sequence). The final artifact is ``VisionLanguageModel.save_pretrained`` (bridge, LoRA adapter,
+``LlavaExamples.make_batch`` with ``VLMProcessor.conversations`` (every gpt turn is a target).
+Text-only records (no ``image``) are trained with no image tokens in their sequence (the LLM
+sees no image; the bridge reads nothing for them). Multi-image records are trained with a bridge
+that takes several images per sequence (``multi_image``: flamingo, each token attending to the
+image before it) and otherwise skipped, counted and named in one warning (``trainable_records``). The final artifact is ``VisionLanguageModel.save_pretrained`` (bridge, LoRA adapter,
 ``vlm.yaml``). With ``model.vision_tower=oracle`` the oracle tower (``vlm.model.oracle``) reads
 ``model.oracle_world``, by default the world in ``data.world_dir``.
 """
@@ -17,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from PIL import Image
@@ -27,7 +30,7 @@ from training import distributed
 from training.data import ResumableBatches, world_dir_for
 from training.loop import check_out_dir, train
 from vlm.config import ConfigError, Stage2Config, VLMConfig
-from vlm.data.formats import read_llava
+from vlm.data.formats import LlavaRecord, read_llava
 from vlm.files import DEFAULT_MAX_IMAGE_PIXELS, ImageError, VlmError, check_image, open_image
 from vlm.model.oracle import is_oracle
 from vlm.model.vision_language_model import VisionLanguageModel
@@ -50,19 +53,34 @@ def resolve_data(cfg: Stage2Config) -> tuple[Path, Path]:
     return json_path, Path(cfg.data.image_root) if cfg.data.image_root else world_dir / "images"
 
 
-def usable_records(records: Sequence, image_root: Path, max_pixels: int) -> tuple[list, list[str]]:
-    """(records whose image header reads and is at most ``max_pixels`` pixels, one reason per
-    record left out). Only headers are read (``vlm.files.check_image``), so checking every record
-    before training is cheap; a bad image would otherwise stop the run mid-way."""
+def usable_records(records: Sequence[LlavaRecord], image_root: Path, max_pixels: int) -> tuple[list, list[str]]:
+    """(records whose every image header reads and is at most ``max_pixels`` pixels, text-only ones
+    included; one reason per record left out). Only headers are read (``vlm.files.check_image``),
+    so checking every record before training is cheap; a bad image would otherwise stop the run mid-way."""
     kept, skipped = [], []
     for record in records:
         try:
-            check_image(Path(image_root) / record.image, max_pixels)
+            for name in record.images:
+                check_image(Path(image_root) / name, max_pixels)
         except ImageError as e:
             skipped.append(f"record {record.id!r}: {e}")
             continue
         kept.append(record)
     return kept, skipped
+
+
+def trainable_records(records: Sequence[LlavaRecord], bridge: str, multi_image: bool = False) -> list[LlavaRecord]:
+    """The records stage two trains on: single-image and text-only ones, and multi-image ones when
+    the bridge takes several images (``multi_image``). Otherwise those are left out with one
+    warning that counts them and names the first ids, never silently."""
+    multi = [r for r in records if len(r.images) > 1]
+    if multi_image:
+        return list(records)
+    if multi:
+        names = ", ".join(repr(r.id) for r in multi[:5]) + (", ..." if len(multi) > 5 else "")
+        warnings.warn(f"stage two: skipping {len(multi)} multi-image record(s) of {len(records)} ({names}): the "
+                      f"{bridge} bridge takes one image per sequence", stacklevel=2)
+    return [r for r in records if len(r.images) <= 1]
 
 
 class LlavaExamples:
@@ -75,19 +93,27 @@ class LlavaExamples:
             raise VlmError("the LLaVA json has no records")
         self.records, self.image_root, self.processor = list(records), Path(image_root), processor
         self.max_pixels = max_pixels
-        first = self.image_path(self.records[0])
-        if not first.is_file():
-            raise FileNotFoundError(f"image {first} of record {self.records[0].id!r} not found; set data.image_root "
-                                    "to the folder the json's image paths are relative to")
+        first = next((r for r in self.records if r.image is not None), None)
+        if first is not None and not self.image_path(first).is_file():
+            raise FileNotFoundError(f"image {self.image_path(first)} of record {first.id!r} not found; set "
+                                    "data.image_root to the folder the json's image paths are relative to")
 
     def image_path(self, record) -> Path:
         """Where a record's image file is."""
         return self.image_root / record.image
 
-    def load_image(self, record) -> Image.Image:
-        """A record's image as RGB (``ImageError`` naming the file and the record when unreadable)."""
+    def load_image(self, record) -> Union[None, Image.Image, list[Image.Image]]:
+        """A record's image as RGB, None for a text-only record, a list for a multi-image one (an
+        unreadable file raises ``ImageError`` naming it and the record)."""
+        if record.image is None:
+            return None
+        if record.more_images:
+            return [self._read(record, self.image_root / p) for p in record.images]
+        return self._read(record, self.image_path(record))
+
+    def _read(self, record, path: Path) -> Image.Image:
         try:
-            return open_image(self.image_path(record), self.max_pixels)
+            return open_image(path, self.max_pixels)
         except ImageError as e:
             raise ImageError(f"{e} (record {record.id!r})") from e
 
@@ -122,14 +148,14 @@ def trainable_table(per_module: dict[str, dict], cfg: Stage2Config) -> str:
 
 
 def _checked_records(json_path: Path, image_root: Path, max_pixels: int, verbose: bool) -> list:
-    """The json's records with a usable image (``usable_records``); the skipped ones are counted on
-    stderr, and none usable is a ``VlmError`` naming the first reason."""
-    records = [r for r in read_llava(json_path) if r.image is not None]
+    """The json's records whose images are usable (``usable_records``; text-only ones too); the
+    skipped ones are counted on stderr, and none usable is a ``VlmError`` naming the first reason."""
+    records = read_llava(json_path)
     if not records:
-        raise VlmError(f"{json_path} has no records with an image")
+        raise VlmError(f"{json_path} has no records")
     kept, skipped = usable_records(records, image_root, max_pixels)
     if not kept:
-        raise VlmError(f"{json_path}: none of its {len(records)} records has a usable image under {image_root} "
+        raise VlmError(f"{json_path}: none of its {len(records)} records has usable images under {image_root} "
                        f"(first: {skipped[0]}); set data.image_root to the folder the json's image paths are relative to")
     if skipped and verbose:
         print(f"stage two: skipped {len(skipped)} of {len(records)} records with a bad image (first: {skipped[0]})",
@@ -146,12 +172,17 @@ def run(cfg: Stage2Config) -> Path:
     records = _checked_records(json_path, image_root, cfg.data.max_image_pixels, info.is_main)
     torch.manual_seed(cfg.run.seed)
     model = VisionLanguageModel.build(oracle_world_filled(cfg), max_len=cfg.data.max_len)
+    records = trainable_records(records, cfg.model.bridge.name, model.bridge.multi_image)
+    if not records:
+        raise VlmError(f"{json_path} has no records stage two can train on")
     examples = LlavaExamples(records, image_root, model.processor, cfg.data.max_image_pixels)
     batches = ResumableBatches(len(records), cfg.optim.batch_size, examples.make_batch, seed=cfg.run.seed,
                                rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers)
     if info.is_main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"stage two: {len(records)} conversations from {json_path}, bridge {cfg.model.bridge.name}, "
+        text_only, multi = sum(r.image is None for r in records), sum(len(r.images) > 1 for r in records)
+        print(f"stage two: {len(records)} conversations ({text_only} text-only, {multi} multi-image) from {json_path}, bridge "
+              f"{cfg.model.bridge.name}, "
               f"{trainable:,} trainable parameters", file=sys.stderr)
         print(trainable_table(model.trainable_parameters(), cfg), file=sys.stderr)
     result = train(model, batches, cfg.optim, cfg.run, config=cfg)

@@ -18,6 +18,7 @@ This module is at the bottom of the import graph: it imports only ``vlm.files`` 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -124,13 +125,17 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # bf16 autocast on CUDA; always fp32 on CPU
     distributed: str = "ddp"  # ddp | fsdp (FSDP2 per layer, sharded checkpoints), used when launched under torchrun
-    tensorboard: bool = True
-    wandb: bool = False
+    tensorboard: bool = True  # out_dir/tb
+    wandb: bool = False  # Weights & Biases (the `wandb` extra), in wandb_project / wandb_entity
+    wandb_project: str = "sparc-vlm"
+    wandb_entity: str = ""  # "" = the W&B account's default entity
+    run_name: str = ""  # the W&B run's name; "" = the out_dir's last folder
     progress: bool = True  # tqdm bar
     resume: bool = False  # continue from the latest checkpoint in out_dir/checkpoints
 
     def __post_init__(self) -> None:
         _check(bool(self.out_dir), "run.out_dir", "must not be empty")
+        _check(bool(self.wandb_project) or not self.wandb, "run.wandb_project", "must not be empty with run.wandb")
         _check(self.log_every > 0, "run.log_every", "must be > 0")
         _check(self.ckpt_every > 0, "run.ckpt_every", "must be > 0")
         _check(self.keep_last >= 1, "run.keep_last", "must be >= 1")
@@ -726,13 +731,59 @@ def _read_yaml(path: Path) -> DictConfig:
     return loaded
 
 
+def configs_dir() -> Path:
+    """The recipe YAMLs installed with the package: ``vlm/configs``, a link to the top-level
+    ``configs/`` in a checkout (and an editable install), a copy of it in a wheel."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def config_names() -> list[str]:
+    """Every shipped config by name (``stage1/sparc_tiny``, ...), sorted."""
+    root = configs_dir()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file from a path (absolute or relative to the working directory) or a shipped
+    config's name: ``stage1/sparc_tiny``, ``stage1/sparc_tiny.yaml`` or ``configs/stage1/sparc_tiny.yaml``
+    (the name is looked up in ``configs_dir()``, so it works from any folder)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.as_posix()
+    name = name[len("configs/"):] if name.startswith("configs/") else name
+    shipped = configs_dir() / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"config not found: {name_or_path} is neither a file nor a shipped config name "
+                      f"(names: {', '.join(config_names())})")
+
+
+def portable_path(target: str | Path, directory: str | Path) -> str:
+    """``target`` as a config saved in ``directory`` records it. A path given relative (a run's
+    sibling in the user's tree of runs) is written relative to ``directory``, so the tree can be
+    moved as a whole; an absolute one (a model store outside the runs) stays absolute."""
+    target = Path(target)
+    if target.is_absolute():
+        return str(target)
+    return os.path.relpath(target.resolve(), Path(directory).resolve())
+
+
+def saved_path(directory: str | Path, value: str) -> Path:
+    """A path read from a config saved in ``directory``: relative to it when it exists there (what
+    ``portable_path`` writes), else as written (older checkpoints: relative to the working dir)."""
+    inside = Path(directory) / value
+    return inside if inside.exists() else Path(value)
+
+
 def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> T:
-    """Build a ``cls`` from its defaults, then a YAML file, then ``key.sub=value`` overrides.
+    """Build a ``cls`` from its defaults, then a YAML file (a path or a shipped config's name,
+    ``resolve_config_path``), then ``key.sub=value`` overrides.
 
     Raises ``ConfigError`` naming the offending key for unknown keys, wrong types and values that
     fail a dataclass's checks, and names the file for unreadable YAML.
     """
-    layers = [] if path is None else [_read_yaml(Path(path))]
+    layers = [] if path is None else [_read_yaml(resolve_config_path(path))]
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")

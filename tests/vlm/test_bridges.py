@@ -60,6 +60,11 @@ def test_merge_image_features_matches_loop():
         merge_image_features(text, bad, feats, img)
     with pytest.raises(ValueError, match="images for a batch"):
         merge_image_features(text, ids, feats[:2], img)
+    # A text-only row (no image ids) beside rows with an image: its embeddings are untouched.
+    text_only = ids.clone()
+    text_only[1][text_only[1] == img] = 1
+    mixed = merge_image_features(text, text_only, feats, img)
+    assert torch.equal(mixed[1], text[1]) and torch.equal(mixed[0], out[0])
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
@@ -220,10 +225,11 @@ def test_immediate_media_mask_cases():
     assert bool(immediate_media_mask(step, img, image_in_cache=True).all())
     with pytest.raises(ValueError, match="no <image> id"):
         immediate_media_mask(step, img, image_in_cache=False)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="one <image> id per image"):
         immediate_media_mask(torch.tensor([[7, 7, 1], [1, 7, 2]]), img, image_in_cache=False)
-    with pytest.raises(ValueError, match="exactly one"):
-        immediate_media_mask(torch.tensor([[7, 1, 1], [1, 2, 2]]), img, image_in_cache=False)
+    # A text-only row beside one with an image attends nothing.
+    mixed = immediate_media_mask(torch.tensor([[7, 1, 1], [1, 2, 2]]), img, image_in_cache=False)
+    assert torch.equal(mixed, torch.tensor([[1, 1, 1], [0, 0, 0]], dtype=torch.bool))
 
 
 def _masked_block_loop(block: GatedCrossAttentionBlock, x: torch.Tensor, lat: torch.Tensor, text_time: torch.Tensor,

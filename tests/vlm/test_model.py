@@ -251,7 +251,7 @@ def test_llm_without_image_token_and_with_chat_template(tiny_tower_dir, tmp_path
 
 def test_clear_errors_for_missing_gpu_features(tiny_tower_dir, tiny_llm_dir, monkeypatch, tmp_path):
     if importlib.util.find_spec("flash_attn") is None:
-        with pytest.raises(ImportError, match=r"sparc-vlm\[gpu\]"):
+        with pytest.raises(ImportError, match=r"sparc-vlm\[flash\]"):
             build(tiny_tower_dir, tiny_llm_dir, "projector", attn_implementation="flash_attention_2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):

@@ -10,12 +10,16 @@
     vlm export  --ckpt DIR --format llava --out DIR   a stock LlavaForConditionalGeneration dir
     vlm demo    [--out DIR]                        everything, on the world, into DIR/report.md
     vlm ablate  --config YAML                      the backbone grid with seeds and CIs
+    vlm config  list | show NAME [key=value ...]   the shipped configs; one resolved
+
+``--config`` takes a path or a shipped config's name (``stage1/sparc_tiny``), from any folder.
 
 Configs are validated (``vlm.config.load_config``) before any work starts; a bad value exits with
 status 2 and a message naming the key. Every expected failure (``vlm.files.VlmError``: bad
 config or data, a damaged checkpoint, a full disk, a busy run dir; or a missing / existing /
-forbidden path) is caught once, in ``main``: one line on stderr, exit status 2. ``--debug`` (anywhere
-on the line) shows the traceback instead. The recipes are ``training.recipes.RECIPES``; ``vlm train``,
+forbidden path) is caught once, in ``main``: one line on stderr, exit status 2; a missing optional
+extra (``vlm.extras``) exits with status 3 and one line naming it. ``--debug`` (anywhere on the line)
+shows the traceback instead. The recipes are ``training.recipes.RECIPES``; ``vlm train``,
 ``vlm demo`` and ``vlm ablate`` export the embedded world before a recipe that reads it starts (the
 training library only reads data that exists).
 
@@ -32,6 +36,7 @@ import sys
 from typing import Optional
 
 from vlm.config import ConfigError
+from vlm.extras import MissingExtra
 from vlm.files import DiskFullError, VlmError, is_disk_full
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, one-line help)
@@ -45,6 +50,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, one-line help)
     "export": ("vlm.cli.export", "write a stage-two checkpoint as a stock transformers LLaVA dir"),
     "demo": ("vlm.cli.demo", "the whole pipeline on the world, into DIR/report.md"),
     "ablate": ("vlm.cli.ablate", "backbone ablation grid with seeds and 95%% CIs"),
+    "config": ("vlm.cli.config", "list the shipped configs, or show one resolved"),
 }
 
 
@@ -101,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("vlm: interrupted", file=sys.stderr)
         return 130
+    except MissingExtra as e:
+        if debug:
+            raise
+        print(f"vlm: {e}", file=sys.stderr)
+        return 3
     except Exception as e:
         message = one_line_error(e)
         if message is None or debug:

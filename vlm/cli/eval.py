@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 from eval.encoder import run as run_encoder_eval
+from eval.encoder_real import run_real
 from eval.harness import run_vlm_eval
 from eval.io import ANSWER_MODES
 from eval.prompt_sets import PROMPT_SETS
-from eval.lm_eval_adapter import TASK_NAME as DRIFT_TASK
-from eval.lm_eval_adapter import run_language_drift
 from eval.tasks import VLM_TASKS
 from eval.text_probe import MODES as PROBE_MODES
 from eval.text_probe import probe_llm
@@ -31,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--limit", type=int, default=None, help="evaluate on at most this many images")
     e.add_argument("--flair-scoring", choices=["conditioned", "global"], default="conditioned",
                    help="FLAIR towers: text-conditioned embedding (the reference's default) or global matching")
+    real = e.add_argument_group("real data (instead of the world; eval.encoder_real)")
+    real.add_argument("--imagefolder", default=None, help="zero-shot classification: ROOT/<class>/<image> folders")
+    real.add_argument("--classnames", default=None, help="class names: one per line in folder order, or a json "
+                                                         "{folder: name} (default: the folder names)")
+    real.add_argument("--templates", default=None, help="prompt templates, one per line with {} for the class name")
+    real.add_argument("--captions", default=None, help="retrieval: a COCO captions json")
+    real.add_argument("--images", default=None, help="the folder the captions json's file_name entries are in")
     e.set_defaults(func=cmd_eval_encoder)
     names = ", ".join(VLM_TASKS)
     e = sub.add_parser("vlm", help="captioning, CHAIR, POPE, RefCOCO, VSR")
@@ -54,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--world-dir", default="runs/world", help="held-out text: this world's eval-split texts")
     e.add_argument("--out", default=None, help="default CKPT/eval_drift")
     e.add_argument("--limit", type=int, default=None, help="at most this many documents")
-    e.add_argument("--tasks", default=DRIFT_TASK,
-                   help=f"comma list of lm-eval tasks (default {DRIFT_TASK}: the held-out text; others need their "
+    e.add_argument("--tasks", default=None,
+                   help="comma list of lm-eval tasks (default: the world's held-out text task; others need their "
                         "data available offline)")
     e.add_argument("--base-llm", default=None,
                    help="the LLM stage two started from: needed for a merged checkpoint (its vlm.yaml names llm/)")
@@ -86,10 +92,18 @@ def existing(path: str, flag: str) -> str:
 
 
 def cmd_eval_encoder(args: argparse.Namespace) -> int:
-    """``vlm eval encoder``: zero-shot, retrieval, patch segmentation, pointing and heatmaps on the world."""
+    """``vlm eval encoder``: zero-shot, retrieval, patch segmentation, pointing and heatmaps on the
+    world; with ``--imagefolder`` / ``--captions``, zero-shot and retrieval on those real images."""
     existing(args.ckpt, "--ckpt")
     if args.text_from:
         existing(args.text_from, "--text-from")
+    if args.imagefolder or args.captions:
+        out = args.out or str(Path(args.ckpt) / "eval_encoder_real")
+        summary = run_real(args.ckpt, out, imagefolder=args.imagefolder, classnames=args.classnames,
+                           templates=args.templates, captions=args.captions, images=args.images,
+                           text_from=args.text_from, limit=args.limit, flair_scoring=args.flair_scoring)
+        print(json.dumps(summary, indent=2))
+        return 0
     world = world_config_of(args.world_dir)
     ensure_world(args.world_dir, world)
     out = args.out or str(Path(args.ckpt) / "eval_encoder")
@@ -117,11 +131,12 @@ def cmd_eval_vlm(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_drift(args: argparse.Namespace) -> int:
-    """``vlm eval drift``: the LLM's language ability before and after stage two (lm-eval's HFLM),
-    for a LoRA or (with ``--base-llm``) a merged checkpoint."""
+    """``vlm eval drift``: the LLM's language ability before and after stage two (lm-eval's HFLM, the
+    ``lmeval`` extra), for a LoRA or (with ``--base-llm``) a merged checkpoint."""
     existing(args.ckpt, "--ckpt")
+    from eval.lm_eval_adapter import TASK_NAME, run_language_drift  # here: lm-eval is optional
     out = args.out or str(Path(args.ckpt) / "eval_drift")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else [TASK_NAME]
     result = run_language_drift(args.ckpt, out, base_llm_path=args.base_llm, limit=args.limit,
                                 world_dir=args.world_dir, tasks=tasks)
     print(json.dumps(result, indent=2, default=str))

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from training import distributed
 from training.recipes import RECIPES, Recipe
 from vlm.config import load_config
+from vlm.extras import check_extra
 from vlm.world.export import ensure_world
 
 
@@ -49,6 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "teacher", None):
         overrides.append(f"maskembed.teacher={args.teacher}")
     cfg = load_recipe_config(args.recipe, args.config, overrides)
+    if cfg.run.wandb:
+        check_extra("wandb", "wandb", "run.wandb=true")  # before any work, not after the world export
     recipe = RECIPES[args.recipe]
     make_world(recipe, cfg)
     final = recipe.run(cfg)

@@ -66,8 +66,14 @@ class CocoInstances:
 @dataclass
 class LlavaRecord:
     id: str
-    image: Optional[str]  # relative image path; None for a text-only record
+    image: Optional[str]  # relative image path (the first, in a multi-image record); None for a text-only record
     conversations: list[tuple[str, str]]  # ("human" | "gpt", text); the first human turn holds <image>
+    more_images: list[str] = field(default_factory=list)  # a multi-image record's images after the first
+
+    @property
+    def images(self) -> list[str]:
+        """Every image path of the record: none (text-only), one, or several."""
+        return [] if self.image is None else [self.image, *self.more_images]
 
 
 @dataclass
@@ -339,6 +345,8 @@ def read_llava(path: PathLike, image_token: str = "<image>") -> list[LlavaRecord
 
     Turns must alternate human, gpt, human, ...; a record with an ``image`` must have
     ``image_token`` in its first human turn. ``id`` may be a string or an int (kept as str).
+    ``image`` may be absent (a text-only record) or a list of paths (a multi-image record, as
+    LLaVA-OneVision's: its human turns hold one ``image_token`` per image).
     """
     data, text = _load_json(path)
     chk = _Checker(path, text)
@@ -348,7 +356,10 @@ def read_llava(path: PathLike, image_token: str = "<image>") -> list[LlavaRecord
     for k, rec in enumerate(data):
         where = f"record {k}"
         rid = chk.get(rec, "id", (str, int), where, None, k)
-        image = chk.get(rec, "image", str, where, None, k, optional=True)
+        image = chk.get(rec, "image", (str, list), where, None, k, optional=True)
+        images = [image] if isinstance(image, str) else list(image or [])
+        if not images and image is not None or not all(isinstance(i, str) for i in images):
+            chk.fail(f"{where}: 'image' should be a path or a non-empty list of paths, got {image!r:.60}", None, k)
         convs = chk.get(rec, "conversations", list, where, None, k)
         if not convs:
             chk.fail(f"{where}: empty conversations", None, k)
@@ -360,9 +371,13 @@ def read_llava(path: PathLike, image_token: str = "<image>") -> list[LlavaRecord
                 chk.fail(f"{where} turn {t}: role {role!r}, expected {ROLES[t % 2]!r} (turns alternate human/gpt)",
                          None, k)
             turns.append((role, value))
-        if image is not None and image_token not in turns[0][1]:
+        if len(images) == 1 and image_token not in turns[0][1]:
             chk.fail(f"{where}: has an image but the first human turn lacks {image_token!r}", None, k)
-        out.append(LlavaRecord(id=str(rid), image=image, conversations=turns))
+        tokens = sum(text.count(image_token) for role, text in turns if role == "human")
+        if len(images) > 1 and tokens != len(images):
+            chk.fail(f"{where}: {len(images)} images but {tokens} {image_token!r} in its human turns", None, k)
+        out.append(LlavaRecord(id=str(rid), image=images[0] if images else None, conversations=turns,
+                               more_images=images[1:]))
     return out
 
 
@@ -372,7 +387,7 @@ def write_llava(path: PathLike, records: Sequence[LlavaRecord]) -> None:
     for r in records:
         rec: dict[str, Any] = {"id": r.id}
         if r.image is not None:
-            rec["image"] = r.image
+            rec["image"] = r.image if not r.more_images else r.images
         rec["conversations"] = [{"from": role, "value": value} for role, value in r.conversations]
         out.append(rec)
     _write_json(path, out)

@@ -9,7 +9,6 @@ silent fallback that would change results.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Optional
 
@@ -20,27 +19,25 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlm.config import LoraConfig, VLMConfig
+from vlm.extras import check_extra
 from vlm.files import VlmError, loading_weights
 
 LLM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def check_attn_implementation(name: str) -> None:
-    """Raise ``ImportError`` when ``name`` is ``flash_attention_2`` and flash-attn is not installed."""
-    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ImportError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
-                          "installed: pip install 'sparc-vlm[gpu]' on a CUDA machine, or use "
-                          "model.attn_implementation=sdpa")
+    """Raise ``MissingExtra`` when ``name`` is ``flash_attention_2`` and flash-attn is not installed."""
+    if name == "flash_attention_2":
+        check_extra("flash", "flash_attn", "model.attn_implementation=flash_attention_2 (else use sdpa)")
 
 
 def check_4bit_available() -> None:
-    """Raise ``RuntimeError`` / ``ImportError`` when 4-bit (QLoRA) loading cannot work here."""
+    """Raise ``RuntimeError`` / ``MissingExtra`` when 4-bit (QLoRA) loading cannot work here."""
     if not torch.cuda.is_available():
         raise RuntimeError("model.load_in_4bit=true (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not "
                            "run on the CPU. Set model.load_in_4bit=false to train LoRA on the full-precision LLM.")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("model.load_in_4bit=true (QLoRA) needs bitsandbytes, which is not installed: "
-                          "pip install 'sparc-vlm[gpu]'")
+    for module in ("bitsandbytes", "accelerate"):
+        check_extra("qlora", module, "model.load_in_4bit=true (QLoRA)")
 
 
 def check_llm_request(cfg: VLMConfig, path: Optional[str | Path] = None) -> Path:

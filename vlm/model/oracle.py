@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.towers import ImageTransform
-from vlm.config import WorldConfig
+from vlm.config import WorldConfig, portable_path
 from vlm.files import atomic_write_text, open_image, read_json
 from vlm.world.generator import generate_sample
 from vlm.world.types import WorldSample
@@ -206,9 +206,9 @@ class OracleTower(nn.Module):
         return torch.stack(grids).to(pixel_values.device)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``oracle.json`` (world dir, grid) and the ``preprocessor_config.json``."""
+        """Write ``oracle.json`` (world dir as ``vlm.config.portable_path``, grid) and the ``preprocessor_config.json``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / CONFIG_FILE, json.dumps({"world_dir": str(self.index.world_dir.resolve()),
+        atomic_write_text(directory / CONFIG_FILE, json.dumps({"world_dir": portable_path(self.index.world_dir, directory),
                                                                "grid": self.grid}, indent=2))
         self.transform.save_pretrained(directory)

@@ -144,19 +144,28 @@ class VLMProcessor:
             out.extend([t] * self.num_image_tokens if t == self.image_token_id else [t])
         return out
 
-    def encode_conversation(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
-        """A training conversation [(human|gpt, text), ...] -> (input_ids, labels), cut at ``max_len``.
+    def encode_conversation(self, turns: Sequence[tuple[str, str]], images: int = 1) -> tuple[list[int], list[int]]:
+        """A training conversation [(human|gpt, text), ...] of ``images`` images -> (input_ids,
+        labels), cut at ``max_len``.
 
-        Every gpt turn is a target. Raises if the image tokens do not fit in ``max_len``.
+        Every gpt turn is a target. Raises if the image tokens do not fit in ``max_len``. With
+        ``images=0`` (a text-only record) the sequence holds no image ids (the LLM sees no image);
+        with several, the text holds one ``<image>`` per image, where each goes.
         """
-        norm = self._place_image(self._check_turns(turns, need_answer=True))
+        norm = self._check_turns(turns, need_answer=True)
+        found = sum(text.count(self.image_token) for _, text in norm)
+        if images == 1:
+            norm = self._place_image(norm)
+        elif found != images:
+            raise ValueError(f"a conversation of {images} image(s) holds {found} {self.image_token!r}")
         ids: list[int] = []
         labels: list[int] = []
         for role, seg in self._segments(norm):
             seg = self._expand_image(seg)
             ids += seg
             labels += seg if role == "gpt" else [IGNORE_INDEX] * len(seg)
-        self._check_image_fits(ids)
+        if images:
+            self._check_image_fits(ids, images)
         return ids[: self.max_len], labels[: self.max_len]
 
     def encode_prompt(self, prompt: Union[str, Sequence[tuple[str, str]]]) -> list[int]:
@@ -172,9 +181,9 @@ class VLMProcessor:
         """The ids of an answer / choice continuing a prompt (no special tokens)."""
         return self._ids(text)
 
-    def _check_image_fits(self, ids: list[int]) -> None:
-        if self.num_image_tokens and ids.count(self.image_token_id) != self.num_image_tokens:
-            raise ValueError(f"expected {self.num_image_tokens} image ids in the sequence, got "
+    def _check_image_fits(self, ids: list[int], images: int = 1) -> None:
+        if self.num_image_tokens and ids.count(self.image_token_id) != self.num_image_tokens * images:
+            raise ValueError(f"expected {self.num_image_tokens * images} image ids in the sequence, got "
                              f"{ids.count(self.image_token_id)} (does the text contain the image token?)")
         if self.num_image_tokens and self.image_token_id in ids[self.max_len:]:
             raise ValueError(f"max_len {self.max_len} cuts into the {self.num_image_tokens} image tokens "
@@ -212,15 +221,30 @@ class VLMProcessor:
             out["labels"] = lab
         return out
 
-    def conversations(self, images: Union[Sequence[ImageLike], torch.Tensor],
+    def conversations(self, images: Union[Sequence[Union[None, ImageLike, list]], torch.Tensor],
                       conversations: Sequence[Sequence[tuple[str, str]]]) -> dict:
         """Training batch from multi-turn conversations: pixel_values [B,3,H,W], input_ids,
-        attention_mask, labels [B,T] (right-padded)."""
+        attention_mask, labels [B,T] (right-padded). An image of None is a text-only record: its
+        sequence has no image ids and its pixels are zeros the bridge never reads. A list of
+        images is a multi-image record: pixel_values is then [B,I,3,H,W] (I the most images of a
+        row; a row's missing ones are zeros no token attends to)."""
         if len(images) != len(conversations):
             raise ValueError(f"{len(images)} images for {len(conversations)} conversations")
-        encoded = [self.encode_conversation(c) for c in conversations]
+        if isinstance(images, torch.Tensor):
+            per_row = [[im] for im in images]
+        else:
+            per_row = [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        encoded = [self.encode_conversation(c, images=len(ims)) for c, ims in zip(conversations, per_row)]
         batch = self.pad([e[0] for e in encoded], [e[1] for e in encoded], side="right")
-        batch["pixel_values"] = self.pixel_values(images)
+        if all(len(ims) == 1 for ims in per_row):
+            batch["pixel_values"] = self.pixel_values(images)
+            return batch
+        size = self.image_transform.image_size
+        blank = torch.zeros(3, size, size)
+        most = max(len(ims) for ims in per_row)
+        rows = [[self.pixel_values([im])[0] for im in ims] + [blank] * (max(most, 1) - len(ims)) for ims in per_row]
+        pixels = torch.stack([torch.stack(r) for r in rows])  # [B,I,3,H,W]
+        batch["pixel_values"] = pixels if most > 1 else pixels[:, 0]
         return batch
 
     def __call__(self, images: Union[Sequence[ImageLike], torch.Tensor], prompts: Sequence[str],

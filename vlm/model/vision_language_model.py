@@ -10,7 +10,8 @@ LLaVA's ``get_image_features``; ``vlm.model.tower``), so the projector VLM maps 
 ``LlavaForConditionalGeneration``.
 
 Checkpoints (``save_pretrained(dir)``) hold only what was trained, plus the config:
-``dir/vlm.yaml`` (the ``VLMConfig``; LLM and tower paths made absolute), ``dir/bridge.safetensors``,
+``dir/vlm.yaml`` (the ``VLMConfig``; LLM, tower and oracle world paths as ``vlm.config.portable_path``
+writes them: relative to ``dir`` when they were given relative, so a moved tree of runs still loads), ``dir/bridge.safetensors``,
 ``dir/adapter/`` (peft's LoRA adapter, safetensors) and ``dir/vision/`` only when the tower was
 trained. ``from_pretrained(dir)`` rebuilds the model from those and the referenced base models.
 ``merge_and_save(dir)`` writes a standalone copy: ``dir/llm/`` (LoRA merged in, a plain
@@ -38,7 +39,8 @@ from torch import nn
 from transformers import GenerationConfig
 
 from encoders.towers import tower_model_type
-from vlm.config import ConfigError, TrainingControl, VLMConfig, config_from_yaml_text, save_config
+from vlm.config import (ConfigError, TrainingControl, VLMConfig, config_from_yaml_text, portable_path, save_config,
+                        saved_path)
 from vlm.data.prompts import IMAGE_TOKEN
 from vlm.data.tokenizer import load_tokenizer
 from vlm.files import atomic_path
@@ -61,12 +63,6 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """attention_mask [B,T] -> position ids [B,T]: 0, 1, ... over real tokens (padding gets 0), as
     ``generate`` computes them, so left- and right-padded rows give the same outputs."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _resolve(directory: Path, value: str) -> Path:
-    """A path from ``vlm.yaml``: relative to the checkpoint dir when it exists there, else as written."""
-    inside = directory / value
-    return inside if inside.exists() else Path(value)
 
 
 class VisionLanguageModel(nn.Module):
@@ -116,10 +112,12 @@ class VisionLanguageModel(nn.Module):
             cfg = config_from_yaml_text(VLMConfig, cfg_path.read_text())
         except ConfigError as e:
             raise ConfigError(f"{cfg_path}: {e}") from e
-        vision = directory / VISION_DIR if (directory / VISION_DIR).is_dir() else _resolve(directory, cfg.vision_tower)
+        vision = directory / VISION_DIR if (directory / VISION_DIR).is_dir() else saved_path(directory, cfg.vision_tower)
         if not is_oracle(cfg.vision_tower):
             cfg = _legacy_features(cfg, cfg_path, vision)
-        llm = _resolve(directory, cfg.llm)
+        elif cfg.oracle_world:
+            cfg = dataclasses.replace(cfg, oracle_world=str(saved_path(directory, cfg.oracle_world)))
+        llm = saved_path(directory, cfg.llm)
         adapter = directory / ADAPTER_DIR if (directory / ADAPTER_DIR).is_dir() else None
         if cfg.lora.enabled and adapter is None:
             raise FileNotFoundError(f"{directory}: lora.enabled but no {ADAPTER_DIR}/ was saved")
@@ -208,8 +206,17 @@ class VisionLanguageModel(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B,3,H,W] -> bridge features (projector [B,P,d], flamingo latents [B,M,d])."""
-        return self.bridge(self.tower(pixel_values.to(self.device)))
+        """pixel_values [B,3,H,W] -> bridge features (projector [B,P,d], flamingo latents [B,M,d]);
+        [B,I,3,H,W] (I images per sequence, a ``multi_image`` bridge) -> [B,I*M,d], image after image."""
+        pixel_values = pixel_values.to(self.device)
+        if pixel_values.dim() != 5:
+            return self.bridge(self.tower(pixel_values))
+        if not self.bridge.multi_image:
+            raise ValueError(f"the {self.cfg.bridge.name} bridge takes one image per sequence, got "
+                             f"{pixel_values.shape[1]}")
+        B, I = pixel_values.shape[:2]
+        features = self.bridge(self.tower(pixel_values.flatten(0, 1)))  # [B*I,M,d]
+        return features.reshape(B, I * features.shape[1], features.shape[2])
 
     def hidden_states(self, features: torch.Tensor, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor) -> torch.Tensor:
@@ -347,7 +354,7 @@ class VisionLanguageModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(directory / BRIDGE_FILE) as tmp:
             save_file(self._bridge_state(), str(tmp))
-        llm = str(self.llm_path.resolve())
+        llm = portable_path(self.llm_path, directory)
         with self.bridge.detached(self.llm):
             if hasattr(self.llm, "peft_config"):
                 self.llm.save_pretrained(str(directory / ADAPTER_DIR))
@@ -357,8 +364,8 @@ class VisionLanguageModel(nn.Module):
                 llm = LLM_DIR
         if not self.tower.frozen:  # trained fully or through LoRA (saved merged)
             self.tower.save_pretrained(directory / VISION_DIR)
-        vision = VISION_DIR if not self.tower.frozen else str(self.vision_path.resolve())
-        save_config(self._saved_config(llm=llm, vision_tower=vision), directory / CONFIG_FILE)
+        vision = VISION_DIR if not self.tower.frozen else portable_path(self.vision_path, directory)
+        save_config(self._saved_config(directory, llm=llm, vision_tower=vision), directory / CONFIG_FILE)
 
     def merge_and_save(self, directory: Union[str, Path]) -> None:
         """Write a standalone checkpoint: LoRA merged into a plain LLM (``dir/llm``), the tower
@@ -379,15 +386,15 @@ class VisionLanguageModel(nn.Module):
         train = self.cfg.train
         modes = TrainingControl(tower=dataclasses.replace(train.tower), bridge=dataclasses.replace(train.bridge),
                                 llm=dataclasses.replace(train.llm, mode="frozen"))  # merged: no adapter to load
-        cfg = self._saved_config(llm=LLM_DIR, vision_tower=VISION_DIR, train=modes,
+        cfg = self._saved_config(directory, llm=LLM_DIR, vision_tower=VISION_DIR, train=modes,
                                  lora=dataclasses.replace(self.cfg.lora, enabled=False))
         save_config(cfg, directory / CONFIG_FILE)
 
-    def _saved_config(self, **changes) -> VLMConfig:
-        """``self.cfg`` with ``changes``, as ``vlm.yaml`` records it: an oracle tower stays ``oracle``
-        (with its world dir made absolute), whatever ``vision_tower`` the caller would write."""
+    def _saved_config(self, directory: Path, **changes) -> VLMConfig:
+        """``self.cfg`` with ``changes``, as ``directory/vlm.yaml`` records it: an oracle tower stays
+        ``oracle`` (its world dir a ``portable_path``), whatever ``vision_tower`` the caller would write."""
         if isinstance(self.tower, OracleTower):
-            changes.update(vision_tower=ORACLE, oracle_world=str(self.tower.index.world_dir.resolve()))
+            changes.update(vision_tower=ORACLE, oracle_world=portable_path(self.tower.index.world_dir, directory))
         return dataclasses.replace(self.cfg, **changes)
 
 

@@ -12,6 +12,8 @@ the kind of bridge:
   (an embedding forward hook for the projector; wrapped decoder layers and an embedding pre-hook
   that reads the ``<image>`` position for flamingo). Nothing in
   ``transformers`` is patched; only module instances are hooked or wrapped.
+- ``multi_image``: whether a sequence may hold several images (flamingo: each ``<image>`` id then
+  marks the next image; projector: one image per sequence).
 - ``conditioned(features)``: a context manager that makes every LLM forward inside it (training,
   scoring, ``generate`` with or without KV cache) see ``features`` as the current images.
 """
@@ -26,6 +28,8 @@ from torch import nn
 
 class Bridge(nn.Module):
     """Base class: holds the current image features while an LLM forward runs."""
+
+    multi_image = False  # True: a sequence may hold several images (features of [B,I,...] pixels)
 
     def __init__(self) -> None:
         super().__init__()

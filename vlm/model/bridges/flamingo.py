@@ -16,7 +16,10 @@
   processor writes it, as OpenFlamingo's text does); with ``text_time = cumsum(input_ids == <image>)``
   a token attends to the latents of image ``text_time`` and tokens with ``text_time == 0`` (before
   the image) get no cross-attention (exactly zero; the ``<image>`` token itself attends). As in
-  OpenFlamingo, the gated feed-forward still applies to every token. One image per sequence.
+  OpenFlamingo, the gated feed-forward still applies to every token. Several images per sequence
+  (``multi_image``; ``VisionLanguageModel.image_features`` of [B,I,3,H,W] gives latents [B,I*M,d],
+  image after image): a token attends only to the latents of image ``text_time``, the last
+  ``<image>`` before it (OpenFlamingo's ``only_attend_immediate_media``).
   The mask is computed by a forward pre-hook on the LLM's input embeddings from each call's
   ``input_ids`` (so the LLM must be called with ids, as ``VisionLanguageModel`` does). A call
   without any ``<image>`` id inside ``conditioned`` continues a sequence whose earlier call held
@@ -54,15 +57,17 @@ class CrossAttention(nn.Module):
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [B,T,d], context [B,S,d] -> [B,T,d]."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B,T,d], context [B,S,d] (allowed [B,T,S] bool: which keys each query may attend) -> [B,T,d]."""
         B, T, d = x.shape
         h = self.num_heads
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, t.shape[1], h, d // h).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(context)), split(self.v(context)))
+        mask = allowed.unsqueeze(1) if allowed is not None else None
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(context)), split(self.v(context)),
+                                             attn_mask=mask)
         return self.o(out.transpose(1, 2).reshape(B, T, d))
 
 
@@ -107,14 +112,17 @@ class PerceiverResampler(nn.Module):
         return self.norm(latents)
 
 
-def immediate_media_mask(input_ids: torch.Tensor, image_token_id: int, image_in_cache: bool) -> torch.Tensor:
+def immediate_media_mask(input_ids: torch.Tensor, image_token_id: int, image_in_cache: bool,
+                         max_images: int = 1) -> torch.Tensor:
     """input_ids [B,T] -> attend [B,T] bool: True where a token attends to its sequence's image.
 
     OpenFlamingo's ``only_attend_immediate_media`` for one image per sequence: ``text_time =
     cumsum(input_ids == image_token_id)`` and a token attends iff ``text_time >= 1`` (the ``<image>``
-    token included). Every row must hold exactly one ``<image>`` id, or no row any: then the
-    call continues cached sequences whose image came earlier (``image_in_cache`` must be True)
-    and every token attends. Raises ``ValueError`` otherwise.
+    token included). Every row must hold at most ``max_images`` ``<image>`` ids (one per image;
+    none: a text-only sequence beside
+    ones with an image: none of its tokens attends), or no row any: then the call continues
+    cached sequences whose image came earlier (``image_in_cache`` must be True) and every token
+    attends. Raises ``ValueError`` otherwise.
     """
     is_image = input_ids == image_token_id
     counts = is_image.sum(dim=1)
@@ -123,8 +131,8 @@ def immediate_media_mask(input_ids: torch.Tensor, image_token_id: int, image_in_
             raise ValueError("no <image> id in the input and no earlier call held one; flamingo needs the "
                              "image's position (build inputs with the model's VLMProcessor)")
         return torch.ones_like(is_image)
-    if not bool((counts == 1).all()):
-        raise ValueError(f"each sequence needs exactly one <image> id (one image per sequence), got counts "
+    if not bool((counts <= max_images).all()):
+        raise ValueError(f"each sequence needs one <image> id per image ({max_images}) or none, got counts "
                          f"{counts.tolist()}")
     return is_image.cumsum(dim=1) > 0
 
@@ -140,13 +148,15 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ffn = _ffn(width)  # begins with its own LayerNorm
         self.ff_gate = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor, media_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [B,T,d] (any float dtype), latents [B,M,d], media_mask [B,T] bool (None: all attend)
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, media_mask: Optional[torch.Tensor] = None,
+                allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B,T,d] (any float dtype), latents [B,S,d], media_mask [B,T] bool (None: all attend),
+        allowed [B,T,S] bool (several images: the latents of each token's image; None: all)
         -> [B,T,d] in x's dtype. Masked-out tokens get no cross-attention term (exactly)."""
         dtype = self.attn_gate.dtype
         h = x.to(dtype)
         latents = latents.to(dtype)
-        attended = self.attn(self.norm(h), latents)
+        attended = self.attn(self.norm(h), latents, allowed)
         if media_mask is not None:
             attended = attended.masked_fill(~media_mask.unsqueeze(-1), 0.0)
         h = h + torch.tanh(self.attn_gate) * attended
@@ -186,7 +196,7 @@ class GatedDecoderLayer(nn.Module):
             if mask is None or mask.shape != hidden_states.shape[:2]:
                 raise RuntimeError("no media mask for this call: call the LLM with input_ids (not inputs_embeds) "
                                    "inside bridge.conditioned(features)")
-            hidden_states = self._block(hidden_states, latents, mask)
+            hidden_states = self._block(hidden_states, latents, mask, self._bridge.latent_mask)
         return self.layer(hidden_states, *args, **kwargs)
 
 
@@ -212,8 +222,13 @@ class FlamingoBridge(Bridge):
         self.blocks = nn.ModuleList(GatedCrossAttentionBlock(llm_width, cfg.num_heads) for _ in self.layer_indices)
         self._attached = False
         self._hook = None
+        self.num_latents = cfg.num_latents
         self._media_mask: Optional[torch.Tensor] = None
+        self._latent_mask: Optional[torch.Tensor] = None
+        self._last_image: Optional[torch.Tensor] = None  # [B]: the image of each sequence's last token
         self._image_in_cache = False
+
+    multi_image = True  # several images per sequence: latents [B, I*M, d], image after image
 
     def num_image_tokens(self, num_patches: int) -> int:
         """1: one ``<image>`` id marks where the image is (the media location); it is not replaced."""
@@ -228,24 +243,43 @@ class FlamingoBridge(Bridge):
         """attend [B,T] bool of the current LLM call (see ``immediate_media_mask``); None outside one."""
         return self._media_mask
 
+    @property
+    def latent_mask(self) -> Optional[torch.Tensor]:
+        """allowed [B,T,I*M] bool of the current call with several images per sequence: each token
+        attends to the M latents of its image (``text_time``); None with one image."""
+        return self._latent_mask
+
     @contextlib.contextmanager
     def conditioned(self, features: Optional[torch.Tensor]) -> Iterator[None]:
-        """As ``Bridge.conditioned``; the media mask and the cached-image state live within the block."""
-        saved = (self._media_mask, self._image_in_cache)
-        self._media_mask, self._image_in_cache = None, False
+        """As ``Bridge.conditioned``; the media masks and the cached-image state live within the block."""
+        saved = (self._media_mask, self._latent_mask, self._last_image, self._image_in_cache)
+        self._media_mask, self._latent_mask, self._last_image, self._image_in_cache = None, None, None, False
         try:
             with super().conditioned(features):
                 yield
         finally:
-            self._media_mask, self._image_in_cache = saved
+            self._media_mask, self._latent_mask, self._last_image, self._image_in_cache = saved
 
     def _embedding_pre_hook(self, module: nn.Module, args: tuple) -> None:
         input_ids = args[0] if args else None
         if self._features is None or input_ids is None:
-            self._media_mask = None
+            self._media_mask = self._latent_mask = None
             return
-        self._media_mask = immediate_media_mask(input_ids, self._image_token_id, self._image_in_cache)
+        images = max(self._features.shape[1] // self.num_latents, 1)
+        self._media_mask = immediate_media_mask(input_ids, self._image_token_id, self._image_in_cache, images)
+        self._latent_mask = self._image_latent_mask(input_ids, images) if images > 1 else None
         self._image_in_cache = True
+
+    def _image_latent_mask(self, input_ids: torch.Tensor, images: int) -> torch.Tensor:
+        """[B,T,I*M] bool: token t of row b may attend latent s iff s is one of image text_time's M
+        latents; a token before any image gets image 1's (its term is then masked to zero), a
+        cached decoding step (no ``<image>`` id) the sequence's last image."""
+        text_time = (input_ids == self._image_token_id).cumsum(dim=1)  # [B,T]
+        if self._last_image is not None and not bool((input_ids == self._image_token_id).any()):
+            text_time = self._last_image.unsqueeze(1).expand_as(input_ids)
+        self._last_image = text_time[:, -1]
+        image_of_latent = torch.arange(images * self.num_latents, device=input_ids.device) // self.num_latents + 1
+        return text_time.clamp(min=1).unsqueeze(-1) == image_of_latent
 
     def attach(self, llm: nn.Module, image_token_id: int) -> None:
         """Wrap decoder layers ``layer_indices`` of ``llm`` in ``GatedDecoderLayer``s and hook its

@@ -23,7 +23,8 @@ def merge_image_features(text_embeds: torch.Tensor, input_ids: torch.Tensor, ima
 
     text_embeds [B,T,d], input_ids [B,T], image_features [B,N,d] -> [B,T,d]: row b's n-th
     ``<image>`` position holds ``image_features[b, n]``; other rows are ``text_embeds``. Every
-    row must hold exactly N image ids (or no row any: returned unchanged).
+    row must hold exactly N image ids or none (a text-only sequence: its features are not read;
+    no row any: returned unchanged).
     """
     is_image = input_ids == image_token_id
     counts = is_image.sum(dim=1)
@@ -32,11 +33,12 @@ def merge_image_features(text_embeds: torch.Tensor, input_ids: torch.Tensor, ima
     if image_features.shape[0] != input_ids.shape[0]:
         raise ValueError(f"{image_features.shape[0]} images for a batch of {input_ids.shape[0]} sequences")
     n = image_features.shape[1]
-    if not bool((counts == n).all()):
-        raise ValueError(f"each sequence needs exactly {n} <image> ids (one per image token), got counts "
+    with_image = counts == n
+    if not bool((with_image | (counts == 0)).all()):
+        raise ValueError(f"each sequence needs exactly {n} <image> ids (one per image token) or none, got counts "
                          f"{counts.tolist()}; build inputs with the model's VLMProcessor")
     out = text_embeds.clone()
-    out[is_image] = image_features.reshape(-1, image_features.shape[-1]).to(out.dtype)
+    out[is_image] = image_features[with_image].reshape(-1, image_features.shape[-1]).to(out.dtype)
     return out
 
 

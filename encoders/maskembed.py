@@ -58,7 +58,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Dinov2Model, SiglipVisionModel
+from transformers import Dinov2Model, Siglip2VisionModel, SiglipVisionModel, TimmWrapperModel
 from transformers.activations import ACT2FN
 
 from encoders.towers import (ImageTransform, VisionTower, final_norm, is_conv_tower, num_patches, patch_tokens,
@@ -108,9 +108,9 @@ def _core(tower: VisionTower) -> nn.Module:
     """The module holding embeddings / encoder / post_layernorm (transformers 5 flattened the
     vision models; older versions nest them under ``vision_model``). DINOv2 (``encoder.layer``,
     ``layernorm``) is not wired into MaskEmbed: ``ValueError``."""
-    if isinstance(tower, Dinov2Model):
-        raise ValueError("MaskEmbed supports CLIP, SigLIP, ResNet and ConvNeXt towers; a DINOv2 tower is not "
-                         "wired into it (stage one and stage two take it)")
+    if isinstance(tower, (Dinov2Model, Siglip2VisionModel, TimmWrapperModel)):
+        raise ValueError(f"MaskEmbed supports CLIP, SigLIP, ResNet and ConvNeXt towers; a {type(tower).__name__} "
+                         "(DINOv2, SigLIP 2, timm) tower is not wired into it (stage one and stage two take it)")
     return getattr(tower, "vision_model", tower)
 
 

@@ -1,8 +1,10 @@
 """Vision towers: build one from sizes, load one from a local directory, read its patch tokens.
 
 Towers are stock ``transformers`` models, so a tower saved here loads with stock code and any local
-HF checkpoint of these classes loads here: ViTs (``CLIPVisionModel``, ``SiglipVisionModel``) and
-convolutional towers (``ResNetModel``, ``ConvNextModel``).
+HF checkpoint of these classes loads here: ViTs (``CLIPVisionModel``, ``SiglipVisionModel``,
+``Siglip2VisionModel``, ``Dinov2Model``, timm ViTs through ``TimmWrapperModel``) and convolutional
+towers (``ResNetModel``, ``ConvNextModel``); ``TOWER_CLASSES`` has one entry (config.json
+``model_type``) per family.
 
 Patch tokens (``patch_tokens``) are the last layer's per-patch hidden states after the tower's
 final norm, without CLS:
@@ -10,6 +12,10 @@ final norm, without CLS:
   norm to the pooled CLS only), so the CLS row is dropped and ``post_layernorm`` is applied to
   the patch rows here.
 - SigLIP: there is no CLS token and ``last_hidden_state`` [B, P, w] is already post-LayerNorm.
+- SigLIP 2 (NaFlex) takes patchified pixels with a mask and each image's patch grid; ours get the
+  full fixed square grid of their [B,3,S,S] input (``siglip2_inputs``), then as SigLIP.
+- timm (``TimmWrapperModel``, ViT-style models): ``forward_features`` is already normed; its prefix
+  tokens (CLS, registers: ``num_prefix_tokens``) are dropped.
 - Conv towers: the last stage's feature map [B, C, h, w] flattened row-major to [B, h*w, C] (so
   patch k is grid cell (k // w, k % w), as a ViT's), then the tower's final norm. ConvNeXt has one:
   its stock ``layernorm`` over channels, which stock code applies to the pooled vector only (as
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -40,18 +47,23 @@ import transformers
 from PIL import Image
 from torch import nn
 from transformers import (CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel, Dinov2Config, Dinov2Model,
-                          ResNetConfig, ResNetModel, SiglipVisionConfig, SiglipVisionModel)
+                          ResNetConfig, ResNetModel, Siglip2VisionModel, SiglipVisionConfig, SiglipVisionModel,
+                          TimmWrapperModel)
 
 from vlm.config import CONV_STEM_STRIDE, VisionTowerConfig
+from vlm.extras import require
 from vlm.files import loading_weights, read_json
 
-VisionTower = Union[CLIPVisionModel, SiglipVisionModel, Dinov2Model, ResNetModel, ConvNextModel]
+VisionTower = Union[CLIPVisionModel, SiglipVisionModel, Siglip2VisionModel, Dinov2Model, ResNetModel, ConvNextModel,
+                    TimmWrapperModel]
 ConvTower = Union[ResNetModel, ConvNextModel]
 CONV_TOWERS = (ResNetModel, ConvNextModel)
 # config.json model_type -> stock class (a full CLIP / SigLIP dir loads its vision half)
 TOWER_CLASSES = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel, "siglip": SiglipVisionModel,
                  "siglip_vision_model": SiglipVisionModel, "dinov2": Dinov2Model, "resnet": ResNetModel,
-                 "convnext": ConvNextModel}
+                 "convnext": ConvNextModel, "siglip2": Siglip2VisionModel, "siglip2_vision_model": Siglip2VisionModel,
+                 "timm_wrapper": TimmWrapperModel}
+SIGLIP_TOWERS = (SiglipVisionModel, Siglip2VisionModel)  # no CLS; last_hidden_state already post-LayerNorm
 
 # OpenAI CLIP's statistics; SigLIP towers use 0.5 / 0.5 (what their checkpoints ship with).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -268,13 +280,21 @@ def _conv_strides(tower: ConvTower) -> list[int]:
 
 
 def tower_patch_size(tower: VisionTower) -> int:
-    """Pixels per patch-grid cell: a ViT's ``patch_size``, a conv tower's total stride."""
+    """Pixels per patch-grid cell: a ViT's ``patch_size``, a conv tower's total stride (a timm model's
+    last feature's ``reduction``)."""
+    if isinstance(tower, TimmWrapperModel):
+        return int(tower.timm_model.feature_info[-1]["reduction"])
     return _conv_strides(tower)[-1] if is_conv_tower(tower) else int(tower.config.patch_size)
 
 
 def tower_image_size(tower: VisionTower) -> int:
-    """The input side the tower is built for (``config.image_size``)."""
+    """The input side the tower is built for (``config.image_size``; a timm ViT's ``patch_embed.img_size``;
+    SigLIP 2: the side of its square ``num_patches`` grid)."""
     size = getattr(tower.config, "image_size", None)
+    if size is None and isinstance(tower, TimmWrapperModel):
+        size = getattr(getattr(tower.timm_model, "patch_embed", None), "img_size", (None,))[-1]
+    if size is None and isinstance(tower, Siglip2VisionModel):
+        size = math.isqrt(int(tower.config.num_patches)) * int(tower.config.patch_size)
     if size is None:
         raise ValueError(f"{type(tower).__name__} config has no image_size; ours write it to config.json (a "
                          "stock checkpoint needs a preprocessor_config.json beside it to give the size)")
@@ -284,8 +304,12 @@ def tower_image_size(tower: VisionTower) -> int:
 def default_transform(tower: VisionTower) -> ImageTransform:
     """The tower's input size with the usual statistics of its family (CLIP, SigLIP, or ImageNet's
     for ResNet / ConvNeXt), CLIP-style resize and crop except SigLIP's square resize."""
-    if isinstance(tower, SiglipVisionModel):
-        return ImageTransform(tower.config.image_size, SIGLIP_MEAN, SIGLIP_STD, resample=2, square_resize=True)
+    if isinstance(tower, SIGLIP_TOWERS):
+        return ImageTransform(tower_image_size(tower), SIGLIP_MEAN, SIGLIP_STD, resample=2, square_resize=True)
+    if isinstance(tower, TimmWrapperModel):  # the statistics its pretrained_cfg names (ImageNet's by default)
+        data = tower.timm_model.pretrained_cfg
+        return ImageTransform(tower_image_size(tower), data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD),
+                              resample=2 if data.get("interpolation") == "bilinear" else 3)
     if is_conv_tower(tower) or isinstance(tower, Dinov2Model):
         return ImageTransform(tower_image_size(tower), IMAGENET_MEAN, IMAGENET_STD)
     return ImageTransform(tower.config.image_size, CLIP_MEAN, CLIP_STD)
@@ -298,7 +322,7 @@ def _resolve_vision_dir(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     raise FileNotFoundError(f"{path}: no config.json here or in {path / 'vision'}; expected a stage-one / "
-                            "MaskEmbed checkpoint dir or a local HF CLIP/SigLIP/ResNet/ConvNeXt (vision) model dir")
+                            "MaskEmbed checkpoint dir or a local HF vision model dir (TOWER_CLASSES)")
 
 
 def load_vision_tower(path: Union[str, Path]) -> tuple[VisionTower, ImageTransform]:
@@ -306,8 +330,8 @@ def load_vision_tower(path: Union[str, Path]) -> tuple[VisionTower, ImageTransfo
 
     Accepts our stage-one checkpoint (``path/vision``), a MaskEmbed output dir (a plain vision
     dir), or any local HF directory whose ``model_type`` is in ``TOWER_CLASSES`` (clip,
-    clip_vision_model, siglip, siglip_vision_model, resnet, convnext; a full CLIP/SigLIP dir loads
-    its vision half). The transform comes from ``preprocessor_config.json`` when present, else the
+    clip_vision_model, siglip, siglip_vision_model, siglip2, siglip2_vision_model, dinov2, resnet,
+    convnext, timm_wrapper (needs the ``timm`` extra); a full CLIP/SigLIP dir loads its vision half). The transform comes from ``preprocessor_config.json`` when present, else the
     family default at the config's size; a stock ResNet dir without our ``image_size`` key takes the
     preprocessor's size. Never executes remote code.
     """
@@ -317,10 +341,12 @@ def load_vision_tower(path: Union[str, Path]) -> tuple[VisionTower, ImageTransfo
         raise ValueError(f"{directory}/config.json: model_type {model_type!r} is not a supported vision tower "
                          f"(supported: {', '.join(TOWER_CLASSES)})")
     tower_cls = TOWER_CLASSES[model_type]
+    if tower_cls is TimmWrapperModel:
+        require("timm", "timm", f"{directory} (a timm vision tower)")
     kwargs = {} if tower_cls in CONV_TOWERS else dict(attn_implementation="sdpa")
     with loading_weights(directory, "vision tower"):
         tower = tower_cls.from_pretrained(str(directory), use_safetensors=True, **kwargs)
-    transform = ImageTransform.from_pretrained(directory) if (directory / PREPROCESSOR_FILE).is_file() else None
+    transform = _read_transform(directory, tower) if (directory / PREPROCESSOR_FILE).is_file() else None
     if getattr(tower.config, "image_size", None) is None and transform is not None:
         tower.config.image_size = transform.image_size
     transform = transform or default_transform(tower)
@@ -331,6 +357,22 @@ def load_vision_tower(path: Union[str, Path]) -> tuple[VisionTower, ImageTransfo
         raise ValueError(f"{directory}: image_size {tower_image_size(tower)} is not a multiple of the tower's "
                          f"patch size (total stride) {tower_patch_size(tower)}")
     return tower, transform
+
+
+def _read_transform(directory: Path, tower: VisionTower) -> Optional[ImageTransform]:
+    """The ``ImageTransform`` of ``directory/preprocessor_config.json``. Two stock processors are not
+    CLIP-style: ``Siglip2ImageProcessor`` (NaFlex: up to ``max_num_patches`` patches at the image's
+    aspect ratio) becomes a square resize to the grid of ``isqrt(max_num_patches)`` patches a side,
+    which is what NaFlex gives a square image; ``TimmWrapperImageProcessor`` (the model's
+    ``pretrained_cfg``) becomes ``default_transform``."""
+    cfg = read_json(directory / PREPROCESSOR_FILE, "image processor config")
+    if "max_num_patches" in cfg:
+        side = math.isqrt(int(cfg["max_num_patches"])) * int(cfg.get("patch_size", tower_patch_size(tower)))
+        return ImageTransform(side, cfg.get("image_mean", SIGLIP_MEAN), cfg.get("image_std", SIGLIP_STD),
+                              resample=int(cfg.get("resample", 2)), square_resize=True)
+    if cfg.get("image_processor_type") == "TimmWrapperImageProcessor":
+        return None
+    return ImageTransform.from_pretrained(directory)
 
 
 def pool_patch_grid(patches: torch.Tensor, how: str) -> torch.Tensor:
@@ -344,6 +386,8 @@ def pool_patch_grid(patches: torch.Tensor, how: str) -> torch.Tensor:
 
 def tower_width(tower: VisionTower) -> int:
     """Hidden width w of the tower's tokens (a conv tower's last-stage channels)."""
+    if isinstance(tower, TimmWrapperModel):
+        return int(tower.timm_model.num_features)
     return int(tower.config.hidden_sizes[-1]) if is_conv_tower(tower) else int(tower.config.hidden_size)
 
 
@@ -364,6 +408,8 @@ def final_norm(tower: VisionTower) -> nn.Module:
         return nn.Identity()
     if isinstance(tower, (ConvNextModel, Dinov2Model)):
         return tower.layernorm
+    if isinstance(tower, TimmWrapperModel):
+        return tower.timm_model.norm
     return getattr(tower, "vision_model", tower).post_layernorm  # transformers 5 flattened CLIPVisionModel
 
 
@@ -383,6 +429,26 @@ def _check_pixels(pixel_values: torch.Tensor) -> None:
         raise ValueError(f"pixel_values must be [B,3,H,W], got {tuple(pixel_values.shape)}")
 
 
+def siglip2_inputs(tower: Siglip2VisionModel, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """pixel_values [B,3,H,W] -> SigLIP 2's NaFlex inputs for a full, fixed grid of h x w patches:
+    ``pixel_values`` [B, h*w, p*p*3] (row-major patches, each flattened (row, column, channel) as
+    ``Siglip2ImageProcessor``'s ``convert_image_to_patches``), ``pixel_attention_mask`` all ones and
+    ``spatial_shapes`` [[h, w]] * B (the tower interpolates its position grid to h x w)."""
+    b, c, height, width = pixel_values.shape
+    p = int(tower.config.patch_size)
+    h, w = height // p, width // p
+    patches = pixel_values.reshape(b, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(b, h * w, p * p * c)
+    return dict(pixel_values=patches, pixel_attention_mask=torch.ones(b, h * w, dtype=torch.long, device=patches.device),
+                spatial_shapes=torch.tensor([[h, w]] * b, dtype=torch.long, device=patches.device))
+
+
+def _run_tower(tower: VisionTower, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+    """The tower's own forward on [B,3,H,W] pixels (SigLIP 2's through ``siglip2_inputs``)."""
+    if isinstance(tower, Siglip2VisionModel):
+        return tower(**siglip2_inputs(tower, pixel_values), output_hidden_states=output_hidden_states)
+    return tower(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
+
+
 def tower_forward(tower: VisionTower, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass -> (patch_tokens [B,P,w] after the final norm without CLS, pooled [B,w]).
 
@@ -392,11 +458,15 @@ def tower_forward(tower: VisionTower, pixel_values: torch.Tensor) -> tuple[torch
     that average).
     """
     _check_pixels(pixel_values)
-    out = tower(pixel_values=pixel_values)
+    out = _run_tower(tower, pixel_values)
     if is_conv_tower(tower):
         patches = final_norm(tower)(grid_tokens(tower, out.last_hidden_state))
         return patches, out.pooler_output.flatten(1)
-    if isinstance(tower, SiglipVisionModel):
+    if isinstance(tower, TimmWrapperModel):  # forward_features: already normed, prefix (CLS, register) tokens first
+        feats = out.last_hidden_state
+        patches = grid_tokens(tower, feats) if feats.dim() == 4 else feats[:, tower.timm_model.num_prefix_tokens:]
+        return patches, out.pooler_output
+    if isinstance(tower, SIGLIP_TOWERS):
         patches = out.last_hidden_state
         pooled = out.pooler_output if out.pooler_output is not None else patches.mean(dim=1)
         return patches, pooled
@@ -425,6 +495,11 @@ def _tower_parts(tower: VisionTower) -> tuple[nn.ModuleList, nn.Module, Optional
         return tower.encoder.stages, final_norm(tower), None
     if isinstance(tower, Dinov2Model):
         return tower.encoder.layer, tower.layernorm, None
+    if isinstance(tower, TimmWrapperModel):
+        if not hasattr(tower.timm_model, "blocks"):
+            raise ValueError(f"timm model {type(tower.timm_model).__name__} has no `blocks`; a timm tower must be a "
+                             "ViT-style model (blocks, norm, forward_intermediates)")
+        return tower.timm_model.blocks, tower.timm_model.norm, None
     core = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel
     return core.encoder.layers, core.post_layernorm, getattr(core, "head", None)
 
@@ -468,6 +543,9 @@ def vision_features(tower: VisionTower, pixel_values: torch.Tensor, layer: Optio
       feature maps, flattened to [B, h*w, C]; -1 is the last stage's output (before ConvNeXt's
       final layernorm), -2 the stage before, accepted only when its grid is the patch grid
       (``feature_layer_index``). There is no CLS token, so both strategies keep all P patches.
+    - SigLIP 2: as SigLIP. timm: ``hidden_states`` are ``forward_intermediates``' block outputs
+      (NCHW, prefix tokens removed), so layer k >= 1 is block k's output as for the other ViTs and
+      0 (the embeddings) is refused; both strategies keep all P patches.
     - ``layer=None`` (checkpoints written before these options existed): the tower's final
       output after its final norm (CLIP: ``post_layernorm`` on every row of the last block's
       output; SigLIP: ``last_hidden_state``; conv: ``patch_tokens``), then ``strategy`` as above.
@@ -478,7 +556,14 @@ def vision_features(tower: VisionTower, pixel_values: torch.Tensor, layer: Optio
         raise ValueError(f"vision_feature_select_strategy {strategy!r} is not one of {list(FEATURE_SELECT_STRATEGIES)}")
     _check_pixels(pixel_values)
     index = feature_layer_index(tower, layer)
-    out = tower(pixel_values=pixel_values, output_hidden_states=True)
+    if isinstance(tower, TimmWrapperModel):
+        if index is None:
+            return tower_forward(tower, pixel_values)[0]
+        if index == 0:
+            raise ValueError("vision_feature_layer 0 (the embeddings) is not available from a timm tower "
+                             "(forward_intermediates gives each block's output); use a block, e.g. -2")
+        return grid_tokens(tower, _run_tower(tower, pixel_values, True).hidden_states[index - 1])
+    out = _run_tower(tower, pixel_values, True)
     if is_conv_tower(tower):
         if index is None:
             return final_norm(tower)(grid_tokens(tower, out.hidden_states[-1]))
@@ -493,9 +578,9 @@ def vision_features(tower: VisionTower, pixel_values: torch.Tensor, layer: Optio
 def num_feature_tokens(tower: VisionTower, strategy: str = "default") -> int:
     """N, the tokens per image ``vision_features`` returns: P (+1 for CLIP's CLS), minus 1 for
     "default"; a conv tower's P for either strategy."""
-    if is_conv_tower(tower):
+    if is_conv_tower(tower) or isinstance(tower, TimmWrapperModel):
         return num_patches(tower)
-    tokens = num_patches(tower) + (0 if isinstance(tower, SiglipVisionModel) else 1)
+    tokens = num_patches(tower) + (0 if isinstance(tower, SIGLIP_TOWERS) else 1)
     return tokens - 1 if strategy == "default" else tokens
 
 

@@ -4,7 +4,7 @@
 the extra to install; the command line prints that line and exits with status 3. The extras:
 ``lmeval`` (``vlm eval drift``), ``wandb`` (``run.wandb=true``), ``qlora`` (``model.load_in_4bit``:
 bitsandbytes, accelerate), ``flash`` (``model.attn_implementation=flash_attention_2``), ``gpu``
-(qlora + flash).
+(qlora + flash), ``timm`` (a ``TimmWrapperModel`` directory as a vision tower).
 
 This module is at the bottom of the import graph: it imports nothing from the project.
 """
@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-EXTRAS = {"lmeval": "lm-eval", "wandb": "wandb", "qlora": "bitsandbytes, accelerate", "flash": "flash-attn"}
+EXTRAS = {"lmeval": "lm-eval", "wandb": "wandb", "qlora": "bitsandbytes, accelerate", "flash": "flash-attn", "timm": "timm"}
 
 
 class MissingExtra(ImportError):

@@ -24,10 +24,9 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import SiglipVisionModel
 
-from encoders.towers import (ImageTransform, feature_layer_index, load_vision_tower, num_feature_tokens, num_patches,
-                             tower_width, unused_feature_parameters, vision_features)
+from encoders.towers import (SIGLIP_TOWERS, ImageTransform, feature_layer_index, load_vision_tower, num_feature_tokens,
+                             num_patches, tower_width, unused_feature_parameters, vision_features)
 
 
 class VLMVisionTower(nn.Module):
@@ -52,7 +51,7 @@ class VLMVisionTower(nn.Module):
             p.requires_grad_(False)
         if freeze:
             self.tower.eval()
-        if isinstance(tower, SiglipVisionModel) and select_strategy == "default":
+        if isinstance(tower, SIGLIP_TOWERS) and select_strategy == "default":
             warnings.warn("vision_feature_select_strategy 'default' drops token 0, and a SigLIP tower has no CLS: "
                           "its first (top-left) patch is dropped, exactly as HF LLaVA does; set 'full' to keep "
                           "every patch (what HF's SigLIP-tower LLaVA configs use)", stacklevel=2)

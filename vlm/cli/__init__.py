@@ -6,6 +6,7 @@
     vlm score   TASK --predictions FILE --out DIR ...   score outputs made elsewhere
     vlm generate --ckpt DIR|--hf-model DIR --image PATH --prompt TEXT   one answer, streamed
     vlm chat    --ckpt DIR|--hf-model DIR --image PATH   multi-turn, /image PATH to change the image
+    vlm serve   --ckpt DIR|--hf-model DIR [--port P]     a local web page: upload an image, chat
     vlm merge   --ckpt DIR --out DIR              standalone merged LLM + bridge for inference
     vlm export  --ckpt DIR --format llava --out DIR   a stock LlavaForConditionalGeneration dir
     vlm demo    [--out DIR]                        everything, on the world, into DIR/report.md
@@ -46,6 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, one-line help)
     "score": ("vlm.cli.score", "score predictions made elsewhere (caption, chair, pope, refcoco, vsr)"),
     "generate": ("vlm.cli.generate", "answer one prompt about one image, streamed"),
     "chat": ("vlm.cli.chat", "a multi-turn conversation about an image in the terminal"),
+    "serve": ("vlm.cli.serve", "a local web page to upload an image and chat with the model"),
     "merge": ("vlm.cli.merge", "write a standalone merged LLM + bridge"),
     "export": ("vlm.cli.export", "write a stage-two checkpoint as a stock transformers LLaVA dir"),
     "demo": ("vlm.cli.demo", "the whole pipeline on the world, into DIR/report.md"),

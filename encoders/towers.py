@@ -83,11 +83,13 @@ class ImageTransform:
     the shorter side to ``image_size``, centre-crop a square, scale to [0, 1], normalise with
     ``mean`` / ``std``. With ``square_resize`` (SigLIP's processors: ``size={"height": s, "width": s}``,
     no crop) the image is resized to s x s directly. ``resample`` is a PIL filter code (3 = bicubic,
-    CLIP's; 2 = bilinear, SigLIP's). Greyscale / RGBA inputs are converted to RGB.
+    CLIP's; 2 = bilinear, SigLIP's). ``resize_edge`` (default s) is the side the shorter edge is
+    resized to before the s x s centre crop (ImageNet-style ``crop_pct``: ConvNeXt / ResNet
+    processors resize to int(s / crop_pct)). Greyscale / RGBA inputs are converted to RGB.
     """
 
     def __init__(self, image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                 resample: int = 3, square_resize: bool = False):
+                 resample: int = 3, square_resize: bool = False, resize_edge: Optional[int] = None):
         if image_size <= 0:
             raise ValueError(f"image_size must be > 0, got {image_size}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -97,21 +99,25 @@ class ImageTransform:
         self.std = tuple(float(s) for s in std)
         self.resample = int(resample)
         self.square_resize = bool(square_resize)
+        self.resize_edge = self.image_size if resize_edge is None else int(resize_edge)
+        if self.resize_edge < self.image_size:
+            raise ValueError(f"resize_edge {self.resize_edge} is smaller than the {self.image_size}-px crop")
         self._mean = torch.tensor(self.mean).view(3, 1, 1)
         self._std = torch.tensor(self.std).view(3, 1, 1)
 
     def __repr__(self) -> str:
         return (f"ImageTransform(image_size={self.image_size}, mean={self.mean}, std={self.std}, "
-                f"resample={self.resample}, square_resize={self.square_resize})")
+                f"resample={self.resample}, square_resize={self.square_resize}, resize_edge={self.resize_edge})")
 
     def _resize_crop(self, image: Image.Image) -> Image.Image:
         s = self.image_size
         w, h = image.size
         if self.square_resize:
             return image if (w, h) == (s, s) else image.resize((s, s), resample=self.resample)
+        r = self.resize_edge
         short, long = (w, h) if w <= h else (h, w)
-        new_long = int(s * long / short)  # as transformers' shortest-edge rule
-        new_w, new_h = (s, new_long) if w <= h else (new_long, s)
+        new_long = int(r * long / short)  # as transformers' shortest-edge rule
+        new_w, new_h = (r, new_long) if w <= h else (new_long, r)
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), resample=self.resample)
         top, left = (new_h - s) // 2, (new_w - s) // 2
@@ -152,7 +158,7 @@ class ImageTransform:
     def processor_config(self) -> dict:
         """The equivalent ``CLIPImageProcessor`` arguments."""
         s = self.image_size
-        size = {"height": s, "width": s} if self.square_resize else {"shortest_edge": s}
+        size = {"height": s, "width": s} if self.square_resize else {"shortest_edge": self.resize_edge}
         return dict(do_resize=True, size=size, resample=self.resample, do_center_crop=not self.square_resize,
                     crop_size={"height": s, "width": s}, do_rescale=True, rescale_factor=1 / 255,
                     do_normalize=True, image_mean=list(self.mean), image_std=list(self.std),
@@ -175,23 +181,32 @@ class ImageTransform:
     def from_pretrained(cls, directory: Union[str, Path]) -> "ImageTransform":
         """Read ``directory/preprocessor_config.json`` (a CLIP or SigLIP image-processor config).
 
-        Supports ``size`` as ``{"shortest_edge": s}`` (with a square ``crop_size`` of s) or
-        ``{"height": s, "width": s}`` without a crop (SigLIP: a plain square resize). Other layouts
-        raise ``ValueError``.
+        Supports ``size`` as ``{"shortest_edge": r}`` with a square ``crop_size`` of s <= r (CLIP:
+        s = r), ``{"height": s, "width": s}`` without a crop (SigLIP: a plain square resize), and
+        ConvNeXt's processor (also ResNet's): ``{"shortest_edge": s}`` with ``crop_pct``, resized to
+        int(s / crop_pct) then cropped to s (s >= 384: a square resize). Other layouts raise
+        ``ValueError``.
         """
         path = Path(directory) / PREPROCESSOR_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no {PREPROCESSOR_FILE} in {directory}")
         cfg = json.loads(path.read_text())
         size = cfg.get("size", {})
-        square = False
+        square, resize_edge = False, None
         if isinstance(size, int):
             side = size
-        elif "shortest_edge" in size:
+        elif "shortest_edge" in size and "crop_pct" in cfg:  # ConvNextImageProcessor's own resize rule
             side = size["shortest_edge"]
-            crop = cfg.get("crop_size", {"height": side, "width": side})
-            if cfg.get("do_center_crop", True) and (crop.get("height") != side or crop.get("width") != side):
-                raise ValueError(f"{path}: crop_size {crop} differs from shortest_edge {side}; unsupported")
+            square = side >= 384
+            resize_edge = None if square else int(side / cfg["crop_pct"])
+        elif "shortest_edge" in size:
+            side = resize_edge = size["shortest_edge"]
+            crop = cfg.get("crop_size") or {"height": side, "width": side}
+            if cfg.get("do_center_crop", True):
+                if crop.get("height") != crop.get("width") or crop.get("height", side) > side:
+                    raise ValueError(f"{path}: crop_size {crop} is not a square within shortest_edge {side}; "
+                                     "unsupported")
+                side = crop["height"]
         elif "height" in size and size.get("height") == size.get("width"):
             side, square = size["height"], True
             crop = cfg.get("crop_size") or {"height": side, "width": side}
@@ -203,7 +218,8 @@ class ImageTransform:
         std = cfg.get("image_std", CLIP_STD)
         if not cfg.get("do_normalize", True):
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        return cls(int(side), mean, std, resample=int(cfg.get("resample", 3)), square_resize=square)
+        return cls(int(side), mean, std, resample=int(cfg.get("resample", 3)), square_resize=square,
+                   resize_edge=resize_edge)
 
 
 def _build_vit(cfg: VisionTowerConfig) -> VisionTower:

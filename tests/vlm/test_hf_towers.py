@@ -167,3 +167,18 @@ def test_timm_without_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(MissingExtra, match=r"vlm\[timm\]"):
         load_vision_tower(directory)
+
+
+@pytest.mark.parametrize("side,hw", [(32, (57, 41)), (32, (32, 80)), (384, (50, 70))])
+def test_convnext_processor_crop_pct(tmp_path, side, hw):
+    """A stock ConvNeXt / ResNet processor (resize to side / crop_pct, crop; a warp from 384 px) is read
+    as what it does, equal to the stock PIL processor."""
+    import numpy as np
+    from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
+    from encoders.towers import ImageTransform
+    ConvNextImageProcessor(size={"shortest_edge": side}).save_pretrained(tmp_path)
+    ours = ImageTransform.from_pretrained(tmp_path)
+    assert ours.resize_edge == (side if side >= 384 else int(side / 0.875)) and ours.square_resize == (side >= 384)
+    array = np.random.default_rng(0).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    stock = ConvNextImageProcessorPil(size={"shortest_edge": side})(array, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(ours(array), stock.float(), atol=1e-5, rtol=0)

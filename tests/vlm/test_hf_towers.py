@@ -182,3 +182,31 @@ def test_convnext_processor_crop_pct(tmp_path, side, hw):
     array = np.random.default_rng(0).integers(0, 256, (*hw, 3), dtype=np.uint8)
     stock = ConvNextImageProcessorPil(size={"shortest_edge": side})(array, return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(ours(array), stock.float(), atol=1e-5, rtol=0)
+
+
+def test_tower_lora_saves_merged(tower_case, tiny_llm_dir, tmp_path):
+    """model.train.tower=lora on each family: LoRA goes into the tower's used linear layers and the
+    checkpoint's tower is the stock class again (merged), giving the same logits."""
+    from vlm.config import ModuleTraining, TrainingControl
+    name, directory, layer, strategy = tower_case
+    torch.manual_seed(0)
+    train = TrainingControl(tower=ModuleTraining("lora"), bridge=ModuleTraining("full"), llm=ModuleTraining("lora"))
+    cfg = vlm_config(directory, tiny_llm_dir, vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+                     train=train)
+    if name == "resnet":  # convolutions only: refused, naming why
+        with pytest.raises(ValueError, match="no linear layer"):
+            VisionLanguageModel.build(cfg)
+        return
+    model = VisionLanguageModel.build(cfg)
+    assert model.tower.has_lora
+    perturb_trainable(model, seed=4)
+    model.eval()
+    batch = model.processor(random_images(2, seed=3), PROMPTS)
+    with torch.no_grad():
+        before = model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    model.save_pretrained(tmp_path / "ckpt")
+    again = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    assert type(again.tower.tower) is type(model.tower.tower) and not again.tower.has_lora
+    with torch.no_grad():
+        after = again.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    assert (after - before).abs().max().item() < 1e-4

@@ -1,7 +1,7 @@
 """The VLM's vision tower: any tower ``encoders.towers.load_vision_tower`` reads, frozen by default.
 
-Accepts our stage-one checkpoints, MaskEmbed outputs and local HF CLIP / SigLIP (vision) / ResNet /
-ConvNeXt dirs.
+Accepts our stage-one checkpoints, MaskEmbed outputs and local HF CLIP / SigLIP / SigLIP 2 (vision) /
+DINOv2 / ResNet / ConvNeXt / timm (``TimmWrapperModel``) dirs (``encoders.towers.TOWER_CLASSES``).
 Frozen towers run under ``torch.no_grad`` and stay in eval mode whatever the parent's mode.
 
 Which features the bridge gets follows HF LLaVA (``encoders.towers.vision_features``):

@@ -7,9 +7,11 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -198,3 +200,21 @@ def test_page_in_headless_chromium(served, browser, capsys):
     assert want and shown == want
     assert tab.evaluate("document.querySelector('#log .q').textContent") == QUESTION
     tab.sock.close()
+
+
+def test_vlm_serve_command(served):
+    """``vlm serve --port 0`` loads the checkpoint, prints its address, serves the page and stops on SIGINT."""
+    out, _ = served
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    process = subprocess.Popen([sys.executable, "-m", "vlm.cli", "serve", "--ckpt", str(out / "ckpt"), "--port", "0"],
+                               stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("vlm serve: open http://127.0.0.1:"), line
+        with urllib.request.urlopen(line.split("open ")[1].split()[0], timeout=30) as page:
+            assert b"Ask about an image" in page.read()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

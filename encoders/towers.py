@@ -347,7 +347,8 @@ def load_vision_tower(path: Union[str, Path]) -> tuple[VisionTower, ImageTransfo
     Accepts our stage-one checkpoint (``path/vision``), a MaskEmbed output dir (a plain vision
     dir), or any local HF directory whose ``model_type`` is in ``TOWER_CLASSES`` (clip,
     clip_vision_model, siglip, siglip_vision_model, siglip2, siglip2_vision_model, dinov2, resnet,
-    convnext, timm_wrapper (needs the ``timm`` extra); a full CLIP/SigLIP dir loads its vision half). The transform comes from ``preprocessor_config.json`` when present, else the
+    convnext, timm_wrapper (needs the ``timm`` extra); a full CLIP/SigLIP dir loads its vision half).
+    The transform comes from ``preprocessor_config.json`` when present (``_read_transform``), else the
     family default at the config's size; a stock ResNet dir without our ``image_size`` key takes the
     preprocessor's size. Never executes remote code.
     """
@@ -454,7 +455,8 @@ def siglip2_inputs(tower: Siglip2VisionModel, pixel_values: torch.Tensor) -> dic
     p = int(tower.config.patch_size)
     h, w = height // p, width // p
     patches = pixel_values.reshape(b, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(b, h * w, p * p * c)
-    return dict(pixel_values=patches, pixel_attention_mask=torch.ones(b, h * w, dtype=torch.long, device=patches.device),
+    mask = torch.ones(b, h * w, dtype=torch.long, device=patches.device)
+    return dict(pixel_values=patches, pixel_attention_mask=mask,
                 spatial_shapes=torch.tensor([[h, w]] * b, dtype=torch.long, device=patches.device))
 
 

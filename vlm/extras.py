@@ -14,7 +14,8 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-EXTRAS = {"lmeval": "lm-eval", "wandb": "wandb", "qlora": "bitsandbytes, accelerate", "flash": "flash-attn", "timm": "timm"}
+EXTRAS = {"lmeval": "lm-eval", "wandb": "wandb", "qlora": "bitsandbytes, accelerate", "flash": "flash-attn",
+          "timm": "timm"}
 
 
 class MissingExtra(ImportError):

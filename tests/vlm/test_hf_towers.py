@@ -15,7 +15,7 @@ import torch
 from transformers import (ConvNextConfig, ConvNextImageProcessor, ConvNextModel, ResNetConfig, ResNetModel,
                           Siglip2VisionConfig, Siglip2VisionModel, TimmWrapperConfig, TimmWrapperModel)
 
-from tiny_vlm import perturb_trainable, random_images, vlm_config
+from tiny_vlm import perturb_trainable, probe_logits, random_images, vlm_config
 from encoders.dual_encoder import DualEncoder
 from encoders.towers import (load_vision_tower, num_patches, patch_tokens, siglip2_inputs, tower_width,
                              vision_features)
@@ -129,10 +129,7 @@ def test_stage_two_trains_a_step(tower_case, tiny_llm_dir, tmp_path, bridge):
     model.eval()
     model.save_pretrained(tmp_path / "vlm")
     again = VisionLanguageModel.from_pretrained(tmp_path / "vlm").eval()
-    batch = model.processor(random_images(2, seed=3), PROMPTS)
-    with torch.no_grad():
-        torch.testing.assert_close(model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]),
-                                   again.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
+    torch.testing.assert_close(probe_logits(model), probe_logits(again))
 
 
 def test_stage_one_encodes_with_it(tower_case, tmp_path):
@@ -203,12 +200,9 @@ def test_tower_lora_saves_merged(tower_case, tiny_llm_dir, tmp_path):
     assert model.tower.has_lora
     perturb_trainable(model, seed=4)
     model.eval()
-    batch = model.processor(random_images(2, seed=3), PROMPTS)
-    with torch.no_grad():
-        before = model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    before = probe_logits(model)
     model.save_pretrained(tmp_path / "ckpt")
     again = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
     assert type(again.tower.tower) is type(model.tower.tower) and not again.tower.has_lora
-    with torch.no_grad():
-        after = again.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    after = probe_logits(again)
     assert (after - before).abs().max().item() < 1e-4

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from tiny_vlm import perturb_trainable, random_images, vlm_config
+from tiny_vlm import perturb_trainable, probe_logits, random_images, vlm_config
 from training.optim import build_optimizer
 from training.stage2 import trainable_table
 from vlm.config import ConfigError, ModuleTraining, OptimConfig, Stage2Config, TrainingControl, load_config
@@ -87,14 +87,11 @@ def test_trained_tower_lora_and_full_llm_round_trip(tiny_tower_dir, tiny_llm_dir
     model = VisionLanguageModel.build(vlm_config(tiny_tower_dir, tiny_llm_dir, train=control("lora", "full", "full")))
     perturb_trainable(model, seed=4)
     model.eval()
-    batch = model.processor(random_images(2, seed=3), PROMPTS)
-    with torch.no_grad():
-        before = model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    before = probe_logits(model)
     model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "llm" / "config.json").is_file() and not (tmp_path / "ckpt" / "adapter").exists()
     CLIPVisionModel.from_pretrained(tmp_path / "ckpt" / "vision")  # stock keys: no lora_ / base_layer
     reloaded = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
     assert reloaded.cfg.module_mode("llm") == "full" and not reloaded.tower.has_lora
-    with torch.no_grad():
-        after = reloaded.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    after = probe_logits(reloaded)
     assert (after - before).abs().max().item() < 1e-4

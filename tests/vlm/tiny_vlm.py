@@ -91,3 +91,14 @@ def perturb_trainable(model, seed: int = 0, scale: float = 0.2) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+PROBE_PROMPTS = ["Is there a red circle?", "How many objects are in the image?"]
+
+
+def probe_logits(model) -> torch.Tensor:
+    """The model's logits [2, T, V] on a fixed batch (two random images, ``PROBE_PROMPTS``), no grad:
+    what save / reload round-trip tests compare."""
+    batch = model.processor(random_images(2, seed=3), PROBE_PROMPTS)
+    with torch.no_grad():
+        return model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])

@@ -207,7 +207,9 @@ def test_vlm_serve_command(served):
     out, _ = served
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     process = subprocess.Popen([sys.executable, "-m", "vlm.cli", "serve", "--ckpt", str(out / "ckpt"), "--port", "0"],
-                               stdout=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.PIPE, text=True, env=env,
+                               # as from a terminal: a shell's background job (CI, `make test &`) ignores SIGINT
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = process.stdout.readline()
         assert line.startswith("vlm serve: open http://127.0.0.1:"), line

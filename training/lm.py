@@ -23,6 +23,7 @@ it like any hub LLM. No chat template is set: the VLM processor handles template
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Iterable, Optional
@@ -46,7 +47,8 @@ Conversation = list[tuple[str, str]]  # ("human" | "gpt", text) turns
 
 
 class CausalLMObjective(nn.Module):
-    """Wraps a causal LM for the loop: ``forward({"input_ids": [B,T]}) -> {"loss", "num_tokens"}``."""
+    """Wraps a causal LM for the loop: ``forward({"input_ids": [B,T], "labels": [B,T]}) -> {"loss",
+    "num_tokens"}``; the columns after the batch's last labelled token are not computed."""
 
     def __init__(self, lm: LlamaForCausalLM, tokenizer: Optional[PreTrainedTokenizerBase] = None):
         super().__init__()
@@ -62,6 +64,9 @@ class CausalLMObjective(nn.Module):
     def forward(self, batch: dict) -> dict:
         input_ids = batch["input_ids"]
         labels = batch.get("labels", input_ids)  # -100 on padding
+        # Columns after the last labelled one change no loss (attention is causal): cut them off.
+        last = int((labels != IGNORE_INDEX).any(0).nonzero().max()) + 1 if (labels != IGNORE_INDEX).any() else 1
+        input_ids, labels = input_ids[:, :last], labels[:, :last]
         out = self.lm(input_ids=input_ids, labels=labels)  # HF shifts labels internally
         return {"loss": out.loss, "num_tokens": input_ids.numel()}
 
@@ -95,8 +100,9 @@ def build_corpus(cfg: LMConfig) -> list[str]:
 
 def build_image_documents(cfg: LMConfig) -> list[Conversation]:
     """Per-image documents (``world_documents``: ``data.documents_per_image`` per image, each of
-    ``data.turns_per_document`` turns), then each ``data.text_files`` line as a one-turn document."""
-    docs = list(tqdm(world_documents(cfg.world, _train_indices(cfg), cfg.data.documents_per_image,
+    ``data.turns_per_document`` turns of the kinds ``data.mix`` weighs, else ``world.llava_mix``), then each ``data.text_files`` line as a one-turn document."""
+    world = dataclasses.replace(cfg.world, llava_mix=dict(cfg.data.mix)) if cfg.data.mix else cfg.world
+    docs = list(tqdm(world_documents(world, _train_indices(cfg), cfg.data.documents_per_image,
                                      cfg.data.turns_per_document),
                      desc="world documents", unit=" docs", disable=not (cfg.run.progress and distributed.is_main())))
     docs += [[("human", line)] for line in read_text_files(cfg.data.text_files)]

@@ -253,9 +253,17 @@ class TextDataConfig:
     # is then all on what must be read from the context) or every token ("all").
     loss_on: str = "answers"
     pack: bool = True  # image documents: several whole documents per block (False: one per block)
+    # Image documents: the turn kinds' weights (``vlm.world.mix``); empty = the world's ``llava_mix``.
+    # The LM's recipe keeps the kinds whose answer its context decides (exist, count, spatial,
+    # caption): a box or a detailed caption cannot be read from a short caption, only guessed.
+    mix: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _one_of(self.documents, "data.documents", LM_DOCUMENT_FORMATS)
+        unknown = sorted(set(self.mix) - set(LLAVA_TURN_KINDS))
+        _check(not unknown, "data.mix", f"unknown kind(s) {unknown}; valid: {', '.join(LLAVA_TURN_KINDS)}")
+        _check(not self.mix or (all(w >= 0 for w in self.mix.values()) and sum(self.mix.values()) > 0),
+               "data.mix", "weights must be >= 0 with a positive sum")
         _one_of(self.loss_on, "data.loss_on", ("answers", "all"))
         _check(self.documents_per_image >= 1 and self.turns_per_document >= 1,
                "data.documents_per_image/turns_per_document", "must be >= 1")

@@ -122,3 +122,29 @@ def test_pack_documents_one_per_block():
     ids, labels = pack_documents(docs, block_size=8, pad_id=0, seed=0, one_per_block=True)
     assert sorted(map(tuple, ids.tolist())) == [(1, 5, 2, 0, 0, 0, 0, 0), (1, 6, 6, 2, 0, 0, 0, 0)]
     assert sorted(map(tuple, labels.tolist()))[0] == (-100, -100, 6, 2, -100, -100, -100, -100)
+
+
+def test_data_mix_chooses_the_documents_turn_kinds():
+    cfg = LMConfig(data=TextDataConfig(max_world_samples=8, documents_per_image=2, turns_per_document=3,
+                                       mix={"exist": 1.0, "count": 1.0}),
+                   world=WorldConfig(n_train=8, n_eval=0, seed=2), run=RunConfig(progress=False))
+    questions = [text for doc in build_image_documents(cfg) for role, text in doc if role == "human"]
+    assert len(questions) == 8 * 2 * 3
+    assert all(("Is there a" in q) or ("How many" in q) for q in questions)  # no box, caption or statement
+    assert any("Is there a" in q for q in questions) and any("How many" in q for q in questions)
+    with pytest.raises(ValueError, match="data.mix"):
+        TextDataConfig(mix={"boxes": 1.0})
+
+
+def test_lm_objective_skips_the_columns_after_the_last_label():
+    from training.lm import CausalLMObjective
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    ids = torch.randint(3, 20, (3, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:6], labels[2, 2:8] = ids[0, 4:6], ids[2, 2:8]  # the last label is in column 7
+    full = lm(input_ids=ids, labels=labels).loss
+    out = CausalLMObjective(lm)({"input_ids": ids, "labels": labels})
+    assert torch.allclose(out["loss"], full, atol=1e-6) and out["num_tokens"] == 3 * 8

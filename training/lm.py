@@ -65,7 +65,8 @@ class CausalLMObjective(nn.Module):
         input_ids = batch["input_ids"]
         labels = batch.get("labels", input_ids)  # -100 on padding
         # Columns after the last labelled one change no loss (attention is causal): cut them off.
-        last = int((labels != IGNORE_INDEX).any(0).nonzero().max()) + 1 if (labels != IGNORE_INDEX).any() else 1
+        labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+        last = int(labelled.max()) + 1 if len(labelled) else 1
         input_ids, labels = input_ids[:, :last], labels[:, :last]
         out = self.lm(input_ids=input_ids, labels=labels)  # HF shifts labels internally
         return {"loss": out.loss, "num_tokens": input_ids.numel()}
@@ -100,7 +101,8 @@ def build_corpus(cfg: LMConfig) -> list[str]:
 
 def build_image_documents(cfg: LMConfig) -> list[Conversation]:
     """Per-image documents (``world_documents``: ``data.documents_per_image`` per image, each of
-    ``data.turns_per_document`` turns of the kinds ``data.mix`` weighs, else ``world.llava_mix``), then each ``data.text_files`` line as a one-turn document."""
+    ``data.turns_per_document`` turns of the kinds ``data.mix`` weighs, else ``world.llava_mix``), then
+    each ``data.text_files`` line as a one-turn document."""
     world = dataclasses.replace(cfg.world, llava_mix=dict(cfg.data.mix)) if cfg.data.mix else cfg.world
     docs = list(tqdm(world_documents(world, _train_indices(cfg), cfg.data.documents_per_image,
                                      cfg.data.turns_per_document),

@@ -64,6 +64,13 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"{value!r} is not one of {list(choices)}")
 
 
+def _check_turn_mix(mix: dict[str, float], key: str) -> None:
+    """A turn-kind mix: keys in ``LLAVA_TURN_KINDS``, weights >= 0 with a positive sum."""
+    unknown = sorted(set(mix) - set(LLAVA_TURN_KINDS))
+    _check(not unknown, key, f"unknown kind(s) {unknown}; valid: {', '.join(LLAVA_TURN_KINDS)}")
+    _check(all(w >= 0 for w in mix.values()) and sum(mix.values()) > 0, key, "weights must be >= 0 with a positive sum")
+
+
 def _positive(cfg: Any, prefix: str, *names: str) -> None:
     """Each named field of ``cfg`` must be > 0 (checked before any division by it)."""
     for name in names:
@@ -184,10 +191,7 @@ class WorldConfig:
         _check(self.small_size[1] <= self.large_size[0], "world.small_size/large_size",
                "small objects must not be larger than large ones")
         _check(self.n_train > 0 and self.n_eval >= 0, "world.n_train/n_eval", "n_train > 0, n_eval >= 0")
-        unknown = sorted(set(self.llava_mix) - set(LLAVA_TURN_KINDS))
-        _check(not unknown, "world.llava_mix", f"unknown kind(s) {unknown}; valid: {', '.join(LLAVA_TURN_KINDS)}")
-        _check(all(w >= 0 for w in self.llava_mix.values()) and sum(self.llava_mix.values()) > 0,
-               "world.llava_mix", "weights must be >= 0 with a positive sum")
+        _check_turn_mix(self.llava_mix, "world.llava_mix")
         _check(self.llava_turns >= 1 and self.llava_conversations >= 1, "world.llava_turns/llava_conversations",
                "must be >= 1")
 
@@ -260,10 +264,8 @@ class TextDataConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.documents, "data.documents", LM_DOCUMENT_FORMATS)
-        unknown = sorted(set(self.mix) - set(LLAVA_TURN_KINDS))
-        _check(not unknown, "data.mix", f"unknown kind(s) {unknown}; valid: {', '.join(LLAVA_TURN_KINDS)}")
-        _check(not self.mix or (all(w >= 0 for w in self.mix.values()) and sum(self.mix.values()) > 0),
-               "data.mix", "weights must be >= 0 with a positive sum")
+        if self.mix:
+            _check_turn_mix(self.mix, "data.mix")
         _one_of(self.loss_on, "data.loss_on", ("answers", "all"))
         _check(self.documents_per_image >= 1 and self.turns_per_document >= 1,
                "data.documents_per_image/turns_per_document", "must be >= 1")

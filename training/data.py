@@ -27,7 +27,7 @@ import itertools
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -52,11 +52,14 @@ class ResumableBatches:
     ``max_epochs`` (None = infinite) ends the stream. With ``num_workers = W > 0`` the batches are
     made by W DataLoader workers, worker w making batches w, w + W, ...; the DataLoader returns them
     round-robin, so the order is the same as with W = 0.
+    With ``lengths`` (one per item) and ``group_by_length = G > 0``, each epoch's shuffled indices
+    are cut into megabatches of G batches, each sorted longest first and split into batches, and the
+    batches are shuffled (LLaVA's length-grouped sampler): the same examples, less padding.
     """
 
     def __init__(self, n_items: int, batch_size: int, make_batch: Callable[[list[int]], dict], seed: int = 0,
                  shuffle: bool = True, rank: int = 0, world_size: int = 1, max_epochs: Optional[int] = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, lengths: Optional[Sequence[int]] = None, group_by_length: int = 0):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size < 1:
@@ -67,6 +70,10 @@ class ResumableBatches:
         self.n_items, self.batch_size, self.make_batch = n_items, batch_size, make_batch
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.max_epochs, self.num_workers = max_epochs, num_workers
+        if group_by_length and (lengths is None or len(lengths) != n_items):
+            raise ValueError(f"group_by_length needs one length per item ({n_items}), got "
+                             f"{None if lengths is None else len(lengths)}")
+        self.lengths, self.group_by_length = lengths, group_by_length
         self.per_rank = per_rank
         self.batches_per_epoch = per_rank // batch_size
 
@@ -78,7 +85,19 @@ class ResumableBatches:
         else:
             perm = list(range(self.n_items))
         mine = perm[self.rank::self.world_size][: self.per_rank]
-        return mine[: self.batches_per_epoch * self.batch_size]
+        mine = mine[: self.batches_per_epoch * self.batch_size]
+        if self.group_by_length and self.shuffle:
+            mine = self._grouped(mine, g)
+        return mine
+
+    def _grouped(self, idx: list[int], g: torch.Generator) -> list[int]:
+        """``idx`` reordered so each batch holds similar lengths: megabatches of ``group_by_length``
+        batches sorted longest first, then the batches shuffled with ``g``."""
+        size, bs = self.group_by_length * self.batch_size, self.batch_size
+        ordered = [i for m in range(0, len(idx), size)
+                   for i in sorted(idx[m:m + size], key=lambda i: -self.lengths[i])]
+        batches = [ordered[b:b + bs] for b in range(0, len(ordered), bs)]
+        return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
 
     def index_batches(self, start: int = 0) -> Iterator[list[int]]:
         """The index lists of micro-batches ``start, start + 1, ...`` of this rank."""

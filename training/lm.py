@@ -226,6 +226,13 @@ def _corpus_blocks(cfg: LMConfig, resuming: bool):
     return blocks, labels, tokenizer, len(conversations)
 
 
+def labelled_lengths(labels: torch.Tensor) -> list[int]:
+    """labels [N,T] -> per block, 1 + the position of its last labelled token (0 if none): the
+    columns ``CausalLMObjective`` keeps, so the length-grouped sampler's key."""
+    positions = torch.arange(1, labels.shape[1] + 1)
+    return ((labels != IGNORE_INDEX) * positions).amax(1).tolist()
+
+
 def run(cfg: LMConfig) -> Path:
     """Train the world's LLM with ``cfg``; returns ``out_dir/final`` (HF model + tokenizer)."""
     if cfg.data.block_size > cfg.model.max_position:
@@ -243,6 +250,7 @@ def run(cfg: LMConfig) -> Path:
     torch.manual_seed(cfg.run.seed)
     model = CausalLMObjective(build_lm(cfg.model, tokenizer), tokenizer)
     batches = ResumableBatches(len(blocks), cfg.optim.batch_size, lambda ids: {"input_ids": blocks[ids], "labels": labels[ids]},
-                               seed=cfg.run.seed, rank=info.rank, world_size=info.world_size)
+                               seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
+                               lengths=labelled_lengths(labels), group_by_length=cfg.data.group_by_length)
     result = train(model, batches, cfg.optim, cfg.run, config=cfg)
     return result.final_dir

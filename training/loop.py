@@ -210,8 +210,8 @@ def _start(model: nn.Module, make_batches: MakeBatches, optim: OptimConfig, run:
     r.logger = MetricsLogger(out_dir, run, info.is_main, config, r.step)
     r.bar = tqdm(total=optim.max_steps, initial=r.step, disable=not (info.is_main and run.progress),
                  desc=out_dir.name, dynamic_ncols=True)
-    if info.device.type == "cuda" and run.precision == "bf16":
-        r.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    if run.precision == "bf16" and (info.device.type == "cuda" or run.cpu_bf16):
+        r.autocast = torch.autocast(info.device.type, dtype=torch.bfloat16)
     r.trainable = [p for p in wrapped.parameters() if p.requires_grad]
     wrapped.train()
     r.batches = iter(make_batches(r.step * optim.grad_accum))

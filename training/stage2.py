@@ -83,6 +83,11 @@ def trainable_records(records: Sequence[LlavaRecord], bridge: str, multi_image: 
     return [r for r in records if len(r.images) <= 1]
 
 
+def text_length(record: LlavaRecord) -> int:
+    """A record's conversation length in characters (the length-grouped sampler's proxy for tokens)."""
+    return sum(len(text) for _, text in record.conversations)
+
+
 class LlavaExamples:
     """Records of a LLaVA json + their images -> micro-batches (``make_batch(indices) -> dict``).
     Give it ``usable_records``: an image that fails to decode anyway raises ``ImageError`` naming it."""
@@ -177,7 +182,8 @@ def run(cfg: Stage2Config) -> Path:
         raise VlmError(f"{json_path} has no records stage two can train on")
     examples = LlavaExamples(records, image_root, model.processor, cfg.data.max_image_pixels)
     batches = ResumableBatches(len(records), cfg.optim.batch_size, examples.make_batch, seed=cfg.run.seed,
-                               rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers)
+                               rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
+                               lengths=[text_length(r) for r in records], group_by_length=cfg.data.group_by_length)
     if info.is_main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         text_only, multi = sum(r.image is None for r in records), sum(len(r.images) > 1 for r in records)

@@ -130,7 +130,10 @@ class RunConfig:
     ckpt_every: int = 100  # steps between checkpoints (the final step is always saved)
     keep_last: int = 2  # checkpoints kept on disk
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "bf16"  # bf16 autocast on CUDA; always fp32 on CPU
+    precision: str = "bf16"  # bf16 autocast on CUDA; on CPU only with cpu_bf16
+    # Also autocast bf16 on CPU: pays only on CPUs with native bf16 matmuls (AMX / AVX512-BF16); on
+    # the 2-core dev machine it halved samples/s (world LM 266 -> 143, SPARC stage one 222 -> 116).
+    cpu_bf16: bool = False
     distributed: str = "ddp"  # ddp | fsdp (FSDP2 per layer, sharded checkpoints), used when launched under torchrun
     tensorboard: bool = True  # out_dir/tb
     wandb: bool = False  # Weights & Biases (the `wandb` extra), in wandb_project / wandb_entity
@@ -229,12 +232,15 @@ class LlavaDataConfig:
     world_dir: str = "runs/world"
     max_len: int = 160  # tokens, image tokens included
     num_workers: int = 0
+    group_by_length: int = 0  # >0: batches of similar length from megabatches of this many batches (LLaVA's
+    # group_by_modality_length): less padding, same examples per epoch; 0 = plain shuffle
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images (by their header) are skipped and counted
 
     def __post_init__(self) -> None:
         _check(self.max_len > 8, "data.max_len", "must be > 8")
         _check(self.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.group_by_length >= 0, "data.group_by_length", "must be >= 0")
 
 
 @dataclass
@@ -261,9 +267,11 @@ class TextDataConfig:
     # The LM's recipe keeps the kinds whose answer its context decides (exist, count, spatial,
     # caption): a box or a detailed caption cannot be read from a short caption, only guessed.
     mix: dict[str, float] = field(default_factory=dict)
+    group_by_length: int = 0  # >0: blocks of similar length per batch (see LlavaDataConfig); with pack=False
 
     def __post_init__(self) -> None:
         _one_of(self.documents, "data.documents", LM_DOCUMENT_FORMATS)
+        _check(self.group_by_length >= 0, "data.group_by_length", "must be >= 0")
         if self.mix:
             _check_turn_mix(self.mix, "data.mix")
         _one_of(self.loss_on, "data.loss_on", ("answers", "all"))
@@ -642,8 +650,8 @@ class DemoConfig(PipelineConfig):
     blank_tasks: list[str] = field(default_factory=lambda: ["pope", "vsr", "refcoco"])
     oracle_bridge: Optional[str] = "projector"  # null: no oracle stage
     oracle_tasks: list[str] = field(default_factory=lambda: ["pope", "vsr"])
-    # The oracle's clean grid needs a fifth of the headline's stage-two steps (POPE 0.99 at 500 x 16)
-    oracle_overrides: list[str] = field(default_factory=lambda: ["optim.max_steps=500"])
+    # The oracle's clean grid needs a fraction of the headline's stage-two steps (POPE 0.99 at 500 x 16)
+    oracle_overrides: list[str] = field(default_factory=lambda: ["optim.max_steps=300"])
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -236,3 +236,20 @@ def test_after_optimizer_step_hook_clamps_the_logit_scale(tmp_path):
     logged = [row["logit_scale"] for row in res.history]
     assert logged[0] == pytest.approx(1 / 0.07, rel=1e-5)
     assert logged[1:] == pytest.approx([30.0, 30.0], rel=1e-5)  # every forward after a step sees the bound
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_cpu_bf16_autocasts_the_forward_only_when_asked(tmp_path, cpu_bf16):
+    x, y = regression_data(n=32)
+    seen = []
+
+    class Probe(Linear):
+        def forward(self, batch):
+            seen.append((torch.is_autocast_enabled("cpu"), self.lin(batch["x"]).dtype))
+            return super().forward(batch)
+
+    batches = ResumableBatches(len(x), 8, lambda ids: {"x": x[ids], "y": y[ids]})
+    optim = OptimConfig(lr=0.01, warmup_steps=1, max_steps=2)
+    train(Probe(), batches, optim, run_cfg(tmp_path, cpu_bf16=cpu_bf16))
+    expected = (True, torch.bfloat16) if cpu_bf16 else (False, torch.float32)
+    assert seen and all(s == expected for s in seen)

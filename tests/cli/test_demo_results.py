@@ -76,7 +76,7 @@ def test_plan_has_the_oracle_stage(tmp_path):
     assert oracle.recipe == "stage2" and oracle.cfg.model.vision_tower == "oracle"
     assert oracle.cfg.model.bridge.name == "projector" and oracle.cfg.model.llm == str(tmp_path / "lm" / "final")
     headline = stages["stage2/projector"].cfg
-    assert oracle.cfg.optim.max_steps == 300 < headline.optim.max_steps  # oracle_overrides' shorter run
+    assert oracle.cfg.optim.max_steps == 500 < headline.optim.max_steps  # oracle_overrides' shorter run
     assert oracle.cfg.optim.lr == headline.optim.lr and oracle.cfg.model.lora == headline.model.lora  # same recipe
     assert ORACLE_STAGE not in plan(load_config(DemoConfig, None, [f"out_dir={tmp_path}", "oracle_bridge=null"]))
     with pytest.raises(ConfigError, match="oracle_tasks"):

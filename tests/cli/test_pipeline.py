@@ -125,6 +125,25 @@ def test_plans_resolve_every_stage_config_up_front(tmp_path):
     assert {"sparc", "sparc+maskembed", "clip"} <= towers
 
 
+def test_ablation_trains_the_shared_tower_first_and_the_llm_only_for_stage_two(tmp_path, monkeypatch):
+    """Every stage-one cell starts from tower/final, so the tower runs before any cell; the
+    encoder-level grid (stage2: false) never trains the LLM."""
+    from vlm.cli import ablate
+    ran = []
+    monkeypatch.setattr(ablate, "ensure_world", lambda *a, **k: None)
+    monkeypatch.setattr(ablate, "run_stage", lambda stage, timings: ran.append(stage.name))
+    monkeypatch.setattr(ablate, "evaluate_cell", lambda *a, **k: {"pointing_acc": 0.5})
+    monkeypatch.setattr(ablate, "write_report", lambda out, *a: out / "report.md")
+    for stage2, first in ((False, ["tower"]), (True, ["tower", "lm"])):
+        ran.clear()
+        cfg = load_config(AblateConfig, "configs/ablate/encoders_world.yaml",
+                          [f"out_dir={tmp_path / str(stage2)}", f"stage2={str(stage2).lower()}", "bridges=[projector]"])
+        stages, cells = ablate_plan(cfg)
+        ablate._run_ablation(cfg, stages, cells)
+        assert ran[:len(first)] == first and "lm" not in ran[len(first):]
+        assert stages[ran[len(first)]].cfg.model.vision.pretrained == str(stages["tower"].final)
+
+
 def test_bad_pipeline_values_fail_before_work(tmp_path):
     with pytest.raises(ConfigError, match="objectives"):
         load_config(DemoConfig, None, ["objectives=[clip,nope]"])

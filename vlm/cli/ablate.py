@@ -102,6 +102,12 @@ def plan(cfg: AblateConfig) -> tuple[dict[str, Stage], list[tuple[str, str, int,
     return stages, cells
 
 
+def shared_stages(cfg: AblateConfig, stages: dict[str, Stage]) -> list[str]:
+    """The stages every cell builds on, in run order: the pretrained tower (stage one starts from
+    it) and the world LLM (only with stage two: the encoder-level grid has no use for it)."""
+    return [name for name, needed in (("tower", "tower" in stages), ("lm", cfg.stage2)) if needed]
+
+
 def run_ablation(config_path: str, overrides: list[str] | None = None) -> Path:
     """Train and evaluate every cell of the grid; write ``out_dir/report.md`` and ``results.json``."""
     cfg = load_config(AblateConfig, config_path, list(overrides or []))
@@ -115,7 +121,8 @@ def _run_ablation(cfg: AblateConfig, stages: dict[str, Stage], cells: list) -> P
     out, timings = start_run(cfg, "ablate.yaml")
     world_dir = out / "world"
     timed("world", timings, ensure_world, world_dir, cfg.world)
-    run_stage(stages["lm"], timings)
+    for name in shared_stages(cfg, stages):
+        run_stage(stages[name], timings)
 
     results = []
     for tower, level, seed, stage_name in cells:

@@ -11,6 +11,9 @@ depend on the weights. Batches are real world samples and LLaVA conversations.
    the implied wall time of the tiny recipe (``optim.max_steps`` steps).
 2. Generation tokens/s (greedy, ``new_tokens`` new tokens for each of ``gen_batch`` prompts, every
    sequence forced to full length) with the KV cache and without it, and their ratio.
+3. Padding: the tokens an epoch of ``pad_samples`` world conversations computes (each batch padded
+   to its longest) with shuffled batches over with length-grouped ones (``data.group_by_length``);
+   a count, not a time, so it does not move with the machine's load.
 
 ``python -m bench.stage2 [--device cpu|cuda]`` prints the table.
 """
@@ -25,6 +28,7 @@ import torch
 from bench.common import Row, format_table, median_time
 from encoders.config import Stage1Config
 from encoders.towers import build_vision_tower, default_transform
+from training.data import ResumableBatches
 from training.lm import build_lm
 from vlm.config import LMConfig, Stage2Config, load_config
 from vlm.data.prompts import IMAGE_TOKEN
@@ -62,8 +66,27 @@ def world_batch(model, world_cfg, n: int) -> tuple[list, list[list[tuple[str, st
     return images, convs
 
 
+def padded_tokens(lengths: list[int], batch_size: int, group: int) -> int:
+    """Tokens of one epoch when each batch is padded to its longest sequence (``group`` 0: shuffled)."""
+    rb = ResumableBatches(len(lengths), batch_size, lambda ids: ids, seed=0, lengths=lengths, group_by_length=group)
+    idx = rb.epoch_indices(0)
+    return sum(max(lengths[i] for i in idx[b:b + batch_size]) * batch_size for b in range(0, len(idx), batch_size))
+
+
+def padding_row(model, world_cfg, batch_size: int, group: int, n: int) -> Row:
+    """Padded tokens per epoch, shuffled / length-grouped batches, on ``n`` world conversations."""
+    lengths = []
+    for i in range(n):
+        for conv in llava_conversations(generate_sample(i, world_cfg.seed, world_cfg), world_cfg.seed,
+                                        world_cfg.image_size):
+            lengths.append(len(model.processor.encode_conversation(conv)[0]))
+    ratio = padded_tokens(lengths, batch_size, 0) / padded_tokens(lengths, batch_size, group)
+    return Row(f"stage2: padded tokens per epoch, shuffled / grouped by length (group {group}, batch {batch_size})",
+               ratio, "x", "> 1")
+
+
 def run(device: str = "auto", warmup: int = 2, iters: int = 5, gen_batch: int = 8, new_tokens: int = 32,
-        tower: str = "", llm: str = "") -> list[Row]:
+        tower: str = "", llm: str = "", pad_samples: int = 1000) -> list[Row]:
     """Measure both bridges; returns the rows."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -117,6 +140,9 @@ def run(device: str = "auto", warmup: int = 2, iters: int = 5, gen_batch: int = 
             rows.append(Row(f"stage2 {bridge}: generate tokens/s without KV cache", speeds[False], "tok/s"))
             rows.append(Row(f"stage2 {bridge}: KV-cache speed-up ({new_tokens} new tokens)",
                             speeds[True] / speeds[False], "x", "> 1"))
+            if bridge == "projector":
+                rows.append(padding_row(model, world_cfg, cfg.optim.batch_size, cfg.data.group_by_length or 16,
+                                        pad_samples))
             del model, opt
     return rows
 

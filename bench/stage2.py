@@ -27,7 +27,7 @@ import torch
 
 from bench.common import Row, format_table, median_time
 from encoders.config import Stage1Config
-from encoders.towers import build_vision_tower, default_transform
+from encoders.towers import build_vision_tower, default_transform, is_conv_tower, load_vision_tower
 from training.data import ResumableBatches
 from training.lm import build_lm
 from vlm.config import LMConfig, Stage2Config, load_config
@@ -101,8 +101,11 @@ def run(device: str = "auto", warmup: int = 2, iters: int = 5, gen_batch: int = 
             tower_path, llm_path = stand_ins(Path(tmp), world_cfg)
             source = "random stand-ins of the same sizes"
         print(f"stage-two bench on {dev}: tower {tower_path}, llm {llm_path} ({source})")
+        conv = is_conv_tower(load_vision_tower(tower_path)[0])
         for bridge, cfg in cfgs.items():
             cfg.model.vision_tower, cfg.model.llm = str(tower_path), str(llm_path)
+            if conv:  # a conv tower has no CLS and no penultimate grid: its last stage's full grid (as the demo)
+                cfg.model.vision_feature_layer, cfg.model.vision_feature_select_strategy = -1, "full"
             torch.manual_seed(0)
             model = VisionLanguageModel.build(cfg.model, max_len=cfg.data.max_len).to(dev)
             images, convs = world_batch(model, world_cfg, cfg.optim.batch_size)

@@ -630,6 +630,31 @@ def _heatmaps(dual: DualEncoder, world: WorldConfig, world_dir: Optional[Path], 
                        out_png)
 
 
+def _text_side(loaded: LoadedEncoder, ev, ev_feats: dict, pooling: Optional[nn.Module], dev: torch.device,
+               batch_size: int, summary: dict, records: list[dict]) -> torch.Tensor:
+    """The metrics that need the text side, into ``summary`` / ``records``: zero-shot
+    classification, retrieval, zero-shot segmentation (``patch_miou``) and pointing. Returns the
+    zero-shot segmentation's patch predictions [N,P]."""
+    dual = loaded.dual
+    score = _Scorer(ev_feats["global_emb"], ev_feats["patch_emb"], pooling, dev, batch_size)
+    summary["scoring"] = score.name
+    _zero_shot(dual, ev, score, summary, records)
+    _retrieval(dual, ev, score, batch_size, summary, records)
+    zs_seg_pred = _zero_shot_segmentation(dual, ev, ev_feats["patch_emb"], summary)
+    summary["patch_miou"] = summary["segmentation"]["zero_shot_miou"]
+    _pointing(dual, ev, ev_feats["patch_emb"], batch_size, summary, records)
+    return zs_seg_pred
+
+
+def _patch_accuracies(records: list[dict], seg_labels: torch.Tensor, zero_shot: Optional[torch.Tensor],
+                      probe: torch.Tensor) -> None:
+    """Per image, the fraction of patches each segmentation labels right ([N,P] predictions vs labels)."""
+    for i, rec in enumerate(records):
+        if zero_shot is not None:
+            rec["seg_zero_shot_patch_acc"] = float((zero_shot[i] == seg_labels[i]).double().mean())
+        rec["seg_probe_patch_acc"] = float((probe[i] == seg_labels[i]).double().mean())
+
+
 def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
         world_dir: Optional[Union[str, Path]] = None, probe_steps: int = 300, limit: Optional[int] = None,
         text_from: Optional[Union[str, Path]] = None, probe_images: int = 512, batch_size: int = 64,
@@ -674,22 +699,13 @@ def run(ckpt: Union[str, Path], out_dir: Union[str, Path], world: WorldConfig,
     zs_seg_pred = None
     if dual is not None:  # zero-shot classification, retrieval and segmentation need the text side
         pooling = loaded.flair_pooling if flair_scoring == "conditioned" else None
-        score = _Scorer(ev_feats["global_emb"], ev_feats["patch_emb"], pooling, dev, batch_size)
-        summary["scoring"] = score.name
-        _zero_shot(dual, ev, score, summary, records)
-        _retrieval(dual, ev, score, batch_size, summary, records)
-        zs_seg_pred = _zero_shot_segmentation(dual, ev, ev_feats["patch_emb"], summary)
-        summary["patch_miou"] = summary["segmentation"]["zero_shot_miou"]
-        _pointing(dual, ev, ev_feats["patch_emb"], batch_size, summary, records)
+        zs_seg_pred = _text_side(loaded, ev, ev_feats, pooling, dev, batch_size, summary, records)
         if single_images:
             single_records = _zero_shot_single(loaded, world, single_images, pooling, dev, batch_size, progress,
                                                summary)
             write_jsonl(out_dir / "predictions_single.jsonl", single_records)
     probe_pred = _probes(tr, ev, tr_feats["patch_tokens"], ev_feats["patch_tokens"], probe_steps, dev, summary)
-    for i, rec in enumerate(records):
-        if zs_seg_pred is not None:
-            rec["seg_zero_shot_patch_acc"] = float((zs_seg_pred[i] == ev.seg_labels[i]).double().mean())
-        rec["seg_probe_patch_acc"] = float((probe_pred[i] == ev.seg_labels[i]).double().mean())
+    _patch_accuracies(records, ev.seg_labels, zs_seg_pred, probe_pred)
     summary["heatmaps"] = None
     if dual is not None and heatmap_images > 0:
         _heatmaps(dual, world, world_dir, eval_idx[:heatmap_images], out_dir / "heatmaps.png")

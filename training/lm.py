@@ -65,8 +65,7 @@ class CausalLMObjective(nn.Module):
         input_ids = batch["input_ids"]
         labels = batch.get("labels", input_ids)  # -100 on padding
         # Columns after the last labelled one change no loss (attention is causal): cut them off.
-        labelled = (labels != IGNORE_INDEX).any(0).nonzero()
-        last = int(labelled.max()) + 1 if len(labelled) else 1
+        last = max(int(labelled_lengths(labels).max()), 1)
         input_ids, labels = input_ids[:, :last], labels[:, :last]
         out = self.lm(input_ids=input_ids, labels=labels)  # HF shifts labels internally
         return {"loss": out.loss, "num_tokens": input_ids.numel()}
@@ -226,11 +225,11 @@ def _corpus_blocks(cfg: LMConfig, resuming: bool):
     return blocks, labels, tokenizer, len(conversations)
 
 
-def labelled_lengths(labels: torch.Tensor) -> list[int]:
-    """labels [N,T] -> per block, 1 + the position of its last labelled token (0 if none): the
-    columns ``CausalLMObjective`` keeps, so the length-grouped sampler's key."""
-    positions = torch.arange(1, labels.shape[1] + 1)
-    return ((labels != IGNORE_INDEX) * positions).amax(1).tolist()
+def labelled_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """labels [N,T] -> [N]: per row, 1 + the position of its last labelled token (0 if none); the
+    columns ``CausalLMObjective`` keeps (their max over the batch) and the length-grouped sampler's key."""
+    positions = torch.arange(1, labels.shape[1] + 1, device=labels.device)
+    return ((labels != IGNORE_INDEX) * positions).amax(1)
 
 
 def run(cfg: LMConfig) -> Path:
@@ -251,6 +250,6 @@ def run(cfg: LMConfig) -> Path:
     model = CausalLMObjective(build_lm(cfg.model, tokenizer), tokenizer)
     batches = ResumableBatches(len(blocks), cfg.optim.batch_size, lambda ids: {"input_ids": blocks[ids], "labels": labels[ids]},
                                seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
-                               lengths=labelled_lengths(labels), group_by_length=cfg.data.group_by_length)
+                               lengths=labelled_lengths(labels).tolist(), group_by_length=cfg.data.group_by_length)
     result = train(model, batches, cfg.optim, cfg.run, config=cfg)
     return result.final_dir

@@ -83,6 +83,6 @@ def test_length_keys():
     labels = torch.full((3, 6), IGNORE_INDEX)
     labels[0, 2] = 5
     labels[1, [1, 4]] = 7
-    assert labelled_lengths(labels) == [3, 5, 0]  # 1 + the last labelled position; none -> 0
+    assert labelled_lengths(labels).tolist() == [3, 5, 0]  # 1 + the last labelled position; none -> 0
     rec = LlavaRecord(id="a", image="x.jpg", conversations=[("human", "<image>\nabc"), ("gpt", "de")])
     assert text_length(rec) == len("<image>\nabc") + 2

@@ -165,3 +165,11 @@ def test_shipped_stage1_recipes_keep_their_encoders():
         assert choices(cfg) == RECIPE_ENCODERS[path.stem], path.name
     flair = load_config(Stage1Config, ROOT / "configs/stage1/flair_tiny.yaml").objective
     assert (flair.num_subcaptions, flair.max_merge, flair.num_heads) == (3, 3, 8)
+
+
+def test_lm_document_contexts_are_checked():
+    assert load_config(LMConfig, None, ["data.contexts=[layout]"]).data.contexts == ["layout"]
+    with pytest.raises(ConfigError, match="data.contexts"):
+        load_config(LMConfig, None, ["data.contexts=[bogus]"])
+    with pytest.raises(ConfigError, match="data.contexts"):
+        load_config(LMConfig, None, ["data.contexts=[]"])

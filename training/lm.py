@@ -104,7 +104,7 @@ def build_image_documents(cfg: LMConfig) -> list[Conversation]:
     each ``data.text_files`` line as a one-turn document."""
     world = dataclasses.replace(cfg.world, llava_mix=dict(cfg.data.mix)) if cfg.data.mix else cfg.world
     docs = list(tqdm(world_documents(world, _train_indices(cfg), cfg.data.documents_per_image,
-                                     cfg.data.turns_per_document),
+                                     cfg.data.turns_per_document, cfg.data.contexts),
                      desc="world documents", unit=" docs", disable=not (cfg.run.progress and distributed.is_main())))
     docs += [[("human", line)] for line in read_text_files(cfg.data.text_files)]
     if not docs:

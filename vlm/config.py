@@ -48,6 +48,7 @@ SHORT_ANSWER_KINDS = ("exist", "count", "spatial")
 # (captions are ~15-50 tokens each, a box 9, a short answer 1 plus the end of turn).
 DEFAULT_LLAVA_MIX = {"caption": 0.5, "detail": 0.5, "exist": 6.0, "count": 2.0, "spatial": 4.0, "grounding": 2.0}
 LM_DOCUMENT_FORMATS = ("image", "standalone")
+DOCUMENT_CONTEXTS = ("short", "long", "layout")  # the LM's image-document contexts (vlm.world.mix.CONTEXTS)
 DISTRIBUTED = ("ddp", "fsdp")
 
 
@@ -259,18 +260,25 @@ class TextDataConfig:
     documents: str = "image"
     documents_per_image: int = 2
     turns_per_document: int = 4
+    # Image documents: document d of an image takes context contexts[d % len]: "short" / "long"
+    # caption, or "layout" (every object with its box; adds grounding turns and every spatial
+    # statement; ``vlm.world.mix``). Each document only asks what its context decides.
+    contexts: list[str] = field(default_factory=lambda: ["short", "long"])
     # Image documents: predict only the answers ("answers", as instruction tuning does: the loss
     # is then all on what must be read from the context) or every token ("all").
     loss_on: str = "answers"
     pack: bool = True  # image documents: several whole documents per block (False: one per block)
     # Image documents: the turn kinds' weights (``vlm.world.mix``); empty = the world's ``llava_mix``.
-    # The LM's recipe keeps the kinds whose answer its context decides (exist, count, spatial,
-    # caption): a box or a detailed caption cannot be read from a short caption, only guessed.
+    # A document only draws the kinds its context decides (a box needs the layout context, a
+    # detailed caption is never decided), so a mix may name them all.
     mix: dict[str, float] = field(default_factory=dict)
     group_by_length: int = 0  # >0: blocks of similar length per batch (see LlavaDataConfig); with pack=False
 
     def __post_init__(self) -> None:
         _one_of(self.documents, "data.documents", LM_DOCUMENT_FORMATS)
+        _check(len(self.contexts) > 0, "data.contexts", "needs at least one context")
+        for c in self.contexts:
+            _one_of(c, "data.contexts", DOCUMENT_CONTEXTS)
         _check(self.group_by_length >= 0, "data.group_by_length", "must be >= 0")
         if self.mix:
             _check_turn_mix(self.mix, "data.mix")

@@ -1,4 +1,5 @@
 """The turn mix of the LLaVA export and the world LM's per-image documents."""
+import dataclasses
 import re
 from collections import Counter
 
@@ -10,7 +11,8 @@ from vlm.data.formats import read_llava
 from vlm.data.tokenizer import train_bpe_tokenizer
 from vlm.world.export import export_world, llava_records
 from vlm.world.generator import generate_sample, world_corpus, world_documents
-from vlm.world.mix import context_statements, existence_questions, image_objects
+from vlm.world.mix import context_statements, existence_questions, image_objects, layout_caption
+from vlm.world.text import normalized_box, resolve_referring
 from vlm.world.vocab import PLURALS, relation_holds
 
 CFG = WorldConfig(n_train=300, n_eval=20, seed=1)
@@ -136,3 +138,43 @@ def test_context_statements_are_true_exactly_when_the_relation_holds():
             assert relation_holds(st.relation, a, b, cfg.image_size) == st.label, st
             n += 1
     assert n > 50
+
+
+def test_layout_documents_copy_boxes_and_only_ask_what_their_context_decides():
+    """The layout context lists every object's box; its grounding answers are boxes of that list
+    (the referred object's), its statements the image's own; the captions never get boxes."""
+    cfg = WorldConfig(n_train=60, n_eval=0, seed=4, llava_mix={"exist": 1.0, "spatial": 1.0, "grounding": 2.0,
+                                                               "detail": 1.0})
+    docs = list(world_documents(cfg, range(60), n_documents=3, n_turns=4, contexts=("short", "long", "layout")))
+    kinds = {c: Counter() for c in ("short", "long", "layout")}
+    for d, doc in enumerate(docs):
+        sample = generate_sample(d // 3, cfg.seed, cfg)
+        context = ("short", "long", "layout")[d % 3]
+        text, first = doc[0][1].split("\n", 1)
+        boxes = [prompts.format_box(normalized_box(o, cfg.image_size)) for o in sample.objects]
+        if context == "layout":
+            assert text == layout_caption(sample, cfg.image_size)
+            assert text.count(" is at [") == len(sample.objects) and all(b in text for b in boxes)
+        for (_, q), (_, a) in zip(doc[0::2], doc[1::2]):
+            q = first if q == doc[0][1] else q
+            kind = turn_kind(q)
+            kinds[context][kind] += 1
+            if kind == "grounding":
+                expr = q.rsplit(": ", 1)[1]
+                target = resolve_referring(expr, sample.objects, cfg.image_size)
+                assert len(target) == 1 and a == boxes[target[0]]
+            if kind == "spatial" and context == "layout":
+                assert any(prompts.vsr_prompt(st.text) == q and (a == prompts.TRUE) == st.label
+                           for st in sample.statements)
+    assert kinds["layout"]["grounding"] > 30 and kinds["layout"]["spatial"] > 20
+    assert not any(kinds[c]["detail"] for c in kinds)
+    assert not kinds["short"]["grounding"] and not kinds["long"]["grounding"]
+    assert not kinds["short"]["spatial"]
+
+
+def test_layout_caption_of_a_hand_built_sample():
+    from vlm.world.types import WorldObject
+    sample = generate_sample(0, 0, WorldConfig(n_train=1, n_eval=0, seed=0))
+    obj = WorldObject(shape="circle", color="red", size="small", box=(16, 8, 32, 40), center=(24.0, 24.0))
+    sample = dataclasses.replace(sample, objects=[obj])
+    assert layout_caption(sample, 64) == "The small red circle is at [0.25, 0.12, 0.50, 0.62]."

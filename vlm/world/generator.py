@@ -19,7 +19,7 @@ class masks record the topmost object, and each box is tight around the object's
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -194,8 +194,8 @@ def world_corpus(cfg: WorldConfig, indices: Iterable[int]) -> Iterator[str]:
         yield from world_text.sample_texts(generate_sample(index, cfg.seed, cfg), cfg.seed, cfg.image_size)
 
 
-def world_documents(cfg: WorldConfig, indices: Iterable[int], n_documents: int,
-                    n_turns: int) -> Iterator[list[tuple[str, str]]]:
+def world_documents(cfg: WorldConfig, indices: Iterable[int], n_documents: int, n_turns: int,
+                    contexts: Sequence[str] = ("short", "long")) -> Iterator[list[tuple[str, str]]]:
     """The world LM's per-image documents (``vlm.world.mix.image_documents``) for samples
     ``indices``, in order; existence negatives are sampled POPE-style over these samples only."""
     indices = list(indices)
@@ -203,4 +203,4 @@ def world_documents(cfg: WorldConfig, indices: Iterable[int], n_documents: int,
     exist = world_mix.existence_questions(objects, cfg.seed)
     for index in indices:
         sample = generate_sample(index, cfg.seed, cfg)
-        yield from world_mix.image_documents(sample, exist[sample.key], cfg, n_documents, n_turns)
+        yield from world_mix.image_documents(sample, exist[sample.key], cfg, n_documents, n_turns, contexts)

@@ -14,18 +14,24 @@ Both are lists of (human, gpt) turns drawn from one sample, each turn of a kind 
 A *document* (``image_document``) is a conversation in which the image is replaced by a caption: its
 first human turn starts ``{context}\\n``, so with stage two's plain text format (``vlm.model.processor``)
 it reads ``<s>{context}\\n{question}\\n{answer}</s>{question}\\n{answer}</s>...``, exactly a stage-two
-sequence with the caption where the image tokens go. The context is the short caption or the long
-caption; the answer to every exist, count and spatial question is determined by it (spatial
-statements in a document are drawn from the relations the long caption states, so they only appear
-with that context).
+sequence with the caption where the image tokens go. The context is one of ``CONTEXTS``:
+
+- ``short``: the short caption; exist and count questions;
+- ``long``: the long caption; also spatial statements, drawn from the relations it states;
+- ``layout``: each object with its box, "The small red circle is at [0.36, 0.28, 0.61, 0.53]."
+  (``layout_caption``); also every spatial statement of the image (decided by the boxes) and
+  grounding (the box copied from the context), so the LM learns the box grammar and to read boxes.
+
+The answer to every question of a document is determined by its context: kinds the context
+cannot decide (detail always; grounding without the layout) are left out.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from vlm.config import LLAVA_TURN_KINDS, WorldConfig
+from vlm.config import DOCUMENT_CONTEXTS, LLAVA_TURN_KINDS, WorldConfig
 from vlm.data import prompts
 from vlm.data.pope import SPLITS as POPE_WAYS
 from vlm.data.pope import build_pope
@@ -35,6 +41,7 @@ from vlm.world.vocab import OPPOSITE, PLURALS, SHAPES
 
 Turn = tuple[str, str]  # (prompt, answer)
 CONVERSE = {**OPPOSITE, "next to": "next to"}  # "a rel b" <=> "b CONVERSE[rel] a"
+CONTEXTS = DOCUMENT_CONTEXTS
 
 
 def existence_questions(image_objects: dict[str, set[str]], seed: int) -> dict[str, list[tuple[str, str]]]:
@@ -77,16 +84,19 @@ class TurnDrawer:
     """
 
     def __init__(self, sample: WorldSample, exist: list[tuple[str, str]], image_size: int,
-                 rng: np.random.Generator, statements: Optional[list[Statement]] = None):
+                 rng: np.random.Generator, statements: Optional[list[Statement]] = None,
+                 kinds: Optional[Iterable[str]] = None):
         self.sample, self.image_size, self.rng = sample, image_size, rng
+        self.kinds = set(LLAVA_TURN_KINDS if kinds is None else kinds)
         self.exist_pool = _pairs_shuffled(exist, rng)
         self.statement_pool = list(sample.statements if statements is None else statements)
         self._exist: list[tuple[str, str]] = []
         self._statements: list[Statement] = []
 
     def available(self, kind: str) -> bool:
-        """Whether this sample has turns of ``kind`` (spatial needs statements, exist questions)."""
-        return {"exist": bool(self.exist_pool), "spatial": bool(self.statement_pool)}.get(kind, True)
+        """Whether this sample has turns of ``kind`` (spatial needs statements, exist questions) and
+        the drawer allows it (``kinds``)."""
+        return kind in self.kinds and {"exist": bool(self.exist_pool), "spatial": bool(self.statement_pool)}.get(kind, True)
 
     def draw(self, kind: str) -> Turn:
         """One (prompt, answer) of ``kind`` (one of ``LLAVA_TURN_KINDS``)."""
@@ -162,20 +172,38 @@ def _as_conversation(turns: list[Turn], opening: str) -> list[tuple[str, str]]:
     return out
 
 
+def layout_caption(sample: WorldSample, image_size: int) -> str:
+    """Every object with its full phrase and box: 'The small red circle is at [0.36, 0.28, 0.61, 0.53].
+    The large blue star is at [...].' (the ``layout`` context)."""
+    return " ".join(f"The {o.size} {o.color} {o.shape} is at {prompts.format_box(normalized_box(o, image_size))}."
+                    for o in sample.objects)
+
+
+def document_context(sample: WorldSample, context: str, image_size: int) -> tuple[str, list[Statement], tuple[str, ...]]:
+    """(context text, the statements it decides, the turn kinds it decides) for one of ``CONTEXTS``."""
+    if context == "short":
+        return sample.captions["short"], [], ("caption", "exist", "count")
+    if context == "long":
+        return sample.long_caption, context_statements(sample, image_size), ("caption", "exist", "count", "spatial")
+    if context == "layout":
+        return (layout_caption(sample, image_size), list(sample.statements),
+                ("caption", "exist", "count", "spatial", "grounding"))
+    raise ValueError(f"unknown document context {context!r}; valid: {', '.join(CONTEXTS)}")
+
+
 def image_documents(sample: WorldSample, exist: list[tuple[str, str]], cfg: WorldConfig, n_documents: int,
-                    n_turns: int) -> list[list[tuple[str, str]]]:
+                    n_turns: int, contexts: Sequence[str] = ("short", "long")) -> list[list[tuple[str, str]]]:
     """The world LM's documents for one sample: ``n_documents`` conversations of ``n_turns`` turns
-    whose first human turn opens with a context caption instead of the image (module docstring).
-    Even documents take the short caption as context, odd ones the long caption (the only context
-    that gets spatial statements). Deterministic in (seed, index)."""
+    whose first human turn opens with a context instead of the image (module docstring). Document d
+    takes ``contexts[d % len(contexts)]``; each turn's kind is drawn with ``cfg.llava_mix`` among the
+    kinds that context decides. Deterministic in (seed, index)."""
     rng = np.random.default_rng([cfg.seed, sample.index, 3])
     docs = []
     for d in range(n_documents):
-        long = d % 2 == 1
-        drawer = TurnDrawer(sample, exist, cfg.image_size, rng,
-                            statements=context_statements(sample, cfg.image_size) if long else [])
+        text, statements, kinds = document_context(sample, contexts[d % len(contexts)], cfg.image_size)
+        drawer = TurnDrawer(sample, exist, cfg.image_size, rng, statements=statements, kinds=kinds)
         turns = [drawer.draw(k) for k in draw_kinds(drawer, cfg.llava_mix, n_turns, rng)]
-        docs.append(_as_conversation(turns, sample.long_caption if long else sample.captions["short"]))
+        docs.append(_as_conversation(turns, text))
     return docs
 
 

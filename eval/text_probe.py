@@ -9,7 +9,9 @@ tokens go::
     <s>{long caption}\\n{vsr_prompt(statement)}\\n -> "True" | "False"
 
 POPE gets the image's short caption (it names every object), VSR the long caption (the only one
-stating relations; it states one relation per pair, so some VSR statements are not decided by it).
+stating relations; it states one relation per pair, so some VSR statements are not decided by it:
+``text_probe_vsr_decided_acc`` is the accuracy on those it decides, the statements
+``vlm.world.mix.context_statements`` draws from it, as the LM's documents do).
 Answers are read as the harness reads them: "score" compares the summed log-probabilities of the
 choices (``eval.pope`` / ``eval.vsr`` score mode), "generate" parses greedy output with
 ``parse_yes_no`` / ``parse_true_false``; the metrics are ``eval.pope.pope_summary`` and
@@ -39,6 +41,7 @@ from vlm.data.tokenizer import load_tokenizer
 from vlm.files import loading_weights, read_json
 from vlm.model.processor import IGNORE_INDEX, VLMProcessor
 from vlm.world.generator import generate_sample
+from vlm.world.mix import context_statements
 
 TASK = "text_probe"
 MAX_NEW_TOKENS = 8
@@ -48,13 +51,15 @@ MODES = ("score", "generate")
 @dataclass
 class ProbeItem:
     """One probe question: ``prompt`` (context + question, stage two's human turn text), ``gold``
-    (True = yes / true), ``split`` (a POPE split or "vsr"), ``relation`` (VSR; "" for POPE), ``image``."""
+    (True = yes / true), ``split`` (a POPE split or "vsr"), ``relation`` (VSR; "" for POPE), ``image``,
+    ``decided`` (whether the context decides the answer; POPE: always)."""
 
     prompt: str
     gold: bool
     split: str
     relation: str
     image: str
+    decided: bool = True
 
 
 def world_config(world_dir: str | Path) -> WorldConfig:
@@ -76,8 +81,9 @@ def load_items(world_dir: str | Path, limit: Optional[int] = None) -> dict[str, 
     samples = {name: generate_sample(int(Path(name).stem), cfg.seed, cfg) for name in sorted(images)}
     out = {s: [ProbeItem(f"{samples[q.image].captions['short']}\n{pope_prompt(q.text)}", q.label == "yes", s, "",
                          q.image) for q in qs] for s, qs in pope.items()}
+    decided = {name: {st.text for st in context_statements(s, cfg.image_size)} for name, s in samples.items()}
     out["vsr"] = [ProbeItem(f"{samples[it.image].long_caption}\n{vsr_prompt(it.caption)}", bool(it.label), "vsr",
-                            it.relation, it.image) for it in vsr]
+                            it.relation, it.image, it.caption in decided[it.image]) for it in vsr]
     return out
 
 
@@ -132,7 +138,7 @@ def answer_items(lm, processor: VLMProcessor, items: Sequence[ProbeItem], mode: 
         texts = generate_answers(lm, processor, prompts)
         outputs = [{"text": t} for t in texts]
         answers = [parse_yes_no(t) == "yes" if is_pope else parse_true_false(t) for t in texts]
-    return [{"split": it.split, "image": it.image, "relation": it.relation, "prompt": it.prompt, **o,
+    return [{"split": it.split, "image": it.image, "relation": it.relation, "decided": it.decided, "prompt": it.prompt, **o,
              "answer": a, "gold": it.gold, "correct": a is not None and a == it.gold}
             for it, o, a in zip(items, outputs, answers)]
 
@@ -155,6 +161,10 @@ def probe_metrics(records: dict[str, list[dict[str, Any]]], mode: str) -> dict[s
         out["vsr"] = vsr_metrics([r["answer"] for r in vsr], [r["gold"] for r in vsr], [r["relation"] for r in vsr],
                                  margin(vsr))
         out["text_probe_vsr_acc"] = out["vsr"]["accuracy"]
+        decided = [r["correct"] for r in vsr if r.get("decided", True)]
+        out["text_probe_vsr_decided_n"] = len(decided)
+        if decided:
+            out["text_probe_vsr_decided_acc"] = sum(decided) / len(decided)
     return out
 
 
@@ -174,7 +184,8 @@ def run_text_probe(lm, tokenizer, items: dict[str, list[ProbeItem]], out_dir: Op
     summary = probe_metrics(records, mode)
     if out_dir is not None:
         rows = [[k, summary[k]] for k in ("text_probe_pope_acc", "text_probe_pope_f1", "text_probe_pope_yes_ratio",
-                                          "text_probe_vsr_acc") if k in summary]
+                                          "text_probe_vsr_acc", "text_probe_vsr_decided_acc",
+                                          "text_probe_vsr_decided_n") if k in summary]
         md = f"# {TASK} ({mode}): the caption instead of the image\n\n" + markdown_table(["metric", "value"], rows) + "\n"
         write_task_outputs(out_dir, TASK, summary, [r for rs in records.values() for r in rs], md)
     return summary

@@ -11,6 +11,7 @@ from vlm.data.prompts import NO, TRUE, YES, pope_prompt
 from vlm.data.tokenizer import train_bpe_tokenizer
 from vlm.world.export import export_world
 from vlm.world.generator import generate_sample
+from vlm.world.mix import context_statements
 
 CAPTIONS = ["A red star and a blue circle.", "Two green hearts."]
 SHAPES_ASKED = ["star", "heart", "circle", "ring"]
@@ -74,10 +75,12 @@ def test_score_choices_sums_the_choice_log_probs(tokenizer):
 
 
 def test_vsr_metrics_in_the_summary():
-    recs = {"vsr": [{"answer": True, "gold": True, "relation": "above", "margin": 1.0},
-                    {"answer": True, "gold": False, "relation": "below", "margin": 0.5}]}
+    recs = {"vsr": [{"answer": True, "gold": True, "relation": "above", "margin": 1.0, "correct": True, "decided": False},
+                    {"answer": True, "gold": False, "relation": "below", "margin": 0.5, "correct": False, "decided": True},
+                    {"answer": False, "gold": False, "relation": "below", "margin": -0.5, "correct": True, "decided": True}]}
     summary = probe_metrics(recs, "score")
-    assert summary["text_probe_vsr_acc"] == 0.5 and "text_probe_pope_acc" not in summary
+    assert summary["text_probe_vsr_acc"] == 2 / 3 and "text_probe_pope_acc" not in summary
+    assert summary["text_probe_vsr_decided_acc"] == 0.5 and summary["text_probe_vsr_decided_n"] == 2
 
 
 def test_load_items_puts_each_eval_images_caption_before_its_question(tmp_path):
@@ -93,4 +96,8 @@ def test_load_items_puts_each_eval_images_caption_before_its_question(tmp_path):
             context, question = it.prompt.split("\n", 1)
             assert context == (sample.long_caption if split == "vsr" else sample.captions["short"])
             assert question.startswith("The " if split == "vsr" else "Is there")
+            if split == "vsr":  # decided: the long caption states the relation, its converse or its opposite
+                stated = {st.text for st in context_statements(sample, cfg.image_size)}
+                assert it.decided == (question.split(" Is this")[0] in stated)
     assert sum(it.gold for it in got["random"]) * 2 == len(got["random"])
+    assert 0 < sum(it.decided for it in got["vsr"]) < len(got["vsr"])

@@ -47,6 +47,7 @@ RESULT_KEYS: dict[str, tuple[str, str]] = {
     "oracle_vsr_acc": ("oracle", "vsr/accuracy"),
     "text_probe_pope_acc": ("lm", "text_probe_pope_acc"),
     "text_probe_vsr_acc": ("lm", "text_probe_vsr_acc"),
+    "text_probe_vsr_decided_acc": ("lm", "text_probe_vsr_decided_acc"),
 }
 ENCODER_KEYS = [k for k, (src, _) in RESULT_KEYS.items() if src == "encoder"]
 VLM_KEYS = [k for k, (src, _) in RESULT_KEYS.items() if src == "vlm"]

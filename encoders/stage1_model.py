@@ -169,6 +169,11 @@ class Stage1Model(nn.Module):
         out["num_tokens"] = batch["attention_mask"].sum()
         return out
 
+    def optimizer_overrides(self) -> dict[str, dict]:
+        """The objective's per-parameter settings (``Objective.optimizer_overrides``) under ``objective.``,
+        read by ``training.optim.build_optimizer``."""
+        return {f"objective.{k}": v for k, v in self.objective.optimizer_overrides().items()}
+
     def after_optimizer_step(self) -> None:
         """The training loop's post-step hook: the objective clamps its learned scales in place
         (open_clip's ``logit_scale.clamp_(0, math.log(100))`` after ``optimizer.step()``)."""

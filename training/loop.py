@@ -202,7 +202,7 @@ def _start(model: nn.Module, make_batches: MakeBatches, optim: OptimConfig, run:
     seed_everything(run.seed + info.rank)
     model.to(info.device)
     wrapped = parallel.wrap(model, info, run)
-    overrides = getattr(parallel.unwrap(wrapped), "optimizer_overrides", dict)()  # stage two's per-module lr / decay
+    overrides = getattr(parallel.unwrap(wrapped), "optimizer_overrides", dict)()  # per-module / per-parameter lr, decay
     opt, sched = build_optimizer(wrapped, optim, overrides)
     r = _Run(info=info, optim=optim, run=run, out_dir=out_dir, model=model, wrapped=wrapped, opt=opt, sched=sched)
     if latest is not None:

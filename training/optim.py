@@ -82,9 +82,20 @@ def param_groups(model: nn.Module, weight_decay: float, overrides: Optional[dict
 def build_optimizer(model: nn.Module, optim: OptimConfig,
                     overrides: Optional[dict[str, dict]] = None) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``param_groups(model, ., overrides)`` and the warmup + cosine ``LambdaLR`` (stepped
-    once per optimiser step; a group's own ``lr`` follows the same schedule)."""
+    once per optimiser step; a group's own ``lr`` follows the same schedule). An override may give
+    ``lr_mult`` instead of ``lr``: ``optim.lr`` times it."""
+    overrides = {k: _absolute_lr(v, optim.lr) for k, v in (overrides or {}).items()}
     groups = param_groups(model, optim.weight_decay, overrides)
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio))
     return opt, sched
+
+
+def _absolute_lr(setting: dict, lr: float) -> dict:
+    """An override with ``lr_mult`` -> the same with ``lr = lr * lr_mult``."""
+    if "lr_mult" not in setting:
+        return setting
+    out = {k: v for k, v in setting.items() if k != "lr_mult"}
+    out["lr"] = lr * setting["lr_mult"]
+    return out

@@ -42,6 +42,10 @@ class ObjectiveConfig:
     # Distributed global terms: all-gather with gradients. False gathers without them: only the local
     # slice gets gradient, which biases the gradient (not the concatenated-batch one); see gather.py.
     gather_with_grad: bool = True
+    # Learning-rate multiplier for the objective's logit scale and bias (``Objective.optimizer_overrides``).
+    # 1 = the papers' (one lr for all). Adam moves a scalar by ~lr a step, so in a few hundred steps at
+    # lr 1e-3 SigLIP's t = exp(t') and b barely leave their init (10, -10); short recipes raise it.
+    logit_lr_mult: float = 1.0
 
     encoder_defaults: ClassVar[dict[str, Any]] = {"pool": "cls", "global_mlp": False, "local_heads": False}
     uses_local_embeddings: ClassVar[bool] = False
@@ -51,6 +55,7 @@ class ObjectiveConfig:
         require(self.name == own, "objective.name", f"{self.name!r} does not match {type(self).__name__} ({own!r})")
         require(self.max_logit_scale >= 1, "objective.max_logit_scale",
                 f"must be >= 1 (the log-scale is clamped to [0, ln max]), got {self.max_logit_scale}")
+        require(self.logit_lr_mult > 0, "objective.logit_lr_mult", f"must be > 0, got {self.logit_lr_mult}")
 
 
 class LogScale(nn.Module):
@@ -147,3 +152,12 @@ class Objective(nn.Module):
         for module in self.modules():
             if isinstance(module, LogScale):
                 module.clamp_()
+
+    def optimizer_overrides(self) -> dict[str, dict]:
+        """Parameter-name prefix (relative to this module) -> {"lr_mult": ``cfg.logit_lr_mult``} for its
+        logit scales (each ``LogScale``) and ``logit_bias``; empty at multiplier 1."""
+        if self.cfg.logit_lr_mult == 1.0:
+            return {}
+        names = [name for name, m in self.named_modules() if isinstance(m, LogScale)]
+        names += [name for name, _ in self.named_parameters() if name.split(".")[-1] == "logit_bias"]
+        return {name: {"lr_mult": self.cfg.logit_lr_mult} for name in names}

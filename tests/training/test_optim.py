@@ -67,3 +67,23 @@ def test_build_optimizer_applies_config_and_schedule():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.5 * lr_factor(s, 2, 6, 0.1) for s in range(7)])
+
+
+@pytest.mark.parametrize("name", ["siglip", "flair", "clip", "sparc"])
+def test_logit_lr_mult_gives_the_logit_scale_and_bias_their_own_lr(name):
+    """objective.logit_lr_mult: the objective's logit scale (and SigLIP / FLAIR's bias) train at
+    optim.lr times it, every other parameter at optim.lr; at 1 there is no extra group."""
+    from encoders.registry import build_objective, objective_config_class
+    cfg = objective_config_class(name)(logit_lr_mult=10.0)
+    model = nn.Module()
+    model.objective = build_objective(cfg, 16, 16)
+    model.proj = nn.Linear(4, 4)
+    overrides = {f"objective.{k}": v for k, v in model.objective.optimizer_overrides().items()}
+    opt, _ = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.1, warmup_steps=1, max_steps=10), overrides)
+    fast = {n for g in opt.param_groups if g["initial_lr"] == pytest.approx(1e-2) for n in g["names"]}
+    scalars = {n for n, _ in model.objective.named_parameters() if n.endswith(("log_scale", "logit_bias"))}
+    assert fast == {f"objective.{n}" for n in scalars} and any("log_scale" in n for n in fast)
+    assert ("objective.logit_bias" in fast) == (name in ("siglip", "flair"))
+    assert all(g["initial_lr"] == pytest.approx(1e-3) for g in opt.param_groups if not set(g["names"]) & fast)
+    assert objective_config_class(name)().logit_lr_mult == 1.0 and not build_objective(
+        objective_config_class(name)(), 16, 16).optimizer_overrides()

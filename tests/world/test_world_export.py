@@ -12,6 +12,7 @@ from vlm.data.formats import (read_coco_captions, read_coco_instances, read_llav
                               read_vsr)
 from vlm.data.pope import build_pope
 from vlm.data.shards import ShardStream
+from vlm.files import VlmError
 from vlm.world.export import ensure_world, export_world, llava_records, shard_caption
 from vlm.world.generator import generate_sample
 from vlm.world.vocab import SHAPES
@@ -132,3 +133,16 @@ def test_ensure_world_reuses_and_reexports(tmp_path):
     ensure_world(tmp_path, cfg2)
     assert json.loads((tmp_path / "world.json").read_text())["config"]["seed"] == 1
     assert len(list((tmp_path / "images").glob("*.jpg"))) == 7  # stale images of the old world removed
+
+
+def test_ensure_world_without_replace_never_overwrites_another_world(tmp_path):
+    """`vlm train` points at anyone's export: a world of other settings is an error naming the
+    differing keys, and its files stay as they were."""
+    cfg = WorldConfig(n_train=6, n_eval=3)
+    ensure_world(tmp_path, cfg, replace=False)  # nothing there yet: exported
+    stamp = (tmp_path / "world.json").stat().st_mtime_ns
+    with pytest.raises(VlmError, match=r"world.n_eval: 3 there, 4 here.*world.seed: 0 there, 1 here"):
+        ensure_world(tmp_path, WorldConfig(n_train=6, n_eval=4, seed=1), replace=False)
+    assert (tmp_path / "world.json").stat().st_mtime_ns == stamp
+    assert len(list((tmp_path / "images").glob("*.jpg"))) == 9
+    assert ensure_world(tmp_path, cfg, replace=False) == tmp_path

@@ -27,7 +27,8 @@ def load_recipe_config(name: str, config_path: Optional[str], overrides: list[st
 
 def make_world(recipe: Recipe, cfg: Any) -> Optional[Path]:
     """Export the synthetic world ``cfg.world`` into ``recipe.world_dir(cfg)`` unless it is already
-    there (``ensure_world``); returns that dir, or None when the recipe reads other data.
+    there (``ensure_world``); a world of other settings there is an error, never overwritten.
+    Returns that dir, or None when the recipe reads other data.
 
     Under torchrun every rank runs the CLI: the process group is set up here (the recipe's ``run``
     reuses it), rank 0 alone exports and every rank waits at a barrier until it is done.
@@ -37,7 +38,7 @@ def make_world(recipe: Recipe, cfg: Any) -> Optional[Path]:
         return None
     distributed.setup(cfg.run.device)
     if distributed.is_main():
-        ensure_world(world_dir, cfg.world)
+        ensure_world(world_dir, cfg.world, replace=False)  # never overwrite another world someone made
     distributed.barrier()
     return world_dir
 

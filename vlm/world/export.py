@@ -282,9 +282,13 @@ def export_world(out_dir: str | Path, cfg: WorldConfig, progress: bool = True,
     return counts
 
 
-def ensure_world(out_dir: str | Path, cfg: WorldConfig) -> Path:
+def ensure_world(out_dir: str | Path, cfg: WorldConfig, replace: bool = True) -> Path:
     """``out_dir`` holding the world ``cfg``: reused when its ``world.json`` records the same config
-    (and format version), exported otherwise. Returns ``Path(out_dir)``."""
+    (and format version), exported otherwise. Returns ``Path(out_dir)``.
+
+    ``replace=False`` (``vlm train``, whose ``data.world_dir`` may be anyone's export) refuses to
+    overwrite a complete world made with other settings: a ``VlmError`` naming the keys that differ.
+    """
     out = Path(out_dir)
     meta_path = out / "world.json"
     if meta_path.is_file():
@@ -292,7 +296,18 @@ def ensure_world(out_dir: str | Path, cfg: WorldConfig) -> Path:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError:
             meta = {}
-        if meta.get("config") == dataclasses.asdict(cfg) and meta.get("format_version") == FORMAT_VERSION:
+        wanted = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        if meta.get("config") == wanted and meta.get("format_version") == FORMAT_VERSION:
             return out
+        if not replace and isinstance(meta.get("config"), dict) and meta.get("format_version") == FORMAT_VERSION:
+            raise VlmError(f"{out} holds a world made with other settings ({config_difference(meta['config'], wanted)}); "
+                           f"not overwriting it: give the recipe that world's settings, or another data.world_dir")
     export_world(out, cfg, progress=True)
     return out
+
+
+def config_difference(have: dict, want: dict) -> str:
+    """'world.n_eval: 300 there, 500 here; ...' for the keys whose values differ (at most 4 named)."""
+    keys = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    parts = [f"world.{k}: {have.get(k)} there, {want.get(k)} here" for k in keys[:4]]
+    return "; ".join(parts) + (f"; and {len(keys) - 4} more" if len(keys) > 4 else "")

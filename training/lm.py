@@ -112,6 +112,15 @@ def build_image_documents(cfg: LMConfig) -> list[Conversation]:
     return docs
 
 
+def tokenizer_texts(cfg: LMConfig, conversations: list[Conversation]) -> list[str]:
+    """What the BPE of image documents is trained on: the documents' texts and every text of the
+    same world samples (``world_corpus``: stage two's prompts, boxes and captions too), so the
+    tokenizer the VLM inherits is compact on text the documents may not hold (a box is 9 tokens,
+    one per number; trained on captions alone it would be ~24, one per character)."""
+    texts = [text for doc in conversations for _, text in doc]
+    return texts + list(world_corpus(cfg.world, _train_indices(cfg)))
+
+
 def encode_image_documents(tokenizer: PreTrainedTokenizerBase, docs: list[Conversation],
                            max_len: int) -> list[tuple[list[int], list[int]]]:
     """(token ids, answer labels) of each document in stage two's plain text format without image
@@ -216,7 +225,7 @@ def _corpus_blocks(cfg: LMConfig, resuming: bool):
         blocks = pack_blocks(tokenize_documents(tokenizer, docs), cfg.data.block_size, seed=cfg.run.seed)
         return blocks, blocks, tokenizer, len(docs)
     conversations = build_image_documents(cfg)
-    tokenizer = _tokenizer(cfg, [text for doc in conversations for _, text in doc], resuming)
+    tokenizer = _tokenizer(cfg, tokenizer_texts(cfg, conversations), resuming)
     encoded = encode_image_documents(tokenizer, conversations, cfg.data.block_size)
     if cfg.data.loss_on == "all":
         encoded = [(ids, ids) for ids, _ in encoded]

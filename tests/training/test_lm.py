@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training.lm import (build_corpus, build_image_documents, encode_image_documents, pack_blocks, pack_documents, run,
-                         tokenize_documents)
+                         tokenize_documents, tokenizer_texts)
 from vlm.data.tokenizer import train_bpe_tokenizer
 from vlm.config import replace, LMConfig, LMModelConfig, OptimConfig, RunConfig, TextDataConfig, WorldConfig
 
@@ -114,7 +114,21 @@ def test_tiny_world_lm_on_image_documents(tmp_path):
     final = run(cfg)
     rows = [json.loads(ln) for ln in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 10 and rows[-1]["loss"] < rows[0]["loss"]
-    assert AutoModelForCausalLM.from_pretrained(final).config.vocab_size == len(AutoTokenizer.from_pretrained(final))
+    tok = AutoTokenizer.from_pretrained(final)
+    assert AutoModelForCausalLM.from_pretrained(final).config.vocab_size == len(tok)
+
+
+def test_image_document_tokenizer_is_compact_on_what_stage_two_shows():
+    """The documents hold no box (their mix has no grounding), yet the tokenizer trained with them
+    has seen the world's stage-two texts: a box is one token per number, the grounding prompt short."""
+    from vlm.data.prompts import format_box, grounding_prompt
+    cfg = LMConfig(data=TextDataConfig(max_world_samples=200, mix={"exist": 1.0, "count": 1.0}),
+                   world=WorldConfig(n_train=200, n_eval=0, seed=2), run=RunConfig(progress=False))
+    docs = build_image_documents(cfg)
+    assert not any("[0." in text for doc in docs for _, text in doc)
+    tok = train_bpe_tokenizer(tokenizer_texts(cfg, docs), vocab_size=1024, add_bos=False, add_eos=False)
+    assert len(tok(format_box((0.36, 0.28, 0.61, 0.53)))["input_ids"]) == 9
+    assert len(tok(grounding_prompt("the red circle"))["input_ids"]) < 40
 
 
 def test_pack_documents_one_per_block():

@@ -260,9 +260,10 @@ class TextDataConfig:
     documents: str = "image"
     documents_per_image: int = 2
     turns_per_document: int = 4
-    # Image documents: document d of an image takes context contexts[d % len]: "short" / "long"
-    # caption, or "layout" (every object with its box; adds grounding turns and every spatial
-    # statement; ``vlm.world.mix``). Each document only asks what its context decides.
+    # Image documents: the contexts cycle over the corpus's documents (image i's document d takes
+    # contexts[(i * documents_per_image + d) % len]): "short" / "long" caption, or "layout" (every
+    # object with its box; adds grounding turns and every spatial statement; ``vlm.world.mix``).
+    # Each document only asks what its context decides.
     contexts: list[str] = field(default_factory=lambda: ["short", "long"])
     # Image documents: predict only the answers ("answers", as instruction tuning does: the loss
     # is then all on what must be read from the context) or every token ("all").

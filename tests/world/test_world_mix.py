@@ -178,3 +178,12 @@ def test_layout_caption_of_a_hand_built_sample():
     obj = WorldObject(shape="circle", color="red", size="small", box=(16, 8, 32, 40), center=(24.0, 24.0))
     sample = dataclasses.replace(sample, objects=[obj])
     assert layout_caption(sample, 64) == "The small red circle is at [0.25, 0.12, 0.50, 0.62]."
+
+
+def test_contexts_cycle_over_the_corpus():
+    """contexts [short, long, short, long, layout] with 2 documents an image: 1 in 5 documents is a layout one."""
+    cfg = WorldConfig(n_train=50, n_eval=0, seed=4)
+    docs = list(world_documents(cfg, range(50), n_documents=2, n_turns=2,
+                                contexts=("short", "long", "short", "long", "layout")))
+    layout = [d for d, doc in enumerate(docs) if " is at [" in doc[0][1].split("\n", 1)[0]]
+    assert layout == list(range(4, 100, 5))

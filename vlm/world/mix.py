@@ -195,12 +195,14 @@ def image_documents(sample: WorldSample, exist: list[tuple[str, str]], cfg: Worl
                     n_turns: int, contexts: Sequence[str] = ("short", "long")) -> list[list[tuple[str, str]]]:
     """The world LM's documents for one sample: ``n_documents`` conversations of ``n_turns`` turns
     whose first human turn opens with a context instead of the image (module docstring). Document d
-    takes ``contexts[d % len(contexts)]``; each turn's kind is drawn with ``cfg.llava_mix`` among the
-    kinds that context decides. Deterministic in (seed, index)."""
+    takes ``contexts[(index * n_documents + d) % len(contexts)]`` (the list cycles over the corpus, so a
+    context listed once of k gets 1/k of the documents); each turn's kind is drawn with ``cfg.llava_mix``
+    among the kinds that context decides. Deterministic in (seed, index)."""
     rng = np.random.default_rng([cfg.seed, sample.index, 3])
     docs = []
     for d in range(n_documents):
-        text, statements, kinds = document_context(sample, contexts[d % len(contexts)], cfg.image_size)
+        context = contexts[(sample.index * n_documents + d) % len(contexts)]
+        text, statements, kinds = document_context(sample, context, cfg.image_size)
         drawer = TurnDrawer(sample, exist, cfg.image_size, rng, statements=statements, kinds=kinds)
         turns = [drawer.draw(k) for k in draw_kinds(drawer, cfg.llava_mix, n_turns, rng)]
         docs.append(_as_conversation(turns, text))

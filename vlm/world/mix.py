@@ -16,11 +16,12 @@ first human turn starts ``{context}\\n``, so with stage two's plain text format 
 it reads ``<s>{context}\\n{question}\\n{answer}</s>{question}\\n{answer}</s>...``, exactly a stage-two
 sequence with the caption where the image tokens go. The context is one of ``CONTEXTS``:
 
-- ``short``: the short caption; exist and count questions;
+- ``short``: the short caption; caption, exist and count turns;
 - ``long``: the long caption; also spatial statements, drawn from the relations it states;
 - ``layout``: each object with its box, "The small red circle is at [0.36, 0.28, 0.61, 0.53]."
   (``layout_caption``); also every spatial statement of the image (decided by the boxes) and
-  grounding (the box copied from the context), so the LM learns the box grammar and to read boxes.
+  grounding (the box copied from the context): the box grammar and box reading to learn (what a
+  1000-step tiny LM learns of it: ``configs/lm/tiny_world.yaml``).
 
 The answer to every question of a document is determined by its context: kinds the context
 cannot decide (detail always; grounding without the layout) are left out.

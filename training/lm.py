@@ -113,11 +113,13 @@ def build_image_documents(cfg: LMConfig) -> list[Conversation]:
 
 
 def tokenizer_texts(cfg: LMConfig, conversations: list[Conversation]) -> list[str]:
-    """What the BPE of image documents is trained on: the documents' texts and every text of the
-    same world samples (``world_corpus``: stage two's prompts, boxes and captions too), so the
-    tokenizer the VLM inherits is compact on text the documents may not hold (a box is 9 tokens,
-    one per number; trained on captions alone it would be ~24, one per character)."""
+    """What the BPE of image documents is trained on: the documents' texts, and with
+    ``data.tokenizer_corpus: world`` every text of the same world samples too (``world_corpus``:
+    stage two's prompts, boxes and captions), so the tokenizer the VLM inherits is compact on text
+    the documents do not hold (a box is 9 tokens, one per number, instead of ~24, one per character)."""
     texts = [text for doc in conversations for _, text in doc]
+    if cfg.data.tokenizer_corpus == "documents":
+        return texts
     return texts + list(world_corpus(cfg.world, _train_indices(cfg)))
 
 

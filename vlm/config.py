@@ -265,6 +265,10 @@ class TextDataConfig:
     # object with its box; adds grounding turns and every spatial statement; ``vlm.world.mix``).
     # Each document only asks what its context decides.
     contexts: list[str] = field(default_factory=lambda: ["short", "long"])
+    # Image documents: what the BPE is trained on. "documents": their texts only (boxes and stage
+    # two's other prompts, which they never hold, then tokenise one character at a time); "world":
+    # also every text of the same world samples (a box is 9 tokens; ``training.lm.tokenizer_texts``).
+    tokenizer_corpus: str = "documents"
     # Image documents: predict only the answers ("answers", as instruction tuning does: the loss
     # is then all on what must be read from the context) or every token ("all").
     loss_on: str = "answers"
@@ -277,6 +281,7 @@ class TextDataConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.documents, "data.documents", LM_DOCUMENT_FORMATS)
+        _one_of(self.tokenizer_corpus, "data.tokenizer_corpus", ("documents", "world"))
         _check(len(self.contexts) > 0, "data.contexts", "needs at least one context")
         for c in self.contexts:
             _one_of(c, "data.contexts", DOCUMENT_CONTEXTS)

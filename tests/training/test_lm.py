@@ -119,16 +119,21 @@ def test_tiny_world_lm_on_image_documents(tmp_path):
 
 
 def test_image_document_tokenizer_is_compact_on_what_stage_two_shows():
-    """The documents hold no box (their mix has no grounding), yet the tokenizer trained with them
-    has seen the world's stage-two texts: a box is one token per number, the grounding prompt short."""
+    """The documents hold no box (their mix has no grounding), yet with data.tokenizer_corpus=world the
+    tokenizer has seen the world's stage-two texts: a box is one token per number, the grounding prompt short."""
     from vlm.data.prompts import format_box, grounding_prompt
-    cfg = LMConfig(data=TextDataConfig(max_world_samples=200, mix={"exist": 1.0, "count": 1.0}),
+    cfg = LMConfig(data=TextDataConfig(max_world_samples=200, mix={"exist": 1.0, "count": 1.0}, tokenizer_corpus="world"),
                    world=WorldConfig(n_train=200, n_eval=0, seed=2), run=RunConfig(progress=False))
     docs = build_image_documents(cfg)
     assert not any("[0." in text for doc in docs for _, text in doc)
     tok = train_bpe_tokenizer(tokenizer_texts(cfg, docs), vocab_size=1024, add_bos=False, add_eos=False)
     assert len(tok(format_box((0.36, 0.28, 0.61, 0.53)))["input_ids"]) == 9
     assert len(tok(grounding_prompt("the red circle"))["input_ids"]) < 40
+    # the default trains on the documents alone: a box is then one token per character
+    cfg = replace(cfg, data=replace(cfg.data, tokenizer_corpus="documents"))
+    assert tokenizer_texts(cfg, docs) == [text for doc in docs for _, text in doc]
+    with pytest.raises(ValueError, match="data.tokenizer_corpus"):
+        TextDataConfig(tokenizer_corpus="bogus")
 
 
 def test_pack_documents_one_per_block():

@@ -22,9 +22,7 @@ never exports one (``vlm train`` / ``vlm demo`` do, see ``vlm.cli.train``).
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -35,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlm.config import ConfigError, ShardDataConfig, WorldConfig
 from vlm.data.shards import ShardStream
 from vlm.world.arrays import TrainArrays
-from vlm.world.export import FORMAT_VERSION
+from vlm.world.export import is_world, world_meta
 
 # (position, sample) pairs -> one micro-batch; ``worker`` is the DataLoader worker (0 in-process).
 Collate = Callable[[list[tuple[int, dict]], int], dict]
@@ -177,16 +175,10 @@ def world_dir_for(world_dir: str | Path, world: WorldConfig, what: str, alternat
     data the recipe needs, ``alternative`` the config key that points at other data."""
     out = Path(world_dir)
     make = f"run `vlm world --out {out}` (or `vlm train`, which makes it) or set {alternative}"
-    meta_path = out / "world.json"
-    if not meta_path.is_file():
+    if not (out / "world.json").is_file():
         raise FileNotFoundError(f"no {what} in {out} (no world.json): {make}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        meta = {}
     # The recipe also derives text from ``world`` (the tokenizer corpus), so the files must be that world.
-    wanted = json.loads(json.dumps(dataclasses.asdict(world)))
-    if meta.get("config") != wanted or meta.get("format_version") != FORMAT_VERSION:
+    if not is_world(world_meta(out), world):
         raise FileNotFoundError(f"the world in {out} was made with another config than this recipe's "
                                 f"world section: {make}")
     return out

@@ -282,6 +282,22 @@ def export_world(out_dir: str | Path, cfg: WorldConfig, progress: bool = True,
     return counts
 
 
+def world_meta(out_dir: str | Path) -> dict:
+    """The export's ``world.json`` as a dict; {} when missing or unreadable (no complete world)."""
+    meta_path = Path(out_dir) / "world.json"
+    if not meta_path.is_file():
+        return {}
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def is_world(meta: dict, cfg: WorldConfig) -> bool:
+    """Whether ``world_meta``'s record is the world ``cfg`` in this format version."""
+    return meta.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg))) and meta.get("format_version") == FORMAT_VERSION
+
+
 def ensure_world(out_dir: str | Path, cfg: WorldConfig, replace: bool = True) -> Path:
     """``out_dir`` holding the world ``cfg``: reused when its ``world.json`` records the same config
     (and format version), exported otherwise. Returns ``Path(out_dir)``.
@@ -290,24 +306,20 @@ def ensure_world(out_dir: str | Path, cfg: WorldConfig, replace: bool = True) ->
     overwrite a complete world made with other settings: a ``VlmError`` naming the keys that differ.
     """
     out = Path(out_dir)
-    meta_path = out / "world.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            meta = {}
-        wanted = json.loads(json.dumps(dataclasses.asdict(cfg)))
-        if meta.get("config") == wanted and meta.get("format_version") == FORMAT_VERSION:
-            return out
-        if not replace and isinstance(meta.get("config"), dict) and meta.get("format_version") == FORMAT_VERSION:
-            raise VlmError(f"{out} holds a world made with other settings ({config_difference(meta['config'], wanted)}); "
-                           f"not overwriting it: give the recipe that world's settings, or another data.world_dir")
+    meta = world_meta(out)
+    if is_world(meta, cfg):
+        return out
+    if not replace and isinstance(meta.get("config"), dict) and meta.get("format_version") == FORMAT_VERSION:
+        raise VlmError(f"{out} holds a world made with other settings ({config_difference(meta['config'], cfg)}); "
+                       f"not overwriting it: give the recipe that world's settings, or another data.world_dir")
     export_world(out, cfg, progress=True)
     return out
 
 
-def config_difference(have: dict, want: dict) -> str:
-    """'world.n_eval: 300 there, 500 here; ...' for the keys whose values differ (at most 4 named)."""
+def config_difference(have: dict, cfg: WorldConfig) -> str:
+    """'world.n_eval: 300 there, 500 here; ...': the keys whose values in a recorded config ``have``
+    differ from ``cfg``'s (at most 4 named)."""
+    want = json.loads(json.dumps(dataclasses.asdict(cfg)))
     keys = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
     parts = [f"world.{k}: {have.get(k)} there, {want.get(k)} here" for k in keys[:4]]
     return "; ".join(parts) + (f"; and {len(keys) - 4} more" if len(keys) > 4 else "")

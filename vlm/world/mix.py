@@ -14,7 +14,7 @@ Both are lists of (human, gpt) turns drawn from one sample, each turn of a kind 
 A *document* (``image_document``) is a conversation in which the image is replaced by a caption: its
 first human turn starts ``{context}\\n``, so with stage two's plain text format (``vlm.model.processor``)
 it reads ``<s>{context}\\n{question}\\n{answer}</s>{question}\\n{answer}</s>...``, exactly a stage-two
-sequence with the caption where the image tokens go. The context is one of ``CONTEXTS``:
+sequence with the caption where the image tokens go. The context is one of ``vlm.config.DOCUMENT_CONTEXTS``:
 
 - ``short``: the short caption; caption, exist and count turns;
 - ``long``: the long caption; also spatial statements, drawn from the relations it states;
@@ -42,7 +42,6 @@ from vlm.world.vocab import OPPOSITE, PLURALS, SHAPES
 
 Turn = tuple[str, str]  # (prompt, answer)
 CONVERSE = {**OPPOSITE, "next to": "next to"}  # "a rel b" <=> "b CONVERSE[rel] a"
-CONTEXTS = DOCUMENT_CONTEXTS
 
 
 def existence_questions(image_objects: dict[str, set[str]], seed: int) -> dict[str, list[tuple[str, str]]]:
@@ -181,7 +180,7 @@ def layout_caption(sample: WorldSample, image_size: int) -> str:
 
 
 def document_context(sample: WorldSample, context: str, image_size: int) -> tuple[str, list[Statement], tuple[str, ...]]:
-    """(context text, the statements it decides, the turn kinds it decides) for one of ``CONTEXTS``."""
+    """(context text, the statements it decides, the turn kinds it decides) for one of ``DOCUMENT_CONTEXTS``."""
     if context == "short":
         return sample.captions["short"], [], ("caption", "exist", "count")
     if context == "long":
@@ -189,7 +188,7 @@ def document_context(sample: WorldSample, context: str, image_size: int) -> tupl
     if context == "layout":
         return (layout_caption(sample, image_size), list(sample.statements),
                 ("caption", "exist", "count", "spatial", "grounding"))
-    raise ValueError(f"unknown document context {context!r}; valid: {', '.join(CONTEXTS)}")
+    raise ValueError(f"unknown document context {context!r}; valid: {', '.join(DOCUMENT_CONTEXTS)}")
 
 
 def image_documents(sample: WorldSample, exist: list[tuple[str, str]], cfg: WorldConfig, n_documents: int,

@@ -666,9 +666,13 @@ class DemoConfig(PipelineConfig):
     oracle_tasks: list[str] = field(default_factory=lambda: ["pope", "vsr"])
     # The oracle's clean grid needs a fifth of the headline's stage-two steps (POPE 0.99 at 500 x 16, 0.78 at 300)
     oracle_overrides: list[str] = field(default_factory=lambda: ["optim.max_steps=500"])
+    # Stages and evals run side by side, each in its own process with threads/jobs torch threads
+    # (`vlm.cli.jobs`); 1 = one after another in this process. Two pay on 2 cores: see the README.
+    jobs: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self.jobs >= 1, "jobs", "must be >= 1")
         for o in self.objectives:
             _one_of(o, "objectives", OBJECTIVE_NAMES)
         _one_of(self.maskembed_teacher, "maskembed_teacher", tuple(self.objectives))

@@ -10,9 +10,12 @@ Every stage's config is resolved before the first one starts, so a bad value fai
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
+
+import torch
 
 from eval.encoder import REPORT_COLUMNS as ENCODER_COLUMNS
 from eval.encoder import run as run_encoder_eval
@@ -22,8 +25,9 @@ from eval.report import (cached_json, jsonable, markdown_table, metrics_table, p
 from eval.tasks import VLM_REPORT_COLUMNS
 from eval.text_probe import probe_llm
 from training.runlock import RunLock
-from vlm.cli.pipeline import (Stage, Timings, flatten_metrics, make_stage, run_stage, stage1_init, stage2_features,
-                              start_run, timed, tower_stage)
+from vlm.cli.jobs import Job, run_jobs
+from vlm.cli.pipeline import (Stage, Timings, flatten_metrics, make_stage, stage1_init, stage2_features, stage_needs,
+                              start_run, timed, tower_stage, train_stage)
 from vlm.cli.results import chance_levels, headline_results, majority_rate, pointing_chance, results_markdown
 from vlm.config import DemoConfig, load_config
 from vlm.data.formats import read_vsr
@@ -74,19 +78,21 @@ def run_demo(out: str | Path, config_path: str | None = None, overrides: list[st
 
 def _run_demo(cfg: DemoConfig, stages: dict[str, Stage]) -> Path:
     """``run_demo``'s work, under the out dir's lock: every stage (reused when final, resumed when
-    checkpointed), the evals (reused when their summary reads), the figures and the report."""
+    checkpointed) and eval (reused when its summary reads), ``cfg.jobs`` at a time, then the
+    figures and the report."""
     out, timings = start_run(cfg, "demo.yaml")
     t_start = time.perf_counter()
 
     world_dir = out / "world"
     timed("world", timings, ensure_world, world_dir, cfg.world)
-    for stage in stages.values():
-        run_stage(stage, timings)
-    encoder_rows, heatmaps = encoder_evals(cfg, stages, world_dir, timings)
-    vlm_rows = vlm_evals(cfg, stages, world_dir, timings)
+    evals = eval_jobs(cfg, stages, world_dir)
+    run_jobs([*stage_jobs(cfg, stages), *evals], timings, cfg.jobs, job_threads(cfg.jobs, cfg.threads), out / "logs")
+    summaries = {job.name: json.loads(Path(job.done).read_text()) for job in evals}
+    encoder_rows, heatmaps = encoder_results(cfg, stages, summaries)
+    vlm_rows = {name: flatten_metrics(summaries[f"eval vlm {name}"]) for name in vlm_stages(stages)}
     sources = {"encoder": encoder_rows.get(f"stage1/{cfg.stage2_tower}", {}),
                "vlm": vlm_rows.get(f"stage2/{cfg.headline_bridge}", {}),
-               **control_evals(cfg, stages, world_dir, timings), "lm": lm_rows(cfg, stages, world_dir, timings)}
+               **control_results(cfg, summaries), "lm": flatten_metrics(summaries["eval text probe"])}
     curves = copy_figures(out, stages, world_dir)
     total = time.perf_counter() - t_start
     results = write_results(out, cfg, sources, encoder_rows, vlm_rows, total, timings)
@@ -96,24 +102,73 @@ def _run_demo(cfg: DemoConfig, stages: dict[str, Stage]) -> Path:
     return report
 
 
-def encoder_evals(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path,
-                  timings: Timings) -> tuple[dict[str, dict[str, float]], dict[str, Path]]:
-    """Every stage-one tower and the MaskEmbed student (scored with its teacher's text side) ->
-    ({stage name: flat metrics}, {objective: heatmaps PNG copied under figures/})."""
+def job_threads(n_jobs: int, threads: int) -> int:
+    """Torch threads per job: the run's threads (``threads``, else torch's default) shared by ``n_jobs``."""
+    return max(1, (threads or torch.get_num_threads()) // max(1, n_jobs))
+
+
+def stage_jobs(cfg: DemoConfig, stages: dict[str, Stage]) -> list[Job]:
+    """Every stage as a job needing the stages it reads, the headline chain (LM, tower, the
+    stage-two tower, stage two) listed first: with jobs side by side, the longest path starts first."""
+    needs = stage_needs(stages)
+    first = ["lm", "tower", f"stage1/{cfg.stage2_tower}", *(f"stage2/{b}" for b in cfg.bridges)]
+    order = [n for n in first if n in stages] + [n for n in stages if n not in first]
+    return [Job(n, train_stage, (stages[n],), needs=needs[n], done=stages[n].final) for n in order]
+
+
+def vlm_stages(stages: dict[str, Stage]) -> list[str]:
+    """The stage-two models evaluated on every VLM task (the oracle one is a control)."""
+    return [name for name, s in stages.items() if s.recipe == "stage2" and name != ORACLE_STAGE]
+
+
+def eval_jobs(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path) -> list[Job]:
+    """Every eval of the report as a job (named as in the timings, ``done`` = its saved summary):
+    each stage-two model on ``cfg.vlm_tasks``, the headline one with blank images, the oracle VLM,
+    every stage-one and MaskEmbed tower, the LLM's text probe."""
+    out = Path(cfg.out_dir)
+    headline = f"stage2/{cfg.headline_bridge}"
+    vlm = [(name, name, list(cfg.vlm_tasks), False) for name in vlm_stages(stages)]
+    if cfg.blank_tasks:
+        vlm.append((headline, f"{headline}_blank", list(cfg.blank_tasks), True))
+    if ORACLE_STAGE in stages and cfg.oracle_tasks:
+        vlm.append((ORACLE_STAGE, ORACLE_STAGE, list(cfg.oracle_tasks), False))
+    jobs = []
+    for stage_name, name, tasks, blank in vlm:
+        eval_dir = out / "eval" / name.replace("/", "_")
+        jobs.append(Job(f"eval vlm {name}", cached_json, (eval_dir / "all_summary.json", run_vlm_eval,
+                                                         str(stages[stage_name].final), tasks, str(eval_dir)),
+                        dict(world_dir=str(world_dir), limit=cfg.eval_limit, blank_image=blank),
+                        needs=[stage_name], done=eval_dir / "all_summary.json"))
+    for name, stage in stages.items():
+        if stage.recipe not in ("stage1", "maskembed"):
+            continue
+        teacher = f"stage1/{cfg.maskembed_teacher}"
+        text_from = str(stages[teacher].final) if stage.recipe == "maskembed" else None
+        eval_dir = out / "eval" / name.replace("/", "_")
+        jobs.append(Job(f"eval encoder {name}", cached_json,
+                        (eval_dir / "summary.json", run_encoder_eval, str(stage.final), str(eval_dir)),
+                        dict(world=cfg.world, world_dir=str(world_dir), text_from=text_from, limit=cfg.eval_limit),
+                        needs=[name], done=eval_dir / "summary.json"))
+    probe_dir = out / "eval" / "lm"
+    jobs.append(Job("eval text probe", cached_json, (probe_dir / "text_probe" / "summary.json", probe_llm,
+                                                    str(stages["lm"].final), str(world_dir), str(probe_dir)),
+                    dict(limit=cfg.eval_limit), needs=["lm"], done=probe_dir / "text_probe" / "summary.json"))
+    return jobs
+
+
+def encoder_results(cfg: DemoConfig, stages: dict[str, Stage],
+                    summaries: dict[str, dict]) -> tuple[dict[str, dict[str, float]], dict[str, Path]]:
+    """Every stage-one tower's and the MaskEmbed student's eval -> ({stage name: flat metrics},
+    {objective: heatmaps PNG copied under figures/})."""
     out = Path(cfg.out_dir)
     rows: dict[str, dict[str, float]] = {}
     heatmaps: dict[str, Path] = {}
     for name, stage in stages.items():
         if stage.recipe not in ("stage1", "maskembed"):
             continue
-        text_from = str(stages[f"stage1/{cfg.maskembed_teacher}"].final) if stage.recipe == "maskembed" else None
-        eval_dir = out / "eval" / name.replace("/", "_")
-        summary = timed(f"eval encoder {name}", timings, cached_json, eval_dir / "summary.json", run_encoder_eval,
-                        str(stage.final), str(eval_dir), world=cfg.world, world_dir=str(world_dir),
-                        text_from=text_from, limit=cfg.eval_limit)
-        rows[name] = flatten_metrics(summary)
+        rows[name] = flatten_metrics(summaries[f"eval encoder {name}"])
         obj = name.split("/", 1)[1]
-        drawn = eval_dir / "heatmaps.png"  # the encoder eval draws the alignment heatmaps of every tower
+        drawn = out / "eval" / name.replace("/", "_") / "heatmaps.png"  # the encoder eval draws every tower's
         if stage.recipe == "stage1" and obj in cfg.heatmap_objectives and drawn.is_file():
             heatmaps[obj] = out / "figures" / f"heatmaps_{obj}.png"
             heatmaps[obj].parent.mkdir(parents=True, exist_ok=True)
@@ -121,54 +176,18 @@ def encoder_evals(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path,
     return rows, heatmaps
 
 
-def vlm_evals(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path,
-              timings: Timings) -> dict[str, dict[str, float]]:
-    """Every stage-two model on ``cfg.vlm_tasks`` -> {stage name: flat metrics}."""
-    rows: dict[str, dict[str, float]] = {}
-    for name, stage in stages.items():
-        if stage.recipe != "stage2" or name == ORACLE_STAGE:
-            continue
-        rows[name] = vlm_eval(cfg, stage, name, list(cfg.vlm_tasks), world_dir, timings)
-    return rows
-
-
-def vlm_eval(cfg: DemoConfig, stage: Stage, name: str, tasks: list[str], world_dir: Path, timings: Timings,
-             blank: bool = False) -> dict[str, float]:
-    """One stage-two model on ``tasks`` (``blank``: every image blanked) into ``eval/<name>/`` -> flat metrics."""
-    eval_dir = Path(cfg.out_dir) / "eval" / name.replace("/", "_")
-    summary = timed(f"eval vlm {name}", timings, cached_json, eval_dir / "all_summary.json", run_vlm_eval,
-                    str(stage.final), tasks, str(eval_dir), world_dir=str(world_dir), limit=cfg.eval_limit,
-                    blank_image=blank)
-    return flatten_metrics(summary)
-
-
-def control_evals(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path,
-                  timings: Timings) -> dict[str, dict[str, float]]:
-    """The headline VLM with blank images (``cfg.blank_tasks``) and the oracle VLM (``cfg.oracle_tasks``)
-    -> {"vlm_blank": flat metrics, "oracle": flat metrics} (an empty row for a control not run)."""
-    rows: dict[str, dict[str, float]] = {"vlm_blank": {}, "oracle": {}}
-    headline = f"stage2/{cfg.headline_bridge}"
-    if cfg.blank_tasks:
-        rows["vlm_blank"] = vlm_eval(cfg, stages[headline], f"{headline}_blank", list(cfg.blank_tasks), world_dir,
-                                     timings, blank=True)
-    if ORACLE_STAGE in stages and cfg.oracle_tasks:
-        rows["oracle"] = vlm_eval(cfg, stages[ORACLE_STAGE], ORACLE_STAGE, list(cfg.oracle_tasks), world_dir, timings)
-    return rows
+def control_results(cfg: DemoConfig, summaries: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """The headline VLM with blank images and the oracle VLM -> {"vlm_blank": flat metrics,
+    "oracle": flat metrics} (an empty row for a control not run)."""
+    blank = summaries.get(f"eval vlm stage2/{cfg.headline_bridge}_blank")
+    oracle = summaries.get(f"eval vlm {ORACLE_STAGE}")
+    return {"vlm_blank": flatten_metrics(blank) if blank else {}, "oracle": flatten_metrics(oracle) if oracle else {}}
 
 
 def control_rows(cfg: DemoConfig, sources: dict) -> dict[str, dict[str, float]]:
     """The controls that ran, as rows of the report's VLM table."""
     rows = {f"stage2/{cfg.headline_bridge} (blank images)": sources["vlm_blank"], ORACLE_STAGE: sources["oracle"]}
     return {name: row for name, row in rows.items() if row}
-
-
-def lm_rows(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path, timings: Timings) -> dict[str, float]:
-    """The frozen LLM's text-context probe (``eval.text_probe``: POPE / VSR answered from the caption,
-    no image) -> flat metrics (``results.RESULT_KEYS`` source "lm")."""
-    eval_dir = Path(cfg.out_dir) / "eval" / "lm"
-    summary = timed("eval text probe", timings, cached_json, eval_dir / "text_probe" / "summary.json", probe_llm,
-                    str(stages["lm"].final), str(world_dir), str(eval_dir), limit=cfg.eval_limit)
-    return flatten_metrics(summary)
 
 
 def write_results(out: Path, cfg: DemoConfig, sources: dict, encoder_rows: dict, vlm_rows: dict, total: float,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class Timings:
     path: Path
     seconds: dict[str, float] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
+    measured: set[str] = field(default_factory=set)  # names timed by this run
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -59,12 +60,16 @@ class Timings:
                 self.seconds = {}  # an unreadable file from a killed run: start afresh
 
     def add(self, name: str, seconds: float, reused: bool = False) -> None:
-        """Record ``seconds`` for ``name``; a reused stage keeps an earlier measurement."""
+        """Record ``seconds`` for ``name``; a reused stage keeps an earlier measurement (one of
+        this run's, when it ran here moments ago, is not a reuse)."""
+        if reused and name in self.measured:
+            return
         if reused:
             self.reused.append(name)
             self.seconds.setdefault(name, 0.0)
         else:
             self.seconds[name] = round(seconds, 2)
+            self.measured.add(name)
         atomic_write_text(self.path, json.dumps({"seconds": self.seconds, "reused": self.reused}, indent=2))
 
 
@@ -109,21 +114,34 @@ def has_checkpoint(out_dir: Path) -> bool:
     return ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir())
 
 
+def train_stage(stage: Stage) -> Path:
+    """Run one stage's recipe (resumed from its checkpoints if it has any) and return its final dir."""
+    stage.cfg.run.resume = has_checkpoint(stage.out_dir)
+    verb = "resuming" if stage.cfg.run.resume else "running"
+    print(f"[pipeline] {stage.name}: {verb} -> {stage.out_dir}", flush=True)
+    recipe = RECIPES[stage.recipe]
+    make_world(recipe, stage.cfg)  # a no-op when the pipeline already made this world
+    return Path(recipe.run(stage.cfg))
+
+
 def run_stage(stage: Stage, timings: Timings) -> Path:
     """Run (or reuse, or resume) one stage and return its final artifact dir."""
     if stage.final.is_dir():
         print(f"[pipeline] {stage.name}: reusing {stage.final}")
         timings.add(stage.name, 0.0, reused=True)
         return stage.final
-    stage.cfg.run.resume = has_checkpoint(stage.out_dir)
-    verb = "resuming" if stage.cfg.run.resume else "running"
-    print(f"[pipeline] {stage.name}: {verb} -> {stage.out_dir}", flush=True)
-    recipe = RECIPES[stage.recipe]
     t0 = time.perf_counter()
-    make_world(recipe, stage.cfg)  # a no-op when the pipeline already made this world
-    final = Path(recipe.run(stage.cfg))
+    final = train_stage(stage)
     timings.add(stage.name, time.perf_counter() - t0)
     return final
+
+
+def stage_needs(stages: dict[str, Stage]) -> dict[str, list[str]]:
+    """{stage name: the stages it reads}: those whose ``final`` dir its resolved config names
+    (a stage-one run its tower's, stage two its tower's and LLM's, MaskEmbed its teacher's)."""
+    text = {name: json.dumps(asdict(s.cfg), default=str) for name, s in stages.items()}
+    return {name: [other for other, s in stages.items() if other != name and f'"{s.final}"' in text[name]]
+            for name in stages}
 
 
 def timed(name: str, timings: Timings, fn, *args, **kwargs):

@@ -448,11 +448,17 @@ class BridgeConfig:
     resampler_layers: int = 2
     xattn_every: int = 1  # flamingo: a gated cross-attention block before every k-th decoder layer
     num_heads: int = 4
+    # projector: add a learned embedding per image token (the grid position) to the projected
+    # tokens. A ViT's patch tokens carry their position; a conv tower's grid does not (only the
+    # LLM's RoPE order tells the tokens apart), which left/right, above/below and boxes need.
+    position_embedding: bool = False
 
     def __post_init__(self) -> None:
         _one_of(self.name, "bridge.name", BRIDGE_NAMES)
         _check(self.num_latents > 0 and self.xattn_every > 0, "bridge", "num_latents, xattn_every > 0")
         _positive(self, "bridge", "num_heads")
+        _check(not self.position_embedding or self.name == "projector", "bridge.position_embedding",
+               "is a projector option")
 
 
 TRAIN_MODES = ("frozen", "lora", "full")
@@ -666,9 +672,11 @@ class DemoConfig(PipelineConfig):
     oracle_tasks: list[str] = field(default_factory=lambda: ["pope", "vsr"])
     # The oracle's clean grid needs a fifth of the headline's stage-two steps (POPE 0.99 at 500 x 16, 0.78 at 300)
     oracle_overrides: list[str] = field(default_factory=lambda: ["optim.max_steps=500"])
-    # Stages and evals run side by side, each in its own process with threads/jobs torch threads
-    # (`vlm.cli.jobs`); 1 = one after another in this process. Two pay on 2 cores: see the README.
-    jobs: int = 2
+    # Stages and evals at once, each in its own process with threads/jobs torch threads and its
+    # own log (`vlm.cli.jobs`); 1 = one after another in this process. On the 2-core dev machine
+    # two jobs gained nothing (fresh-clone demo 989 s vs 995 s): every stage ran 1.8-2x slower on
+    # one thread (LM 332 s vs 177, stage two 576 vs 321). For machines whose cores a stage leaves idle.
+    jobs: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()

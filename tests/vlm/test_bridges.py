@@ -187,6 +187,10 @@ def test_registry_keys_and_errors():
         build_bridge(cfg, 8, 8, 2)
     with pytest.raises(ValueError, match="num_heads"):
         build_bridge(BridgeConfig(name="flamingo", num_heads=3), 8, 8, 2)
+    with pytest.raises(ConfigError, match="bridge.position_embedding"):
+        BridgeConfig(name="flamingo", position_embedding=True)
+    with pytest.raises(ValueError, match="number of tokens"):
+        build_bridge(BridgeConfig(position_embedding=True), 8, 8, 2)  # num_tokens unknown
 
 
 def test_perturbed_projector_still_places_tokens(tiny_tower_dir, tiny_llm_dir):

@@ -47,3 +47,33 @@ def test_default_feature_layer_needs_the_patch_grid(conv_tower_dir, tiny_llm_dir
     """-2 is the stem's 8x8 output, not the 4x4 patch grid: a clear error, naming the fix."""
     with pytest.raises(ValueError, match="use -1"):
         VisionLanguageModel.build(vlm_config(conv_tower_dir, tiny_llm_dir, "projector"))
+
+
+def test_projector_position_table_tells_the_grid_cells_apart(conv_tower_dir, tiny_llm_dir, tmp_path):
+    """bridge.position_embedding adds one learned vector per grid cell after the MLP; it trains,
+    round-trips with the checkpoint and keeps the model out of the LLaVA export."""
+    from vlm.model.export import ExportError, check_llava_exportable
+
+    cfg = vlm_config(conv_tower_dir, tiny_llm_dir, "projector", vision_feature_layer=-1)
+    cfg.bridge.position_embedding = True
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(cfg)
+    bridge = model.bridge
+    assert bridge.position.shape == (16, model.llm.config.hidden_size) and bridge.position.requires_grad
+    same = torch.ones(1, 16, model.tower.width)  # one feature in every cell
+    tokens = bridge(same)[0]
+    torch.testing.assert_close(tokens - bridge.position, bridge.mlp(same)[0])
+    assert not torch.allclose(tokens[0], tokens[1])  # only the position differs
+    batch = model.processor(random_images(2), PROMPTS, ["Yes", "2"])
+    model(batch)["loss"].backward()
+    assert bridge.position.grad is not None and bridge.position.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="position table holds 16"):
+        bridge(torch.ones(1, 9, model.tower.width))
+    perturb_trainable(model)
+    model.eval()
+    model.save_pretrained(tmp_path / "vlm")
+    again = VisionLanguageModel.from_pretrained(tmp_path / "vlm").eval()
+    torch.testing.assert_close(again.bridge.position, bridge.position)
+    torch.testing.assert_close(probe_logits(model), probe_logits(again))
+    with pytest.raises(ExportError, match="position"):
+        check_llava_exportable(model)

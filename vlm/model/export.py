@@ -50,6 +50,9 @@ def check_llava_exportable(model) -> None:
     if not isinstance(model.bridge, ProjectorBridge):
         raise ExportError(f"--format llava holds the projector bridge only; this checkpoint's bridge is "
                           f"{model.cfg.bridge.name!r} (the Flamingo bridge has no transformers class)")
+    if model.bridge.position is not None:
+        raise ExportError("LLaVA's projector has no position table; this checkpoint was trained with "
+                          "bridge.position_embedding: true")
     tower = getattr(model.tower, "tower", None)
     if not isinstance(model.tower, VLMVisionTower) or not isinstance(tower, LLAVA_TOWERS):
         name = type(tower if tower is not None else model.tower).__name__

@@ -133,7 +133,7 @@ class VisionLanguageModel(nn.Module):
         tokenizer = load_tokenizer(llm_path)
         llm = load_llm(cfg, llm_path)
         hidden = int(llm.config.hidden_size)
-        bridge = build_bridge(cfg.bridge, tower.width, hidden, len(decoder_layers(llm)))
+        bridge = build_bridge(cfg.bridge, tower.width, hidden, len(decoder_layers(llm)), tower.num_tokens)
         image_token_id = -1
         if bridge.num_image_tokens(tower.num_tokens) > 0:
             rows = llm.get_input_embeddings().weight.shape[0]

@@ -211,7 +211,8 @@ class FlamingoBridge(Bridge):
     # The transformers convention: one FSDP unit per block (training.parallel.fsdp_units).
     _no_split_modules = ["GatedDecoderLayer", "GatedCrossAttentionBlock", "ResamplerLayer"]
 
-    def __init__(self, cfg: BridgeConfig, vision_width: int, llm_width: int, num_llm_layers: int):
+    def __init__(self, cfg: BridgeConfig, vision_width: int, llm_width: int, num_llm_layers: int,
+                 num_tokens: int = 0):
         super().__init__()
         if llm_width % cfg.num_heads:
             raise ValueError(f"bridge.num_heads={cfg.num_heads} does not divide the LLM width {llm_width}")

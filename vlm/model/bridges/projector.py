@@ -43,12 +43,19 @@ def merge_image_features(text_embeds: torch.Tensor, input_ids: torch.Tensor, ima
 
 
 class ProjectorBridge(Bridge):
-    """``forward(patch_tokens [B,P,w]) -> image tokens [B,P,d]``: Linear(w,d) -> GELU -> Linear(d,d)."""
+    """``forward(patch_tokens [B,P,w]) -> image tokens [B,P,d]``: Linear(w,d) -> GELU -> Linear(d,d)
+    (+ a learned [P,d] position table with ``cfg.position_embedding``)."""
 
-    def __init__(self, cfg: BridgeConfig, vision_width: int, llm_width: int, num_llm_layers: int = 0):
-        """``cfg`` names the bridge (the projector has no knobs); ``num_llm_layers`` is unused."""
+    def __init__(self, cfg: BridgeConfig, vision_width: int, llm_width: int, num_llm_layers: int = 0,
+                 num_tokens: int = 0):
+        """``cfg.position_embedding`` needs ``num_tokens`` (P); ``num_llm_layers`` is unused."""
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(vision_width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width))
+        self.position: nn.Parameter | None = None
+        if cfg.position_embedding:
+            if num_tokens <= 0:
+                raise ValueError("bridge.position_embedding needs the tower's number of tokens per image")
+            self.position = nn.Parameter(torch.randn(num_tokens, llm_width) * 0.02)
         self._hook = None
 
     def num_image_tokens(self, num_patches: int) -> int:
@@ -57,7 +64,12 @@ class ProjectorBridge(Bridge):
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """patch_tokens [B,P,w] -> [B,P,d]."""
-        return self.mlp(patch_tokens.to(self.mlp[0].weight.dtype))
+        out = self.mlp(patch_tokens.to(self.mlp[0].weight.dtype))
+        if self.position is not None:
+            if out.shape[1] != self.position.shape[0]:
+                raise ValueError(f"{out.shape[1]} image tokens, but the position table holds {self.position.shape[0]}")
+            out = out + self.position
+        return out
 
     def _embedding_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         input_ids = args[0] if args else None

@@ -65,6 +65,36 @@ def test_grid_of_a_hand_built_sample():
     assert feats[background, :-2].abs().sum() == 0
 
 
+def loop_cell_features(sample: WorldSample, grid: int = GRID) -> torch.Tensor:
+    """The grid cell by cell: np.unique per cell, the most frequent id (the smaller on a tie)."""
+    from vlm.model.oracle import cell_bounds
+    feats = empty_grid(grid)
+    inst = sample.instance_mask
+    ys, xs = cell_bounds(inst.shape[0], grid), cell_bounds(inst.shape[1], grid)
+    for r in range(grid):
+        for c in range(grid):
+            block = inst[ys[r]:ys[r + 1], xs[c]:xs[c + 1]]
+            ids, counts = np.unique(block[block > 0], return_counts=True)
+            if len(ids):
+                obj = sample.objects[int(ids[counts.argmax()]) - 1]
+                feats[r * grid + c] = expected_cell(obj.shape, obj.color, obj.size, float((block > 0).mean()), r, c)
+    return feats
+
+
+@pytest.mark.parametrize("size", [64, 60])  # 60 px: cells of 7 and 8 px
+def test_grid_matches_a_cell_by_cell_loop(size):
+    cfg = WorldConfig(image_size=size, n_train=40, n_eval=0, max_objects=4)
+    for i in range(40):
+        sample = generate_sample(i, cfg.seed, cfg)
+        torch.testing.assert_close(cell_features(sample), loop_cell_features(sample), rtol=0, atol=1e-7)
+
+
+def test_index_reads_the_arrays_and_the_other_jpegs(world, tower):
+    cfg = tower.index.cfg
+    assert sorted(tower.index.indices.tolist()) == list(range(cfg.n_train + cfg.n_eval))
+    assert len(tower.index.exact) == cfg.n_train + cfg.n_eval  # every exported image by its exact pixels
+
+
 def test_lookup_uses_the_image_shown(world, tower):
     cfg = tower.index.cfg
     indices = [3, cfg.n_train + 1]  # a train and a held-out image

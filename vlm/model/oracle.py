@@ -30,9 +30,10 @@ mislabels) the rare render that lands near another image. Any other image (real 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from torch import nn
 from encoders.towers import ImageTransform
 from vlm.config import WorldConfig, portable_path
 from vlm.files import atomic_write_text, open_image, read_json
+from vlm.world.arrays import ARRAYS_DIR, IMAGES_FILE, INDEX_FILE, TrainArrays
 from vlm.world.generator import generate_sample
 from vlm.world.types import WorldSample
 from vlm.world.vocab import COLORS, SHAPES
@@ -79,26 +81,30 @@ def empty_grid(grid: int = GRID) -> torch.Tensor:
 def cell_features(sample: WorldSample, grid: int = GRID) -> torch.Tensor:
     """A world sample's oracle grid -> float [grid*grid, ORACLE_WIDTH], row-major cells.
 
-    Each cell describes the object with most pixels in it (``sample.instance_mask``): one-hot shape,
-    one-hot colour, size (1 = large), foreground bit, covered fraction, then the cell position.
+    Each cell describes the object with most pixels in it (``sample.instance_mask``; a tie goes
+    to the earlier object): one-hot shape, one-hot colour, size (1 = large), foreground bit,
+    covered fraction, then the cell position.
     """
     feats = empty_grid(grid)
     inst = sample.instance_mask
     ys, xs = cell_bounds(inst.shape[0], grid), cell_bounds(inst.shape[1], grid)
+    if not sample.objects:
+        return feats
+    ids = np.arange(1, len(sample.objects) + 1)
+    per_object = (inst[None] == ids[:, None, None]).astype(np.int64)  # [K,H,W]
+    counts = np.add.reduceat(np.add.reduceat(per_object, ys[:-1], axis=1), xs[:-1], axis=2)  # [K,grid,grid]
+    area = np.diff(ys)[:, None] * np.diff(xs)[None, :]
+    counts, covered = counts.reshape(len(ids), -1), (counts.sum(0) / area).reshape(-1)
+    best = counts.argmax(0)
     n_s, n_c = len(SHAPES), len(COLORS)
-    for r in range(grid):
-        for c in range(grid):
-            block = inst[ys[r]:ys[r + 1], xs[c]:xs[c + 1]]
-            ids, counts = np.unique(block[block > 0], return_counts=True)
-            if len(ids) == 0:
-                continue
-            obj = sample.objects[int(ids[counts.argmax()]) - 1]
-            row = feats[r * grid + c]
-            row[SHAPES.index(obj.shape)] = 1.0
-            row[n_s + _COLOR_NAMES.index(obj.color)] = 1.0
-            row[n_s + n_c] = float(obj.size == "large")
-            row[n_s + n_c + 1] = 1.0
-            row[n_s + n_c + 2] = float((block > 0).mean())
+    for cell in np.flatnonzero(counts.sum(0) > 0):
+        obj = sample.objects[int(best[cell])]
+        row = feats[cell]
+        row[SHAPES.index(obj.shape)] = 1.0
+        row[n_s + _COLOR_NAMES.index(obj.color)] = 1.0
+        row[n_s + n_c] = float(obj.size == "large")
+        row[n_s + n_c + 1] = 1.0
+        row[n_s + n_c + 2] = float(covered[cell])
     return feats
 
 
@@ -111,6 +117,9 @@ class WorldIndex:
     """Fingerprints of every image of a world export -> sample index (see the module docstring).
 
     world_dir: an export of ``vlm.world.export`` (``world.json`` + ``images/{index:08d}.jpg``).
+    The train images are read from the export's pre-decoded ``arrays/`` (the same pixels as their
+    JPEGs) when it has them. An image whose pixels equal an indexed image's exactly (every image
+    the exports' readers decode) is found by a hash of its bytes; any other by its fingerprint.
     """
 
     def __init__(self, world_dir: str | Path):
@@ -119,11 +128,30 @@ class WorldIndex:
         if not meta.is_file():
             raise FileNotFoundError(f"model.oracle_world: {self.world_dir} is not a world export (no world.json)")
         self.cfg = WorldConfig(**read_json(meta, "world export metadata")["config"])
-        paths = sorted((self.world_dir / "images").glob("*.jpg"))
+        paths = {int(p.stem): p for p in (self.world_dir / "images").glob("*.jpg")}
         if not paths:
             raise FileNotFoundError(f"model.oracle_world: no images in {self.world_dir / 'images'}")
-        self.indices = torch.tensor([int(p.stem) for p in paths])
-        self.prints = torch.cat([fingerprints(self._load(chunk)) for chunk in _chunks(paths, 512)])
+        indices, prints, self.exact = [], [], {}
+        for chunk_indices, pixels in self._pixels(paths):
+            prints.append(fingerprints(pixels))
+            self.exact.update(zip(map(_pixel_key, pixels), chunk_indices))
+            indices += chunk_indices
+        self.indices = torch.tensor(indices)
+        self.prints = torch.cat(prints)
+
+    def _pixels(self, paths: dict[int, Path]) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(sample indices, uint8 [B,3,H,W]) chunks of every image: the arrays' rows, then the other JPEGs."""
+        arrays = self.world_dir / ARRAYS_DIR
+        rows: list[int] = []
+        if (arrays / IMAGES_FILE).is_file() and (arrays / INDEX_FILE).is_file():
+            train = TrainArrays(self.world_dir)
+            rows = [int(k) for k in train.index["keys"]]
+            for start in range(0, len(rows), 1024):
+                pixels = torch.from_numpy(np.array(train.images[start:start + 1024]))
+                yield rows[start:start + 1024], pixels.permute(0, 3, 1, 2)
+        rest = sorted(set(paths) - set(rows))
+        for chunk in _chunks(rest, 512):
+            yield chunk, self._load([paths[i] for i in chunk])
 
     @staticmethod
     def _load(paths: list[Path]) -> torch.Tensor:
@@ -139,20 +167,30 @@ class WorldIndex:
         images = images.detach().float().cpu()
         flat = images.flatten(2)
         blank = ((flat.amax(-1) - flat.amin(-1)) <= UNIFORM_RANGE).all(-1)
-        dist = torch.cdist(fingerprints(images), self.prints) / self.prints.shape[1] ** 0.5
+        levels = images.round().clamp(0, 255)
+        whole = ((images - levels).abs().flatten(1).amax(-1) < 0.01).tolist()  # uint8 pixels, up to float error
+        levels = levels.to(torch.uint8)
+        exact = [self.exact.get(_pixel_key(levels[b])) if whole[b] else None for b in range(images.shape[0])]
+        out: list[Optional[int]] = [None if bool(blank[b]) else exact[b] for b in range(images.shape[0])]
+        search = [b for b in range(images.shape[0]) if out[b] is None and not bool(blank[b])]
+        if not search:
+            return out
+        dist = torch.cdist(fingerprints(images[search]), self.prints) / self.prints.shape[1] ** 0.5
         two = dist.topk(min(2, dist.shape[1]), dim=1, largest=False)
-        out: list[Optional[int]] = []
-        for b in range(images.shape[0]):
-            best = float(two.values[b, 0])
-            second = float(two.values[b, 1]) if two.values.shape[1] > 1 else float("inf")
-            if bool(blank[b]):
-                out.append(None)
-            elif best < MATCH_RMS and best < MATCH_RATIO * second:
-                out.append(int(self.indices[two.indices[b, 0]]))
+        for row, b in enumerate(search):
+            best = float(two.values[row, 0])
+            second = float(two.values[row, 1]) if two.values.shape[1] > 1 else float("inf")
+            if best < MATCH_RMS and best < MATCH_RATIO * second:
+                out[b] = int(self.indices[two.indices[row, 0]])
             else:
                 raise ValueError(f"oracle tower: image {b} of the batch is not an image of the world in "
                                  f"{self.world_dir} (nearest fingerprint {best:.1f} grey levels RMS away)")
         return out
+
+
+def _pixel_key(image: torch.Tensor) -> bytes:
+    """uint8 [3,H,W] -> a digest of its bytes (the exact-match key of ``WorldIndex``)."""
+    return hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
 def _chunks(items: list, n: int) -> list[list]:

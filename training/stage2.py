@@ -21,7 +21,7 @@ import dataclasses
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -58,12 +58,18 @@ def usable_records(records: Sequence[LlavaRecord], image_root: Path, max_pixels:
     included; one reason per record left out). Only headers are read (``vlm.files.check_image``),
     so checking every record before training is cheap; a bad image would otherwise stop the run mid-way."""
     kept, skipped = [], []
+    errors: dict[str, Optional[str]] = {}  # image name -> why it is unusable (None: usable), each read once
     for record in records:
-        try:
-            for name in record.images:
-                check_image(Path(image_root) / name, max_pixels)
-        except ImageError as e:
-            skipped.append(f"record {record.id!r}: {e}")
+        for name in record.images:
+            if name not in errors:
+                try:
+                    check_image(Path(image_root) / name, max_pixels)
+                    errors[name] = None
+                except ImageError as e:
+                    errors[name] = str(e)
+        bad = next((errors[name] for name in record.images if errors[name] is not None), None)
+        if bad is not None:
+            skipped.append(f"record {record.id!r}: {bad}")
             continue
         kept.append(record)
     return kept, skipped

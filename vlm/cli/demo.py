@@ -36,6 +36,7 @@ from vlm.world.export import ensure_world
 from vlm.world.generator import world_split
 
 ORACLE_STAGE = "stage2/oracle"
+HEATMAP_IMAGES = 4  # images per heatmap figure
 
 
 def plan(cfg: DemoConfig) -> dict[str, Stage]:
@@ -147,13 +148,19 @@ def eval_jobs(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path) -> lis
         eval_dir = out / "eval" / name.replace("/", "_")
         jobs.append(Job(f"eval encoder {name}", cached_json,
                         (eval_dir / "summary.json", run_encoder_eval, str(stage.final), str(eval_dir)),
-                        dict(world=cfg.world, world_dir=str(world_dir), text_from=text_from, limit=cfg.eval_limit),
+                        dict(world=cfg.world, world_dir=str(world_dir), text_from=text_from, limit=cfg.eval_limit,
+                             heatmap_images=HEATMAP_IMAGES if shows_heatmaps(cfg, name) else 0),
                         needs=[name], done=eval_dir / "summary.json"))
     probe_dir = out / "eval" / "lm"
     jobs.append(Job("eval text probe", cached_json, (probe_dir / "text_probe" / "summary.json", probe_llm,
                                                     str(stages["lm"].final), str(world_dir), str(probe_dir)),
                     dict(limit=cfg.eval_limit), needs=["lm"], done=probe_dir / "text_probe" / "summary.json"))
     return jobs
+
+
+def shows_heatmaps(cfg: DemoConfig, name: str) -> bool:
+    """Whether the report shows the alignment heatmaps of stage ``name`` (only those are drawn)."""
+    return name.startswith("stage1/") and name.split("/", 1)[1] in cfg.heatmap_objectives
 
 
 def encoder_results(cfg: DemoConfig, stages: dict[str, Stage],

@@ -13,10 +13,13 @@ centre in [0, 1]. A cell without object pixels is all zeros except its position.
 
 How the annotation is found: from the pixels shown, never from the question. ``WorldIndex``
 fingerprints every image the world export holds (``DIR/images/*.jpg``: the files stage two trains
-on and every eval shows) as 16 x 16 mean colours; ``forward`` un-normalises the pixels, takes the
-same fingerprint and looks up the nearest one. It is accepted only when it is near (RMS distance
+on and every eval shows; the train ones read from the export's pre-decoded ``arrays/``) as 16 x 16
+mean colours, and keys each by a digest of its exact pixels. ``forward`` un-normalises the pixels;
+an image whose pixels are exactly an exported one's (every image the readers decode) is found by its
+digest, any other by the nearest fingerprint, accepted only when it is near (RMS distance
 < ``MATCH_RMS`` grey levels) and clearly nearer than the runner-up (``MATCH_RATIO``); the sample
 index then regenerates the exact masks (``generate_sample`` is a pure function of (seed, index)).
+(The digest made a batch's lookup 80x cheaper: the demo's oracle stage went from 101 s to 77 s.)
 Why fingerprints rather than carrying the file name or the sample index through the processor:
 the VLM's interface is pixels only (``generate`` / ``score`` take [B,3,H,W]), so nothing upstream
 changes, the oracle cannot be handed the annotation of another image than the one in the batch,

@@ -95,6 +95,18 @@ def test_index_reads_the_arrays_and_the_other_jpegs(world, tower):
     assert len(tower.index.exact) == cfg.n_train + cfg.n_eval  # every exported image by its exact pixels
 
 
+def test_index_without_arrays_reads_every_jpeg(world, tower, tmp_path):
+    import shutil
+
+    from vlm.model.oracle import WorldIndex
+    bare = tmp_path / "no_arrays"
+    shutil.copytree(world, bare, ignore=shutil.ignore_patterns("arrays"))
+    index = WorldIndex(bare)
+    assert index.exact == tower.index.exact  # the arrays hold the JPEGs' very pixels
+    order = {int(i): k for k, i in enumerate(tower.index.indices)}
+    torch.testing.assert_close(index.prints, tower.index.prints[[order[int(i)] for i in index.indices]])
+
+
 def test_lookup_uses_the_image_shown(world, tower):
     cfg = tower.index.cfg
     indices = [3, cfg.n_train + 1]  # a train and a held-out image

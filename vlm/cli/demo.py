@@ -10,7 +10,6 @@ Every stage's config is resolved before the first one starts, so a bad value fai
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from vlm.cli.pipeline import (Stage, Timings, flatten_metrics, make_stage, stage
 from vlm.cli.results import chance_levels, headline_results, majority_rate, pointing_chance, results_markdown
 from vlm.config import DemoConfig, load_config
 from vlm.data.formats import read_vsr
+from vlm.files import read_json
 from vlm.model.oracle import ORACLE
 from vlm.world.export import ensure_world
 from vlm.world.generator import world_split
@@ -88,7 +88,7 @@ def _run_demo(cfg: DemoConfig, stages: dict[str, Stage]) -> Path:
     timed("world", timings, ensure_world, world_dir, cfg.world)
     evals = eval_jobs(cfg, stages, world_dir)
     run_jobs([*stage_jobs(cfg, stages), *evals], timings, cfg.jobs, job_threads(cfg.jobs, cfg.threads), out / "logs")
-    summaries = {job.name: json.loads(Path(job.done).read_text()) for job in evals}
+    summaries = {job.name: read_json(job.done, "eval summary") for job in evals}
     encoder_rows, heatmaps = encoder_results(cfg, stages, summaries)
     vlm_rows = {name: flatten_metrics(summaries[f"eval vlm {name}"]) for name in vlm_stages(stages)}
     sources = {"encoder": encoder_rows.get(f"stage1/{cfg.stage2_tower}", {}),
@@ -175,8 +175,8 @@ def encoder_results(cfg: DemoConfig, stages: dict[str, Stage],
             continue
         rows[name] = flatten_metrics(summaries[f"eval encoder {name}"])
         obj = name.split("/", 1)[1]
-        drawn = out / "eval" / name.replace("/", "_") / "heatmaps.png"  # the encoder eval draws every tower's
-        if stage.recipe == "stage1" and obj in cfg.heatmap_objectives and drawn.is_file():
+        drawn = out / "eval" / name.replace("/", "_") / "heatmaps.png"  # drawn by the eval (eval_jobs)
+        if shows_heatmaps(cfg, name) and drawn.is_file():
             heatmaps[obj] = out / "figures" / f"heatmaps_{obj}.png"
             heatmaps[obj].parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(drawn, heatmaps[obj])

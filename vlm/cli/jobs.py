@@ -40,6 +40,10 @@ class Job:
     done: Path | None = None  # exists -> nothing to do (a final dir, a saved summary)
     log: Path | None = None  # a child's stdout and stderr (default: <log_dir>/<name>.log)
 
+    def is_done(self) -> bool:
+        """Whether ``done`` exists (the job has nothing to do)."""
+        return self.done is not None and Path(self.done).exists()
+
 
 def run_jobs(jobs: list[Job], timings: Any, n_jobs: int = 1, threads: int = 1, log_dir: str | Path = ".") -> None:
     """Run every job once its ``needs`` are done: here in order (``n_jobs == 1``), else in up to
@@ -59,7 +63,7 @@ def run_jobs(jobs: list[Job], timings: Any, n_jobs: int = 1, threads: int = 1, l
 
 def _run_here(job: Job, timings: Any) -> None:
     """Run ``job`` in this process (or record it as reused)."""
-    if job.done is not None and Path(job.done).exists():
+    if job.is_done():
         timings.add(job.name, 0.0, reused=True)
         return
     t0 = time.perf_counter()
@@ -117,7 +121,7 @@ class _Scheduler:
             if not all(n in self.finished for n in job.needs):
                 continue
             self.pending.remove(job)
-            if job.done is not None and Path(job.done).exists():
+            if job.is_done():
                 print(f"[jobs] {job.name}: reusing {job.done}", flush=True)
                 self.timings.add(job.name, 0.0, reused=True)
                 self.finished.add(job.name)

@@ -46,7 +46,7 @@ from torch import nn
 from encoders.towers import ImageTransform
 from vlm.config import WorldConfig, portable_path
 from vlm.files import atomic_write_text, open_image, read_json
-from vlm.world.arrays import ARRAYS_DIR, IMAGES_FILE, INDEX_FILE, TrainArrays
+from vlm.world.arrays import TrainArrays
 from vlm.world.generator import generate_sample
 from vlm.world.types import WorldSample
 from vlm.world.vocab import COLORS, SHAPES
@@ -144,10 +144,12 @@ class WorldIndex:
 
     def _pixels(self, paths: dict[int, Path]) -> Iterator[tuple[list[int], torch.Tensor]]:
         """(sample indices, uint8 [B,3,H,W]) chunks of every image: the arrays' rows, then the other JPEGs."""
-        arrays = self.world_dir / ARRAYS_DIR
         rows: list[int] = []
-        if (arrays / IMAGES_FILE).is_file() and (arrays / INDEX_FILE).is_file():
+        try:
             train = TrainArrays(self.world_dir)
+        except FileNotFoundError:  # an export without arrays: every image from its JPEG
+            train = None
+        if train is not None:
             rows = [int(k) for k in train.index["keys"]]
             for start in range(0, len(rows), 1024):
                 pixels = torch.from_numpy(np.array(train.images[start:start + 1024]))

@@ -293,9 +293,14 @@ def world_meta(out_dir: str | Path) -> dict:
         return {}
 
 
+def recorded_config(cfg: WorldConfig) -> dict:
+    """``cfg`` as ``world.json`` records it (through JSON: tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
 def is_world(meta: dict, cfg: WorldConfig) -> bool:
     """Whether ``world_meta``'s record is the world ``cfg`` in this format version."""
-    return meta.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg))) and meta.get("format_version") == FORMAT_VERSION
+    return meta.get("config") == recorded_config(cfg) and meta.get("format_version") == FORMAT_VERSION
 
 
 def ensure_world(out_dir: str | Path, cfg: WorldConfig, replace: bool = True) -> Path:
@@ -319,7 +324,7 @@ def ensure_world(out_dir: str | Path, cfg: WorldConfig, replace: bool = True) ->
 def config_difference(have: dict, cfg: WorldConfig) -> str:
     """'world.n_eval: 300 there, 500 here; ...': the keys whose values in a recorded config ``have``
     differ from ``cfg``'s (at most 4 named)."""
-    want = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    want = recorded_config(cfg)
     keys = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
     parts = [f"world.{k}: {have.get(k)} there, {want.get(k)} here" for k in keys[:4]]
     return "; ".join(parts) + (f"; and {len(keys) - 4} more" if len(keys) > 4 else "")

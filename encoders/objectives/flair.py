@@ -5,9 +5,10 @@ Checked against the reference code (ExplainableML/flair): src/flair/loss.py (``F
 (``FLAIR.forward``: ``image_post`` projects both the global token and the patch tokens) and
 data.py (``sample_dict``, ``split_caption``, ``random_sample_from_list``).
 
-Data contract. Every sample carries K sub-captions sampled from its long caption
-(``FlairObjective.captions_for`` returns ``[caption, sub_1, ..., sub_K]``; the caption is not part
-of any loss, as in the reference). ``training.stage1.stage1_collate`` therefore sends only the
+Data contract. Every sample carries K sub-captions sampled from the sentences of its caption and
+long caption together (``caption_pool``: the reference pools the raw caption with the short and
+long synthetic captions; ``FlairObjective.captions_for`` returns ``[caption, sub_1, ..., sub_K]``;
+the caption itself is not part of any loss, as in the reference). ``training.stage1.stage1_collate`` therefore sends only the
 sub-captions through the text tower: ``input_ids`` / ``attention_mask`` are [B*K, L], image-major
 (sub-caption k of image i is row i*K + k), so ``txt.global_emb`` is [B*K, d]. A batch may instead
 carry ``batch["sub_text"]`` (``Stage1Model`` encodes ``sub_input_ids`` [B,K,L] there); it is then
@@ -75,8 +76,18 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_SPLIT.split(text) if s.strip()]
 
 
-def sample_subcaptions(long_caption: str, k: int, max_merge: int, rng: random.Random) -> list[str]:
-    """K sub-captions of a long caption, as the reference's ``sample_dict`` (diverse sampling).
+def caption_pool(caption: str, long_caption: Optional[str] = None) -> list[str]:
+    """The sentences a sample's sub-captions are drawn from: the caption's, then the long caption's.
+
+    As the reference's ``sample_dict`` on its main data (DreamLIP-recaptioned CC3M/CC12M/YFCC,
+    ``pixelprose=False``): ``raw_caption + shortIB + longIB + ...``, each a list of sentences, so the
+    short captions are drawn as often as any sentence of the long ones. -> list of sentences."""
+    return split_sentences(caption) + (split_sentences(long_caption) if long_caption else [])
+
+
+def sample_subcaptions(long_caption: Union[str, list[str]], k: int, max_merge: int, rng: random.Random) -> list[str]:
+    """K sub-captions of a long caption (or of a list of sentences, e.g. ``caption_pool``), as the
+    reference's ``sample_dict`` (diverse sampling).
 
     For each: m = randint(1, max_merge) sentences. m = 1: one random sentence. Otherwise a coin
     flip (``rng.random() < 0.5``): consecutive sentences (``random_sample_from_list``: all of them
@@ -87,7 +98,7 @@ def sample_subcaptions(long_caption: str, k: int, max_merge: int, rng: random.Ra
     """
     if k < 1 or max_merge < 1:
         raise ValueError(f"k and max_merge must be >= 1, got k={k}, max_merge={max_merge}")
-    sentences = split_sentences(long_caption)
+    sentences = split_sentences(long_caption) if isinstance(long_caption, str) else list(long_caption)
     if not sentences:
         raise ValueError("cannot sample sub-captions from an empty caption")
     n = len(sentences)
@@ -268,12 +279,13 @@ class FlairObjective(Objective):
     @classmethod
     def captions_for(cls, cfg: FlairConfig, caption: str, long_caption: Optional[str] = None,
                      rng: Optional[random.Random] = None) -> list[str]:
-        """``[caption, sub_1, ..., sub_K]``: K sub-captions of ``long_caption`` (else of ``caption``).
-        Only the sub-captions are encoded (``stage1_collate``)."""
+        """``[caption, sub_1, ..., sub_K]``: K sub-captions drawn from the sentences of the caption and
+        the long caption together (``caption_pool``). Only the sub-captions are encoded
+        (``stage1_collate``)."""
         if rng is None:
             raise ValueError("FLAIR samples sub-captions: pass a seeded random.Random as rng")
-        source = long_caption if long_caption else caption
-        return [caption, *sample_subcaptions(source, cfg.num_subcaptions, cfg.max_merge, rng)]
+        pool = caption_pool(caption, long_caption)
+        return [caption, *sample_subcaptions(pool, cfg.num_subcaptions, cfg.max_merge, rng)]
 
     def fixed_random_inputs(self, batch: dict, num_images: int, device: torch.device) -> dict:
         """``{"flair_neg_index": [B, B-1]}`` drawn once for a batch of B = ``num_images`` (unless the

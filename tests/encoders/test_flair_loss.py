@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from encoders.features import ImageFeatures, TextFeatures
 from encoders.objectives.flair import (FlairConfig, FlairObjective, TextConditionedPooling, conditioned_similarity,
-                                       flair_loss, flair_mps_loss, flair_tcs_loss, sample_subcaptions,
-                                       split_sentences)
+                                       caption_pool, flair_loss, flair_mps_loss, flair_tcs_loss,
+                                       sample_subcaptions, split_sentences)
 
 
 def log_sigmoid(x):
@@ -233,9 +233,13 @@ LONG = "A red circle is left of a blue square. The square is large. There are tw
 
 
 def reference_sample_dict(raw_caption, k, max_merged_num, rng):
-    """src/flair/data.py ``sample_dict`` (sampling_mode='diverse_sampling', pixelprose caption) with
-    ``split_caption``, ``random_sample_from_list`` and ``draw_numbers``, ``random`` replaced by rng."""
-    captions_list = [cap.strip() for cap in __import__("re").split(r'\n|</s>|[.]', raw_caption) if cap.strip()]
+    """src/flair/data.py ``sample_dict`` (sampling_mode='diverse_sampling') with ``split_caption``,
+    ``random_sample_from_list`` and ``draw_numbers``, ``random`` replaced by rng. ``raw_caption``: a
+    string (pixelprose=True: its sentences) or a dict of caption lists (pixelprose=False: their sum)."""
+    if isinstance(raw_caption, dict):
+        captions_list = sum((raw_caption[key] for key in raw_caption), [])
+    else:
+        captions_list = [cap.strip() for cap in __import__("re").split(r'\n|</s>|[.]', raw_caption) if cap.strip()]
     n_captions = len(captions_list)
     sampled = []
     for _ in range(k):
@@ -265,6 +269,21 @@ def reference_sample_dict(raw_caption, k, max_merged_num, rng):
 def test_subcaptions_equal_reference_sample_dict(text, k, max_merge, seed):
     assert sample_subcaptions(text, k, max_merge, random.Random(seed)) == \
         reference_sample_dict(text, k, max_merge, random.Random(seed))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_caption_pool_equals_reference_non_pixelprose(seed):
+    """captions_for draws from the caption's sentences plus the long caption's, as the reference's
+    sample_dict on DreamLIP data draws from raw_caption + the short and long captions (each already a
+    list of sentences)."""
+    caption = "A red circle and two blue stars."
+    pool = caption_pool(caption, LONG)
+    assert pool[0] == "A red circle and two blue stars" and pool[1:] == split_sentences(LONG)
+    fields = {"raw_caption": split_sentences(caption), "longIB_captions": split_sentences(LONG)}
+    texts = FlairObjective.captions_for(FlairConfig(num_subcaptions=8), caption, LONG, random.Random(seed))
+    assert texts[0] == caption
+    assert texts[1:] == reference_sample_dict(fields, 8, 3, random.Random(seed))
+    assert caption_pool(caption) == ["A red circle and two blue stars"]
 
 
 def test_subcaptions_properties():
@@ -305,7 +324,7 @@ def test_subcaptions_bad_input_and_captions_for():
     cfg = FlairConfig(num_subcaptions=4, max_merge=2)
     texts = FlairObjective.captions_for(cfg, "a red circle", LONG, random.Random(3))
     assert texts[0] == "a red circle" and len(texts) == 5
-    assert texts[1:] == sample_subcaptions(LONG, 4, 2, random.Random(3))
+    assert texts[1:] == sample_subcaptions(["a red circle", *split_sentences(LONG)], 4, 2, random.Random(3))
     # without a long caption the sub-captions come from the caption itself (one sentence: repeats)
     assert set(FlairObjective.captions_for(cfg, "one sentence.", None, random.Random(0))[1:]) <= \
         {"one sentence", "one sentence. one sentence"}

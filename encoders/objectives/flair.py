@@ -8,11 +8,11 @@ data.py (``sample_dict``, ``split_caption``, ``random_sample_from_list``).
 Data contract. Every sample carries K sub-captions sampled from the sentences of its caption and
 long caption together (``caption_pool``: the reference pools the raw caption with the short and
 long synthetic captions; ``FlairObjective.captions_for`` returns ``[caption, sub_1, ..., sub_K]``;
-the caption itself is not part of any loss, as in the reference). ``training.stage1.stage1_collate`` therefore sends only the
-sub-captions through the text tower: ``input_ids`` / ``attention_mask`` are [B*K, L], image-major
-(sub-caption k of image i is row i*K + k), so ``txt.global_emb`` is [B*K, d]. A batch may instead
-carry ``batch["sub_text"]`` (``Stage1Model`` encodes ``sub_input_ids`` [B,K,L] there); it is then
-used and ``txt`` is ignored.
+the caption itself is not part of any loss, as in the reference). ``training.stage1.stage1_collate``
+therefore sends only the sub-captions through the text tower: ``input_ids`` / ``attention_mask``
+are [B*K, L], image-major (sub-caption k of image i is row i*K + k), so ``txt.global_emb`` is
+[B*K, d]. A batch may instead carry ``batch["sub_text"]`` (``Stage1Model`` encodes
+``sub_input_ids`` [B,K,L] there); it is then used and ``txt`` is ignored.
 
 Keys / values of the pooling are ``img.patch_emb``: the patch tokens after the tower's final norm
 and the global image projection (the ``DualEncoder`` applies the global head per patch when there

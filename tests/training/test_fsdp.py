@@ -140,12 +140,14 @@ def test_fsdp_units_are_the_layer_stacks_blocks(tiny_tower_dir, tiny_llm_dir):
 # ------------------------------------------------------------------------------------------------
 
 
-def stage1_worker(rank: int, init_file: str, out_dir: str, tokenizer) -> None:
+def stage1_worker(rank: int, init_file: str, out_dir: str, tokenizer_dir: str) -> None:
     import torch.distributed as dist
 
     from test_accum_freq import WORLD, B, build, make_batch, rank_batch
     from training.loop import cached_forward_backward, forward_backward
+    from vlm.data.tokenizer import load_tokenizer
     torch.set_num_threads(1)
+    tokenizer = load_tokenizer(tokenizer_dir)  # loaded here: a Rust tokenizer object is not pickled across spawn
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         results = {}
@@ -175,7 +177,9 @@ def test_stage1_fsdp_two_ranks_equal_the_whole_batch(tmp_path):
     from test_accum_freq import WORLD, B, assert_same, build, grads_after, make_batch, make_tokenizer
     from training.loop import forward_backward
     tokenizer = make_tokenizer()
-    mp.spawn(stage1_worker, args=(str(tmp_path / "init"), str(tmp_path), tokenizer), nprocs=WORLD, join=True)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    mp.spawn(stage1_worker, args=(str(tmp_path / "init"), str(tmp_path), str(tmp_path / "tokenizer")), nprocs=WORLD,
+             join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for name in ("clip", "sparc"):
         assert int(ranks[0][f"{name}/units"]) == 2  # one vision and one text encoder layer

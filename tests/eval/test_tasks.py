@@ -26,4 +26,4 @@ def test_report_columns_keep_the_demo_tables_order():
     assert VLM_REPORT_COLUMNS == [
         "caption/CIDEr", "caption/BLEU_4", "caption/METEOR", "caption/ROUGE_L", "chair/chair_i", "chair/chair_s",
         "chair/recall", "pope/f1_avg", "pope/accuracy_avg", "pope/random/f1", "pope/popular/f1",
-        "pope/adversarial/f1", "refcoco/acc", "refcoco/unparseable", "vsr/accuracy"]
+        "pope/adversarial/f1", "refcoco/acc", "refcoco/unparseable_rate", "vsr/accuracy"]

@@ -165,5 +165,11 @@ def test_lm_objective_skips_the_columns_after_the_last_label():
     labels = torch.full_like(ids, -100)
     labels[0, 4:6], labels[2, 2:8] = ids[0, 4:6], ids[2, 2:8]  # the last label is in column 7
     full = lm(input_ids=ids, labels=labels).loss
+    want = [g.clone() for g in torch.autograd.grad(full, list(lm.parameters()))]
     out = CausalLMObjective(lm)({"input_ids": ids, "labels": labels})
     assert torch.allclose(out["loss"], full, atol=1e-6) and out["num_tokens"] == 3 * 8
+    # the output head runs on the labelled positions only: the same gradients as HF's full-logits loss
+    for got, ref in zip(torch.autograd.grad(out["loss"], list(lm.parameters())), want):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    empty = CausalLMObjective(lm)({"input_ids": ids, "labels": torch.full_like(ids, -100)})["loss"]
+    assert empty.item() == 0.0 and empty.requires_grad  # a block without labels adds nothing (HF's gives nan)

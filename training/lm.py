@@ -49,7 +49,8 @@ Conversation = list[tuple[str, str]]  # ("human" | "gpt", text) turns
 
 class CausalLMObjective(nn.Module):
     """Wraps a causal LM for the loop: ``forward({"input_ids": [B,T], "labels": [B,T]}) -> {"loss",
-    "num_tokens"}``; the columns after the batch's last labelled token are not computed."""
+    "num_tokens"}``; the columns after the batch's last labelled token are not computed, and the output
+    head runs only on labelled positions."""
 
     def __init__(self, lm: LlamaForCausalLM, tokenizer: Optional[PreTrainedTokenizerBase] = None):
         super().__init__()

@@ -30,7 +30,6 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -40,6 +39,7 @@ from training.loop import check_out_dir, train
 from vlm.config import ConfigError, LMConfig, LMModelConfig
 from vlm.data.prompts import IMAGE_TOKEN
 from vlm.data.tokenizer import train_bpe_tokenizer
+from vlm.model.llm import decoder, labelled_token_loss
 from vlm.model.processor import IGNORE_INDEX, VLMProcessor
 from vlm.world.generator import world_corpus, world_documents, world_split
 
@@ -69,13 +69,9 @@ class CausalLMObjective(nn.Module):
         # Columns after the last labelled one change no loss (attention is causal): cut them off.
         last = max(int(labelled_lengths(labels).max()), 1)
         input_ids, labels = input_ids[:, :last], labels[:, :last]
-        # The output head only where a label is (the recipe's answers-only documents label 6% of positions):
-        # the same mean cross-entropy as ``self.lm(input_ids, labels=labels).loss``, without [B,T,V] logits.
-        hidden = self.lm.get_decoder()(input_ids=input_ids).last_hidden_state
-        targets = labels[:, 1:]
-        selected = targets != IGNORE_INDEX
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][selected]).float()
-        loss = F.cross_entropy(logits, targets[selected], reduction="sum") / selected.sum().clamp(min=1)
+        # The output head only where a label is (the recipe's answers-only documents label 6% of positions).
+        hidden = decoder(self.lm)(input_ids=input_ids).last_hidden_state
+        loss = labelled_token_loss(hidden, labels, self.lm.get_output_embeddings())
         return {"loss": loss, "num_tokens": input_ids.numel()}
 
 

@@ -277,3 +277,23 @@ def test_qlora_trains_only_adapters_and_bridge(tiny_tower_dir, tiny_llm_dir):
     assert names and all(n.startswith("bridge.") or "lora_" in n for n in names)
     with pytest.raises(ValueError, match="load_in_4bit"):
         model.merge_and_save("/tmp/never")
+
+
+def test_labelled_token_loss_against_a_float64_loop():
+    from vlm.model.llm import labelled_token_loss
+    g = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(3, 7, 5, generator=g, dtype=torch.float64), torch.nn.Linear(5, 11).double()
+    labels = torch.full((3, 7), -100)
+    labels[0, 2:5], labels[2, 1:7] = torch.randint(0, 11, (3,), generator=g), torch.randint(0, 11, (6,), generator=g)
+    with torch.no_grad():
+        logits = head(hidden)
+    total, count = 0.0, 0
+    for b in range(3):
+        for t in range(1, 7):  # position t-1 predicts label t
+            if int(labels[b, t]) != -100:
+                total -= float(torch.log_softmax(logits[b, t - 1], -1)[int(labels[b, t])])
+                count += 1
+    assert count == 9
+    assert abs(float(labelled_token_loss(hidden, labels, head)) - total / count) < 1e-6  # logits taken in float32
+    empty = labelled_token_loss(hidden.requires_grad_(), torch.full((3, 7), -100), head)
+    assert float(empty) == 0.0 and empty.requires_grad  # nothing labelled: a zero in the graph, not nan

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 from vlm.config import LoraConfig, VLMConfig
 from vlm.extras import check_extra
 from vlm.files import VlmError, loading_weights
+from vlm.model.processor import IGNORE_INDEX
 
 LLM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -115,6 +117,23 @@ def decoder(llm: nn.Module) -> nn.Module:
     if inner is None or not hasattr(inner, "layers"):
         raise TypeError(f"{type(base).__name__}: cannot find its decoder layers (expected .model.layers)")
     return inner
+
+
+def labelled_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions, the output head run on those only.
+
+    hidden [B,T,d] (position t predicts ``labels[:, t+1]``), labels [B,T] (``IGNORE_INDEX`` where
+    nothing is predicted), head: hidden [N,d] -> logits [N,V] -> scalar. The same value as a
+    ``transformers`` causal LM's ``labels=`` loss, without the [B,T,V] logits; when nothing is labelled
+    (every answer cut off), a zero that keeps the graph instead of nan.
+    """
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    n = int(selected.sum())
+    if n == 0:
+        return hidden.sum() * 0.0
+    logits = head(hidden[:, :-1][selected]).float()
+    return F.cross_entropy(logits, targets[selected], reduction="sum") / n
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -47,7 +46,7 @@ from vlm.files import atomic_path
 from vlm.model.bridges import build_bridge
 from vlm.model.bridges.base import Bridge
 from vlm.model.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, ensure_image_token,
-                           load_llm, load_lora)
+                           labelled_token_loss, load_llm, load_lora)
 from vlm.model.processor import IGNORE_INDEX, VLMProcessor
 from vlm.model.oracle import ORACLE, OracleTower, is_oracle
 from vlm.model.tower import VLMVisionTower
@@ -243,14 +242,7 @@ class VisionLanguageModel(nn.Module):
         """
         input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         hidden = self.hidden_states(self.image_features(batch["pixel_values"]), input_ids, mask)
-        targets = labels[:, 1:]
-        selected = targets != IGNORE_INDEX
-        n = int(selected.sum())
-        if n == 0:
-            loss = hidden.sum() * 0.0  # no answer token survived truncation: a zero that keeps the graph
-        else:
-            logits = self.lm_head()(hidden[:, :-1][selected]).float()
-            loss = F.cross_entropy(logits, targets[selected], reduction="sum") / n
+        loss = labelled_token_loss(hidden, labels, self.lm_head())  # 0 when truncation cut every answer
         return {"loss": loss, "num_tokens": mask.sum(), **self.bridge.log_terms()}
 
     # ------------------------------------------------------------------------------------------

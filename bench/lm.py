@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from bench.common import Row, median_time
-from training.lm import CausalLMObjective, _corpus_blocks, build_lm
+from training.lm import CausalLMObjective, build_lm, corpus_blocks
 from vlm.config import LMConfig, load_config
 from vlm.model.processor import IGNORE_INDEX
 
@@ -21,7 +21,7 @@ def run(warmup: int = 2, iters: int = 7, samples: int = 400) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(LMConfig, ROOT / "configs/lm/tiny_world.yaml",
                           [f"data.max_world_samples={samples}", f"run.out_dir={tmp}"])
-        blocks, labels, tokenizer, _ = _corpus_blocks(cfg, resuming=False)
+        blocks, labels, tokenizer, _ = corpus_blocks(cfg, resuming=False)
     torch.manual_seed(0)
     lm = build_lm(cfg.model, tokenizer)
     objective = CausalLMObjective(lm)

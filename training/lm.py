@@ -223,8 +223,10 @@ def _tokenizer(cfg: LMConfig, docs: list[str], resuming: bool) -> PreTrainedToke
     return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
-def _corpus_blocks(cfg: LMConfig, resuming: bool):
-    """(input_ids [N,T], labels [N,T], tokenizer, number of documents) for ``cfg.data.documents``."""
+def corpus_blocks(cfg: LMConfig, resuming: bool = False):
+    """The LM's training data for ``cfg.data``: (input_ids [N,T], labels [N,T] with IGNORE_INDEX off the
+    loss, the tokenizer, the number of documents). Trains the BPE tokenizer and saves it under
+    ``run.out_dir/tokenizer``, or with ``resuming`` loads the one saved there."""
     if cfg.data.documents == "standalone":
         docs = build_corpus(cfg)
         tokenizer = _tokenizer(cfg, docs, resuming)
@@ -256,7 +258,7 @@ def run(cfg: LMConfig) -> Path:
     resuming = check_out_dir(out_dir, cfg.run) is not None  # fails early on a non-resumed existing run
     distributed.barrier()
 
-    blocks, labels, tokenizer, n_docs = _corpus_blocks(cfg, resuming)
+    blocks, labels, tokenizer, n_docs = corpus_blocks(cfg, resuming)
     if info.is_main:
         print(f"LM corpus ({cfg.data.documents} documents): {n_docs} documents, {int((labels != IGNORE_INDEX).sum())} "
               f"tokens in {len(blocks)} blocks of {cfg.data.block_size}; vocabulary {len(tokenizer)}")

@@ -105,7 +105,7 @@ def test_timings_keep_this_runs_measurement_over_a_reuse(tmp_path):
 
 
 def test_demo_stages_need_what_their_configs_read(tmp_path):
-    cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}"])
+    cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}", "from_scratch=[sparc]"])
     stages = demo_plan(cfg)
     needs = stage_needs(stages)
     assert needs["lm"] == [] and needs["tower"] == [] and needs["stage1/sparc_scratch"] == []

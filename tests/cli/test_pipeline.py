@@ -102,7 +102,7 @@ def test_aggregate_groups_by_tower_and_level():
 
 
 def test_plans_resolve_every_stage_config_up_front(tmp_path):
-    cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}"])
+    cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}", "from_scratch=[sparc]"])
     stages = demo_plan(cfg)
     assert {"lm", "stage1/sparc", "stage1/clip", "maskembed/sparc", "stage2/projector"} <= set(stages)
     assert stages["stage2/projector"].cfg.model.llm == str(tmp_path / "lm" / "final")
@@ -117,7 +117,8 @@ def test_plans_resolve_every_stage_config_up_front(tmp_path):
     every = demo_plan(load_config(DemoConfig, None, [f"out_dir={tmp_path}", "objectives=[clip,siglip,sparc,flair]"]))
     assert every["stage1/flair"].cfg.objective.name == "flair"
     with pytest.raises(ConfigError, match="from_scratch"):
-        load_config(DemoConfig, None, ["tower_config=null"])
+        load_config(DemoConfig, None, ["tower_config=null", "from_scratch=[sparc]"])
+    assert "stage1/sparc_scratch" not in demo_plan(load_config(DemoConfig, None, [f"out_dir={tmp_path}"]))
     acfg = load_config(AblateConfig, "configs/ablate/backbones_world.yaml", [f"out_dir={tmp_path}"])
     stages, cells = ablate_plan(acfg)
     assert len({c[2] for c in cells}) >= 3

@@ -79,6 +79,22 @@ def test_short_answers_are_balanced_and_carry_a_third_of_the_answer_tokens(recor
     assert share >= 0.30, share
 
 
+def test_a_conversation_asks_each_object_pair_once_while_another_is_left(records):
+    samples, recs = records
+    by_key = {s.key: s for s in samples}
+    repeats = checked = 0
+    for r in recs:
+        statements = {st.text: st for st in by_key[r.image.removesuffix(".jpg")].statements}
+        n_pairs = len({frozenset((st.subject, st.object)) for st in statements.values()})
+        asked = [statements[q.removeprefix(prompts.IMAGE_TOKEN + "\n").split(" Is this statement")[0]]
+                 for _, q in r.conversations[0::2] if turn_kind(q) == "spatial"]
+        pairs = [frozenset((st.subject, st.object)) for st in asked]
+        if len(pairs) <= n_pairs:
+            checked += len(pairs) > 1
+            repeats += len(set(pairs)) < len(pairs)
+    assert checked > 20 and repeats == 0
+
+
 def test_existence_negatives_sampled_the_pope_ways_from_the_given_images_only(records):
     samples, _ = records
     objects = image_objects(samples)

@@ -80,7 +80,9 @@ class TurnDrawer:
 
     Existence questions and statements are drawn in a shuffled order without replacement (refilled
     when used up), so within an image yes/no and true/false stay balanced. ``statements`` defaults
-    to the sample's own (``sample.statements``).
+    to the sample's own (``sample.statements``). Within one conversation (``new_conversation``) a
+    statement's object pair is not asked twice while the image has another pair: "A left of B"
+    then "A right of B" would answer the second from the first, not from the image.
     """
 
     def __init__(self, sample: WorldSample, exist: list[tuple[str, str]], image_size: int,
@@ -92,6 +94,11 @@ class TurnDrawer:
         self.statement_pool = list(sample.statements if statements is None else statements)
         self._exist: list[tuple[str, str]] = []
         self._statements: list[Statement] = []
+        self._asked_pairs: set[frozenset[int]] = set()
+
+    def new_conversation(self) -> None:
+        """Forget the object pairs asked so far (they may be asked again in the next conversation)."""
+        self._asked_pairs = set()
 
     def available(self, kind: str) -> bool:
         """Whether this sample has turns of ``kind`` (spatial needs statements, exist questions) and
@@ -113,14 +120,29 @@ class TurnDrawer:
         if kind == "count":
             return self._count()
         if kind == "spatial":
-            if not self._statements:
-                self._statements = [self.statement_pool[p] for p in self.rng.permutation(len(self.statement_pool))]
-            st = self._statements.pop(0)
+            st = self._statement()
             return prompts.vsr_prompt(st.text), prompts.TRUE if st.label else prompts.FALSE
         if kind == "grounding":
             i = int(self.rng.integers(len(s.objects)))
             return prompts.grounding_prompt(s.referring[i]), prompts.format_box(normalized_box(s.objects[i], self.image_size))
         raise ValueError(f"unknown turn kind {kind!r}; valid: {', '.join(LLAVA_TURN_KINDS)}")
+
+    def _statement(self) -> Statement:
+        """The next queued statement about a pair not yet asked in this conversation; the queue is
+        extended by the pool in a new order when empty or when every queued one repeats a pair (then
+        the first, when every pair of the image has been asked)."""
+        k = self._first_fresh()
+        if k is None:
+            self._statements += [self.statement_pool[p] for p in self.rng.permutation(len(self.statement_pool))]
+            k = self._first_fresh() or 0
+        st = self._statements.pop(k)
+        self._asked_pairs.add(frozenset((st.subject, st.object)))
+        return st
+
+    def _first_fresh(self) -> Optional[int]:
+        """Index of the first queued statement whose object pair this conversation has not asked."""
+        return next((i for i, st in enumerate(self._statements)
+                     if frozenset((st.subject, st.object)) not in self._asked_pairs), None)
 
     def _count(self) -> Turn:
         """'How many objects / {plural} ...' for all objects, a present shape or an absent one."""
@@ -159,6 +181,7 @@ def mixed_conversations(sample: WorldSample, exist: list[tuple[str, str]], cfg: 
     drawer = TurnDrawer(sample, exist, cfg.image_size, rng)
     convs = []
     for _ in range(cfg.llava_conversations):
+        drawer.new_conversation()
         turns = [drawer.draw(k) for k in draw_kinds(drawer, cfg.llava_mix, cfg.llava_turns, rng)]
         convs.append(_as_conversation(turns, prompts.IMAGE_TOKEN))
     return convs

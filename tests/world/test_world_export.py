@@ -1,6 +1,7 @@
 """Export a tiny world and read every file back with the real-format readers."""
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -146,3 +147,21 @@ def test_ensure_world_without_replace_never_overwrites_another_world(tmp_path):
     assert (tmp_path / "world.json").stat().st_mtime_ns == stamp
     assert len(list((tmp_path / "images").glob("*.jpg"))) == 9
     assert ensure_world(tmp_path, cfg, replace=False) == tmp_path
+
+
+def test_parallel_rendering_writes_the_same_files(world, tmp_path, monkeypatch):
+    out, _, _ = world
+    monkeypatch.setattr("vlm.world.export.PARALLEL_MIN_SAMPLES", 0)
+    export_world(tmp_path, CFG, progress=False, samples_per_shard=16, workers=2)
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    for rel in files:
+        assert _content(out / rel) == _content(tmp_path / rel), rel
+
+
+def _content(path):
+    """A file's bytes; a tar's (name, bytes) members (its headers hold the write time)."""
+    if path.suffix != ".tar":
+        return path.read_bytes()
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]

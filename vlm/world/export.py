@@ -31,9 +31,12 @@ import dataclasses
 import hashlib
 import io
 import json
+import multiprocessing
+import os
 import textwrap
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import webdataset as wds
@@ -195,11 +198,10 @@ def _add_eval(sample: WorldSample, file_name: str, cfg: WorldConfig, out: Path, 
                               split=ref_split, width=s, height=s, category_id=SHAPES.index(o.shape) + 1))
 
 
-def _add_sample(sample: WorldSample, cfg: WorldConfig, out: Path, writer: Any, c: _Collected) -> None:
-    """Write one sample's image and route it to the train or eval formats."""
+def _add_sample(sample: WorldSample, jpg: bytes, cfg: WorldConfig, out: Path, writer: Any, c: _Collected) -> None:
+    """Write one sample's image (its JPEG bytes ``jpg``) and route it to the train or eval formats."""
     is_train = sample.index < cfg.n_train
     split = "train" if is_train else "val"
-    jpg = jpeg_bytes(sample.image)
     file_name = f"{sample.key}.jpg"
     atomic_write_bytes(out / "images" / file_name, jpg, durable=False)  # world.json, written last, commits them
     c.files[split][sample.index] = file_name
@@ -209,6 +211,33 @@ def _add_sample(sample: WorldSample, cfg: WorldConfig, out: Path, writer: Any, c
         _add_train(sample, jpg, file_name, cfg, writer, c)
     else:
         _add_eval(sample, file_name, cfg, out, c)
+
+
+def render(index: int, cfg: WorldConfig) -> tuple[WorldSample, bytes]:
+    """Sample ``index`` of the world ``cfg`` and its image's JPEG bytes (what the export writes)."""
+    sample = generate_sample(index, cfg.seed, cfg)
+    return sample, jpeg_bytes(sample.image)
+
+
+PARALLEL_MIN_SAMPLES = 512  # smaller exports render in this process (a pool costs more than it saves)
+
+
+def rendered(indices: Sequence[int], cfg: WorldConfig, workers: int = 1) -> Iterator[tuple[WorldSample, bytes]]:
+    """``render`` of each index, in order; ``workers`` > 1 renders in that many processes (forked where
+    the platform can) while the caller writes. Every sample is a function of (seed, index) alone, so the
+    output is the same for any ``workers``."""
+    if workers <= 1 or len(indices) < PARALLEL_MIN_SAMPLES:
+        yield from (render(i, cfg) for i in indices)
+        return
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap(partial(render, cfg=cfg), indices, chunksize=64)
+
+
+def default_workers() -> int:
+    """Processes that render the world: the CPUs this process may use, at most 4."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
 
 
 def llava_records(train_samples: list[WorldSample], cfg: WorldConfig) -> list[LlavaRecord]:
@@ -249,11 +278,12 @@ def _counts(out: Path, cfg: WorldConfig, n_train: int, n_eval: int, c: _Collecte
 
 
 def export_world(out_dir: str | Path, cfg: WorldConfig, progress: bool = True,
-                 samples_per_shard: int = 1000) -> dict[str, Any]:
+                 samples_per_shard: int = 1000, workers: Optional[int] = None) -> dict[str, Any]:
     """Generate the world ``cfg`` and write it under ``out_dir`` (layout in the module docstring).
 
-    Returns the counts (also stored in ``world.json``). Single process; ``world.json`` is written
-    last, so an interrupted export is never taken as complete by ``ensure_world``.
+    Returns the counts (also stored in ``world.json``). ``workers`` processes render the images
+    (None: ``default_workers()``; the files are the same for any number) while this one writes;
+    ``world.json`` is written last, so an interrupted export is never taken as complete by ``ensure_world``.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -268,8 +298,8 @@ def export_world(out_dir: str | Path, cfg: WorldConfig, progress: bool = True,
     bar = tqdm(total=total, desc="world export", unit="img", disable=not progress)
     writer = wds.ShardWriter(str(out / "shards" / "train-%06d.tar"), maxcount=samples_per_shard, verbose=0)
     try:
-        for index in [*train_idx, *eval_idx]:
-            _add_sample(generate_sample(index, cfg.seed, cfg), cfg, out, writer, collected)
+        for sample, jpg in rendered([*train_idx, *eval_idx], cfg, default_workers() if workers is None else workers):
+            _add_sample(sample, jpg, cfg, out, writer, collected)
             bar.update(1)
     finally:
         writer.close()

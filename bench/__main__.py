@@ -1,6 +1,6 @@
 """``python -m bench`` (``make bench``): every benchmark in one run, one table of ratios.
 
-World generation speed, stage one's data path (shards vs pre-decoded arrays), stage one (SPARC/CLIP step time and memory, ours/open_clip samples/s), stage two (tokens/s per
+World generation and export speed, stage one's data path (shards vs pre-decoded arrays), stage one (SPARC/CLIP step time and memory, ours/open_clip samples/s), stage two (tokens/s per
 bridge, KV-cache speed-up), the world LM's step (output head on labelled positions only) and, when a demo has run, its wall time by stage (``--demo DIR``). ``--only towers`` adds
 the vision towers' forward+backward times (ViT / ResNet / ConvNeXt, fp32 and bf16; not in the default set).
 """

@@ -648,7 +648,7 @@ class PipelineConfig:
     stage2_overrides: list[str] = field(default_factory=list)
     eval_limit: Optional[int] = 200  # examples per VLM task and images per encoder eval; None = all
     vlm_tasks: list[str] = field(default_factory=lambda: list(VLM_TASK_NAMES))
-    threads: int = 0  # torch threads; 0 = leave torch's default
+    threads: int = 0  # torch threads, and at most as many world render workers; 0 = the defaults
 
     def __post_init__(self) -> None:
         for t in self.vlm_tasks:

@@ -165,3 +165,10 @@ def _content(path):
         return path.read_bytes()
     with tarfile.open(path) as tar:
         return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def test_ensure_world_passes_its_render_workers_on(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("vlm.world.export.export_world", lambda out, cfg, progress, workers: seen.append(workers))
+    ensure_world(tmp_path / "w", CFG, workers=1)
+    assert seen == [1]

@@ -120,7 +120,7 @@ def _run_ablation(cfg: AblateConfig, stages: dict[str, Stage], cells: list) -> P
     """``run_ablation``'s work, under the out dir's lock."""
     out, timings = start_run(cfg, "ablate.yaml")
     world_dir = out / "world"
-    timed("world", timings, ensure_world, world_dir, cfg.world)
+    timed("world", timings, ensure_world, world_dir, cfg.world, workers=cfg.threads or None)  # threads bound the renderers too
     for name in shared_stages(cfg, stages):
         run_stage(stages[name], timings)
 

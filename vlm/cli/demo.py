@@ -85,7 +85,7 @@ def _run_demo(cfg: DemoConfig, stages: dict[str, Stage]) -> Path:
     t_start = time.perf_counter()
 
     world_dir = out / "world"
-    timed("world", timings, ensure_world, world_dir, cfg.world)
+    timed("world", timings, ensure_world, world_dir, cfg.world, workers=cfg.threads or None)  # threads bound the renderers too
     evals = eval_jobs(cfg, stages, world_dir)
     run_jobs([*stage_jobs(cfg, stages), *evals], timings, cfg.jobs, job_threads(cfg.jobs, cfg.threads), out / "logs")
     summaries = {job.name: read_json(job.done, "eval summary") for job in evals}

@@ -333,9 +333,9 @@ def is_world(meta: dict, cfg: WorldConfig) -> bool:
     return meta.get("config") == recorded_config(cfg) and meta.get("format_version") == FORMAT_VERSION
 
 
-def ensure_world(out_dir: str | Path, cfg: WorldConfig, replace: bool = True) -> Path:
+def ensure_world(out_dir: str | Path, cfg: WorldConfig, replace: bool = True, workers: Optional[int] = None) -> Path:
     """``out_dir`` holding the world ``cfg``: reused when its ``world.json`` records the same config
-    (and format version), exported otherwise. Returns ``Path(out_dir)``.
+    (and format version), exported otherwise (``workers``: as ``export_world``). Returns ``Path(out_dir)``.
 
     ``replace=False`` (``vlm train``, whose ``data.world_dir`` may be anyone's export) refuses to
     overwrite a complete world made with other settings: a ``VlmError`` naming the keys that differ.
@@ -347,7 +347,7 @@ def ensure_world(out_dir: str | Path, cfg: WorldConfig, replace: bool = True) ->
     if not replace and isinstance(meta.get("config"), dict) and meta.get("format_version") == FORMAT_VERSION:
         raise VlmError(f"{out} holds a world made with other settings ({config_difference(meta['config'], cfg)}); "
                        f"not overwriting it: give the recipe that world's settings, or another data.world_dir")
-    export_world(out, cfg, progress=True)
+    export_world(out, cfg, progress=True, workers=workers)
     return out
 
 

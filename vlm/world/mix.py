@@ -136,13 +136,12 @@ class TurnDrawer:
             self._statements += [self.statement_pool[p] for p in self.rng.permutation(len(self.statement_pool))]
             k = self._first_fresh() or 0
         st = self._statements.pop(k)
-        self._asked_pairs.add(frozenset((st.subject, st.object)))
+        self._asked_pairs.add(_pair(st))
         return st
 
     def _first_fresh(self) -> Optional[int]:
         """Index of the first queued statement whose object pair this conversation has not asked."""
-        return next((i for i, st in enumerate(self._statements)
-                     if frozenset((st.subject, st.object)) not in self._asked_pairs), None)
+        return next((i for i, st in enumerate(self._statements) if _pair(st) not in self._asked_pairs), None)
 
     def _count(self) -> Turn:
         """'How many objects / {plural} ...' for all objects, a present shape or an absent one."""
@@ -152,6 +151,11 @@ class TurnDrawer:
         shape = targets[int(self.rng.integers(len(targets)))]
         n = len(self.sample.objects) if shape is None else sum(o.shape == shape for o in self.sample.objects)
         return prompts.count_prompt("objects" if shape is None else PLURALS[shape]), number_word(n).capitalize()
+
+
+def _pair(st: Statement) -> frozenset[int]:
+    """The unordered object pair a statement is about ("A left of B" and "B right of A" share one)."""
+    return frozenset((st.subject, st.object))
 
 
 def _pairs_shuffled(questions: list[tuple[str, str]], rng: np.random.Generator) -> list[tuple[str, str]]:

@@ -445,6 +445,8 @@ class LoraConfig:
 class BridgeConfig:
     name: str = "projector"  # projector | flamingo
     num_latents: int = 16  # flamingo: perceiver resampler latents M
+    # flamingo: perceiver resampler layers; 0: no resampler, the gated blocks attend to the P
+    # projected patch tokens (Llama 3.2 Vision's cross-attention; num_latents is then unused)
     resampler_layers: int = 2
     xattn_every: int = 1  # flamingo: a gated cross-attention block before every k-th decoder layer
     num_heads: int = 4
@@ -456,6 +458,7 @@ class BridgeConfig:
     def __post_init__(self) -> None:
         _one_of(self.name, "bridge.name", BRIDGE_NAMES)
         _check(self.num_latents > 0 and self.xattn_every > 0, "bridge", "num_latents, xattn_every > 0")
+        _check(self.resampler_layers >= 0, "bridge.resampler_layers", "must be >= 0")
         _positive(self, "bridge", "num_heads")
         _check(not self.position_embedding or self.name == "projector", "bridge.position_embedding",
                "is a projector option")

@@ -177,6 +177,38 @@ def test_gated_block_formula_and_resampler_shapes():
     assert FlamingoBridge(cfg, 12, 16, num_llm_layers=5).layer_indices == [1, 3]
 
 
+def test_flamingo_without_resampler_attends_to_every_patch_token(tiny_tower_dir, tiny_llm_dir):
+    """``resampler_layers: 0`` (Llama 3.2 Vision's cross-attention): the media are LN(proj(patch
+    tokens)) [B,P,d], one per patch, no learned latents; zero gates still give the bare LLM's logits,
+    and with a gate open a sequence's logits follow its own image (and only its own)."""
+    res = PerceiverResampler(vision_width=12, width=16, num_latents=3, num_layers=0, num_heads=2)
+    x = torch.randn(2, 9, 12)
+    assert res.latents is None and not any("latents" in n for n, _ in res.named_parameters())
+    assert torch.allclose(res(x), res.norm(res.proj(x)), atol=0) and res(x).shape == (2, 9, 16)
+    with pytest.raises(ValueError, match="token count"):
+        FlamingoBridge(BridgeConfig(name="flamingo", resampler_layers=0, num_heads=2), 12, 16, 2)
+    torch.manual_seed(0)
+    cfg = vlm_config(tiny_tower_dir, tiny_llm_dir, "flamingo")
+    cfg.bridge.resampler_layers = 0
+    model = VisionLanguageModel.build(cfg).eval()
+    P = model.tower.num_tokens
+    assert model.bridge.num_latents == P
+    images = random_images(2, seed=5)
+    batch = model.processor(images, ["Is there a red circle?", "How many objects?"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    bare = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir)).eval()
+    with torch.no_grad():
+        assert model.image_features(batch["pixel_values"]).shape[1] == P
+        want = bare(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        assert torch.equal(model.logits(batch["pixel_values"], ids, mask), want)
+        model.bridge.blocks[0].attn_gate.fill_(0.5)
+        pixels = batch["pixel_values"].clone()
+        before = model.logits(pixels, ids, mask)
+        pixels[1] = torch.flip(pixels[1], dims=[-1])  # image 1 only: image 0's rows stay as they were
+        after = model.logits(pixels, ids, mask)
+    assert torch.equal(before[0], after[0]) and not torch.allclose(before[1], after[1])
+
+
 def test_registry_keys_and_errors():
     assert tuple(BRIDGES) == BRIDGE_NAMES
     with pytest.raises(ConfigError, match="bridge.name"):

@@ -2,7 +2,10 @@
 
 - ``PerceiverResampler``: the P patch tokens are projected to the LLM width d; M learned latents
   then go through ``resampler_layers`` blocks of (latents attend to [patch tokens; latents]) +
-  FFN, each pre-LayerNorm and residual; output [B,M,d].
+  FFN, each pre-LayerNorm and residual; output [B,M,d]. With ``resampler_layers: 0`` there are no
+  latents: the gated blocks attend to the P projected (and normalised) patch tokens themselves, as
+  Llama 3.2 Vision's gated cross-attention layers do (M = P; ``configs/stage2/flamingo_tiny.yaml``
+  has the measurement that chose it for the world).
 - ``GatedCrossAttentionBlock`` (OpenFlamingo ``helpers.GatedCrossAttentionBlock``):
   ``x = x + tanh(alpha_attn) * m * xattn(LN(x), latents)`` then ``x = x + tanh(alpha_ff) * ffn(LN(x))``
   with both alphas initialised at 0, so at step 0 the LLM's outputs are exactly unchanged. ``m`` is
@@ -94,18 +97,21 @@ class ResamplerLayer(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """patch tokens [B,P,w] -> latents [B,M,d]."""
+    """patch tokens [B,P,w] -> latents [B,M,d]; with ``num_layers=0`` -> LN(proj(patch tokens)) [B,P,d]."""
 
     def __init__(self, vision_width: int, width: int, num_latents: int, num_layers: int, num_heads: int):
         super().__init__()
         self.proj = nn.Linear(vision_width, width)
-        self.latents = nn.Parameter(torch.randn(num_latents, width) * width ** -0.5)
+        # No layers: the projected patch tokens are the media (no learned latents to hold).
+        self.latents = nn.Parameter(torch.randn(num_latents, width) * width ** -0.5) if num_layers else None
         self.layers = nn.ModuleList(ResamplerLayer(width, num_heads) for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """patch_tokens [B,P,w] -> latents [B,M,d]."""
+        """patch_tokens [B,P,w] -> latents [B,M,d] (no layers: the projected patch tokens [B,P,d])."""
         media = self.proj(patch_tokens)
+        if not self.layers:
+            return self.norm(media)
         latents = self.latents.unsqueeze(0).expand(media.shape[0], -1, -1)
         for layer in self.layers:
             latents = layer(media, latents)
@@ -206,7 +212,8 @@ def xattn_layer_indices(num_layers: int, every: int) -> list[int]:
 
 
 class FlamingoBridge(Bridge):
-    """``forward(patch_tokens [B,P,w]) -> latents [B,M,d]``; gated blocks before layers (i+1) % k == 0."""
+    """``forward(patch_tokens [B,P,w]) -> latents [B,M,d]`` (M = P without resampler layers); gated
+    blocks before layers (i+1) % k == 0."""
 
     # The transformers convention: one FSDP unit per block (training.parallel.fsdp_units).
     _no_split_modules = ["GatedDecoderLayer", "GatedCrossAttentionBlock", "ResamplerLayer"]
@@ -223,7 +230,10 @@ class FlamingoBridge(Bridge):
         self.blocks = nn.ModuleList(GatedCrossAttentionBlock(llm_width, cfg.num_heads) for _ in self.layer_indices)
         self._attached = False
         self._hook = None
-        self.num_latents = cfg.num_latents
+        if not cfg.resampler_layers and num_tokens <= 0:
+            raise ValueError("bridge.resampler_layers=0 (attend to the patch tokens) needs the tower's token count")
+        # M: the tokens each image gives the gated blocks (the latents, or the P patch tokens).
+        self.num_latents = cfg.num_latents if cfg.resampler_layers else num_tokens
         self._media_mask: Optional[torch.Tensor] = None
         self._latent_mask: Optional[torch.Tensor] = None
         self._last_image: Optional[torch.Tensor] = None  # [B]: the image of each sequence's last token

@@ -107,14 +107,20 @@ def test_world_llava_data_resolves_and_batches(assets, tmp_path):
         resolve_data(other)
 
 
-@pytest.mark.parametrize("bridge", ["projector", "flamingo"])
+@pytest.mark.parametrize("bridge", ["projector", "flamingo", "flamingo-patches"])
 def test_short_run_lowers_loss_and_exports(assets, tmp_path, bridge):
+    """flamingo-patches: no resampler (``bridge.resampler_layers: 0``, the world's Flamingo recipe)."""
     torch.set_num_threads(1)
-    final = run(tiny_cfg(assets, tmp_path / "run", bridge))
+    cfg = tiny_cfg(assets, tmp_path / "run", bridge.split("-")[0])
+    if bridge == "flamingo-patches":
+        cfg.model.bridge.resampler_layers = 0
+    final = run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 30 and rows[-1]["loss"] < rows[0]["loss"] - 1.0
     assert rows[-1]["tokens_per_s"] > 0
     model = VisionLanguageModel.from_pretrained(final)
+    if bridge == "flamingo-patches":
+        assert model.bridge.resampler.latents is None and model.bridge.num_latents == model.tower.num_tokens
     image = Image.open(assets["json"].parent / "images" / "002.png")
     answer = model.generate([image], ["Describe the image briefly."], max_new_tokens=8)[0]
     assert isinstance(answer, str)

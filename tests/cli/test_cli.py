@@ -7,7 +7,7 @@ import pytest
 from vlm.cli import build_parser, main
 
 SUBCOMMANDS = [["world"], ["train", "stage1"], ["train", "lm"], ["train", "maskembed"], ["train", "stage2"],
-               ["eval", "encoder"], ["eval", "vlm"], ["eval", "drift"], ["eval", "probe"], ["merge"], ["export"], ["score"], ["generate"], ["chat"], ["serve"], ["demo"], ["ablate"]]
+               ["eval", "encoder"], ["eval", "vlm"], ["eval", "drift"], ["eval", "probe"], ["eval", "relation-probe"], ["merge"], ["export"], ["score"], ["generate"], ["chat"], ["serve"], ["demo"], ["ablate"]]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=lambda c: " ".join(c))

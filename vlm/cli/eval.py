@@ -1,5 +1,6 @@
-"""``vlm eval encoder | vlm | drift | probe``: evaluate a vision tower, a VLM, the LLM's language
-drift, or an LLM's text-context probe (POPE / VSR answered from the caption, no image)."""
+"""``vlm eval encoder | vlm | drift | probe | relation-probe``: evaluate a vision tower, a VLM, the LLM's
+language drift, an LLM's text-context probe (POPE / VSR answered from the caption, no image), or the
+world's VSR task itself (a small transformer trained from scratch on the oracle grid)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,8 @@ from eval.encoder_real import run_real
 from eval.harness import run_vlm_eval
 from eval.io import ANSWER_MODES
 from eval.prompt_sets import PROMPT_SETS
+from eval.relation_probe import VARIANTS as RELATION_VARIANTS
+from eval.relation_probe import run as run_relation_probe
 from eval.tasks import VLM_TASKS
 from eval.text_probe import MODES as PROBE_MODES
 from eval.text_probe import probe_llm
@@ -73,6 +76,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--limit", type=int, default=None, help="at most this many questions per POPE split and of VSR")
     e.add_argument("--mode", choices=PROBE_MODES, default="score", help="answers as the harness reads them")
     e.set_defaults(func=cmd_eval_probe)
+    e = sub.add_parser("relation-probe", help="the world's VSR statements learnt from scratch on the oracle grid "
+                                              "(eval.relation_probe): with and without the named objects marked")
+    e.add_argument("--world-dir", default="runs/world", help="the world (its world.json config) whose statements are used")
+    e.add_argument("--out", default="runs/relation_probe")
+    e.add_argument("--images", type=int, default=8000, help="train images (the world's first train indices)")
+    e.add_argument("--steps", type=int, default=1500)
+    e.add_argument("--batch", type=int, default=64)
+    e.add_argument("--lr", type=float, default=1e-3)
+    e.add_argument("--layers", type=int, default=2)
+    e.add_argument("--eval-every", type=int, default=250)
+    e.add_argument("--variants", default=",".join(RELATION_VARIANTS), help=f"comma list of {', '.join(RELATION_VARIANTS)}")
+    e.set_defaults(func=cmd_eval_relation_probe)
 
 
 def world_config_of(world_dir: str) -> WorldConfig:
@@ -127,6 +142,16 @@ def cmd_eval_vlm(args: argparse.Namespace) -> int:
                            blank_image=args.blank_image, hf_model=args.hf_model is not None,
                            answer_mode=args.answer_mode, prompt_set=args.prompt_set)
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_eval_relation_probe(args: argparse.Namespace) -> int:
+    """``vlm eval relation-probe``: can a small transformer learn the world's VSR statements from perfect features?"""
+    world = world_config_of(existing(args.world_dir, "--world-dir"))
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    summary = run_relation_probe(world, args.out, images=args.images, steps=args.steps, batch=args.batch, lr=args.lr,
+                                 layers=args.layers, eval_every=args.eval_every, variants=variants)
+    print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=2))
     return 0
 
 

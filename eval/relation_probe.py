@@ -1,5 +1,6 @@
 """Relation probe: can a small transformer, trained from scratch on perfect features, judge the world's
-spatial statements? It tests the world's VSR task, not a checkpoint.
+spatial statements, or box its referring expressions? It tests the world's VSR and RefCOCO tasks, not a
+checkpoint.
 
 Each example is one of the world's VSR statements (``WorldSample.statements``, the ones stage two
 trains on and ``vsr/test.jsonl`` holds) with its image's oracle grid (``vlm.model.oracle.cell_features``:
@@ -7,13 +8,18 @@ per cell one-hot shape and colour, size, foreground, coverage, and the cell's ro
 
     [64 cells -> MLP] + [the statement's words] + [query]  -> causal transformer -> True / False
 
+``task="refcoco"`` asks for the box of each object's referring expression (``WorldSample.referring``,
+what ``refcoco/`` holds) instead: four classifications over ``BINS`` values of the normalised
+x1, y1, x2, y2 (0.02 apart), scored as RefCOCO is (Acc@0.5 IoU with the true box).
+
 Train images are the world's first ``images`` train indices, held-out ones its eval split, both
 regenerated from (seed, index) as the exporter does. Two variants, trained side by side:
 
 - ``plain``: only the above. To answer, the model must find the two named objects among the cells
   (by their shape, colour, size words) and compare their rows or columns for the relation.
-- ``roles``: two more bits per cell mark the statement's subject and object cells. The objects are
-  handed over; only the comparison is left. A probe diagnostic, never a model input.
+- ``roles``: two more bits per cell mark the statement's subject and object cells (for refcoco the
+  referred object's cells, the second bit 0). The objects are handed over; only the comparison (the
+  box's extent) is left. A probe diagnostic, never a model input.
 
 A world whose ``plain`` curve stays near 0.5 while ``roles`` climbs asks more of a tiny model than
 comparing two places: finding two named objects and keeping their roles apart. A stage-two VLM
@@ -25,7 +31,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,23 +42,35 @@ from tqdm.auto import tqdm
 from eval.report import markdown_table, pyplot, save_figure, write_summary
 from vlm.config import WorldConfig
 from vlm.model.oracle import GRID, cell_bounds, cell_features
+from eval.refcoco import box_iou
 from vlm.world.generator import generate_sample
+from vlm.world.text import normalized_box
 from vlm.world.types import WorldSample
 
 TASK = "relation_probe"
 VARIANTS = ("plain", "roles")
+TASKS = ("vsr", "refcoco")
 QUERY = "<query>"
+BINS = 51  # refcoco: box coordinates 0.00, 0.02, ..., 1.00
 
 
 @dataclass
 class RelationExample:
-    """One statement: ``grid`` float [GRID*GRID, W] (W = oracle width, + 2 role bits for ``roles``),
-    its lower-cased ``words``, ``label`` (true / false) and ``relation``."""
+    """One question: ``grid`` float [GRID*GRID, W] (W = oracle width, + 2 role bits for ``roles``), its
+    lower-cased ``words``, ``label`` (vsr: true / false) and ``relation`` (vsr), or ``box`` (refcoco: the
+    normalised x1, y1, x2, y2)."""
 
     grid: torch.Tensor
     words: list[str]
-    label: bool
-    relation: str
+    label: bool = False
+    relation: str = ""
+    box: Optional[tuple[float, float, float, float]] = None
+
+    def target(self) -> list[int]:
+        """What the probe is trained to output: [label] (vsr) or the box's four bins (refcoco)."""
+        if self.box is None:
+            return [int(self.label)]
+        return [int(round(v * (BINS - 1))) for v in self.box]
 
 
 def cell_owner(sample: WorldSample, grid: int = GRID) -> np.ndarray:
@@ -68,62 +86,76 @@ def cell_owner(sample: WorldSample, grid: int = GRID) -> np.ndarray:
     return np.where(counts.sum(0) > 0, counts.argmax(0), -1)
 
 
-def relation_examples(sample: WorldSample, roles: bool) -> list[RelationExample]:
-    """A world sample -> one example per statement; ``roles`` appends [subject, object] bits per cell."""
-    grid = cell_features(sample)
-    owner = cell_owner(sample)
-    out = []
-    for st in sample.statements:
-        g = grid
-        if roles:
-            marks = np.stack([owner == st.subject, owner == st.object], 1)
-            g = torch.cat([grid, torch.from_numpy(marks).float()], 1)
-        out.append(RelationExample(g, re.findall(r"\w+", st.text.lower()), bool(st.label), st.relation))
-    return out
+def _with_roles(grid: torch.Tensor, owner: np.ndarray, first: int, second: int) -> torch.Tensor:
+    """grid [P,W] -> [P,W+2]: bits for the cells of object ``first`` and of ``second`` (-1: none)."""
+    marks = np.stack([(owner == first) & (first >= 0), (owner == second) & (second >= 0)], 1)
+    return torch.cat([grid, torch.from_numpy(marks).float()], 1)
+
+
+def relation_examples(sample: WorldSample, roles: bool, task: str = "vsr") -> list[RelationExample]:
+    """A world sample -> one example per statement (vsr) or per referring expression (refcoco);
+    ``roles`` appends [subject, object] bits per cell ([referred object, 0] for refcoco)."""
+    grid, owner = cell_features(sample), cell_owner(sample)
+    if task == "refcoco":
+        size = sample.image.shape[0]
+        return [RelationExample(_with_roles(grid, owner, i, -1) if roles else grid, re.findall(r"\w+", expr.lower()),
+                                box=normalized_box(sample.objects[i], size))
+                for i, expr in enumerate(sample.referring)]
+    return [RelationExample(_with_roles(grid, owner, st.subject, st.object) if roles else grid,
+                            re.findall(r"\w+", st.text.lower()), bool(st.label), st.relation)
+            for st in sample.statements]
 
 
 class RelationProbe(nn.Module):
     """Cells and words in one causal sequence, the answer read from the last (query) token.
 
-    ``forward(grid [B,P,W], tokens [B,T] long, 0 = left padding) -> logits [B,2]`` (false, true)."""
+    ``forward(grid [B,P,W], tokens [B,T] long, 0 = left padding) -> logits [B,K,C]``: K answers of C
+    classes each (vsr: 1 x (false, true); refcoco: 4 coordinates x ``BINS``)."""
 
     def __init__(self, cell_width: int, vocab_size: int, width: int = 128, layers: int = 2, heads: int = 4,
-                 max_len: int = 128):
+                 max_len: int = 128, answers: int = 1, classes: int = 2):
         super().__init__()
         self.cells = nn.Sequential(nn.Linear(cell_width, width), nn.GELU(), nn.Linear(width, width))
         self.words = nn.Embedding(vocab_size, width)
         self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
         block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(width, 2)
+        self.head = nn.Linear(width, answers * classes)
+        self.answers, self.classes = answers, classes
 
     def forward(self, grid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.cells(grid), self.words(tokens)], 1)
         x = x + self.pos[: x.shape[1]]
         mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
-        return self.head(self.blocks(x, mask=mask, is_causal=True)[:, -1])
+        return self.head(self.blocks(x, mask=mask, is_causal=True)[:, -1]).view(-1, self.answers, self.classes)
 
 
 def encode(examples: Sequence[RelationExample], vocab: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Examples -> (grid [B,P,W], tokens [B,T] left-padded with 0, ending in the query token, labels [B])."""
+    """Examples -> (grid [B,P,W], tokens [B,T] left-padded with 0, ending in the query token, targets [B,K])."""
     length = max(len(e.words) for e in examples) + 1
     tokens = torch.zeros(len(examples), length, dtype=torch.long)
     for b, e in enumerate(examples):
         ids = [vocab.get(w, 1) for w in e.words] + [vocab[QUERY]]
         tokens[b, length - len(ids):] = torch.tensor(ids)
     return (torch.stack([e.grid for e in examples]), tokens,
-            torch.tensor([int(e.label) for e in examples]))
+            torch.tensor([e.target() for e in examples]))
 
 
 def accuracy(model: RelationProbe, examples: Sequence[RelationExample], vocab: dict[str, int],
              batch: int = 256) -> float:
-    """Fraction of ``examples`` whose argmax answer is the label."""
+    """Fraction of ``examples`` answered right: the argmax label (vsr), or a box of IoU >= 0.5 with the
+    true one from the argmax bins (refcoco, as ``eval.refcoco`` scores)."""
     model.eval()
     right = 0
     with torch.no_grad():
         for k in range(0, len(examples), batch):
-            grid, tokens, labels = encode(examples[k:k + batch], vocab)
-            right += int((model(grid, tokens).argmax(-1) == labels).sum())
+            chunk = examples[k:k + batch]
+            grid, tokens, targets = encode(chunk, vocab)
+            pred = model(grid, tokens).argmax(-1)  # [B,K]
+            if chunk[0].box is None:
+                right += int((pred == targets).all(-1).sum())
+            else:
+                right += sum(box_iou((p / (BINS - 1)).tolist(), e.box) >= 0.5 for p, e in zip(pred, chunk))
     model.train()
     return right / len(examples)
 
@@ -134,13 +166,15 @@ def train_variant(train: Sequence[RelationExample], held_out: Sequence[RelationE
     """AdamW from scratch on ``train``; every ``eval_every`` steps (and at the end) a row
     {step, loss, train_acc (on up to 1000 train examples), held_out_acc}."""
     torch.manual_seed(seed)
-    model = RelationProbe(train[0].grid.shape[1], len(vocab) + 2, layers=layers)
+    grounding = train[0].box is not None
+    model = RelationProbe(train[0].grid.shape[1], len(vocab) + 2, layers=layers, answers=4 if grounding else 1,
+                          classes=BINS if grounding else 2)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     curve, losses = [], []
     for step in tqdm(range(1, steps + 1), desc=desc, leave=False):
         grid, tokens, labels = encode([train[i] for i in rng.integers(len(train), size=batch)], vocab)
-        loss = F.cross_entropy(model(grid, tokens), labels)
+        loss = F.cross_entropy(model(grid, tokens).flatten(0, 1), labels.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -154,34 +188,39 @@ def train_variant(train: Sequence[RelationExample], held_out: Sequence[RelationE
 
 def run(world: WorldConfig, out: str | Path, images: int = 8000, steps: int = 1500, batch: int = 64,
         lr: float = 1e-3, layers: int = 2, eval_every: int = 250, seed: int = 0,
-        variants: Sequence[str] = VARIANTS) -> dict[str, Any]:
-    """Train each variant on the statements of the world's first ``images`` train images, score it on
-    every eval-split statement; write ``out/relation_probe/`` and return the summary."""
+        variants: Sequence[str] = VARIANTS, task: str = "vsr") -> dict[str, Any]:
+    """Train each variant on the statements (or referring expressions) of the world's first ``images``
+    train images, score it on every eval-split one; write ``out/relation_probe[_refcoco]/`` and return
+    the summary."""
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise ValueError(f"relation probe: variants must be among {VARIANTS}, got {list(variants)}")
+    if task not in TASKS:
+        raise ValueError(f"relation probe: task must be one of {TASKS}, got {task!r}")
     if not 0 < images <= world.n_train or world.n_eval <= 0:
         raise ValueError(f"relation probe: --images must be in [1, world.n_train={world.n_train}] and the "
                          f"world needs an eval split (n_eval={world.n_eval})")
     samples = [generate_sample(i, world.seed, world) for i in range(images)]
     held = [generate_sample(world.n_train + i, world.seed, world) for i in range(world.n_eval)]
-    summary: dict[str, Any] = {"images": images, "steps": steps, "batch": batch, "lr": lr, "layers": layers,
+    summary: dict[str, Any] = {"task": task, "images": images, "steps": steps, "batch": batch, "lr": lr, "layers": layers,
                                "seed": seed, "curves": {}}
     for variant in variants:
-        train = [e for s in samples for e in relation_examples(s, variant == "roles")]
-        held_out = [e for s in held for e in relation_examples(s, variant == "roles")]
+        train = [e for s in samples for e in relation_examples(s, variant == "roles", task)]
+        held_out = [e for s in held for e in relation_examples(s, variant == "roles", task)]
         vocab = {w: k + 2 for k, w in enumerate(sorted({w for e in train for w in e.words} | {QUERY}))}  # 1 = unknown
         curve = train_variant(train, held_out, vocab, steps, batch, lr, layers, eval_every, seed, f"{TASK} {variant}")
         summary["curves"][variant] = curve
         summary[f"{variant}_held_out_acc"] = curve[-1]["held_out_acc"]
         summary["train_statements"], summary["held_out_statements"] = len(train), len(held_out)
-        summary["held_out_majority"] = max(np.mean([e.label for e in held_out]), 1 - np.mean([e.label for e in held_out]))
-    folder = Path(out) / TASK
+        if task == "vsr":
+            share = float(np.mean([e.label for e in held_out]))
+            summary["held_out_majority"] = max(share, 1 - share)
+    folder = Path(out) / (TASK if task == "vsr" else f"{TASK}_{task}")
     rows = [[v, c["step"], c["loss"], c["train_acc"], c["held_out_acc"]] for v in variants
             for c in summary["curves"][v]]
-    md = (f"# Relation probe ({layers}-layer transformer from scratch on the oracle grid, {images} train images, "
-          f"batch {batch}, lr {lr})\n\nHeld-out statements: {summary['held_out_statements']} (majority label "
-          f"{summary['held_out_majority']:.3f}).\n\n"
+    chance = (f" (majority label {summary['held_out_majority']:.3f})" if task == "vsr" else " (accuracy = Acc@0.5 IoU)")
+    md = (f"# Relation probe, {task} ({layers}-layer transformer from scratch on the oracle grid, {images} train "
+          f"images, batch {batch}, lr {lr})\n\nHeld-out examples: {summary['held_out_statements']}{chance}.\n\n"
           + markdown_table(["variant", "step", "loss", "train acc", "held-out acc"], rows, digits=3) + "\n")
     write_summary(folder, summary, md)
     plot_curves(summary["curves"], folder / "curve.png")

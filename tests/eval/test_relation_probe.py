@@ -1,16 +1,19 @@
 """The relation probe: its cells' owners agree with the oracle grid, the role bits mark the statement's
-two objects, sequences end in the query token, a small set is fitted, and a run writes its files."""
+two objects (the referred one for refcoco), sequences end in the query token, boxes are scored as
+RefCOCO is, a small set is fitted, and a run writes its files."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from eval.relation_probe import (QUERY, RelationProbe, accuracy, cell_owner, encode, relation_examples, run,
+from eval.refcoco import box_iou
+from eval.relation_probe import (BINS, QUERY, RelationProbe, accuracy, cell_owner, encode, relation_examples, run,
                                  train_variant)
 from vlm.config import WorldConfig
 from vlm.model.oracle import cell_features
 from vlm.world.generator import generate_sample
+from vlm.world.text import normalized_box
 from vlm.world.vocab import COLORS, SHAPES
 
 CFG = WorldConfig(n_train=30, n_eval=4, seed=2, min_objects=2, max_objects=4)
@@ -51,14 +54,51 @@ def test_encode_left_pads_and_ends_in_the_query():
     ex = relation_examples(samples_with_statements(1)[0], roles=False)[:2]
     ex[1].words = ex[1].words[:3]
     vocab = {w: k + 2 for k, w in enumerate(sorted({w for e in ex for w in e.words} | {QUERY}))}
-    grid, tokens, labels = encode(ex, vocab)
+    grid, tokens, targets = encode(ex, vocab)
     assert grid.shape == (2, 64, ex[0].grid.shape[1])
     assert tokens.shape == (2, max(len(e.words) for e in ex) + 1)
     assert (tokens[:, -1] == vocab[QUERY]).all()
     assert (tokens[1, : tokens.shape[1] - 4] == 0).all() and (tokens[1, -4:] > 0).all()
-    assert labels.tolist() == [int(e.label) for e in ex]
+    assert targets.tolist() == [[int(e.label)] for e in ex]
     logits = RelationProbe(grid.shape[-1], len(vocab) + 2)(grid, tokens)
-    assert logits.shape == (2, 2)
+    assert logits.shape == (2, 1, 2)
+
+
+def test_refcoco_examples_mark_the_referred_object_and_bin_its_box():
+    s = samples_with_statements(1)[0]
+    ex = relation_examples(s, roles=True, task="refcoco")
+    owner = cell_owner(s)
+    assert len(ex) == len(s.objects) == len(s.referring)
+    for i, e in enumerate(ex):
+        assert e.box == normalized_box(s.objects[i], s.image.shape[0])
+        assert e.grid[:, -2].numpy().astype(bool).tolist() == (owner == i).tolist() and e.grid[:, -1].sum() == 0
+        assert e.target() == [round(v * (BINS - 1)) for v in e.box] and all(0 <= b < BINS for b in e.target())
+        assert e.words == s.referring[i].lower().replace(",", "").split()
+
+
+class BoxOracle(torch.nn.Module):
+    """Logits peaked at each example's true bins, shifted by ``shift`` bins."""
+
+    def __init__(self, examples, shift):
+        super().__init__()
+        self.examples, self.shift = examples, shift
+
+    def forward(self, grid, tokens):
+        out = torch.zeros(len(self.examples), 4, BINS)
+        for b, e in enumerate(self.examples):
+            for k, t in enumerate(e.target()):
+                out[b, k, min(BINS - 1, t + self.shift)] = 1.0
+        return out
+
+
+@pytest.mark.parametrize("shift", [0, 2, 6])
+def test_refcoco_accuracy_is_acc_at_half_iou_of_the_binned_box(shift):
+    ex = [e for s in samples_with_statements(4) for e in relation_examples(s, roles=False, task="refcoco")]
+    vocab = {w: k + 2 for k, w in enumerate(sorted({w for e in ex for w in e.words} | {QUERY}))}
+    expected = np.mean([box_iou([min(BINS - 1, t + shift) / (BINS - 1) for t in e.target()], e.box) >= 0.5 for e in ex])
+    assert accuracy(BoxOracle(ex, shift), ex, vocab, batch=len(ex)) == pytest.approx(expected)
+    if shift == 0:
+        assert expected == 1.0  # 0.02 bins: the rounded box keeps IoU >= 0.5
 
 
 def test_a_small_set_is_fitted():
@@ -83,8 +123,16 @@ def test_run_writes_summary_table_and_curve(tmp_path):
     assert (folder / "curve.png").stat().st_size > 0
 
 
+def test_refcoco_run_writes_its_own_folder(tmp_path):
+    summary = run(CFG, tmp_path, images=6, steps=2, batch=4, eval_every=2, variants=["roles"], task="refcoco")
+    assert summary["task"] == "refcoco" and 0 <= summary["roles_held_out_acc"] <= 1
+    assert summary["held_out_statements"] == sum(len(generate_sample(CFG.n_train + i, CFG.seed, CFG).objects)
+                                                 for i in range(CFG.n_eval))
+    assert (tmp_path / "relation_probe_refcoco" / "summary.md").is_file()
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(variants=["both"]), "variants"), (dict(images=0), "images"),
-                                           (dict(images=31), "images")])
+                                           (dict(images=31), "images"), (dict(task="gqa"), "task")])
 def test_run_rejects_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         run(CFG, tmp_path, **{"steps": 1, **kwargs})

@@ -12,6 +12,7 @@ from eval.encoder_real import run_real
 from eval.harness import run_vlm_eval
 from eval.io import ANSWER_MODES
 from eval.prompt_sets import PROMPT_SETS
+from eval.relation_probe import TASKS as RELATION_TASKS
 from eval.relation_probe import VARIANTS as RELATION_VARIANTS
 from eval.relation_probe import run as run_relation_probe
 from eval.tasks import VLM_TASKS
@@ -76,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--limit", type=int, default=None, help="at most this many questions per POPE split and of VSR")
     e.add_argument("--mode", choices=PROBE_MODES, default="score", help="answers as the harness reads them")
     e.set_defaults(func=cmd_eval_probe)
-    e = sub.add_parser("relation-probe", help="the world's VSR statements learnt from scratch on the oracle grid "
-                                              "(eval.relation_probe): with and without the named objects marked")
+    e = sub.add_parser("relation-probe", help="the world's VSR statements (or RefCOCO boxes) learnt from scratch on "
+                                              "the oracle grid (eval.relation_probe): with and without the named objects marked")
     e.add_argument("--world-dir", default="runs/world", help="the world (its world.json config) whose statements are used")
     e.add_argument("--out", default="runs/relation_probe")
     e.add_argument("--images", type=int, default=8000, help="train images (the world's first train indices)")
@@ -87,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--layers", type=int, default=2)
     e.add_argument("--eval-every", type=int, default=250)
     e.add_argument("--variants", default=",".join(RELATION_VARIANTS), help=f"comma list of {', '.join(RELATION_VARIANTS)}")
+    e.add_argument("--task", choices=RELATION_TASKS, default="vsr",
+                   help="vsr: true/false statements; refcoco: the box of each referring expression (Acc@0.5)")
     e.set_defaults(func=cmd_eval_relation_probe)
 
 
@@ -150,7 +153,8 @@ def cmd_eval_relation_probe(args: argparse.Namespace) -> int:
     world = world_config_of(existing(args.world_dir, "--world-dir"))
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     summary = run_relation_probe(world, args.out, images=args.images, steps=args.steps, batch=args.batch, lr=args.lr,
-                                 layers=args.layers, eval_every=args.eval_every, variants=variants)
+                                 layers=args.layers, eval_every=args.eval_every, variants=variants,
+                                 task=args.task)
     print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=2))
     return 0
 

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from eval.refcoco import box_iou
 from eval.report import markdown_table, pyplot, save_figure, write_summary
 from vlm.config import WorldConfig
-from vlm.model.oracle import GRID, cell_bounds, cell_features
-from eval.refcoco import box_iou
+from vlm.model.oracle import cell_features, cell_owner
 from vlm.world.generator import generate_sample
 from vlm.world.text import normalized_box
 from vlm.world.types import WorldSample
@@ -71,19 +71,6 @@ class RelationExample:
         if self.box is None:
             return [int(self.label)]
         return [int(round(v * (BINS - 1))) for v in self.box]
-
-
-def cell_owner(sample: WorldSample, grid: int = GRID) -> np.ndarray:
-    """Per cell the index of the object with most pixels in it (as ``cell_features`` picks it), -1
-    for a cell without object pixels -> int [grid*grid], row-major."""
-    inst = sample.instance_mask
-    ys, xs = cell_bounds(inst.shape[0], grid), cell_bounds(inst.shape[1], grid)
-    if not sample.objects:
-        return np.full(grid * grid, -1)
-    ids = np.arange(1, len(sample.objects) + 1)
-    per_object = (inst[None] == ids[:, None, None]).astype(np.int64)
-    counts = np.add.reduceat(np.add.reduceat(per_object, ys[:-1], axis=1), xs[:-1], axis=2).reshape(len(ids), -1)
-    return np.where(counts.sum(0) > 0, counts.argmax(0), -1)
 
 
 def _with_roles(grid: torch.Tensor, owner: np.ndarray, first: int, second: int) -> torch.Tensor:

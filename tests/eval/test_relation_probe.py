@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from eval.refcoco import box_iou
-from eval.relation_probe import (BINS, QUERY, RelationProbe, accuracy, cell_owner, encode, relation_examples, run,
-                                 train_variant)
+from eval.relation_probe import BINS, QUERY, RelationProbe, accuracy, encode, relation_examples, run, train_variant
 from vlm.config import WorldConfig
-from vlm.model.oracle import cell_features
+from vlm.model.oracle import cell_features, cell_owner
 from vlm.world.generator import generate_sample
 from vlm.world.text import normalized_box
 from vlm.world.vocab import COLORS, SHAPES

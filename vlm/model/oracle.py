@@ -81,6 +81,32 @@ def empty_grid(grid: int = GRID) -> torch.Tensor:
     return feats
 
 
+def cell_pixel_counts(sample: WorldSample, grid: int = GRID) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels of each object in each cell, int [K, grid*grid]; each cell's area in pixels, [grid*grid]),
+    cells row-major, objects in ``sample.objects`` order (instance ids 1..K)."""
+    inst = sample.instance_mask
+    ys, xs = cell_bounds(inst.shape[0], grid), cell_bounds(inst.shape[1], grid)
+    ids = np.arange(1, len(sample.objects) + 1)
+    per_object = (inst[None] == ids[:, None, None]).astype(np.int64)  # [K,H,W]
+    counts = np.add.reduceat(np.add.reduceat(per_object, ys[:-1], axis=1), xs[:-1], axis=2)  # [K,grid,grid]
+    area = np.diff(ys)[:, None] * np.diff(xs)[None, :]
+    return counts.reshape(len(ids), -1), area.reshape(-1)
+
+
+def cell_owner(sample: WorldSample, grid: int = GRID) -> np.ndarray:
+    """Per cell the index of the object with most pixels in it (a tie goes to the earlier object), -1
+    for a cell without object pixels -> int [grid*grid], row-major: the object ``cell_features``
+    describes there."""
+    if not sample.objects:
+        return np.full(grid * grid, -1)
+    return _owner(cell_pixel_counts(sample, grid)[0])
+
+
+def _owner(counts: np.ndarray) -> np.ndarray:
+    """[K, cells] pixel counts -> the argmax object per cell, -1 where no object has pixels."""
+    return np.where(counts.sum(0) > 0, counts.argmax(0), -1)
+
+
 def cell_features(sample: WorldSample, grid: int = GRID) -> torch.Tensor:
     """A world sample's oracle grid -> float [grid*grid, ORACLE_WIDTH], row-major cells.
 
@@ -89,19 +115,13 @@ def cell_features(sample: WorldSample, grid: int = GRID) -> torch.Tensor:
     covered fraction, then the cell position.
     """
     feats = empty_grid(grid)
-    inst = sample.instance_mask
-    ys, xs = cell_bounds(inst.shape[0], grid), cell_bounds(inst.shape[1], grid)
     if not sample.objects:
         return feats
-    ids = np.arange(1, len(sample.objects) + 1)
-    per_object = (inst[None] == ids[:, None, None]).astype(np.int64)  # [K,H,W]
-    counts = np.add.reduceat(np.add.reduceat(per_object, ys[:-1], axis=1), xs[:-1], axis=2)  # [K,grid,grid]
-    area = np.diff(ys)[:, None] * np.diff(xs)[None, :]
-    counts, covered = counts.reshape(len(ids), -1), (counts.sum(0) / area).reshape(-1)
-    best = counts.argmax(0)
+    counts, area = cell_pixel_counts(sample, grid)
+    covered, owner = counts.sum(0) / area, _owner(counts)
     n_s, n_c = len(SHAPES), len(COLORS)
-    for cell in np.flatnonzero(counts.sum(0) > 0):
-        obj = sample.objects[int(best[cell])]
+    for cell in np.flatnonzero(owner >= 0):
+        obj = sample.objects[int(owner[cell])]
         row = feats[cell]
         row[SHAPES.index(obj.shape)] = 1.0
         row[n_s + _COLOR_NAMES.index(obj.color)] = 1.0

@@ -117,6 +117,11 @@ class RelationProbe(nn.Module):
         return self.head(self.blocks(x, mask=mask, is_causal=True)[:, -1]).view(-1, self.answers, self.classes)
 
 
+def word_vocab(examples: Sequence[RelationExample]) -> dict[str, int]:
+    """Every word of ``examples`` and the query token -> ids from 2 (0 = padding, 1 = unknown)."""
+    return {w: k + 2 for k, w in enumerate(sorted({w for e in examples for w in e.words} | {QUERY}))}
+
+
 def encode(examples: Sequence[RelationExample], vocab: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Examples -> (grid [B,P,W], tokens [B,T] left-padded with 0, ending in the query token, targets [B,K])."""
     length = max(len(e.words) for e in examples) + 1
@@ -194,7 +199,7 @@ def run(world: WorldConfig, out: str | Path, images: int = 8000, steps: int = 15
     for variant in variants:
         train = [e for s in samples for e in relation_examples(s, variant == "roles", task)]
         held_out = [e for s in held for e in relation_examples(s, variant == "roles", task)]
-        vocab = {w: k + 2 for k, w in enumerate(sorted({w for e in train for w in e.words} | {QUERY}))}  # 1 = unknown
+        vocab = word_vocab(train)
         curve = train_variant(train, held_out, vocab, steps, batch, lr, layers, eval_every, seed, f"{TASK} {variant}")
         summary["curves"][variant] = curve
         summary[f"{variant}_held_out_acc"] = curve[-1]["held_out_acc"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from eval.refcoco import box_iou
-from eval.relation_probe import BINS, QUERY, RelationProbe, accuracy, encode, relation_examples, run, train_variant
+from eval.relation_probe import (BINS, QUERY, RelationProbe, accuracy, encode, relation_examples, run, train_variant,
+                                 word_vocab)
 from vlm.config import WorldConfig
 from vlm.model.oracle import cell_features, cell_owner
 from vlm.world.generator import generate_sample
@@ -52,7 +53,7 @@ def test_role_bits_mark_subject_and_object_cells_only():
 def test_encode_left_pads_and_ends_in_the_query():
     ex = relation_examples(samples_with_statements(1)[0], roles=False)[:2]
     ex[1].words = ex[1].words[:3]
-    vocab = {w: k + 2 for k, w in enumerate(sorted({w for e in ex for w in e.words} | {QUERY}))}
+    vocab = word_vocab(ex)
     grid, tokens, targets = encode(ex, vocab)
     assert grid.shape == (2, 64, ex[0].grid.shape[1])
     assert tokens.shape == (2, max(len(e.words) for e in ex) + 1)
@@ -93,7 +94,7 @@ class BoxOracle(torch.nn.Module):
 @pytest.mark.parametrize("shift", [0, 2, 6])
 def test_refcoco_accuracy_is_acc_at_half_iou_of_the_binned_box(shift):
     ex = [e for s in samples_with_statements(4) for e in relation_examples(s, roles=False, task="refcoco")]
-    vocab = {w: k + 2 for k, w in enumerate(sorted({w for e in ex for w in e.words} | {QUERY}))}
+    vocab = word_vocab(ex)
     expected = np.mean([box_iou([min(BINS - 1, t + shift) / (BINS - 1) for t in e.target()], e.box) >= 0.5 for e in ex])
     assert accuracy(BoxOracle(ex, shift), ex, vocab, batch=len(ex)) == pytest.approx(expected)
     if shift == 0:
@@ -103,7 +104,7 @@ def test_refcoco_accuracy_is_acc_at_half_iou_of_the_binned_box(shift):
 def test_a_small_set_is_fitted():
     ex = [e for s in samples_with_statements(12) for e in relation_examples(s, roles=True)][:16]
     assert len(ex) == 16 and 0 < sum(e.label for e in ex) < len(ex)
-    vocab = {w: k + 2 for k, w in enumerate(sorted({w for e in ex for w in e.words} | {QUERY}))}
+    vocab = word_vocab(ex)
     curve = train_variant(ex, ex, vocab, steps=200, batch=16, lr=3e-3, layers=2, eval_every=100, seed=0, desc="t")
     assert [r["step"] for r in curve] == [100, 200]
     assert curve[-1]["loss"] < curve[0]["loss"]

@@ -24,7 +24,7 @@ from vlm.world.export import ensure_world
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The four targets of ``vlm eval``, each with its own flags."""
+    """The five targets of ``vlm eval``, each with its own flags."""
     sub = parser.add_subparsers(dest="target", required=True, metavar="TARGET")
     e = sub.add_parser("encoder", help="zero-shot, retrieval, patch segmentation, pointing, heatmaps")
     e.add_argument("--ckpt", required=True, help="a stage-one, MaskEmbed or HF vision checkpoint dir")
@@ -77,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--limit", type=int, default=None, help="at most this many questions per POPE split and of VSR")
     e.add_argument("--mode", choices=PROBE_MODES, default="score", help="answers as the harness reads them")
     e.set_defaults(func=cmd_eval_probe)
+    add_relation_probe_arguments(sub)
+
+
+def add_relation_probe_arguments(sub: "argparse._SubParsersAction") -> None:
+    """``vlm eval relation-probe``'s parser, added to ``vlm eval``'s subparsers ``sub``."""
     e = sub.add_parser("relation-probe", help="the world's VSR statements (or RefCOCO boxes) learnt from scratch on "
                                               "the oracle grid (eval.relation_probe): with and without the named objects marked")
     e.add_argument("--world-dir", default="runs/world", help="the world (its world.json config) whose statements are used")

@@ -514,6 +514,10 @@ class VLMConfig:
     # vision_tower=oracle (vlm.model.oracle): the world export whose annotations it reads ("" = stage
     # two's data.world_dir)
     oracle_world: str = ""
+    # Box coordinates as tokens: "0.00" ... "1.00" added to the LLM's tokenizer (one id per coordinate, as
+    # Kosmos-2's and PaliGemma's location tokens), their embedding rows (input and tied output) trained
+    # with the LoRA adapter (peft trainable_token_indices); every other LLM weight stays frozen
+    coordinate_tokens: bool = False
     # Per-module modes, lr and weight decay; an explicit tower / LLM mode also sets freeze_vision /
     # lora.enabled, so the two never disagree in a saved vlm.yaml.
     train: TrainingControl = field(default_factory=TrainingControl)

@@ -224,6 +224,7 @@ STAGE_SCRIPT = textwrap.dedent("""
         cfg = tiny_cfg({"tower": assets / "tower", "llm": assets / "llm", "json": assets / "data" / "train.json"},
                        out, "flamingo", max_steps=8)
         cfg.optim.grad_accum, cfg.optim.batch_size, cfg.run.ckpt_every = 2, 3, 3
+        cfg.model.coordinate_tokens = True              # trained token rows resume too
         owner, name = recipe.LlavaExamples, "make_batch"
     cfg.run.resume = resume
     if kill_at >= 0:

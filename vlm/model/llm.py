@@ -10,7 +10,7 @@ silent fallback that would change results.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,16 +83,19 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def apply_lora(llm: PreTrainedModel, lora: LoraConfig) -> nn.Module:
+def apply_lora(llm: PreTrainedModel, lora: LoraConfig, trainable_tokens: Sequence[int] = ()) -> nn.Module:
     """Wrap ``llm`` in a peft ``PeftModel`` with fresh LoRA adapters (B = 0, so outputs are unchanged).
 
     ``lora.target_modules`` may be ``["all-linear"]`` (every linear layer but the output head).
-    Only the adapter weights are trainable afterwards.
+    ``trainable_tokens``: token ids whose embedding rows train too (peft ``trainable_token_indices``;
+    with tied embeddings the output head's rows are the same rows). Only the adapter weights (and
+    those rows) are trainable afterwards.
     """
     targets = lora.target_modules
     target = "all-linear" if list(targets) == ["all-linear"] else list(targets)
+    extra = {"trainable_token_indices": sorted(int(i) for i in trainable_tokens)} if trainable_tokens else {}
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-                              bias="none", task_type="CAUSAL_LM")
+                              bias="none", task_type="CAUSAL_LM", **extra)
     return get_peft_model(llm, peft_cfg)
 
 
@@ -155,3 +158,33 @@ def ensure_image_token(tokenizer: PreTrainedTokenizerBase, llm: PreTrainedModel,
         llm.resize_token_embeddings(token_id + 1)
         freeze(llm)
     return token_id
+
+
+COORDINATE_TOKENS = tuple(f"{k / 100:.2f}" for k in range(101))  # what ``format_box`` writes: 2 decimals in [0, 1]
+
+
+def ensure_coordinate_tokens(tokenizer: PreTrainedTokenizerBase, llm: PreTrainedModel, seed: int = 0) -> list[int]:
+    """Ids of "0.00" ... "1.00" (``COORDINATE_TOKENS``) in ``tokenizer``, each added as one token when
+    missing, so a box ``[0.12, 0.40, 0.53, 0.98]`` is 12 ids with one per coordinate.
+
+    New ids beyond the embedding matrix grow it; their rows (input, and output when untied) are the old
+    rows' mean plus ``seed``-ed Gaussian noise of the old rows' per-dimension std: distinct, and the same
+    on every load (``apply_lora(trainable_tokens=...)`` trains them). Returns the 101 ids in order.
+    """
+    missing = [t for t in COORDINATE_TOKENS if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
+    if missing:
+        tokenizer.add_tokens(missing)
+    ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in COORDINATE_TOKENS]
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if max(ids) >= rows:
+        llm.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            weights = [e.weight for e in (llm.get_input_embeddings(), llm.get_output_embeddings())
+                       if getattr(e, "weight", None) is not None]
+            for weight in {id(w): w for w in weights}.values():  # tied: one matrix
+                old = weight[:rows].float()
+                noise = torch.randn(weight.shape[0] - rows, old.shape[1], generator=generator)
+                weight[rows:] = (old.mean(0) + noise * old.std(0)).to(weight.dtype)
+        freeze(llm)
+    return ids

@@ -45,8 +45,8 @@ from vlm.data.tokenizer import load_tokenizer
 from vlm.files import atomic_path
 from vlm.model.bridges import build_bridge
 from vlm.model.bridges.base import Bridge
-from vlm.model.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, ensure_image_token,
-                           labelled_token_loss, load_llm, load_lora)
+from vlm.model.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, ensure_coordinate_tokens,
+                           ensure_image_token, labelled_token_loss, load_llm, load_lora)
 from vlm.model.processor import IGNORE_INDEX, VLMProcessor
 from vlm.model.oracle import ORACLE, OracleTower, is_oracle
 from vlm.model.tower import VLMVisionTower
@@ -138,10 +138,14 @@ class VisionLanguageModel(nn.Module):
             rows = llm.get_input_embeddings().weight.shape[0]
             image_token_id = ensure_image_token(tokenizer, llm, IMAGE_TOKEN)
             _fill_new_rows(llm, rows)
+        coordinates = ensure_coordinate_tokens(tokenizer, llm) if cfg.coordinate_tokens else []
         if adapter_dir is not None:
             llm = load_lora(llm, adapter_dir, trainable=trainable)
         elif cfg.lora.enabled:
-            llm = apply_lora(llm, cfg.lora)
+            llm = apply_lora(llm, cfg.lora, trainable_tokens=coordinates)
+        elif coordinates and trainable and cfg.module_mode("llm") != "full":
+            raise ConfigError("model.coordinate_tokens trains the coordinate rows with the LoRA adapter; set "
+                              "model.lora.enabled=true (or model.train.llm.mode=full)")
         if bridge_state is not None:
             bridge.load_state_dict(bridge_state)
         bridge.requires_grad_(trainable and cfg.module_mode("bridge") == "full")
@@ -348,8 +352,8 @@ class VisionLanguageModel(nn.Module):
             save_file(self._bridge_state(), str(tmp))
         llm = portable_path(self.llm_path, directory)
         with self.bridge.detached(self.llm):
-            if hasattr(self.llm, "peft_config"):
-                self.llm.save_pretrained(str(directory / ADAPTER_DIR))
+            if hasattr(self.llm, "peft_config"):  # added rows (<image>, coordinates) are rebuilt on load: not saved
+                self.llm.save_pretrained(str(directory / ADAPTER_DIR), save_embedding_layers=False)
             elif self.cfg.module_mode("llm") == "full":  # the whole LLM was trained: it is part of the checkpoint
                 self.llm.save_pretrained(str(directory / LLM_DIR))
                 self._tokenizer.save_pretrained(str(directory / LLM_DIR))

@@ -95,7 +95,8 @@ def test_save_load_and_merge_keep_the_trained_rows(tiny_tower_dir, tiny_llm_dir,
     assert want[..., ids].std() > 0
     model.save_pretrained(tmp_path / "ckpt")
     loaded = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
-    assert loaded.cfg.coordinate_tokens and loaded.tokenizer.convert_tokens_to_ids("0.37") == model.tokenizer.convert_tokens_to_ids("0.37")
+    assert loaded.cfg.coordinate_tokens
+    assert loaded.tokenizer.convert_tokens_to_ids("0.37") == model.tokenizer.convert_tokens_to_ids("0.37")
     assert torch.allclose(logits(loaded), want, atol=1e-5)
     model.merge_and_save(tmp_path / "merged")
     merged = VisionLanguageModel.from_pretrained(tmp_path / "merged")

@@ -143,7 +143,7 @@ class VisionLanguageModel(nn.Module):
             llm = load_lora(llm, adapter_dir, trainable=trainable)
         elif cfg.lora.enabled:
             llm = apply_lora(llm, cfg.lora, trainable_tokens=coordinates)
-        elif coordinates and trainable and cfg.module_mode("llm") != "full":
+        elif coordinates and bridge_state is None and cfg.module_mode("llm") != "full":  # new rows no one trains
             raise ConfigError("model.coordinate_tokens trains the coordinate rows with the LoRA adapter; set "
                               "model.lora.enabled=true (or model.train.llm.mode=full)")
         if bridge_state is not None:

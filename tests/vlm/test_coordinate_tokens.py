@@ -16,6 +16,7 @@ from eval.parsing import parse_box
 from vlm.config import ConfigError, LoraConfig
 from vlm.data.prompts import format_box
 from vlm.data.tokenizer import load_tokenizer
+from vlm.files import VlmError
 from vlm.model.export import export_llava
 from vlm.model.llm import COORDINATE_TOKENS, ensure_coordinate_tokens
 from vlm.model.vision_language_model import VisionLanguageModel
@@ -124,3 +125,12 @@ def test_llava_export_keeps_the_coordinate_tokens(tiny_tower_dir, tiny_llm_dir, 
     assert (theirs - ours).abs().max().item() < 1e-4
     tokenizer = AutoProcessor.from_pretrained(str(out)).tokenizer
     assert tokenizer.convert_tokens_to_ids("0.30") == model.tokenizer.convert_tokens_to_ids("0.30")
+
+
+def test_a_checkpoint_whose_config_lost_the_flag_names_the_adapter_config(tiny_tower_dir, tiny_llm_dir, tmp_path):
+    model = _build(tiny_tower_dir, tiny_llm_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    cfg = tmp_path / "ckpt" / "vlm.yaml"
+    cfg.write_text(cfg.read_text().replace("coordinate_tokens: true", "coordinate_tokens: false"))
+    with pytest.raises(VlmError, match=r"adapter_config.json: trainable_token_indices .*coordinate_tokens"):
+        VisionLanguageModel.from_pretrained(tmp_path / "ckpt")

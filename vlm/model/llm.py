@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from vlm.config import LoraConfig, VLMConfig
 from vlm.extras import check_extra
-from vlm.files import VlmError, loading_weights
+from vlm.files import VlmError, loading_weights, read_json
 from vlm.model.processor import IGNORE_INDEX
 
 LLM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -105,6 +105,13 @@ def load_lora(llm: PreTrainedModel, adapter_dir: str | Path, trainable: bool = F
     weights = Path(adapter_dir) / "adapter_model.safetensors"
     if not weights.is_file():
         raise VlmError(f"LoRA adapter weights not found: {weights} (a pickled adapter_model.bin is never loaded)")
+    config = Path(adapter_dir) / "adapter_config.json"
+    tokens = read_json(config, "LoRA adapter config").get("trainable_token_indices") if config.is_file() else None
+    lists = (tokens.values() if isinstance(tokens, dict) else [tokens]) if tokens else []  # peft: a list or {layer: list}
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if max((max(ids) for ids in lists if ids), default=-1) >= rows:
+        raise VlmError(f"{config}: trainable_token_indices reach beyond the LLM's {rows} embedding rows: the adapter "
+                       "was trained with added tokens this config does not add (model.coordinate_tokens: true?)")
     return PeftModel.from_pretrained(llm, str(adapter_dir), is_trainable=trainable)
 
 

@@ -23,7 +23,7 @@ from vlm.data.formats import read_refcoco
 from vlm.data.images import box_from_square
 
 TASK = "refcoco"
-HEADLINE = ["acc", "unparseable", "n"]  # the harness's combined summary.md
+HEADLINE = ["acc", "mean_iou", "unparseable", "n"]  # the harness's combined summary.md
 REPORT_COLUMNS = ["acc", "unparseable_rate"]  # the demo / ablation tables (a rate: averages over seeds read as one)
 MAX_NEW_TOKENS = 32
 BOX_FRAMES = ("square", "image")

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from test_export import our_logits, stock_logits
-from tiny_vlm import perturb_trainable, random_images, vlm_config
+from tiny_vlm import perturb_trainable, random_images, save_tiny_llm, vlm_config
 from eval.parsing import parse_box
 from vlm.config import ConfigError, LoraConfig
 from vlm.data.prompts import format_box
@@ -134,3 +134,21 @@ def test_a_checkpoint_whose_config_lost_the_flag_names_the_adapter_config(tiny_t
     cfg.write_text(cfg.read_text().replace("coordinate_tokens: true", "coordinate_tokens: false"))
     with pytest.raises(VlmError, match=r"adapter_config.json: trainable_token_indices .*coordinate_tokens"):
         VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+
+
+def test_with_a_chat_template_and_no_image_token_the_box_answer_is_the_target(tiny_tower_dir, tmp_path):
+    """An LLM as real ones come (a chat template, no ``<image>``): ``<image>`` and the coordinates are
+    added after its own ids, and a box answer's labels are exactly the template's answer ids with one id
+    per coordinate."""
+    template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    llm = save_tiny_llm(tmp_path / "llm", chat_template=template, image_token=False)
+    model = _build(tiny_tower_dir, llm)
+    ids = [int(model.tokenizer.convert_tokens_to_ids(t)) for t in COORDINATE_TOKENS]
+    assert min(ids) > model.image_token_id and max(ids) == len(model.tokenizer) - 1
+    text = format_box((0.1, 0.2, 0.3, 0.4))
+    batch = model.processor(random_images(1), ["Where is the red circle?"], [text])
+    labels = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert [i for i in labels if i in ids] == [ids[10], ids[20], ids[30], ids[40]]
+    assert model.tokenizer.decode(labels, skip_special_tokens=True).strip() == text
+    assert torch.isfinite(model(batch)["loss"])

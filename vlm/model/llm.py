@@ -185,13 +185,22 @@ def ensure_coordinate_tokens(tokenizer: PreTrainedTokenizerBase, llm: PreTrained
     rows = llm.get_input_embeddings().weight.shape[0]
     if max(ids) >= rows:
         llm.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            weights = [e.weight for e in (llm.get_input_embeddings(), llm.get_output_embeddings())
-                       if getattr(e, "weight", None) is not None]
-            for weight in {id(w): w for w in weights}.values():  # tied: one matrix
-                old = weight[:rows].float()
-                noise = torch.randn(weight.shape[0] - rows, old.shape[1], generator=generator)
-                weight[rows:] = (old.mean(0) + noise * old.std(0)).to(weight.dtype)
+        fill_new_rows(llm, rows, seed=seed)
         freeze(llm)
     return ids
+
+
+@torch.no_grad()
+def fill_new_rows(llm: nn.Module, old_rows: int, seed: Optional[int] = None) -> None:
+    """Embedding rows from ``old_rows`` on (input and output; one matrix when tied) := the old rows' mean,
+    plus, with ``seed``, Gaussian noise of the old rows' per-dimension std drawn from that seed (distinct
+    rows). Deterministic either way, so a reloaded model rebuilds the same (frozen) rows."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    weights = [getattr(e, "weight", None) for e in (llm.get_input_embeddings(), llm.get_output_embeddings())]
+    for weight in {id(w): w for w in weights if w is not None and w.shape[0] > old_rows}.values():
+        if generator is None:
+            weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True).to(weight.dtype)
+        else:
+            old = weight[:old_rows].float()
+            noise = torch.randn(weight.shape[0] - old_rows, old.shape[1], generator=generator)
+            weight[old_rows:] = (old.mean(0) + noise * old.std(0)).to(weight.dtype)

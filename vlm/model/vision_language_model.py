@@ -46,7 +46,7 @@ from vlm.files import atomic_path
 from vlm.model.bridges import build_bridge
 from vlm.model.bridges.base import Bridge
 from vlm.model.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, ensure_coordinate_tokens,
-                           ensure_image_token, labelled_token_loss, load_llm, load_lora)
+                           ensure_image_token, fill_new_rows, labelled_token_loss, load_llm, load_lora)
 from vlm.model.processor import IGNORE_INDEX, VLMProcessor
 from vlm.model.oracle import ORACLE, OracleTower, is_oracle
 from vlm.model.tower import VLMVisionTower
@@ -137,7 +137,9 @@ class VisionLanguageModel(nn.Module):
         if bridge.num_image_tokens(tower.num_tokens) > 0:
             rows = llm.get_input_embeddings().weight.shape[0]
             image_token_id = ensure_image_token(tokenizer, llm, IMAGE_TOKEN)
-            _fill_new_rows(llm, rows)
+            # resize_token_embeddings samples the new row at random; flamingo feeds the <image> embedding to
+            # the LLM and score normalises over every output row, so a reloaded model must rebuild the same row
+            fill_new_rows(llm, rows)
         coordinates = ensure_coordinate_tokens(tokenizer, llm) if cfg.coordinate_tokens else []
         if adapter_dir is not None:
             llm = load_lora(llm, adapter_dir, trainable=trainable)
@@ -392,19 +394,6 @@ class VisionLanguageModel(nn.Module):
         if isinstance(self.tower, OracleTower):
             changes.update(vision_tower=ORACLE, oracle_world=portable_path(self.tower.index.world_dir, directory))
         return dataclasses.replace(self.cfg, **changes)
-
-
-@torch.no_grad()
-def _fill_new_rows(llm: nn.Module, old_rows: int) -> None:
-    """Embedding rows added for ``<image>`` (input and output) := the mean of the old rows.
-
-    ``resize_token_embeddings`` samples them at random; flamingo feeds the ``<image>`` embedding to
-    the LLM and ``score`` normalises over every output row, so a reloaded model must get the same
-    rows: the mean is deterministic (and frozen, like every LLM weight)."""
-    for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
-        weight = getattr(emb, "weight", None)
-        if weight is not None and weight.shape[0] > old_rows:
-            weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True).to(weight.dtype)
 
 
 def _legacy_features(cfg: VLMConfig, cfg_path: Path, vision_path: Path) -> VLMConfig:

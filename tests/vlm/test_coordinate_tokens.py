@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from test_export import our_logits, stock_logits
-from tiny_vlm import perturb_trainable, random_images, save_tiny_llm, vlm_config
+from tiny_vlm import our_logits, perturb_trainable, random_images, save_tiny_llm, stock_logits, vlm_config
 from eval.parsing import parse_box
 from vlm.config import ConfigError, LoraConfig
 from vlm.data.prompts import format_box

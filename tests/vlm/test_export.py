@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from tiny_vlm import perturb_trainable, random_images, save_conv_tower, save_tiny_llm, save_tiny_tower, vlm_config
+from tiny_vlm import (our_logits, perturb_trainable, random_images, save_conv_tower, save_tiny_llm, save_tiny_tower,
+                      stock_logits, vlm_config)
 from vlm.model.export import ExportError, export_llava
 from vlm.model.vision_language_model import VisionLanguageModel
 
@@ -20,24 +20,6 @@ def trained_vlm(tower, llm, bridge="projector", **kw):
     model = VisionLanguageModel.build(vlm_config(tower, llm, bridge, **kw))
     perturb_trainable(model, seed=3)
     return model.eval()
-
-
-def stock_logits(out_dir, image, prompt):
-    """Logits of the exported dir through transformers alone: AutoProcessor's chat template and
-    pixels, LlavaForConditionalGeneration's forward. One image, one prompt -> ([T,V], input_ids [T])."""
-    processor = AutoProcessor.from_pretrained(str(out_dir))
-    llava = LlavaForConditionalGeneration.from_pretrained(str(out_dir)).eval()
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
-    with torch.no_grad():
-        return llava(**inputs).logits[0], inputs["input_ids"][0]
-
-
-def our_logits(model, image, prompt):
-    batch = model.processor([image], [prompt])
-    with torch.no_grad():
-        return model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])[0], batch["input_ids"][0]
 
 
 @pytest.mark.parametrize("arch,strategy", [("clip", "default"), ("clip", "full"), ("siglip", "full"),

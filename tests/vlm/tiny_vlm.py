@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoProcessor, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
 
 from encoders.towers import ImageTransform, build_vision_tower
 from vlm.config import BridgeConfig, LoraConfig, VisionTowerConfig, VLMConfig
@@ -102,3 +102,22 @@ def probe_logits(model) -> torch.Tensor:
     batch = model.processor(random_images(2, seed=3), PROBE_PROMPTS)
     with torch.no_grad():
         return model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+
+
+def stock_logits(out_dir, image, prompt):
+    """Logits of the exported dir through transformers alone: AutoProcessor's chat template and
+    pixels, LlavaForConditionalGeneration's forward. One image, one prompt -> ([T,V], input_ids [T])."""
+    processor = AutoProcessor.from_pretrained(str(out_dir))
+    llava = LlavaForConditionalGeneration.from_pretrained(str(out_dir)).eval()
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        return llava(**inputs).logits[0], inputs["input_ids"][0]
+
+
+def our_logits(model, image, prompt):
+    """The same through our VisionLanguageModel: one image, one prompt -> ([T,V], input_ids [T])."""
+    batch = model.processor([image], [prompt])
+    with torch.no_grad():
+        return model.logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])[0], batch["input_ids"][0]

@@ -207,7 +207,9 @@ def score_refcoco(predictions: str | Path, refs: str | Path, instances: str | Pa
     square, as the harness and LLaVA-1.5 show images; "image": [0, 1] of the image's own width and
     height, as lmms-eval reads them), scored in the original image's pixels."""
     where = str(predictions)
-    by_ref = {r.ref_id: r for r in read_refcoco(refs, instances)}
+    annotations = read_coco_instances(instances)
+    by_ref = {r.ref_id: r for r in read_refcoco(refs, instances, instances=annotations)}
+    boxes = refcoco.image_boxes(annotations)
     records = []
     for rec in read_predictions(predictions):
         ref_id = field(rec, ("ref_id",), int, where)
@@ -216,7 +218,8 @@ def score_refcoco(predictions: str | Path, refs: str | Path, instances: str | Pa
         ref = by_ref[ref_id]
         sentence = _sentence(rec, ref, where)
         text = field(rec, ("text", "output"), str, where)
-        records.append(refcoco.ground(ref, sentence, rec.get("prompt", ""), text, len(records), box_frame))
+        records.append(refcoco.ground(ref, sentence, rec.get("prompt", ""), text, len(records), box_frame,
+                                      objects=boxes.get(ref.image_id, ())))
     unique_by(records, lambda r: (r["ref_id"], r["sentence"]), where)
     return refcoco.write_outputs(out_dir, records, box_frame, prompt_set)
 

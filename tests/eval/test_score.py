@@ -114,6 +114,19 @@ def test_refcoco_boxes_in_original_pixels(tmp_path):
         assert rec["pred_box_px"] == pytest.approx([10, 10, 50, 30]) and rec["iou"] == pytest.approx(1.0)
 
 
+def test_refcoco_any_object_from_the_instances_file(tmp_path):
+    """Two annotated objects on one 100x100 image: the answer for the first boxes the second, so it is
+    wrong (Acc@0.5 0) but boxes an object of the image (any object 1.0), read from instances.json."""
+    refs = [RefExpr(ref_id=1, ann_id=10, image_id=5, file_name="5.jpg", sentences=["the cat"],
+                    bbox_xywh=(0, 0, 40, 40), split="val", width=100, height=100),
+            RefExpr(ref_id=2, ann_id=20, image_id=5, file_name="5.jpg", sentences=["the dog"],
+                    bbox_xywh=(60, 60, 40, 40), split="val", width=100, height=100)]
+    write_refcoco(tmp_path / "refs.json", tmp_path / "inst.json", refs)
+    preds = jsonl(tmp_path / "p.jsonl", [{"ref_id": 1, "text": "[0.6, 0.6, 1.0, 1.0]"}])
+    s = score_refcoco(preds, tmp_path / "refs.json", tmp_path / "inst.json", tmp_path / "out")
+    assert (s["acc"], s["acc_any_object"], list(s["by_objects"])) == (0.0, 1.0, ["2"])
+
+
 def test_vsr_hand_computed(tmp_path):
     """Answers True, False, unparseable against gold true, true, false: accuracy 1/3, 1 unparseable;
     per relation: left of 1/2, on 0/1."""

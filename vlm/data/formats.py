@@ -424,16 +424,19 @@ def write_pope(path: PathLike, questions: Iterable[PopeQuestion]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_refcoco(refs_path: PathLike, instances_path: PathLike) -> list[RefExpr]:
+def read_refcoco(refs_path: PathLike, instances_path: PathLike,
+                 instances: Optional[CocoInstances] = None) -> list[RefExpr]:
     """Read RefCOCO-style refs json + COCO instances json -> list[RefExpr], joined by ann_id.
 
     Each ref needs ref_id, ann_id, image_id, sentences (a list of {"sent"} or {"raw"} dicts or of
     strings; "sent" preferred) and split. The box, image size and file name come from the
-    instances file. Pickled refs (``refs(unc).p``) are not accepted (see the module docstring).
+    instances file (``instances``: that file already read by ``read_coco_instances``, so a caller
+    that also needs it reads it once). Pickled refs (``refs(unc).p``) are not accepted (see the
+    module docstring).
     """
     if str(refs_path).endswith((".p", ".pkl", ".pickle")):
         raise FormatError(refs_path, None, "pickled refs are not read (unsafe); convert them to json")
-    inst = read_coco_instances(instances_path)
+    inst = instances if instances is not None else read_coco_instances(instances_path)
     data, text = _load_json(refs_path)
     chk = _Checker(refs_path, text)
     if not isinstance(data, list):

@@ -1,7 +1,8 @@
 """``run_vlm_eval``: every VLM benchmark on one stage-two checkpoint, on the world or real files.
 
 Tasks (the registry ``eval.tasks.VLM_TASKS``): ``caption`` (BLEU/METEOR/ROUGE-L/CIDEr), ``chair``,
-``pope``, ``refcoco``, ``vsr``. All files a task needs are located and read (the ``vlm.data.formats`` readers raise ``FormatError``
+``pope``, ``refcoco``, ``vsr``, and ``grounding_attention`` (where a projector VLM's LLM looks while it
+grounds, on RefCOCO's files; only when asked for). All files a task needs are located and read (the ``vlm.data.formats`` readers raise ``FormatError``
 with file and line) and every image it will look at is checked to exist, all BEFORE the model is
 loaded, so a malformed file costs seconds, not a model load and half an eval.
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from eval import captioning, chair, pope, refcoco, vsr
+from eval import captioning, chair, grounding_attention, pope, refcoco, vsr
 
 VLM_TASKS: dict[str, ModuleType] = {
     "caption": captioning,
     "chair": chair,
+    "grounding_attention": grounding_attention,
     "pope": pope,
     "refcoco": refcoco,
     "vsr": vsr,

@@ -621,7 +621,10 @@ class Stage2Config:
 # Pipelines: the demo and the ablation grid (run by ``vlm demo`` / ``vlm ablate``)
 # ----------------------------------------------------------------------------------------------
 
-VLM_TASK_NAMES = ("caption", "chair", "pope", "refcoco", "vsr")
+VLM_TASK_NAMES = ("caption", "chair", "grounding_attention", "pope", "refcoco", "vsr")
+# Run only when asked for (``--tasks``, ``vlm_tasks``): grounding_attention needs the projector bridge.
+VLM_DIAGNOSTIC_TASKS = ("grounding_attention",)
+VLM_DEFAULT_TASKS = tuple(t for t in VLM_TASK_NAMES if t not in VLM_DIAGNOSTIC_TASKS)
 
 
 @dataclass
@@ -654,7 +657,7 @@ class PipelineConfig:
     maskembed_overrides: list[str] = field(default_factory=list)
     stage2_overrides: list[str] = field(default_factory=list)
     eval_limit: Optional[int] = 200  # examples per VLM task and images per encoder eval; None = all
-    vlm_tasks: list[str] = field(default_factory=lambda: list(VLM_TASK_NAMES))
+    vlm_tasks: list[str] = field(default_factory=lambda: list(VLM_DEFAULT_TASKS))
     threads: int = 0  # torch threads, and at most as many world render workers; 0 = the defaults
 
     def __post_init__(self) -> None:

@@ -7,8 +7,10 @@ import pytest
 import torch
 from eval_fakes import FakeVLM, write_image
 
+from eval.grounding_attention import patch_mask
 from eval.harness import load_task_data, resolve_sources, run_vlm_eval
 from eval.io import load_image
+from eval.parsing import parse_box
 from eval.tasks import VLM_TASKS
 from vlm.config import WorldConfig
 from vlm.data.formats import (FormatError, PopeQuestion, read_coco_captions, read_pope, read_refcoco, read_vsr,
@@ -63,6 +65,14 @@ class OracleVLM(FakeVLM):
             out.append(self.caption[k] if p == CAPTION_PROMPT else self.boxes[(k, p)])
         return out
 
+    def image_attention(self, pixel_values, prompts, answer_prefix=""):
+        """One layer over an 8 x 8 grid, all of it on the patches of the box it would answer."""
+        out = []
+        for px, p in zip(pixel_values, prompts):
+            on_box = torch.from_numpy(patch_mask(parse_box(self.boxes[(_key(px), p)]), 8)).float()
+            out.append((on_box / on_box.sum().clamp(min=1))[None])
+        return torch.stack(out)
+
     def score(self, pixel_values, prompts, choices):
         self.calls.append(("score", len(prompts)))
         assert list(choices) in ([YES, NO], [TRUE, FALSE])
@@ -78,6 +88,8 @@ def test_end_to_end_oracle(world, tmp_path):
     assert s["chair"]["chair_i"] == 0.0 and s["chair"]["chair_s"] == 0.0 and s["chair"]["recall"] > 0.5
     assert s["pope"]["f1_avg"] == 1.0 and s["pope"]["random"]["auc"] == 1.0
     assert s["refcoco"]["acc"] == 1.0 and s["refcoco"]["unparseable"] == 0
+    assert s["refcoco"]["acc_any_object"] == 1.0 and set(s["refcoco"]["by_objects"]) <= {"1", "2", "3", "4"}
+    assert s["grounding_attention"]["pointing"] == 1.0 and s["grounding_attention"]["target_enrichment"] > 1.0
     assert s["vsr"]["accuracy"] == 1.0 and set(s["vsr"]["relations"]) <= {"left of", "right of", "above", "below", "next to"}
     assert set(s["wall_s"]) == set(VLM_TASKS) and s["data"] == "world"
     for t in VLM_TASKS:

@@ -226,6 +226,28 @@ def test_score_matches_manual_log_probs(trained):
         trained.score(images, PROMPTS, [])
 
 
+def test_image_attention_batched_equals_each_prompt_alone(trained):
+    """[B,L,P] head-averaged attention of the last position (after the "[" prefix) over the image tokens:
+    left-padded in a batch it equals each prompt run alone; weights in [0, 1]; SDPA restored after."""
+    images = random_images(2, seed=4)
+    if trained.cfg.bridge.name != "projector":
+        with pytest.raises(ValueError, match="cross-attention"):
+            trained.image_attention(images, PROMPTS, "[")
+        return
+    before = base_model(trained.llm).config._attn_implementation
+    batched = trained.image_attention(images, PROMPTS, "[")
+    n_layers = base_model(trained.llm).config.num_hidden_layers
+    assert batched.shape == (2, n_layers, trained.processor.num_image_tokens)
+    assert (batched >= 0).all() and (batched.sum(-1) <= 1 + 1e-5).all() and (batched.sum(-1) > 0).all()
+    for b in range(2):
+        alone = trained.image_attention(images[b:b + 1], PROMPTS[b:b + 1], "[")
+        assert torch.allclose(alone[0], batched[b], atol=1e-5)
+    assert not torch.allclose(trained.image_attention(images, PROMPTS), batched)  # the "[" position differs
+    assert base_model(trained.llm).config._attn_implementation == before
+    with pytest.raises(ValueError, match="2 images for 1 prompts"):
+        trained.image_attention(images, PROMPTS[:1])
+
+
 def test_llm_without_image_token_and_with_chat_template(tiny_tower_dir, tmp_path):
     """An LLM without ``<image>`` gets it as a special token (OpenFlamingo ``factory.create_model_and_transforms``
     adds "<image>" too, for flamingo's media location)."""

@@ -18,7 +18,7 @@ from eval.relation_probe import run as run_relation_probe
 from eval.tasks import VLM_TASKS
 from eval.text_probe import MODES as PROBE_MODES
 from eval.text_probe import probe_llm
-from vlm.config import ConfigError, WorldConfig, load_config
+from vlm.config import VLM_DEFAULT_TASKS, ConfigError, WorldConfig, load_config
 from vlm.files import read_json
 from vlm.world.export import ensure_world
 
@@ -43,11 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     real.add_argument("--images", default=None, help="the folder the captions json's file_name entries are in")
     e.set_defaults(func=cmd_eval_encoder)
     names = ", ".join(VLM_TASKS)
-    e = sub.add_parser("vlm", help="captioning, CHAIR, POPE, RefCOCO, VSR")
+    e = sub.add_parser("vlm", help="captioning, CHAIR, POPE, RefCOCO, VSR (+ grounding attention)")
     which = e.add_mutually_exclusive_group(required=True)
     which.add_argument("--ckpt", help="a stage-two checkpoint dir")
     which.add_argument("--hf-model", help="a local HF VLM dir with a chat template (LLaVA, AutoModelForImageTextToText)")
-    e.add_argument("--tasks", default=",".join(VLM_TASKS), help=f"comma list of {names}")
+    e.add_argument("--tasks", default=",".join(VLM_DEFAULT_TASKS),
+                   help=f"comma list of {names} (default: all but grounding_attention, a diagnostic of projector VLMs)")
     e.add_argument("--data", default=None, help="real data files (see README); default: the world")
     e.add_argument("--world-dir", default="runs/world")
     e.add_argument("--out", default=None, help="default CKPT/eval_vlm (or HF_MODEL/eval_vlm)")

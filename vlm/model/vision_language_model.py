@@ -293,6 +293,40 @@ class VisionLanguageModel(nn.Module):
         return sums.view(len(prompts), n_choices).cpu()
 
     @torch.no_grad()
+    def image_attention(self, pixel_values, prompts: Sequence[str], answer_prefix: str = "") -> torch.Tensor:
+        """Where the LLM looks: attention [B,L,P] from the last position of each prompt (followed by
+        the tokens of ``answer_prefix``, e.g. "[" to ask what predicts a box's first coordinate) over
+        its P image tokens, per LLM layer, averaged over heads (raw weights: the rest went to text).
+
+        pixel_values [B,3,H,W] (or a list of images); prompts: B questions. Needs the image tokens in
+        the LLM's sequence (the projector bridge; Flamingo's images are read by cross-attention).
+        Runs the LLM with eager attention (SDPA returns no weights), then restores its setting."""
+        if not self.bridge.tokens_in_sequence:
+            raise ValueError(f"image_attention needs image tokens in the LLM's sequence (the projector bridge); "
+                             f"the {self.cfg.bridge.name} bridge reads images by cross-attention")
+        pixels = self._pixels(pixel_values)
+        if len(prompts) != pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images for {len(prompts)} prompts")
+        prefix = self.processor.encode_answer(answer_prefix) if answer_prefix else []
+        batch = self.processor.pad([self.processor.encode_prompt(p) + prefix for p in prompts], side="left")
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        base = base_model(self.llm)
+        implementation = base.config._attn_implementation
+        was_training = self.training
+        self.eval()
+        base.set_attn_implementation("eager")
+        try:
+            with self.bridge.conditioned(self.image_features(pixels)):
+                out = self.llm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                               output_attentions=True, use_cache=False)
+        finally:
+            base.set_attn_implementation(implementation)
+            self.train(was_training)
+        last = torch.stack([a[:, :, -1, :].float().mean(1) for a in out.attentions], 1)  # [B,L,T]
+        is_image = ids == self.image_token_id
+        return torch.stack([last[b][:, is_image[b]] for b in range(len(prompts))]).cpu()
+
+    @torch.no_grad()
     def generate(self, pixel_values, prompts: Sequence[str], max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True, streamer=None) -> list[str]:
         """Answers to B prompts about B images (pixel_values [B,3,H,W] or a list of images).

@@ -14,6 +14,8 @@ the kind of bridge:
   ``transformers`` is patched; only module instances are hooked or wrapped.
 - ``multi_image``: whether a sequence may hold several images (flamingo: each ``<image>`` id then
   marks the next image; projector: one image per sequence).
+- ``tokens_in_sequence``: whether the image's feature tokens sit in the LLM's sequence, so its
+  self-attention over them can be read (projector: yes; flamingo: no, cross-attention reads them).
 - ``conditioned(features)``: a context manager that makes every LLM forward inside it (training,
   scoring, ``generate`` with or without KV cache) see ``features`` as the current images.
 """
@@ -30,6 +32,7 @@ class Bridge(nn.Module):
     """Base class: holds the current image features while an LLM forward runs."""
 
     multi_image = False  # True: a sequence may hold several images (features of [B,I,...] pixels)
+    tokens_in_sequence = False  # True: one LLM position per feature token (the LLM attends to them itself)
 
     def __init__(self) -> None:
         super().__init__()

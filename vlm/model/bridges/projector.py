@@ -46,6 +46,8 @@ class ProjectorBridge(Bridge):
     """``forward(patch_tokens [B,P,w]) -> image tokens [B,P,d]``: Linear(w,d) -> GELU -> Linear(d,d)
     (+ a learned [P,d] position table with ``cfg.position_embedding``)."""
 
+    tokens_in_sequence = True
+
     def __init__(self, cfg: BridgeConfig, vision_width: int, llm_width: int, num_llm_layers: int = 0,
                  num_tokens: int = 0):
         """``cfg.position_embedding`` needs ``num_tokens`` (P); ``num_llm_layers`` is unused."""

@@ -16,8 +16,8 @@ into one map ``a`` [P] per expression. A patch belongs to a box when its centre 
 - ``pointing``: the pointing game (Zhang et al., ECCV 2016): the most attended patch lies in the
   referred box; ``pointing_chance``: the share of the grid the box covers, averaged.
 Expressions whose box holds no patch centre are skipped and counted (``skipped``). Each layer's map is
-scored the same way (``layers``). Needs a bridge whose image tokens are in the LLM's sequence (the
-projector). Writes ``out_dir/grounding_attention/{summary.json, summary.md, predictions.jsonl,
+scored the same way (``layers``). Needs a model whose image tokens are in the LLM's sequence (our
+projector bridge; ``vlm.model.hf_vlm`` LLaVA-style models). Writes ``out_dir/grounding_attention/{summary.json, summary.md, predictions.jsonl,
 attention.png}``.
 """
 from __future__ import annotations

@@ -15,8 +15,9 @@ from vlm.model.export import export_llava
 from vlm.model.vision_language_model import VisionLanguageModel
 from vlm.world.export import export_world
 
-TASKS = ["chair", "pope", "refcoco", "vsr"]  # caption: the same generated captions as chair (its scorer is Java, slow)
-OUTPUT_FIELDS = {"chair": ["output", "mentions"], "pope": ["answer"],
+TASKS = ["chair", "grounding_attention", "pope", "refcoco", "vsr"]  # caption: the same generated captions as
+# chair (its scorer is Java, slow)
+OUTPUT_FIELDS = {"chair": ["output", "mentions"], "pope": ["answer"], "grounding_attention": ["sentence", "pointing"],
                  "refcoco": ["output", "parsed_box"], "vsr": ["answer"]}
 
 
@@ -48,5 +49,9 @@ def test_hf_model_predictions_equal_ckpt_on_the_world(world, tmp_path, tiny_towe
     for a, b in zip(predictions(tmp_path / "a", "pope"), predictions(tmp_path / "b", "pope")):
         assert a["logp_yes"] == pytest.approx(b["logp_yes"], abs=1e-4)
         assert a["logp_no"] == pytest.approx(b["logp_no"], abs=1e-4)
+    for a, b in zip(predictions(tmp_path / "a", "grounding_attention"), predictions(tmp_path / "b", "grounding_attention")):
+        assert a["target_enrichment"] == pytest.approx(b["target_enrichment"], abs=1e-4)
+        assert [x["objects_enrichment"] for x in a["layers"]] == pytest.approx([x["objects_enrichment"] for x in b["layers"]],
+                                                                               abs=1e-4)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["hf_model"] is True and summary["checkpoint"] == str(tmp_path / "llava")

@@ -118,6 +118,34 @@ class HFVisionLanguageModel:
                 out[b, c] = logp.gather(1, torch.tensor(cids, device=logp.device).unsqueeze(1)).sum()
         return out
 
+    @torch.no_grad()
+    def image_attention(self, pixel_values, prompts: Sequence[Prompt], answer_prefix: str = "") -> torch.Tensor:
+        """``VisionLanguageModel.image_attention`` for a model that writes one image token per feature
+        token (LLaVA): attention [B,L,P] from the last position (after ``answer_prefix``'s tokens) over
+        the image tokens, per language-model layer, averaged over heads; eager attention for the call."""
+        if self.image_token_id is None:
+            raise ValueError(f"{self.name}: its config has no image_token_id, so its image tokens cannot be found")
+        inputs = self._inputs(self._pixels(pixel_values), prompts, "left")
+        if answer_prefix:
+            prefix = torch.tensor(self.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"], device=self.device)
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            inputs["input_ids"] = torch.cat([ids, prefix.expand(len(ids), -1)], 1)
+            inputs["attention_mask"] = torch.cat([mask, torch.ones(len(ids), len(prefix), dtype=mask.dtype,
+                                                                   device=mask.device)], 1)
+        implementation = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+        try:
+            out = self.model(**inputs, output_attentions=True, use_cache=False)
+        finally:
+            self.model.set_attn_implementation(implementation)
+        last = torch.stack([a[:, :, -1, :].float().mean(1) for a in out.attentions], 1)  # [B,L,T]
+        is_image = inputs["input_ids"] == self.image_token_id
+        counts = is_image.sum(1)
+        if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+            raise ValueError(f"{self.name}: image tokens per prompt {counts.tolist()}; image_attention needs the "
+                             "same number in every prompt")
+        return torch.stack([last[b][:, is_image[b]] for b in range(len(prompts))]).cpu()
+
     def generation_config(self, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> GenerationConfig:
         """The decoding settings of ``VisionLanguageModel.generate_ids``: the model's EOS, every knob
         it would otherwise take from its own generation_config pinned neutral, the image token suppressed."""

@@ -688,6 +688,9 @@ class DemoConfig(PipelineConfig):
     oracle_tasks: list[str] = field(default_factory=lambda: ["pope", "vsr"])
     # The oracle's clean grid needs a fifth of the headline's stage-two steps (POPE 0.99 at 500 x 16, 0.78 at 300)
     oracle_overrides: list[str] = field(default_factory=lambda: ["optim.max_steps=500"])
+    # The headline VLM's grounding_attention (eval/grounding_attention.py; a projector bridge only): where its
+    # LLM looks while it writes a box, drawn in the report (~5 s on 2 cores)
+    grounding_attention: bool = True
     # Stages and evals at once, each in its own process with threads/jobs torch threads and its
     # own log (`vlm.cli.jobs`); 1 = one after another in this process. On the 2-core dev machine
     # two jobs gained nothing (fresh-clone demo 989 s vs 995 s): every stage ran 1.8-2x slower on

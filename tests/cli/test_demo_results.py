@@ -81,3 +81,27 @@ def test_plan_has_the_oracle_stage(tmp_path):
     assert ORACLE_STAGE not in plan(load_config(DemoConfig, None, [f"out_dir={tmp_path}", "oracle_bridge=null"]))
     with pytest.raises(ConfigError, match="oracle_tasks"):
         load_config(DemoConfig, None, ["oracle_tasks=[nope]"])
+
+
+def test_headline_vlm_draws_its_grounding_attention(tmp_path):
+    """The headline projector VLM's eval job asks for grounding_attention (not the flamingo one, whose
+    images are read by cross-attention, nor the blank control); the report copies and describes the figure."""
+    from vlm.cli.demo import attention_figure, eval_jobs
+    cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}", "bridges=[projector,flamingo]"])
+    jobs = {job.name: job for job in eval_jobs(cfg, plan(cfg), tmp_path / "world")}
+    tasks = {name: job.args[3] for name, job in jobs.items() if name.startswith("eval vlm")}
+    assert "grounding_attention" in tasks["eval vlm stage2/projector"]
+    assert "grounding_attention" not in tasks["eval vlm stage2/flamingo"]
+    assert "grounding_attention" not in tasks["eval vlm stage2/projector_blank"]
+    off = load_config(DemoConfig, None, [f"out_dir={tmp_path}", "grounding_attention=false"])
+    assert all("grounding_attention" not in job.args[3] for job in eval_jobs(off, plan(off), tmp_path / "w")
+               if job.name.startswith("eval vlm"))
+    assert attention_figure(cfg, {}) == []  # not drawn: nothing to show
+    drawn = tmp_path / "eval" / "stage2_projector" / "grounding_attention" / "attention.png"
+    drawn.parent.mkdir(parents=True)
+    drawn.write_bytes(b"png")
+    summary = {"pointing": 0.25, "pointing_chance": 0.1, "target_enrichment": 1.5, "objects_enrichment": 1.4,
+               "selection": None, "layers": []}
+    lines = attention_figure(cfg, {"eval vlm stage2/projector": {"grounding_attention": summary}})
+    assert "pointing 0.250 (chance 0.100)" in lines[0] and "selection n/a" in lines[0]
+    assert (tmp_path / "figures" / "grounding_attention.png").read_bytes() == b"png"

@@ -3,7 +3,7 @@
 Order: world -> tiny LLM -> the shared tower pretraining (``tower_config``) -> stage one (each objective
 from that tower, and ``from_scratch`` ones again from random weights) -> MaskEmbed (one tower) -> stage two
 (one tower, each bridge; and the oracle tower, ``vlm.model.oracle``) -> encoder evals, heatmaps,
-VLM evals, the controls (the headline VLM with blank images; the oracle VLM) -> ``DIR/results.json``
+VLM evals (the headline one's grounding attention drawn too), the controls (the headline VLM with blank images; the oracle VLM) -> ``DIR/results.json``
 (the headline numbers, ``vlm.cli.results``) and ``DIR/report.md``.
 Every stage's config is resolved before the first one starts, so a bad value fails at once.
 """
@@ -13,6 +13,7 @@ import argparse
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -31,6 +32,7 @@ from vlm.cli.results import chance_levels, headline_results, majority_rate, poin
 from vlm.config import DemoConfig, load_config
 from vlm.data.formats import read_vsr
 from vlm.files import read_json
+from vlm.model.bridges import BRIDGES
 from vlm.model.oracle import ORACLE
 from vlm.world.export import ensure_world
 from vlm.world.generator import world_split
@@ -95,10 +97,11 @@ def _run_demo(cfg: DemoConfig, stages: dict[str, Stage]) -> Path:
                "vlm": vlm_rows.get(f"stage2/{cfg.headline_bridge}", {}),
                **control_results(cfg, summaries), "lm": flatten_metrics(summaries["eval text probe"])}
     curves = copy_figures(out, stages, world_dir)
+    attention = attention_figure(cfg, summaries)
     total = time.perf_counter() - t_start
     results = write_results(out, cfg, sources, encoder_rows, vlm_rows, total, timings)
     report = write_report(out, cfg, timings, total, encoder_rows, {**vlm_rows, **control_rows(cfg, sources)}, curves,
-                          heatmaps, headline_section(cfg, stages, world_dir, results, sources))
+                          heatmaps, headline_section(cfg, stages, world_dir, results, sources), attention)
     print(report.read_text())
     return report
 
@@ -128,7 +131,8 @@ def eval_jobs(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path) -> lis
     every stage-one and MaskEmbed tower, the LLM's text probe."""
     out = Path(cfg.out_dir)
     headline = f"stage2/{cfg.headline_bridge}"
-    vlm = [(name, name, list(cfg.vlm_tasks), False) for name in vlm_stages(stages)]
+    vlm = [(name, name, list(cfg.vlm_tasks) + (attention_tasks(cfg) if name == headline else []), False)
+           for name in vlm_stages(stages)]
     if cfg.blank_tasks:
         vlm.append((headline, f"{headline}_blank", list(cfg.blank_tasks), True))
     if ORACLE_STAGE in stages and cfg.oracle_tasks:
@@ -156,6 +160,32 @@ def eval_jobs(cfg: DemoConfig, stages: dict[str, Stage], world_dir: Path) -> lis
                                                     str(stages["lm"].final), str(world_dir), str(probe_dir)),
                     dict(limit=cfg.eval_limit), needs=["lm"], done=probe_dir / "text_probe" / "summary.json"))
     return jobs
+
+
+def attention_tasks(cfg: DemoConfig) -> list[str]:
+    """["grounding_attention"] when the headline VLM's attention is drawn (``cfg.grounding_attention`` and a
+    bridge whose image tokens sit in the LLM's sequence) and ``vlm_tasks`` does not already hold it, else []."""
+    wanted = cfg.grounding_attention and BRIDGES[cfg.headline_bridge].tokens_in_sequence
+    return ["grounding_attention"] if wanted and "grounding_attention" not in cfg.vlm_tasks else []
+
+
+def attention_figure(cfg: DemoConfig, summaries: dict[str, dict]) -> list[str]:
+    """Copy the headline VLM's grounding-attention maps to ``figures/grounding_attention.png`` -> the
+    report's lines about them ([] when they were not drawn)."""
+    out = Path(cfg.out_dir)
+    summary = summaries.get(f"eval vlm stage2/{cfg.headline_bridge}", {}).get("grounding_attention")
+    drawn = out / "eval" / f"stage2_{cfg.headline_bridge}" / "grounding_attention" / "attention.png"
+    if not summary or not drawn.is_file():
+        return []
+    png = out / "figures" / "grounding_attention.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(drawn, png)
+    m = {k: "n/a" if v is None else f"{v:.3f}" for k, v in summary.items() if not isinstance(v, (list, dict, str))}
+    return [f"Where the `{cfg.headline_bridge}` VLM's LLM looks as it starts a box (attention from the answer's `[` "
+            f"over the image tokens, cyan: the referred object; `eval/grounding_attention.py`): pointing "
+            f"{m['pointing']} (chance {m['pointing_chance']}), attention per patch on the referred object "
+            f"{m['target_enrichment']}x uniform, on any object {m['objects_enrichment']}x, selection {m['selection']} "
+            "(1: no preference for the named object).", "", f"![grounding attention]({png.relative_to(out)})", ""]
 
 
 def shows_heatmaps(cfg: DemoConfig, name: str) -> bool:
@@ -233,7 +263,8 @@ def copy_figures(out: Path, stages: dict[str, Stage], world_dir: Path) -> Path |
 
 
 def write_report(out: Path, cfg: DemoConfig, timings: Timings, total: float, encoder_rows: dict,
-                 vlm_rows: dict, curves: Path | None, heatmaps: dict[str, Path], headline: list[str]) -> Path:
+                 vlm_rows: dict, curves: Path | None, heatmaps: dict[str, Path], headline: list[str],
+                 attention: Sequence[str] = ()) -> Path:
     """Write ``out/report.md``: timings, the headline section, encoder and VLM tables, links to the figures."""
     secs = timings.seconds
     top = sorted(secs.items(), key=lambda kv: -kv[1])[:3]
@@ -257,7 +288,7 @@ def write_report(out: Path, cfg: DemoConfig, timings: Timings, total: float, enc
         markdown_table(["stage", "seconds"], [[k, v] for k, v in secs.items()], digits=3),
         "", "## Figures", "",
     ]
-    lines += figure_lines(out, curves, heatmaps)
+    lines += figure_lines(out, curves, heatmaps) + list(attention)
     return write_text(out / "report.md", "\n".join(lines) + "\n")
 
 

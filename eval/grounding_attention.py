@@ -17,8 +17,8 @@ into one map ``a`` [P] per expression. A patch belongs to a box when its centre 
   referred box; ``pointing_chance``: the share of the grid the box covers, averaged.
 Expressions whose box holds no patch centre are skipped and counted (``skipped``). Each layer's map is
 scored the same way (``layers``). Needs a model whose image tokens are in the LLM's sequence (our
-projector bridge; ``vlm.model.hf_vlm`` LLaVA-style models). Writes ``out_dir/grounding_attention/{summary.json, summary.md, predictions.jsonl,
-attention.png}``.
+projector bridge; ``vlm.model.hf_vlm`` LLaVA-style models). Writes
+``out_dir/grounding_attention/{summary.json, summary.md, predictions.jsonl, attention.png}``.
 """
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def summarise(records: Sequence[dict[str, Any]], skipped: int) -> dict[str, Any]
 def run(model, data: refcoco.RefcocoData, out_dir: str | Path, limit: Optional[int] = None, batch_size: int = 16,
         options: Optional[RunOptions] = None) -> dict[str, Any]:
     """Score the attention of the first ``limit`` expressions (all sentences of each ref; [B,3,H,W]
-    batches of ``batch_size``) and write ``out_dir/grounding_attention/``; returns the summary."""
+    images decoded in batches of ``batch_size``, one forward per prompt) and write
+    ``out_dir/grounding_attention/``; returns the summary."""
     options = options or RunOptions()
     if not hasattr(model, "image_attention"):
         raise ValueError(f"{TASK}: {type(model).__name__} exposes no attention over its image tokens (a stage-two "
@@ -112,7 +113,9 @@ def run(model, data: refcoco.RefcocoData, out_dir: str | Path, limit: Optional[i
             pixels = pixel_batch(model, [Path(data.image_root) / r.file_name for r, _ in chunk], cache,
                                  blank=options.blank_image)
             prompts = [options.prompts.refcoco(s) for _, s in chunk]
-            attention = model.image_attention(pixels, prompts, answer_prefix="[").numpy()  # [B,L,P]
+            # one prompt a forward: every layer's [H,T,T] weights are held at once (a 7B LLaVA: ~1.7 GB each)
+            attention = np.concatenate([model.image_attention(pixels[k:k + 1], prompts[k:k + 1], "[").numpy()
+                                        for k in range(len(prompts))])  # [B,L,P]
             for (ref, sentence), per_layer in zip(chunk, attention):
                 record = _score(ref, sentence, per_layer, data.image_boxes.get(ref.image_id, ()))
                 if record is None:

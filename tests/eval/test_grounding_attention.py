@@ -76,7 +76,7 @@ class AttendingVLM(FakeVLM):
     """Image k's attention, 2 layers over a 2 x 2 grid: layer 0 on patch k % 4, layer 1 uniform."""
 
     def image_attention(self, pixel_values, prompts, answer_prefix=""):
-        assert answer_prefix == "[" and pixel_values.shape[0] == len(prompts)
+        assert answer_prefix == "[" and pixel_values.shape[0] == len(prompts) == 1  # one prompt a forward
         out = torch.full((len(prompts), 2, 4), 0.25)
         for b, k in enumerate(image_number(pixel_values)):
             out[b, 0] = torch.nn.functional.one_hot(torch.tensor(k % 4), 4).float()
@@ -92,13 +92,15 @@ def test_run_scores_the_fake_attention(tmp_path):
             RefExpr(2, 12, 1, "a.png", ["the left one"], (0.0, 8.0, 8.0, 8.0), "val", 16, 16),
             RefExpr(3, 13, 1, "a.png", ["a speck"], (0.0, 0.0, 1.0, 1.0), "val", 16, 16)]
     boxes = {1: [(8.0, 0.0, 16.0, 8.0), (0.0, 8.0, 8.0, 16.0), (0.0, 0.0, 1.0, 1.0)]}
-    s = run(AttendingVLM(), RefcocoData(refs, tmp_path / "im", boxes), tmp_path / "out", options=RunOptions(progress=False))
+    s = run(AttendingVLM(), RefcocoData(refs, tmp_path / "im", boxes), tmp_path / "out",
+            options=RunOptions(progress=False))
     assert (s["n"], s["skipped"]) == (2, 1)
     assert s["layers"][0]["pointing"] == 0.5 and s["layers"][1]["target_enrichment"] == pytest.approx(1.0)
     # mean map [0.125, 0.625, 0.125, 0.125]: right one 0.625 * 4, left one 0.125 * 4; objects (2 patches) 0.375 * 4
     assert s["target_enrichment"] == pytest.approx((2.5 + 0.5) / 2)
     assert s["selection"] == pytest.approx((0.625 / 0.375 + 0.125 / 0.375) / 2)
-    lines = [json.loads(x) for x in (tmp_path / "out" / "grounding_attention" / "predictions.jsonl").read_text().splitlines()]
+    folder = tmp_path / "out" / "grounding_attention"
+    lines = [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
     assert [r["pointing"] for r in lines] == [1.0, 0.0] and lines[0]["grid"] == 2
     assert (tmp_path / "out" / "grounding_attention" / "attention.png").stat().st_size > 0
     assert "selection" in (tmp_path / "out" / "grounding_attention" / "summary.md").read_text()

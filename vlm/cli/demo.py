@@ -3,7 +3,8 @@
 Order: world -> tiny LLM -> the shared tower pretraining (``tower_config``) -> stage one (each objective
 from that tower, and ``from_scratch`` ones again from random weights) -> MaskEmbed (one tower) -> stage two
 (one tower, each bridge; and the oracle tower, ``vlm.model.oracle``) -> encoder evals, heatmaps,
-VLM evals (the headline one's grounding attention drawn too), the controls (the headline VLM with blank images; the oracle VLM) -> ``DIR/results.json``
+VLM evals (the headline one's grounding attention drawn too), the controls (the headline VLM with blank
+images; the oracle VLM) -> ``DIR/results.json``
 (the headline numbers, ``vlm.cli.results``) and ``DIR/report.md``.
 Every stage's config is resolved before the first one starts, so a bad value fails at once.
 """

@@ -127,7 +127,8 @@ class HFVisionLanguageModel:
             raise ValueError(f"{self.name}: its config has no image_token_id, so its image tokens cannot be found")
         inputs = self._inputs(self._pixels(pixel_values), prompts, "left")
         if answer_prefix:
-            prefix = torch.tensor(self.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"], device=self.device)
+            prefix_ids = self.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
+            prefix = torch.tensor(prefix_ids, device=self.device)
             ids, mask = inputs["input_ids"], inputs["attention_mask"]
             inputs["input_ids"] = torch.cat([ids, prefix.expand(len(ids), -1)], 1)
             inputs["attention_mask"] = torch.cat([mask, torch.ones(len(ids), len(prefix), dtype=mask.dtype,

@@ -319,3 +319,19 @@ def test_labelled_token_loss_against_a_float64_loop():
     assert abs(float(labelled_token_loss(hidden, labels, head)) - total / count) < 1e-6  # logits taken in float32
     empty = labelled_token_loss(hidden.requires_grad_(), torch.full((3, 7), -100), head)
     assert float(empty) == 0.0 and empty.requires_grad  # nothing labelled: a zero in the graph, not nan
+
+
+def test_image_attention_rows_against_a_loop():
+    """The last position's head-mean weights over the image positions, per layer; uneven image counts refused."""
+    from vlm.model.llm import image_attention_rows
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[5, 9, 9, 7, 1], [9, 3, 9, 2, 4]])  # image token 9 at different places
+    attentions = [torch.rand(2, 3, 5, 5, generator=g) for _ in range(2)]
+    rows = image_attention_rows(attentions, ids, 9)
+    assert rows.shape == (2, 2, 2)
+    for b in range(2):
+        for layer in range(2):
+            want = [sum(float(attentions[layer][b, h, -1, t]) for h in range(3)) / 3 for t in range(5) if ids[b, t] == 9]
+            assert rows[b, layer].tolist() == pytest.approx(want)
+    with pytest.raises(ValueError, match=r"image tokens per prompt \[2, 1\]"):
+        image_attention_rows(attentions, torch.tensor([[9, 9, 0, 0, 0], [9, 0, 0, 0, 0]]), 9)

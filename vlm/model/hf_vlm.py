@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
 
+from vlm.model.llm import eager_attention, image_attention_rows
 from vlm.model.processor import GPT_ROLES
 
 Prompt = Union[str, Sequence[tuple[str, str]]]
@@ -133,19 +134,9 @@ class HFVisionLanguageModel:
             inputs["input_ids"] = torch.cat([ids, prefix.expand(len(ids), -1)], 1)
             inputs["attention_mask"] = torch.cat([mask, torch.ones(len(ids), len(prefix), dtype=mask.dtype,
                                                                    device=mask.device)], 1)
-        implementation = self.model.config._attn_implementation
-        self.model.set_attn_implementation("eager")
-        try:
+        with eager_attention(self.model):
             out = self.model(**inputs, output_attentions=True, use_cache=False)
-        finally:
-            self.model.set_attn_implementation(implementation)
-        last = torch.stack([a[:, :, -1, :].float().mean(1) for a in out.attentions], 1)  # [B,L,T]
-        is_image = inputs["input_ids"] == self.image_token_id
-        counts = is_image.sum(1)
-        if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
-            raise ValueError(f"{self.name}: image tokens per prompt {counts.tolist()}; image_attention needs the "
-                             "same number in every prompt")
-        return torch.stack([last[b][:, is_image[b]] for b in range(len(prompts))]).cpu()
+        return image_attention_rows(out.attentions, inputs["input_ids"], self.image_token_id, where=self.name)
 
     def generation_config(self, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> GenerationConfig:
         """The decoding settings of ``VisionLanguageModel.generate_ids``: the model's EOS, every knob

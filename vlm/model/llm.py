@@ -9,8 +9,9 @@ silent fallback that would change results.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -204,3 +205,29 @@ def fill_new_rows(llm: nn.Module, old_rows: int, seed: Optional[int] = None) -> 
             old = weight[:old_rows].float()
             noise = torch.randn(weight.shape[0] - old_rows, old.shape[1], generator=generator)
             weight[old_rows:] = (old.mean(0) + noise * old.std(0)).to(weight.dtype)
+
+
+@contextlib.contextmanager
+def eager_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Run ``model`` (a transformers model, composite ones included) with eager attention inside the
+    block, its own implementation restored after: SDPA and flash attention return no weights."""
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(implementation)
+
+
+def image_attention_rows(attentions: Sequence[torch.Tensor], input_ids: torch.Tensor, image_token_id: int,
+                         where: str = "image_attention") -> torch.Tensor:
+    """A forward's ``attentions`` (one [B,H,T,T] per layer) -> [B,L,P] on the CPU: the last position's
+    weights over the positions holding ``image_token_id`` in ``input_ids`` [B,T], averaged over heads.
+    Every row must hold the same number P > 0 of image tokens (ValueError naming ``where``)."""
+    is_image = input_ids == image_token_id
+    counts = is_image.sum(1)
+    if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+        raise ValueError(f"{where}: image tokens per prompt {counts.tolist()}; image_attention needs the "
+                         "same number in every prompt")
+    last = torch.stack([a[:, :, -1, :].float().mean(1) for a in attentions], 1)  # [B,L,T]
+    return torch.stack([last[b][:, is_image[b]] for b in range(len(input_ids))]).cpu()

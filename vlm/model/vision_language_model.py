@@ -45,8 +45,9 @@ from vlm.data.tokenizer import load_tokenizer
 from vlm.files import atomic_path
 from vlm.model.bridges import build_bridge
 from vlm.model.bridges.base import Bridge
-from vlm.model.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, ensure_coordinate_tokens,
-                           ensure_image_token, fill_new_rows, labelled_token_loss, load_llm, load_lora)
+from vlm.model.llm import (apply_lora, base_model, check_llm_request, decoder, decoder_layers, eager_attention,
+                           ensure_coordinate_tokens, ensure_image_token, fill_new_rows, image_attention_rows,
+                           labelled_token_loss, load_llm, load_lora)
 from vlm.model.processor import IGNORE_INDEX, VLMProcessor
 from vlm.model.oracle import ORACLE, OracleTower, is_oracle
 from vlm.model.tower import VLMVisionTower
@@ -310,21 +311,15 @@ class VisionLanguageModel(nn.Module):
         prefix = self.processor.encode_answer(answer_prefix) if answer_prefix else []
         batch = self.processor.pad([self.processor.encode_prompt(p) + prefix for p in prompts], side="left")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        base = base_model(self.llm)
-        implementation = base.config._attn_implementation
         was_training = self.training
         self.eval()
-        base.set_attn_implementation("eager")
         try:
-            with self.bridge.conditioned(self.image_features(pixels)):
+            with eager_attention(base_model(self.llm)), self.bridge.conditioned(self.image_features(pixels)):
                 out = self.llm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                output_attentions=True, use_cache=False)
         finally:
-            base.set_attn_implementation(implementation)
             self.train(was_training)
-        last = torch.stack([a[:, :, -1, :].float().mean(1) for a in out.attentions], 1)  # [B,L,T]
-        is_image = ids == self.image_token_id
-        return torch.stack([last[b][:, is_image[b]] for b in range(len(prompts))]).cpu()
+        return image_attention_rows(out.attentions, ids, self.image_token_id)
 
     @torch.no_grad()
     def generate(self, pixel_values, prompts: Sequence[str], max_new_tokens: int = 32, do_sample: bool = False,

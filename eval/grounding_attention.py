@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from eval import refcoco
 from eval.io import RunOptions, batched, load_image, pixel_batch
 from eval.report import markdown_table, pyplot, save_figure, write_task_outputs
-from eval.sources import EvalSources, first
+from eval.sources import first
 from vlm.data.images import box_to_square
 
 TASK = "grounding_attention"
@@ -42,9 +42,7 @@ METRICS = ("target_enrichment", "objects_enrichment", "selection", "pointing", "
 FIGURE_EXAMPLES = 6
 
 
-def load(src: EvalSources, limit: Optional[int] = None) -> refcoco.RefcocoData:
-    """The RefCOCO files (``eval.refcoco.load``)."""
-    return refcoco.load(src, limit)
+load = refcoco.load  # the RefCOCO files, read once when both tasks run (the harness shares a loader's data)
 
 
 def patch_mask(box: Sequence[float], grid: int) -> np.ndarray:

@@ -123,8 +123,15 @@ def run_vlm_eval(ckpt_or_model, tasks: list[str], out_dir: str | Path, data: Opt
     if data is None and not (Path(world_dir) / "world.json").is_file():
         ensure_world(world_dir, world_cfg if world_cfg is not None else WorldConfig())
     src = resolve_sources(data, world_dir)
-    # Every file is read and checked before the model is loaded.
-    task_data = {t: load_task_data(t, src, limit) for t in tasks}
+    # Every file is read and checked before the model is loaded; tasks with one loader (refcoco and
+    # grounding_attention read the same files) share what it read.
+    loaded: dict = {}
+    task_data = {}
+    for t in tasks:
+        loader = VLM_TASKS[t].load
+        if loader not in loaded:
+            loaded[loader] = load_task_data(t, src, limit)
+        task_data[t] = loaded[loader]
     model, ckpt_name = _load_model(ckpt_or_model, hf_model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -167,3 +167,30 @@ def test_real_layout_with_paths_yaml(tmp_path):
     (data / "paths.yaml").write_text("imagez: val\n")
     with pytest.raises(ValueError, match="unknown key"):
         resolve_sources(data, "unused")
+
+
+def test_tasks_with_one_loader_read_their_files_once(world, tmp_path, monkeypatch):
+    """refcoco and grounding_attention read the same RefCOCO files: the harness loads them once and
+    hands both tasks the same data."""
+    from eval import grounding_attention, refcoco
+    assert grounding_attention.load is refcoco.load
+    calls, seen = [], {}
+    original = refcoco.load
+
+    def counting(src, limit=None):
+        calls.append(limit)
+        return original(src, limit)
+
+    def run_task(task):
+        def run(model, data, out_dir, limit=None, batch_size=16, options=None):
+            seen[task] = data
+            return {"n": len(data.refs)}
+        return run
+
+    for module in (refcoco, grounding_attention):
+        monkeypatch.setattr(module, "load", counting)
+        monkeypatch.setattr(module, "run", run_task(module.TASK))
+    s = run_vlm_eval(FakeVLM(), ["refcoco", "grounding_attention"], tmp_path / "o", world_dir=world, limit=3,
+                     progress=False)
+    assert calls == [3] and seen["refcoco"] is seen["grounding_attention"]
+    assert s["refcoco"]["n"] == s["grounding_attention"]["n"] > 0

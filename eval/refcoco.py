@@ -184,8 +184,7 @@ def write_outputs(out_dir: str | Path, records: list[dict], frame: str, prompt_s
     """Score grounded ``records`` (``ground``, boxes read in ``frame``), write ``out_dir/refcoco/``
     and return the summary (``grounding_metrics`` plus ``box_frame`` and ``prompt_set``)."""
     summary = grounding_metrics([r["iou"] for r in records], [r["split"] for r in records],
-                                any_ious=[r.get("iou_any", r["iou"]) for r in records],
-                                n_objects=[r.get("n_objects", 1) for r in records])
+                                any_ious=[r["iou_any"] for r in records], n_objects=[r["n_objects"] for r in records])
     summary["box_frame"] = frame
     summary["prompt_set"] = prompt_set
     columns = ["Acc@0.5", "any object", "mean IoU", "unparseable", "n"]

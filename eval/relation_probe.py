@@ -21,6 +21,12 @@ regenerated from (seed, index) as the exporter does. Two variants, trained side 
   referred object's cells, the second bit 0). The objects are handed over; only the comparison (the
   box's extent) is left. A probe diagnostic, never a model input.
 
+How the model is built and answers (``block``, ``answer``; the defaults are the probe's original form):
+``block="llama"`` swaps the encoder layers for a ``transformers.LlamaModel`` of the same size, the world
+LM's block; ``answer="tokens"`` (refcoco) reads the four coordinates one position after another, each
+after the embedded ones before it, as a VLM writes a box. Both ask whether what a stage-two VLM does not
+learn is the task or the way the VLM's LLM is built and answers.
+
 A world whose ``plain`` curve stays near 0.5 while ``roles`` climbs asks more of a tiny model than
 comparing two places: finding two named objects and keeping their roles apart. A stage-two VLM
 (frozen LLM, LoRA, a bridge) gets the same statements with the same oracle features at best.
@@ -38,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaModel
 
 from eval.refcoco import box_iou
 from eval.report import markdown_table, pyplot, save_figure, write_summary
@@ -50,6 +57,8 @@ from vlm.world.types import WorldSample
 TASK = "relation_probe"
 VARIANTS = ("plain", "roles")
 TASKS = ("vsr", "refcoco")
+BLOCKS = ("encoder", "llama")
+ANSWERS = ("heads", "tokens")
 QUERY = "<query>"
 BINS = 51  # refcoco: box coordinates 0.00, 0.02, ..., 1.00
 
@@ -96,25 +105,62 @@ def relation_examples(sample: WorldSample, roles: bool, task: str = "vsr") -> li
 class RelationProbe(nn.Module):
     """Cells and words in one causal sequence, the answer read from the last (query) token.
 
-    ``forward(grid [B,P,W], tokens [B,T] long, 0 = left padding) -> logits [B,K,C]``: K answers of C
-    classes each (vsr: 1 x (false, true); refcoco: 4 coordinates x ``BINS``)."""
+    ``forward(grid [B,P,W], tokens [B,T] long, 0 = left padding, prev=None) -> logits [B,K,C]``: K answers
+    of C classes each (vsr: 1 x (false, true); refcoco: 4 coordinates x ``BINS``). ``block``: "encoder"
+    (pre-norm ``nn.TransformerEncoderLayer``s, LayerNorm / GELU, learned positions) or "llama" (a
+    ``transformers.LlamaModel`` of the same width, depth and heads as the world LM builds it: RMSNorm,
+    SwiGLU, RoPE and HF's initialisation, the learned positions added too). ``answer``: "heads" (K
+    classifications at the query token) or "tokens" (the VLM's way: answer k is read at the position
+    of answer k-1, whose embedded class ``prev`` [B,K-1] follows the query, teacher-forced in training;
+    ``decode`` writes them greedily)."""
 
     def __init__(self, cell_width: int, vocab_size: int, width: int = 128, layers: int = 2, heads: int = 4,
-                 max_len: int = 128, answers: int = 1, classes: int = 2):
+                 max_len: int = 128, answers: int = 1, classes: int = 2, block: str = "encoder", answer: str = "heads"):
         super().__init__()
+        if block not in BLOCKS or answer not in ANSWERS:
+            raise ValueError(f"relation probe: block must be one of {BLOCKS} and answer one of {ANSWERS}, "
+                             f"got {block!r}, {answer!r}")
         self.cells = nn.Sequential(nn.Linear(cell_width, width), nn.GELU(), nn.Linear(width, width))
         self.words = nn.Embedding(vocab_size, width)
-        self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
-        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(width, answers * classes)
-        self.answers, self.classes = answers, classes
+        self.pos = nn.Parameter(torch.randn(max_len + answers, width) * 0.02)
+        if block == "encoder":
+            layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+            self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        else:
+            self.blocks = LlamaModel(LlamaConfig(vocab_size=1, hidden_size=width, intermediate_size=4 * width,
+                                                 num_hidden_layers=layers, num_attention_heads=heads,
+                                                 num_key_value_heads=heads, max_position_embeddings=max_len + answers,
+                                                 attn_implementation="sdpa"))
+        self.previous = nn.Embedding(classes, width) if answer == "tokens" else None
+        self.head = nn.Linear(width, classes if answer == "tokens" else answers * classes)
+        self.answers, self.classes, self.block, self.answer = answers, classes, block, answer
 
-    def forward(self, grid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.cells(grid), self.words(tokens)], 1)
+    def forward(self, grid: torch.Tensor, tokens: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.Tensor:
+        parts = [self.cells(grid), self.words(tokens)]
+        if self.previous is not None:
+            if prev is None or prev.shape != (grid.shape[0], self.answers - 1):
+                raise ValueError(f"answer=tokens needs prev [B, {self.answers - 1}] (the earlier answers' classes)")
+            parts.append(self.previous(prev))
+        x = torch.cat(parts, 1)
         x = x + self.pos[: x.shape[1]]
-        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
-        return self.head(self.blocks(x, mask=mask, is_causal=True)[:, -1]).view(-1, self.answers, self.classes)
+        if self.block == "encoder":
+            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+            h = self.blocks(x, mask=mask, is_causal=True)
+        else:
+            h = self.blocks(inputs_embeds=x).last_hidden_state
+        if self.previous is not None:
+            return self.head(h[:, -self.answers:])
+        return self.head(h[:, -1]).view(-1, self.answers, self.classes)
+
+    @torch.no_grad()
+    def decode(self, grid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The argmax answers [B,K]; with answer=tokens each one written after the ones before it."""
+        if self.previous is None:
+            return self(grid, tokens).argmax(-1)
+        out = torch.zeros(grid.shape[0], self.answers, dtype=torch.long)
+        for k in range(self.answers):
+            out[:, k] = self(grid, tokens, out[:, :-1])[:, k].argmax(-1)
+        return out
 
 
 def word_vocab(examples: Sequence[RelationExample]) -> dict[str, int]:
@@ -143,7 +189,7 @@ def accuracy(model: RelationProbe, examples: Sequence[RelationExample], vocab: d
         for k in range(0, len(examples), batch):
             chunk = examples[k:k + batch]
             grid, tokens, targets = encode(chunk, vocab)
-            pred = model(grid, tokens).argmax(-1)  # [B,K]
+            pred = model.decode(grid, tokens)  # [B,K]
             if chunk[0].box is None:
                 right += int((pred == targets).all(-1).sum())
             else:
@@ -154,19 +200,21 @@ def accuracy(model: RelationProbe, examples: Sequence[RelationExample], vocab: d
 
 def train_variant(train: Sequence[RelationExample], held_out: Sequence[RelationExample], vocab: dict[str, int],
                   steps: int, batch: int, lr: float, layers: int, eval_every: int, seed: int,
-                  desc: str) -> list[dict[str, float]]:
+                  desc: str, block: str = "encoder", answer: str = "heads") -> list[dict[str, float]]:
     """AdamW from scratch on ``train``; every ``eval_every`` steps (and at the end) a row
-    {step, loss, train_acc (on up to 1000 train examples), held_out_acc}."""
+    {step, loss, train_acc (on up to 1000 train examples), held_out_acc}. ``block`` / ``answer``: see
+    ``RelationProbe`` (answer=tokens is teacher-forced: each coordinate after the true ones before it)."""
     torch.manual_seed(seed)
     grounding = train[0].box is not None
     model = RelationProbe(train[0].grid.shape[1], len(vocab) + 2, layers=layers, answers=4 if grounding else 1,
-                          classes=BINS if grounding else 2)
+                          classes=BINS if grounding else 2, block=block, answer=answer)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     curve, losses = [], []
     for step in tqdm(range(1, steps + 1), desc=desc, leave=False):
         grid, tokens, labels = encode([train[i] for i in rng.integers(len(train), size=batch)], vocab)
-        loss = F.cross_entropy(model(grid, tokens).flatten(0, 1), labels.flatten())
+        prev = labels[:, :-1] if answer == "tokens" else None
+        loss = F.cross_entropy(model(grid, tokens, prev).flatten(0, 1), labels.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -180,38 +228,45 @@ def train_variant(train: Sequence[RelationExample], held_out: Sequence[RelationE
 
 def run(world: WorldConfig, out: str | Path, images: int = 8000, steps: int = 1500, batch: int = 64,
         lr: float = 1e-3, layers: int = 2, eval_every: int = 250, seed: int = 0,
-        variants: Sequence[str] = VARIANTS, task: str = "vsr") -> dict[str, Any]:
+        variants: Sequence[str] = VARIANTS, task: str = "vsr", block: str = "encoder",
+        answer: str = "heads") -> dict[str, Any]:
     """Train each variant on the statements (or referring expressions) of the world's first ``images``
-    train images, score it on every eval-split one; write ``out/relation_probe[_refcoco]/`` and return
-    the summary."""
+    train images, score it on every eval-split one; write ``out/relation_probe[_refcoco][_llama][_tokens]/``
+    and return the summary. ``block``: encoder | llama; ``answer``: heads | tokens (refcoco only): see
+    ``RelationProbe``."""
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise ValueError(f"relation probe: variants must be among {VARIANTS}, got {list(variants)}")
     if task not in TASKS:
         raise ValueError(f"relation probe: task must be one of {TASKS}, got {task!r}")
+    if block not in BLOCKS or answer not in ANSWERS or (answer == "tokens" and task != "refcoco"):
+        raise ValueError(f"relation probe: block must be one of {BLOCKS}, answer one of {ANSWERS} (tokens only for "
+                         f"refcoco's four coordinates), got {block!r}, {answer!r} for {task}")
     if not 0 < images <= world.n_train or world.n_eval <= 0:
         raise ValueError(f"relation probe: --images must be in [1, world.n_train={world.n_train}] and the "
                          f"world needs an eval split (n_eval={world.n_eval})")
     samples = [generate_sample(i, world.seed, world) for i in range(images)]
     held = [generate_sample(world.n_train + i, world.seed, world) for i in range(world.n_eval)]
     summary: dict[str, Any] = {"task": task, "images": images, "steps": steps, "batch": batch, "lr": lr, "layers": layers,
-                               "seed": seed, "curves": {}}
+                               "block": block, "answer": answer, "seed": seed, "curves": {}}
     for variant in variants:
         train = [e for s in samples for e in relation_examples(s, variant == "roles", task)]
         held_out = [e for s in held for e in relation_examples(s, variant == "roles", task)]
         vocab = word_vocab(train)
-        curve = train_variant(train, held_out, vocab, steps, batch, lr, layers, eval_every, seed, f"{TASK} {variant}")
+        curve = train_variant(train, held_out, vocab, steps, batch, lr, layers, eval_every, seed, f"{TASK} {variant}",
+                              block, answer)
         summary["curves"][variant] = curve
         summary[f"{variant}_held_out_acc"] = curve[-1]["held_out_acc"]
         summary["train_statements"], summary["held_out_statements"] = len(train), len(held_out)
         if task == "vsr":
             share = float(np.mean([e.label for e in held_out]))
             summary["held_out_majority"] = max(share, 1 - share)
-    folder = Path(out) / (TASK if task == "vsr" else f"{TASK}_{task}")
+    folder = Path(out) / "_".join([TASK] + [t for t in (task, block, answer) if t not in ("vsr", "encoder", "heads")])
     rows = [[v, c["step"], c["loss"], c["train_acc"], c["held_out_acc"]] for v in variants
             for c in summary["curves"][v]]
     chance = (f" (majority label {summary['held_out_majority']:.3f})" if task == "vsr" else " (accuracy = Acc@0.5 IoU)")
-    md = (f"# Relation probe, {task} ({layers}-layer transformer from scratch on the oracle grid, {images} train "
+    md = (f"# Relation probe, {task} ({layers}-layer {block} transformer from scratch on the oracle grid, answers as "
+          f"{answer}, {images} train "
           f"images, batch {batch}, lr {lr})\n\nHeld-out examples: {summary['held_out_statements']}{chance}.\n\n"
           + markdown_table(["variant", "step", "loss", "train acc", "held-out acc"], rows, digits=3) + "\n")
     write_summary(folder, summary, md)

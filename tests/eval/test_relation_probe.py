@@ -90,6 +90,9 @@ class BoxOracle(torch.nn.Module):
                 out[b, k, min(BINS - 1, t + self.shift)] = 1.0
         return out
 
+    def decode(self, grid, tokens):
+        return self(grid, tokens).argmax(-1)
+
 
 @pytest.mark.parametrize("shift", [0, 2, 6])
 def test_refcoco_accuracy_is_acc_at_half_iou_of_the_binned_box(shift):
@@ -109,6 +112,54 @@ def test_a_small_set_is_fitted():
     assert [r["step"] for r in curve] == [100, 200]
     assert curve[-1]["loss"] < curve[0]["loss"]
     assert curve[-1]["train_acc"] >= 0.75  # most of 16 statements fitted (chance 0.5; 0.88 measured)
+
+
+def refcoco_batch(n=6):
+    ex = [e for s in samples_with_statements(4) for e in relation_examples(s, roles=False, task="refcoco")][:n]
+    vocab = word_vocab(ex)
+    return ex, vocab, *encode(ex, vocab)
+
+
+@pytest.mark.parametrize("block", ["encoder", "llama"])
+def test_token_answers_read_only_the_answers_before_them(block):
+    ex, vocab, grid, tokens, targets = refcoco_batch()
+    torch.manual_seed(0)
+    model = RelationProbe(grid.shape[-1], len(vocab) + 2, answers=4, classes=BINS, block=block, answer="tokens").eval()
+    prev = targets[:, :3]
+    logits = model(grid, tokens, prev)
+    assert logits.shape == (len(ex), 4, BINS)
+    for j in range(3):  # answer k is read at answer k-1's position: prev[:, j] reaches answers j+1.. only
+        changed = prev.clone()
+        changed[:, j] = (changed[:, j] + 7) % BINS
+        other = model(grid, tokens, changed)
+        torch.testing.assert_close(other[:, : j + 1], logits[:, : j + 1])
+        assert not torch.allclose(other[:, j + 1], logits[:, j + 1])
+    with pytest.raises(ValueError, match="prev"):
+        model(grid, tokens)
+
+
+@pytest.mark.parametrize("block", ["encoder", "llama"])
+def test_decode_writes_each_answer_after_its_own_earlier_ones(block):
+    ex, vocab, grid, tokens, _ = refcoco_batch()
+    torch.manual_seed(1)
+    model = RelationProbe(grid.shape[-1], len(vocab) + 2, answers=4, classes=BINS, block=block, answer="tokens").eval()
+    out = model.decode(grid, tokens)
+    assert out.shape == (len(ex), 4)
+    with torch.no_grad():  # a loop reference: answer k is the argmax given the decoded answers before it
+        for k in range(4):
+            prefix = torch.cat([out[:, :k], torch.zeros(len(ex), 3 - k, dtype=torch.long)], 1)
+            assert torch.equal(model(grid, tokens, prefix)[:, k].argmax(-1), out[:, k])
+    heads = RelationProbe(grid.shape[-1], len(vocab) + 2, answers=4, classes=BINS, block=block).eval()
+    assert torch.equal(heads.decode(grid, tokens), heads(grid, tokens).argmax(-1))
+
+
+def test_the_llama_block_is_the_world_lms_kind_and_fits_a_small_set():
+    ex, vocab, grid, tokens, _ = refcoco_batch(16)
+    model = RelationProbe(grid.shape[-1], len(vocab) + 2, answers=4, classes=BINS, block="llama")
+    assert type(model.blocks).__name__ == "LlamaModel" and model.blocks.config.num_hidden_layers == 2
+    curve = train_variant(ex, ex, vocab, steps=150, batch=16, lr=3e-3, layers=2, eval_every=75, seed=0, desc="t",
+                          block="llama", answer="tokens")
+    assert curve[-1]["loss"] < 0.5 * curve[0]["loss"]  # teacher-forced coordinates of 16 boxes fitted
 
 
 def test_run_writes_summary_table_and_curve(tmp_path):
@@ -131,8 +182,17 @@ def test_refcoco_run_writes_its_own_folder(tmp_path):
     assert (tmp_path / "relation_probe_refcoco" / "summary.md").is_file()
 
 
+def test_a_llama_token_run_writes_its_own_folder(tmp_path):
+    summary = run(CFG, tmp_path, images=6, steps=2, batch=4, eval_every=2, variants=["plain"], task="refcoco",
+                  block="llama", answer="tokens")
+    assert (summary["block"], summary["answer"]) == ("llama", "tokens") and 0 <= summary["plain_held_out_acc"] <= 1
+    md = (tmp_path / "relation_probe_refcoco_llama_tokens" / "summary.md").read_text()
+    assert "2-layer llama transformer" in md and "answers as tokens" in md
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(variants=["both"]), "variants"), (dict(images=0), "images"),
-                                           (dict(images=31), "images"), (dict(task="gqa"), "task")])
+                                           (dict(images=31), "images"), (dict(task="gqa"), "task"),
+                                           (dict(block="gpt2"), "block"), (dict(answer="tokens"), "tokens only")])
 def test_run_rejects_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         run(CFG, tmp_path, **{"steps": 1, **kwargs})

@@ -12,6 +12,8 @@ from eval.encoder_real import run_real
 from eval.harness import run_vlm_eval
 from eval.io import ANSWER_MODES
 from eval.prompt_sets import PROMPT_SETS
+from eval.relation_probe import ANSWERS as RELATION_ANSWERS
+from eval.relation_probe import BLOCKS as RELATION_BLOCKS
 from eval.relation_probe import TASKS as RELATION_TASKS
 from eval.relation_probe import VARIANTS as RELATION_VARIANTS
 from eval.relation_probe import run as run_relation_probe
@@ -96,6 +98,10 @@ def add_relation_probe_arguments(sub: "argparse._SubParsersAction") -> None:
     e.add_argument("--variants", default=",".join(RELATION_VARIANTS), help=f"comma list of {', '.join(RELATION_VARIANTS)}")
     e.add_argument("--task", choices=RELATION_TASKS, default="vsr",
                    help="vsr: true/false statements; refcoco: the box of each referring expression (Acc@0.5)")
+    e.add_argument("--block", choices=RELATION_BLOCKS, default="encoder",
+                   help="encoder: torch encoder layers; llama: a transformers LlamaModel of the same size (the world LM's block)")
+    e.add_argument("--answer", choices=RELATION_ANSWERS, default="heads",
+                   help="heads: every answer at the query token; tokens (refcoco): one coordinate per position, as a VLM writes a box")
     e.set_defaults(func=cmd_eval_relation_probe)
 
 
@@ -160,7 +166,7 @@ def cmd_eval_relation_probe(args: argparse.Namespace) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     summary = run_relation_probe(world, args.out, images=args.images, steps=args.steps, batch=args.batch, lr=args.lr,
                                  layers=args.layers, eval_every=args.eval_every, variants=variants,
-                                 task=args.task)
+                                 task=args.task, block=args.block, answer=args.answer)
     print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=2))
     return 0
 

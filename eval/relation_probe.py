@@ -137,7 +137,7 @@ class RelationProbe(nn.Module):
 
     def forward(self, grid: torch.Tensor, tokens: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.Tensor:
         parts = [self.cells(grid), self.words(tokens)]
-        if self.previous is not None:
+        if self.answer == "tokens":
             if prev is None or prev.shape != (grid.shape[0], self.answers - 1):
                 raise ValueError(f"answer=tokens needs prev [B, {self.answers - 1}] (the earlier answers' classes)")
             parts.append(self.previous(prev))
@@ -148,14 +148,14 @@ class RelationProbe(nn.Module):
             h = self.blocks(x, mask=mask, is_causal=True)
         else:
             h = self.blocks(inputs_embeds=x).last_hidden_state
-        if self.previous is not None:
+        if self.answer == "tokens":
             return self.head(h[:, -self.answers:])
         return self.head(h[:, -1]).view(-1, self.answers, self.classes)
 
     @torch.no_grad()
     def decode(self, grid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The argmax answers [B,K]; with answer=tokens each one written after the ones before it."""
-        if self.previous is None:
+        if self.answer == "heads":
             return self(grid, tokens).argmax(-1)
         out = torch.zeros(grid.shape[0], self.answers, dtype=torch.long)
         for k in range(self.answers):

@@ -25,11 +25,12 @@ annotation of each image as the patch grid; ``oracle_world`` names the world exp
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from omegaconf import OmegaConf
@@ -63,6 +64,17 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """attention_mask [B,T] -> position ids [B,T]: 0, 1, ... over real tokens (padding gets 0), as
     ``generate`` computes them, so left- and right-padded rows give the same outputs."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block (no dropout), its train / eval mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class VisionLanguageModel(nn.Module):
@@ -311,14 +323,10 @@ class VisionLanguageModel(nn.Module):
         prefix = self.processor.encode_answer(answer_prefix) if answer_prefix else []
         batch = self.processor.pad([self.processor.encode_prompt(p) + prefix for p in prompts], side="left")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        was_training = self.training
-        self.eval()
-        try:
-            with eager_attention(base_model(self.llm)), self.bridge.conditioned(self.image_features(pixels)):
+        with evaluating(self), eager_attention(base_model(self.llm)):
+            with self.bridge.conditioned(self.image_features(pixels)):
                 out = self.llm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                output_attentions=True, use_cache=False)
-        finally:
-            self.train(was_training)
         return image_attention_rows(out.attentions, ids, self.image_token_id)
 
     @torch.no_grad()
@@ -358,14 +366,8 @@ class VisionLanguageModel(nn.Module):
         if do_sample:
             gen.temperature, gen.top_p, gen.top_k = temperature, top_p, 0
             gen.min_p, gen.typical_p, gen.epsilon_cutoff, gen.eta_cutoff = 0.0, 1.0, 0.0, 0.0
-        was_training = self.training
-        self.eval()
-        try:
-            features = self.image_features(pixels)
-            with self.bridge.conditioned(features):
-                out = self.llm.generate(input_ids=ids, attention_mask=mask, generation_config=gen, streamer=streamer)
-        finally:
-            self.train(was_training)
+        with evaluating(self), self.bridge.conditioned(self.image_features(pixels)):
+            out = self.llm.generate(input_ids=ids, attention_mask=mask, generation_config=gen, streamer=streamer)
         return out[:, ids.shape[1]:].cpu()
 
     # ------------------------------------------------------------------------------------------
